@@ -1,0 +1,221 @@
+# -*- test-case-name: tpproxy.test.test_config -*-
+"""
+Server and client configuration: TOML files read into frozen dataclasses,
+validated at load so that a bad file stops TP with a message naming the key.
+Relative paths in a file are relative to the directory of that file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from .policy import ConfigError, Policy, parsePolicy
+
+__all__ = ["ConfigError", "ServerConfig", "ClientConfig", "loadServerConfig", "loadClientConfig"]
+
+DEFAULT_PORT = 443
+
+
+def _readTOML(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+
+def _resolvePath(base: Path, value: Any, key: str, mustExist: bool = True) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a file path")
+    path = (base / os.path.expanduser(value)).resolve()
+    if mustExist and not path.is_file():
+        raise ConfigError(f"{key}: file {path} does not exist")
+    return str(path)
+
+
+def _pathList(base: Path, value: Any, key: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: expected a file path or a list of file paths")
+    return tuple(_resolvePath(base, v, key) for v in value)
+
+
+def _seconds(table: dict[str, Any], name: str, default: float, key: str) -> float:
+    value = table.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+        raise ConfigError(f"{key}.{name}: expected a number of seconds between 0 and 3600, got {value!r}")
+    return float(value)
+
+
+def _checkKeys(table: dict[str, Any], allowed: set[str], key: str) -> None:
+    unknown = set(table) - allowed
+    if unknown:
+        where = f"{key}: " if key else ""
+        raise ConfigError(f"{where}unknown key(s) {', '.join(sorted(unknown))}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """
+    Everything a TP server needs, validated.
+    """
+
+    path: str
+    listen: tuple[str, ...]
+    certificate: str
+    key: str
+    clientCAs: tuple[str, ...]
+    crl: str | None
+    handshakeTimeout: float
+    helloTimeout: float
+    connectTimeout: float
+    deniedIdentities: frozenset[str]
+    deniedSerials: frozenset[str]
+    policy: Policy = field(default_factory=Policy)
+
+
+_SERVER_KEYS = {"listen", "certificate", "key", "client_ca", "crl", "handshake_timeout", "hello_timeout", "connect_timeout"}
+
+
+def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") -> ServerConfig:
+    _checkKeys(data, {"server", "deny", "groups", "rules"}, "")
+    server = data.get("server")
+    if not isinstance(server, dict):
+        raise ConfigError("server: missing [server] table")
+    _checkKeys(server, _SERVER_KEYS, "server")
+    listen = server.get("listen", f"tcp:{DEFAULT_PORT}")
+    if isinstance(listen, str):
+        listen = [listen]
+    if not isinstance(listen, list) or not listen or not all(isinstance(x, str) and x for x in listen):
+        raise ConfigError("server.listen: expected an endpoint description such as \"tcp:443\", or a list of them")
+    for required in ("certificate", "key", "client_ca"):
+        if required not in server:
+            raise ConfigError(f"server.{required}: missing")
+    certificate = _resolvePath(base, server["certificate"], "server.certificate")
+    key = _resolvePath(base, server["key"], "server.key")
+    clientCAs = _pathList(base, server["client_ca"], "server.client_ca")
+    crl = _resolvePath(base, server["crl"], "server.crl") if "crl" in server else None
+
+    deny = data.get("deny", {})
+    if not isinstance(deny, dict):
+        raise ConfigError("deny: expected a table")
+    _checkKeys(deny, {"identities", "serials"}, "deny")
+    deniedIdentities = deny.get("identities", [])
+    deniedSerials = deny.get("serials", [])
+    for name, value in (("identities", deniedIdentities), ("serials", deniedSerials)):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"deny.{name}: expected a list of strings")
+    for serial in deniedSerials:
+        try:
+            int(serial.replace(":", ""), 16)
+        except ValueError:
+            raise ConfigError(f"deny.serials: {serial!r} is not a hexadecimal serial number") from None
+
+    policy = parsePolicy(data.get("rules"), data.get("groups"))
+    config = ServerConfig(
+        path=path,
+        listen=tuple(listen),
+        certificate=certificate,
+        key=key,
+        clientCAs=clientCAs,
+        crl=crl,
+        handshakeTimeout=_seconds(server, "handshake_timeout", 10, "server"),
+        helloTimeout=_seconds(server, "hello_timeout", 10, "server"),
+        connectTimeout=_seconds(server, "connect_timeout", 10, "server"),
+        deniedIdentities=frozenset(deniedIdentities),
+        deniedSerials=frozenset(s.replace(":", "").lower() for s in deniedSerials),
+        policy=policy,
+    )
+    checkServerFiles(config)
+    return config
+
+
+def checkServerFiles(config: ServerConfig) -> None:
+    """
+    Load every certificate, key and CRL once, so that a broken file is
+    reported at start with the key that names it.
+    """
+    from .tls import loadCertificates, loadKey
+
+    try:
+        loadCertificates(config.certificate)
+    except ValueError as e:
+        raise ConfigError(f"server.certificate: {config.certificate}: not a PEM certificate ({e})") from None
+    try:
+        loadKey(config.key)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"server.key: {config.key}: not an unencrypted PEM private key ({e})") from None
+    cas = []
+    for path in config.clientCAs:
+        try:
+            cas.extend(loadCertificates(path))
+        except ValueError as e:
+            raise ConfigError(f"server.client_ca: {path}: not a PEM certificate ({e})") from None
+    if config.crl:
+        loadCRL(config.crl, cas)
+
+
+def loadCRL(path: str, cas: list[x509.Certificate]) -> x509.CertificateRevocationList:
+    try:
+        with open(path, "rb") as f:
+            crl = x509.load_pem_x509_crl(f.read())
+    except ValueError as e:
+        raise ConfigError(f"server.crl: {path}: not a PEM CRL ({e})") from None
+    for ca in cas:
+        if ca.subject == crl.issuer and crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+            return crl
+    raise ConfigError(f"server.crl: {path}: not signed by any of the client CAs in server.client_ca")
+
+
+def loadServerConfig(path: str | os.PathLike[str]) -> ServerConfig:
+    p = Path(path).expanduser().resolve()
+    data = _readTOML(p)
+    return parseServerConfig(data, p.parent, str(p))
+
+
+# --- client -------------------------------------------------------------------
+
+
+def defaultClientConfigPath() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return Path(base) / "tp" / "client.toml"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    server: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    connectTimeout: float = 15.0
+
+
+_CLIENT_KEYS = {"server", "cert", "key", "ca", "connect_timeout"}
+
+
+def loadClientConfig(path: str | os.PathLike[str]) -> ClientConfig:
+    p = Path(path).expanduser().resolve()
+    data = _readTOML(p)
+    _checkKeys(data, _CLIENT_KEYS, str(p))
+    values: dict[str, Any] = {}
+    if "server" in data:
+        if not isinstance(data["server"], str) or not data["server"]:
+            raise ConfigError(f"{p}: server: expected \"HOST:PORT\"")
+        values["server"] = data["server"]
+    for name in ("cert", "key", "ca"):
+        if name in data:
+            values[name] = _resolvePath(p.parent, data[name], f"{p}: {name}", mustExist=False)
+    if "connect_timeout" in data:
+        values["connectTimeout"] = _seconds(data, "connect_timeout", 15, str(p))
+    return ClientConfig(**values)

@@ -1,0 +1,140 @@
+# -*- test-case-name: tpproxy.test.test_devenv -*-
+"""
+The development environment of C{tp init-dev} and of C{twist tp} without a
+configuration: a dev CA, a server certificate for loopback, a client
+certificate, and configs that work together on loopback.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from pathlib import Path
+
+from cryptography import x509
+from twisted.logger import Logger
+
+from .pki import CertificateAuthority, keyPEM, writePrivate
+
+log = Logger()
+
+DEV_PORT = 8443
+DEV_IDENTITY = "dev"
+#: Dev client certificates live a day; TP means client certificates to be
+#: short-lived, and C{twist tp} renews an expiring dev one at start.
+DEV_CLIENT_HOURS = 24
+
+
+def defaultDevHome() -> Path:
+    if os.environ.get("TP_HOME"):
+        return Path(os.environ["TP_HOME"]).expanduser()
+    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(data) / "tp" / "dev"
+
+
+def _ipv6LoopbackWorks() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+SERVER_TOML = """\
+# TP development server, written by `tp init-dev`.  See docs/configuration.md.
+[server]
+listen = [{listen}]
+certificate = "server.pem"
+key = "server.key"
+client_ca = "ca.pem"
+handshake_timeout = 10
+hello_timeout = 10
+connect_timeout = 10
+
+[deny]
+identities = []
+serials = []
+
+[groups]
+dev = ["{identity}"]
+
+# Rules are read in order; the first that matches decides; no match = deny.
+# Loopback addresses are reachable only through rules that name them by
+# address, as these do.
+[[rules]]
+comment = "the dev client may reach any port on loopback"
+identities = ["group:dev"]
+hosts = ["127.0.0.0/8", "::1/128"]
+ports = "*"
+transports = ["tcp", "udp"]
+"""
+
+CLIENT_TOML = """\
+# TP development client, written by `tp init-dev`.  See docs/client.md.
+server = "localhost:{port}"
+cert = "client.pem"
+key = "client.key"
+ca = "ca.pem"
+"""
+
+
+def issueClient(home: Path, name: str, hours: float = DEV_CLIENT_HOURS, stem: str | None = None) -> Path:
+    """
+    Issue a client certificate for C{name} from the dev CA in C{home}.
+
+    @return: the certificate path (the key is beside it, mode 0600).
+    """
+    ca = CertificateAuthority.load(home / "ca.pem", home / "ca.key")
+    stem = stem or name
+    issued = ca.issue(name, client=True, hours=hours)
+    issued.write(home / f"{stem}.pem", home / f"{stem}.key")
+    return home / f"{stem}.pem"
+
+
+def initDev(home: Path, port: int = DEV_PORT) -> Path:
+    """
+    Write a complete dev environment to C{home}, replacing one that is there.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    os.chmod(home, 0o700)
+    ca = CertificateAuthority.create("TP dev CA")
+    (home / "ca.pem").write_bytes(ca.certPEM)
+    writePrivate(home / "ca.key", keyPEM(ca.key))
+    server = ca.issue("localhost", dns=("localhost",), ips=("127.0.0.1", "::1"), server=True, hours=24 * 365)
+    server.write(home / "server.pem", home / "server.key")
+    issueClient(home, DEV_IDENTITY, stem="client")
+    listen = [f'"tcp:{port}:interface=127.0.0.1"']
+    if _ipv6LoopbackWorks():
+        listen.append(f"'tcp6:{port}:interface=\\:\\:1'")
+    (home / "server.toml").write_text(SERVER_TOML.format(listen=", ".join(listen), identity=DEV_IDENTITY))
+    (home / "client.toml").write_text(CLIENT_TOML.format(port=port))
+    return home
+
+
+def ensureDevEnvironment(home: Path | None = None) -> Path:
+    """
+    Make the dev environment if it is missing, and renew the dev client
+    certificate if it expires within the hour.
+    """
+    home = home or defaultDevHome()
+    if not (home / "server.toml").exists():
+        initDev(home)
+        log.info("Made a TP dev environment in {home}", home=str(home))
+        return home
+    cert = x509.load_pem_x509_certificate((home / "client.pem").read_bytes())
+    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
+    if left < datetime.timedelta(hours=1):
+        issueClient(home, DEV_IDENTITY, stem="client")
+        log.info("Renewed the dev client certificate in {home}", home=str(home))
+    return home
+
+
+def announce(home: Path) -> None:
+    log.info(
+        "TP is running on its dev default from {home}. Try:  "
+        "tp --config {client} connect 127.0.0.1:22   (or ssh -o ProxyCommand=\"tp --config {client} connect %h:%p\" 127.0.0.1)",
+        home=str(home),
+        client=str(home / "client.toml"),
+    )

@@ -1,0 +1,237 @@
+# -*- test-case-name: tpproxy.test.test_pki -*-
+"""
+Certificates: identities taken from client certificates, and a small dev CA
+that makes the certificates of C{tp init-dev} and of the tests.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """
+    Who a client certificate says the peer is.
+
+    @ivar name: the identity policy rules match against (see L{identityOf}).
+    @ivar serial: the certificate serial number, as lowercase hex.
+    @ivar names: every name the certificate carries, for the audit log.
+    """
+
+    name: str
+    serial: str
+    names: tuple[str, ...]
+
+
+def serialHex(serial: int) -> str:
+    return format(serial, "x")
+
+
+def identityOf(cert: x509.Certificate) -> PeerIdentity:
+    """
+    Take the identity from a client certificate.
+
+    The identity is the first SAN URI if there is one (for instance a
+    C{spiffe://} ID), else the first SAN e-mail address, else the first SAN
+    DNS name, else the subject's common name.  The order goes from the most
+    specific kind of name to the least; docs/identity.md states it too.
+
+    @raise ValueError: if the certificate carries none of these.
+    """
+    names: list[str] = []
+    chosen: str | None = None
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = None
+    if san is not None:
+        for kind in (x509.UniformResourceIdentifier, x509.RFC822Name, x509.DNSName):
+            values = san.get_values_for_type(kind)
+            names.extend(values)
+            if chosen is None and values:
+                chosen = values[0]
+    cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    names.extend(str(cn) for cn in cns)
+    if chosen is None and cns:
+        chosen = str(cns[0])
+    if not chosen:
+        raise ValueError("certificate carries no SAN URI, e-mail, DNS name or common name")
+    return PeerIdentity(name=chosen, serial=serialHex(cert.serial_number), names=tuple(names))
+
+
+# --- making certificates -------------------------------------------------
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def newKey() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def keyPEM(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def certPEM(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@dataclass
+class Issued:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @property
+    def certPEM(self) -> bytes:
+        return certPEM(self.cert)
+
+    @property
+    def keyPEM(self) -> bytes:
+        return keyPEM(self.key)
+
+    def write(self, certPath: Path, keyPath: Path) -> None:
+        certPath.write_bytes(self.certPEM)
+        writePrivate(keyPath, self.keyPEM)
+
+
+def writePrivate(path: Path, data: bytes) -> None:
+    """
+    Write C{data} to a new file readable by its owner only.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+
+
+class CertificateAuthority:
+    """
+    A minimal CA for development and tests.
+    """
+
+    def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+        self.cert = cert
+        self.key = key
+
+    @classmethod
+    def create(cls, name: str = "TP dev CA", days: int = 3650) -> CertificateAuthority:
+        key = newKey()
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = _now()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(cert, key)
+
+    @classmethod
+    def load(cls, certPath: Path, keyPath: Path) -> CertificateAuthority:
+        cert = x509.load_pem_x509_certificate(certPath.read_bytes())
+        key = serialization.load_pem_private_key(keyPath.read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return cls(cert, key)
+
+    @property
+    def certPEM(self) -> bytes:
+        return certPEM(self.cert)
+
+    def issue(
+        self,
+        commonName: str,
+        *,
+        dns: tuple[str, ...] = (),
+        ips: tuple[str, ...] = (),
+        uris: tuple[str, ...] = (),
+        emails: tuple[str, ...] = (),
+        server: bool = False,
+        client: bool = False,
+        notBefore: datetime.datetime | None = None,
+        notAfter: datetime.datetime | None = None,
+        hours: float = 12,
+    ) -> Issued:
+        """
+        Issue a leaf certificate.  Client certificates are short-lived by
+        default (12 hours), as TP intends them to be.
+        """
+        key = newKey()
+        now = _now()
+        start = notBefore or (now - datetime.timedelta(minutes=5))
+        end = notAfter or (now + datetime.timedelta(hours=hours))
+        sans: list[x509.GeneralName] = []
+        sans += [x509.UniformResourceIdentifier(u) for u in uris]
+        sans += [x509.RFC822Name(e) for e in emails]
+        sans += [x509.DNSName(d) for d in dns]
+        sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        usages = []
+        if server:
+            usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+        if client:
+            usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, commonName)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
+            )
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        if usages:
+            builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        return Issued(builder.sign(self.key, hashes.SHA256()), key)
+
+    def crl(self, revokedSerials: list[int], days: int = 7) -> x509.CertificateRevocationList:
+        now = _now()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.cert.subject)
+            .last_update(now - datetime.timedelta(minutes=5))
+            .next_update(now + datetime.timedelta(days=days))
+        )
+        for serial in revokedSerials:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+            )
+        return builder.sign(self.key, hashes.SHA256())

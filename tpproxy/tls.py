@@ -1,0 +1,315 @@
+# -*- test-case-name: tpproxy.test.test_tls -*-
+"""
+TLS for TP: the mutual-TLS server context, the client options, and a TLS
+transport that carries half-close (TLS 1.3 C{close_notify} in one direction)
+through to the application.
+
+Twisted's L{TLSMemoryBIOProtocol} answers a peer's C{close_notify} with its
+own and closes the connection, so a client that has finished sending (an
+upload ending in EOF, C{nc -N}, C{ssh host cmd < file}) would lose the
+reply.  L{HalfCloseTLSProtocol} instead reports a received C{close_notify}
+as C{readConnectionLost} to an L{IHalfCloseableProtocol} and offers
+C{loseWriteConnection}, which sends C{close_notify} and keeps reading.
+"""
+
+from __future__ import annotations
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl
+from twisted.internet.interfaces import IHalfCloseableProtocol, IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from zope.interface import implementer
+
+from .pki import identityOf, serialHex
+from .wire import ALPN
+
+log = Logger()
+
+#: Application bytes gathered from the TLS layer before one dataReceived.
+#: OpenSSL returns at most one record (16 KiB) per read; handing the
+#: application larger chunks saves a write call downstream per record.
+RECEIVE_CHUNK = 2**18
+
+# OpenSSL X509_V_ERR_* codes that a peer is likely to trip over.
+_VERIFY_ERRORS = {
+    2: "unable to get issuer certificate",
+    7: "certificate signature failure",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate",
+    19: "self-signed certificate in chain",
+    20: "unknown issuer (not signed by a trusted client CA)",
+    21: "unable to verify the first certificate",
+    23: "certificate revoked",
+    24: "invalid CA certificate",
+    26: "certificate not allowed for client authentication (extended key usage)",
+}
+
+
+def verifyErrorText(errnum: int) -> str:
+    return _VERIFY_ERRORS.get(errnum, f"certificate verification error {errnum}")
+
+
+class HalfCloseTLSProtocol(BufferingTLSTransport):
+    """
+    A TLS transport that supports half-close in both directions.
+    """
+
+    _readEOF = False
+    _writeEOF = False
+    _writeEOFPending = False
+
+    def _flushReceiveBIO(self) -> None:
+        if self._readEOF:
+            self._flushSendBIO()
+            return
+        chunks: list[bytes] = []
+        size = 0
+        eof = False
+        while not self._lostTLSConnection:
+            try:
+                data = self._tlsConnection.recv(2**16)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                eof = True
+                break
+            except SSL.Error:
+                self._deliver(chunks)
+                chunks = []
+                self._tlsShutdownFinished(Failure())
+                break
+            else:
+                chunks.append(data)
+                size += len(data)
+                if size >= RECEIVE_CHUNK:
+                    self._deliver(chunks)
+                    chunks = []
+                    size = 0
+        self._deliver(chunks)
+        if eof:
+            self._peerClosedWrite()
+        self._flushSendBIO()
+
+    def _deliver(self, chunks: list[bytes]) -> None:
+        if chunks and not self._aborted and not self._lostTLSConnection:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self.wrappedProtocol.dataReceived(data)
+
+    def _peerClosedWrite(self) -> None:
+        self._readEOF = True
+        if self._writeEOF or not IHalfCloseableProtocol.providedBy(self.wrappedProtocol):
+            # Both directions are done (or the application cannot use a
+            # half-open connection): finish the TLS shutdown and close.
+            self._shutdownTLS()
+            self._tlsShutdownFinished(None)
+        else:
+            self.wrappedProtocol.readConnectionLost()
+
+    def loseWriteConnection(self) -> None:
+        """
+        Send TLS C{close_notify}: the peer reads EOF, and this side can go on
+        reading until the peer does the same.
+        """
+        if self._writeEOF or self.disconnecting or not self.connected:
+            return
+        self._writeEOF = True
+        self._aggregator.flush()
+        if self._appSendBuffer or not self._handshakeDone:
+            self._writeEOFPending = True
+            return
+        self._sendCloseNotify()
+
+    def _sendCloseNotify(self) -> None:
+        self._writeEOFPending = False
+        try:
+            bothDone = self._tlsConnection.shutdown()
+        except SSL.Error:
+            bothDone = False
+        self._flushSendBIO()
+        if bothDone or self._readEOF:
+            self._tlsShutdownFinished(None)
+
+    def _unbufferPendingWrites(self) -> None:
+        super()._unbufferPendingWrites()
+        if self._writeEOFPending and not self._appSendBuffer and self._handshakeDone:
+            self._sendCloseNotify()
+
+    def _write(self, bytes: bytes) -> None:
+        if self._writeEOF and not self._writeEOFPending:
+            return
+        super()._write(bytes)
+
+
+class TLSFactory(TLSMemoryBIOFactory):
+    """
+    L{TLSMemoryBIOFactory} building L{HalfCloseTLSProtocol}s.
+    """
+
+    protocol = HalfCloseTLSProtocol
+
+
+# --- certificates -----------------------------------------------------------
+
+
+def loadCertificates(path: str) -> list[x509.Certificate]:
+    with open(path, "rb") as f:
+        data = f.read()
+    certs = x509.load_pem_x509_certificates(data)
+    if not certs:
+        raise ValueError(f"{path}: no PEM certificate found")
+    return certs
+
+
+def loadKey(path: str):  # type: ignore[no-untyped-def]
+    with open(path, "rb") as f:
+        return serialization.load_pem_private_key(f.read(), None)
+
+
+class ClientCertChecker:
+    """
+    The checks TP adds to the CA chain check for a client certificate: the
+    deny list of identities and serials, and the CRLs.  Shared by every
+    transport that takes client certificates.
+    """
+
+    def __init__(
+        self,
+        deniedIdentities: frozenset[str] = frozenset(),
+        deniedSerials: frozenset[str] = frozenset(),
+        crls: tuple[x509.CertificateRevocationList, ...] = (),
+    ) -> None:
+        self.deniedIdentities = deniedIdentities
+        self.deniedSerials = frozenset(s.lower().lstrip("0") or "0" for s in deniedSerials)
+        self._revoked: dict[bytes, frozenset[int]] = {}
+        for crl in crls:
+            key = crl.issuer.public_bytes()
+            serials = frozenset(r.serial_number for r in crl)
+            self._revoked[key] = self._revoked.get(key, frozenset()) | serials
+
+    def refusal(self, cert: x509.Certificate) -> str | None:
+        """
+        Return why C{cert} (whose chain is already verified) is refused, or
+        L{None} if it is acceptable.
+        """
+        if cert.serial_number in self._revoked.get(cert.issuer.public_bytes(), frozenset()):
+            return f"certificate serial {serialHex(cert.serial_number)} is revoked (CRL)"
+        serial = serialHex(cert.serial_number)
+        if serial in self.deniedSerials:
+            return f"certificate serial {serial} is on the deny list"
+        try:
+            identity = identityOf(cert)
+        except ValueError as e:
+            return str(e)
+        if identity.name in self.deniedIdentities:
+            return f"identity {identity.name} is on the deny list"
+        return None
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """
+    The server side of TP's mutual TLS: TLS 1.3 only, a client certificate
+    required and verified during the handshake against the client CAs and
+    the L{ClientCertChecker}, ALPN C{tp/1}, no session tickets or session
+    cache (every connection proves its certificate anew).
+    """
+
+    def __init__(
+        self,
+        chain: list[x509.Certificate],
+        key: object,
+        clientCAs: list[x509.Certificate],
+        checker: ClientCertChecker,
+        alpn: tuple[bytes, ...] = (ALPN,),
+    ) -> None:
+        self.checker = checker
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+        ctx.use_certificate(crypto.X509.from_cryptography(chain[0]))
+        for extra in chain[1:]:
+            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+        ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))  # type: ignore[arg-type]
+        ctx.check_privatekey()
+        store = ctx.get_cert_store()
+        assert store is not None
+        for ca in clientCAs:
+            store.add_cert(crypto.X509.from_cryptography(ca))
+        ctx.set_client_ca_list([crypto.X509.from_cryptography(ca).get_subject() for ca in clientCAs])
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE, self._verify)
+        ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        offered = tuple(alpn)
+
+        def selectALPN(conn: SSL.Connection, protos: list[bytes]) -> bytes | object:
+            for p in offered:
+                if p in protos:
+                    return p
+            return SSL.NO_OVERLAPPING_PROTOCOLS
+
+        ctx.set_alpn_select_callback(selectALPN)
+        self.context = ctx
+
+    def _verify(self, conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:
+        proto = conn.get_app_data()
+        if not ok:
+            if getattr(proto, "tpRefusal", None) is None and proto is not None:
+                proto.tpRefusal = verifyErrorText(errnum)
+            return False
+        if depth == 0:
+            reason = self.checker.refusal(cert.to_cryptography())
+            if reason is not None:
+                if proto is not None:
+                    proto.tpRefusal = reason
+                return False
+        return True
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        conn = SSL.Connection(self.context, None)
+        conn.set_app_data(tlsProtocol)
+        return conn
+
+
+def clientTLS(serverName: str, caCerts: list[x509.Certificate], chain: list[x509.Certificate], key: object):  # type: ignore[no-untyped-def]
+    """
+    Client options: TLS 1.3, ALPN C{tp/1}, the server certificate checked
+    against C{caCerts} and C{serverName} (service_identity), and our client
+    certificate.
+    """
+    trust = ssl.trustRootFromCertificates([ssl.Certificate(crypto.X509.from_cryptography(c)) for c in caCerts])
+    keyPEM = key.private_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    certPEM = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain[:1])
+    client = ssl.PrivateCertificate.loadPEM(certPEM + keyPEM)
+    extra = [crypto.X509.from_cryptography(c) for c in chain[1:]]
+    return ssl.optionsForClientTLS(
+        serverName,
+        trustRoot=trust,
+        clientCertificate=client,
+        acceptableProtocols=[ALPN],
+        extraCertificateOptions={
+            "raiseMinimumTo": ssl.TLSVersion.TLSv1_3,
+            "extraCertChain": extra,
+        },
+    )
+
+
+def describeTLSFailure(reason: object) -> str:
+    """
+    Turn an OpenSSL error (as a Failure's value) into one readable line.
+    """
+    value = getattr(reason, "value", reason)
+    if isinstance(value, SSL.Error) and value.args and isinstance(value.args[0], list):
+        parts = []
+        for item in value.args[0]:
+            if isinstance(item, tuple) and len(item) == 3:
+                parts.append(str(item[2]))
+        if parts:
+            return "TLS error: " + "; ".join(parts)
+    return str(value) or value.__class__.__name__
+

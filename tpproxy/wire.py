@@ -1,0 +1,279 @@
+# -*- test-case-name: tpproxy.test.test_wire -*-
+"""
+The TP wire protocol, version 1, as a sans-IO codec.
+
+Nothing here touches a socket, a clock or Twisted: bytes go in through
+L{FrameDecoder.feed}, and parsed messages (or a L{WireError} carrying a
+stable error code) come out.  The TLS and QUIC transports share it.
+
+A frame is a 4-byte unsigned big-endian length N (1 <= N <= L{MAX_FRAME})
+followed by N bytes of UTF-8 JSON holding one object.  See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+VERSION = 1
+ALPN = b"tp/1"
+MAX_FRAME = 16 * 1024
+HEADER = struct.Struct("!I")
+
+#: Operations this version of the protocol defines.  Only C{connect} is
+#: served so far; the others are reserved names.
+OPERATIONS = frozenset({"connect"})
+RESERVED_OPERATIONS = frozenset({"listen", "accept", "udp"})
+TRANSPORTS = frozenset({"tcp", "udp"})
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
+
+
+class ErrorCode(str, enum.Enum):
+    """
+    Stable, machine-readable error codes carried in a ServerHello.
+    """
+
+    BAD_REQUEST = "bad_request"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    FORBIDDEN = "forbidden"
+    RESOLVE_FAILED = "resolve_failed"
+    CONNECT_REFUSED = "connect_refused"
+    CONNECT_TIMEOUT = "connect_timeout"
+    UNREACHABLE = "unreachable"
+    INTERNAL = "internal"
+
+
+class WireError(Exception):
+    """
+    A frame or message could not be accepted.
+
+    @ivar code: the L{ErrorCode} to send to the peer.
+    @ivar message: a human-readable explanation, safe to send to the peer.
+    """
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _bad(message: str) -> WireError:
+    return WireError(ErrorCode.BAD_REQUEST, message)
+
+
+def encodeFrame(obj: dict[str, Any]) -> bytes:
+    """
+    Serialize one JSON object as a length-prefixed frame.
+
+    @raise ValueError: if the encoded object is larger than L{MAX_FRAME}.
+    """
+    payload = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(payload) > MAX_FRAME:
+        raise ValueError(f"frame of {len(payload)} bytes exceeds {MAX_FRAME}")
+    return HEADER.pack(len(payload)) + payload
+
+
+def _rejectConstant(name: str) -> Any:
+    raise _bad(f"JSON constant {name} is not allowed")
+
+
+def _noDuplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _bad(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def decodePayload(payload: bytes) -> dict[str, Any]:
+    """
+    Parse the body of one frame into a JSON object.
+
+    @raise WireError: with L{ErrorCode.BAD_REQUEST} for anything that is not
+        a UTF-8 JSON object.
+    """
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _bad(f"frame is not valid UTF-8 (byte {e.start})") from None
+    try:
+        obj = json.loads(text, parse_constant=_rejectConstant, object_pairs_hook=_noDuplicates)
+    except WireError:
+        raise
+    except RecursionError:
+        raise _bad("JSON is nested too deeply") from None
+    except ValueError as e:
+        raise _bad(f"frame is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise _bad("frame must hold a JSON object")
+    return obj
+
+
+class FrameDecoder:
+    """
+    Incremental decoder of length-prefixed JSON frames.
+
+    Feed it bytes with L{feed}; take complete frames with L{nextFrame}.
+    Whatever follows the frames taken so far is returned by L{takeRest},
+    which is how a transport switches to raw byte forwarding after the
+    hello.  A length prefix above L{MAX_FRAME} is refused as soon as the
+    4 prefix bytes are seen, so the decoder never waits for or buffers an
+    oversize frame.
+    """
+
+    def __init__(self, maxFrame: int = MAX_FRAME) -> None:
+        self._buffer = bytearray()
+        self._maxFrame = maxFrame
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def nextFrame(self) -> dict[str, Any] | None:
+        """
+        Return the next complete frame's object, or L{None} if more bytes
+        are needed.
+
+        @raise WireError: if the frame is malformed or too large.
+        """
+        if len(self._buffer) < HEADER.size:
+            return None
+        (length,) = HEADER.unpack_from(self._buffer)
+        if length == 0:
+            raise _bad("empty frame")
+        if length > self._maxFrame:
+            raise _bad(f"frame of {length} bytes exceeds the limit of {self._maxFrame}")
+        end = HEADER.size + length
+        if len(self._buffer) < end:
+            return None
+        payload = bytes(self._buffer[HEADER.size : end])
+        del self._buffer[:end]
+        return decodePayload(payload)
+
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def takeRest(self) -> bytes:
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        return rest
+
+
+def _checkVersion(obj: dict[str, Any]) -> None:
+    version = obj.get("v")
+    if type(version) is not int:
+        raise _bad("field 'v' (protocol version) must be an integer")
+    if version != VERSION:
+        raise WireError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {version} is not supported; this server speaks {VERSION}",
+        )
+
+
+def validHost(host: str) -> bool:
+    """
+    Is C{host} an IP address literal or a syntactically valid DNS name?
+    """
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return bool(_HOSTNAME.match(host)) and not host.replace(".", "").isdigit()
+
+
+@dataclass(frozen=True)
+class ClientHello:
+    """
+    The first message of a client: where to go and how.
+    """
+
+    op: str
+    host: str
+    port: int
+    transport: str = "tcp"
+    version: int = VERSION
+
+    def toFrame(self) -> bytes:
+        return encodeFrame(
+            {"v": self.version, "op": self.op, "host": self.host, "port": self.port, "transport": self.transport}
+        )
+
+    @classmethod
+    def fromObject(cls, obj: dict[str, Any]) -> ClientHello:
+        """
+        Validate a decoded frame as a ClientHello.  Unknown keys are ignored
+        so that later minor additions stay compatible.
+
+        @raise WireError: naming the field at fault.
+        """
+        _checkVersion(obj)
+        op = obj.get("op")
+        if not isinstance(op, str):
+            raise _bad("field 'op' must be a string")
+        if op not in OPERATIONS:
+            if op in RESERVED_OPERATIONS:
+                raise _bad(f"operation {op!r} is not supported by this server")
+            raise _bad(f"unknown operation {op!r}")
+        host = obj.get("host")
+        if not isinstance(host, str) or not validHost(host):
+            raise _bad("field 'host' must be a DNS name or an IP address")
+        port = obj.get("port")
+        if type(port) is not int or not 1 <= port <= 65535:
+            raise _bad("field 'port' must be an integer from 1 to 65535")
+        transport = obj.get("transport", "tcp")
+        if transport not in TRANSPORTS:
+            raise _bad("field 'transport' must be 'tcp' or 'udp'")
+        return cls(op=op, host=host, port=port, transport=transport, version=VERSION)
+
+
+@dataclass(frozen=True)
+class ServerHello:
+    """
+    The server's answer: success, or an error code and message.
+
+    @ivar code: an L{ErrorCode} value on failure.  On the client side an
+        unknown code from a newer server is kept as the plain string.
+    @ivar info: extra fields (for instance C{address}, the dialled address).
+    """
+
+    ok: bool
+    code: str | None = None
+    message: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def success(cls, **info: Any) -> ServerHello:
+        return cls(ok=True, info=info)
+
+    @classmethod
+    def failure(cls, code: ErrorCode, message: str) -> ServerHello:
+        return cls(ok=False, code=code.value, message=message)
+
+    def toFrame(self) -> bytes:
+        obj: dict[str, Any] = {"v": VERSION, "ok": self.ok}
+        if not self.ok:
+            obj["error"] = self.code
+            obj["message"] = self.message
+        obj.update(self.info)
+        return encodeFrame(obj)
+
+    @classmethod
+    def fromObject(cls, obj: dict[str, Any]) -> ServerHello:
+        _checkVersion(obj)
+        ok = obj.get("ok")
+        if not isinstance(ok, bool):
+            raise _bad("field 'ok' must be a boolean")
+        info = {k: v for k, v in obj.items() if k not in ("v", "ok", "error", "message")}
+        if ok:
+            return cls(ok=True, info=info)
+        code = obj.get("error")
+        message = obj.get("message", "")
+        if not isinstance(code, str) or not isinstance(message, str):
+            raise _bad("a failed ServerHello needs string fields 'error' and 'message'")
+        return cls(ok=False, code=code, message=message, info=info)
