@@ -315,8 +315,8 @@ def _run(reactor: Any, args: argparse.Namespace, stderr: Any) -> defer.Deferred[
     host, port = parseHostPort(args.target, "HOST:PORT")
     if args.command == "connect":
         return runConnect(reactor, settings, host, port, stderr)
-    if not 1 <= args.localport <= 65535:
-        raise UsageError("LOCALPORT must be from 1 to 65535")
+    if not 0 <= args.localport <= 65535:
+        raise UsageError("LOCALPORT must be from 0 to 65535 (0 picks a free port and prints it)")
     return runUp(reactor, settings, host, port, args.localport, args.bind, stderr)
 
 

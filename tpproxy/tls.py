@@ -102,7 +102,7 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
 
     def _peerClosedWrite(self) -> None:
         self._readEOF = True
-        if self._writeEOF or not IHalfCloseableProtocol.providedBy(self.wrappedProtocol):
+        if self._writeEOF or self.disconnecting or not IHalfCloseableProtocol.providedBy(self.wrappedProtocol):
             # Both directions are done (or the application cannot use a
             # half-open connection): finish the TLS shutdown and close.
             self._shutdownTLS()

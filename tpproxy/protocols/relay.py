@@ -59,6 +59,9 @@ class RelayEnd(Protocol):
         if peer is None:
             self.preSpliceEOF()
             return
+        # This side will produce nothing more for the peer.  A registered
+        # producer would also hold back a TLS transport's close.
+        peer.transport.unregisterProducer()  # type: ignore[union-attr]
         if peer.readClosed:
             self.transport.loseConnection()  # type: ignore[union-attr]
             peer.transport.loseConnection()  # type: ignore[union-attr]
@@ -77,6 +80,7 @@ class RelayEnd(Protocol):
         self.closed = True
         peer = self.peer
         if peer is not None and not peer.closed:
+            peer.transport.unregisterProducer()  # type: ignore[union-attr]
             peer.transport.loseConnection()  # type: ignore[union-attr]
         if self.onClose is not None:
             self.onClose(self, reason)

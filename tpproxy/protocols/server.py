@@ -35,6 +35,11 @@ class Outbound(RelayEnd):
     """
 
 
+class OutboundFactory(Factory):
+    protocol = Outbound
+    noisy = False
+
+
 @implementer(IHandshakeListener)
 class TPServerProtocol(RelayEnd, TimeoutMixin):
     """
@@ -122,7 +127,7 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
         self.state = "dialling"
         self.transport.pauseProducing()  # type: ignore[union-attr]
         assert self.identity is not None
-        factory = Factory.forProtocol(Outbound)
+        factory = OutboundFactory()
         self.dialling = self.factory.dialer.dial(self.identity.name, self.hello.host, self.hello.port, factory)
         self.dialling.addCallbacks(self._connected, self._dialFailed)
 
@@ -160,6 +165,9 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
         self.detail = message
         self.transport.write(ServerHello.failure(code, message).toFrame())  # type: ignore[union-attr]
         self.transport.loseConnection()  # type: ignore[union-attr]
+        # Reading again (it is paused while dialling) lets the peer's close
+        # reach us; LINGER bounds a peer that never closes.
+        self.transport.resumeProducing()  # type: ignore[union-attr]
         self.setTimeout(LINGER)
 
     # --- end ------------------------------------------------------------------

@@ -1,0 +1,948 @@
+#!/usr/bin/env python3
+"""
+Benchmark TP against an equivalent stunnel mutual-TLS relay, on loopback.
+
+    /work/venv/bin/python benchmarks/bench.py [--quick]
+
+Three chains carry the same traffic to the same sink/source server:
+
+  direct   client -> sink
+  tp       client -> `tp up` (plain in, TLS out) -> `twist tp` (TLS in,
+           plain out) -> sink
+  stunnel  client -> stunnel client mode (plain in, TLS out with the client
+           certificate) -> stunnel server mode (TLS 1.3 only, client
+           certificate required and verified) -> sink
+
+Both proxy chains are two processes with one TLS hop between them, and use
+the same CA, server certificate and client certificate, made at run time by
+`tp init-dev` in a temporary directory.
+
+Measured: bulk throughput of one connection (upload and download), and the
+rate of short connections (connect, send a line, read it back, close),
+sequential and concurrent.  Every transfer is counted byte for byte, and an
+untimed check sends hashed random data both ways (and one upload ended by a
+half-close) through each chain.
+
+Results are printed as a table and written to benchmarks/results/latest.json.
+Everything (temporary directory, sink, TP, stunnel) is started and removed by
+this script; the ports are picked at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+MB = 1_000_000
+CHUNK = 1 << 20
+LOOPBACK = "127.0.0.1"
+#: A transfer making no progress for this long counts as a stall.
+STALL_TIMEOUT = 30.0
+CHAINS = ("direct", "tp", "stunnel")
+
+
+class BenchError(Exception):
+    pass
+
+
+# --- the sink / source server ---------------------------------------------
+#
+# Runs in its own process (`bench.py --sink`), one thread per connection.
+# Line protocol, each command a line ending in \n:
+#   SYNC            -> "GO\n"; read the next command (used to exclude the
+#                      tunnel set-up from the bulk timings)
+#   ECHO <text>     -> the same line back; then wait for EOF and close
+#   UP <n>          -> read exactly n bytes, answer "OK <count>\n", wait EOF
+#   DOWN <n>        -> send n bytes, shut down writing, wait EOF
+#   UPHASH          -> read to EOF (the client half-closes), answer
+#                      "<count> <sha256>\n", close
+#   UPHASHN <n>     -> read exactly n bytes, answer "<count> <sha256>\n", wait EOF
+#   DOWNHASH <n> <seed> -> send "<sha256>\n" then n pseudo-random bytes, shut
+#                      down writing, wait EOF
+
+
+def _patternBlock() -> bytes:
+    return bytes(random.Random(1).randbytes(CHUNK))
+
+
+def pseudoRandom(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+class LineReader:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def readline(self, limit: int = 65536) -> bytes:
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError(f"EOF before a line (had {len(self.buf)} bytes)")
+            self.buf += data
+            if len(self.buf) > limit:
+                raise ValueError("line too long")
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+    def take(self) -> bytes:
+        data, self.buf = self.buf, b""
+        return data
+
+
+def _drainToEOF(sock: socket.socket) -> int:
+    n = 0
+    buf = bytearray(65536)
+    while True:
+        got = sock.recv_into(buf)
+        if not got:
+            return n
+        n += got
+
+
+def _readExactly(sock: socket.socket, reader: LineReader, n: int, hasher: Any = None) -> int:
+    early = reader.take()
+    if len(early) > n:
+        raise ValueError("more bytes than announced")
+    count = len(early)
+    if hasher is not None and early:
+        hasher.update(early)
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    while count < n:
+        got = sock.recv_into(view[: min(CHUNK, n - count)])
+        if not got:
+            break
+        if hasher is not None:
+            hasher.update(view[:got])
+        count += got
+    return count
+
+
+def _sendCount(sock: socket.socket, n: int, block: bytes) -> None:
+    view = memoryview(block)
+    left = n
+    while left:
+        k = min(left, len(block))
+        sock.sendall(view[:k])
+        left -= k
+
+
+def _sinkConnection(conn: socket.socket, block: bytes, log: Callable[[str], None]) -> None:
+    try:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = LineReader(conn)
+        while True:
+            line = reader.readline()
+            word, _, arg = line.partition(b" ")
+            if word == b"SYNC":
+                conn.sendall(b"GO\n")
+                continue
+            if word == b"ECHO":
+                conn.sendall(line + b"\n")
+                _drainToEOF(conn)
+            elif word == b"UP":
+                n = int(arg)
+                count = _readExactly(conn, reader, n)
+                conn.sendall(b"OK %d\n" % count)
+                if count != n:
+                    log(f"UP {n}: connection ended after {count} bytes")
+                _drainToEOF(conn)
+            elif word == b"DOWN":
+                _sendCount(conn, int(arg), block)
+                conn.shutdown(socket.SHUT_WR)
+                _drainToEOF(conn)
+            elif word == b"UPHASH":
+                h = hashlib.sha256()
+                early = reader.take()
+                h.update(early)
+                count = len(early)
+                buf = bytearray(CHUNK)
+                while True:
+                    got = conn.recv_into(buf)
+                    if not got:
+                        break
+                    h.update(memoryview(buf)[:got])
+                    count += got
+                conn.sendall(b"%d %s\n" % (count, h.hexdigest().encode()))
+            elif word == b"UPHASHN":
+                h = hashlib.sha256()
+                count = _readExactly(conn, reader, int(arg), h)
+                conn.sendall(b"%d %s\n" % (count, h.hexdigest().encode()))
+                _drainToEOF(conn)
+            elif word == b"DOWNHASH":
+                n, seed = (int(x) for x in arg.split())
+                data = pseudoRandom(n, seed)
+                conn.sendall(hashlib.sha256(data).hexdigest().encode() + b"\n")
+                conn.sendall(data)
+                conn.shutdown(socket.SHUT_WR)
+                _drainToEOF(conn)
+            else:
+                log(f"unknown command {line[:40]!r}")
+            return
+    except (OSError, EOFError, ValueError) as e:
+        log(f"connection error: {e!r}")
+    finally:
+        conn.close()
+
+
+def runSink() -> None:
+    block = _patternBlock()
+    lock = threading.Lock()
+
+    def log(message: str) -> None:
+        with lock:
+            sys.stderr.write(f"sink: {message}\n")
+            sys.stderr.flush()
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((LOOPBACK, 0))
+    server.listen(1024)
+    sys.stdout.write(f"PORT {server.getsockname()[1]}\n")
+    sys.stdout.flush()
+    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+    while True:
+        conn, _ = server.accept()
+        threading.Thread(target=_sinkConnection, args=(conn, block, log), daemon=True).start()
+
+
+# --- processes, ports, certificates ---------------------------------------
+
+
+class Processes:
+    """
+    The processes this script starts, stopped (by pid) at exit.
+    """
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, argv: list[str], stdout: Any = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.logdir / f"{name}.log", "wb")
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout if stdout is not None else log,
+            stderr=log,
+            cwd=cwd,
+            start_new_session=True,
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def logTail(self, name: str, lines: int = 20) -> str:
+        try:
+            text = (self.logdir / f"{name}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def check(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise BenchError(f"{name} exited with status {proc.returncode}:\n{self.logTail(name)}")
+
+    def stopAll(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    proc.terminate()
+                except OSError:
+                    pass
+        deadline = time.monotonic() + 5
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def freePorts(count: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((LOOPBACK, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def waitForPort(port: int, procs: Processes, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        procs.check()
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{what} did not listen on {LOOPBACK}:{port} within {timeout:g} s")
+            time.sleep(0.05)
+
+
+def cpuSeconds(pid: int) -> float:
+    """
+    User + system CPU time of a process (all its threads), from /proc.
+    """
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+STUNNEL_GLOBAL = """\
+foreground = yes
+pid =
+syslog = no
+output = {log}
+debug = notice
+
+[{name}]
+accept = 127.0.0.1:{accept}
+connect = 127.0.0.1:{connect}
+cert = {cert}
+key = {key}
+CAfile = {ca}
+verifyChain = yes
+sslVersionMin = TLSv1.3
+; TP disables session resumption (every connection proves its certificate
+; anew); so does this.
+sessionResume = no
+options = NO_TICKET
+"""
+
+
+class Setup:
+    """
+    The sink, TP (`tp up` + `twist tp`) and stunnel (client + server), all
+    on loopback.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.procs = Processes(workdir)
+        self.bindir = Path(sys.executable).parent
+        self.stunnel = shutil.which("stunnel4") or shutil.which("stunnel")
+        if not self.stunnel:
+            raise BenchError("stunnel (stunnel4) is not installed")
+        for tool in ("tp", "twist"):
+            if not (self.bindir / tool).exists():
+                raise BenchError(f"{self.bindir / tool} does not exist (is TP installed in this venv?)")
+        self.entry: dict[str, int] = {}
+        self.proxyPids: dict[str, list[int]] = {"direct": [], "tp": [], "stunnel": []}
+
+    def start(self) -> None:
+        d = self.dir
+        tpPort, upPort, stunnelServerPort, stunnelClientPort = freePorts(4)
+
+        # The sink.
+        sink = self.procs.start("sink", [sys.executable, str(Path(__file__).resolve()), "--sink"], stdout=subprocess.PIPE)
+        assert sink.stdout is not None
+        line = sink.stdout.readline().decode()
+        if not line.startswith("PORT "):
+            raise BenchError(f"sink did not start: {line!r}\n{self.procs.logTail('sink')}")
+        self.sinkPort = int(line.split()[1])
+        self.sinkPid = sink.pid
+        self.entry["direct"] = self.sinkPort
+
+        # Certificates and TP configs, by `tp init-dev`.
+        pki = d / "pki"
+        out = subprocess.run(
+            [str(self.bindir / "tp"), "init-dev", str(pki), "--port", str(tpPort)],
+            capture_output=True, text=True,
+        )
+        if out.returncode:
+            raise BenchError(f"tp init-dev failed: {out.stderr}")
+        # Listen on 127.0.0.1 only (init-dev also adds ::1 where it works).
+        toml = (pki / "server.toml").read_text()
+        toml, n = re.subn(r"(?m)^listen = \[.*\]$", f'listen = ["tcp:{tpPort}:interface=127.0.0.1"]', toml)
+        if n != 1:
+            raise BenchError("unexpected server.toml from tp init-dev (no listen line)")
+        (pki / "server.toml").write_text(toml)
+        self.pki = pki
+
+        # TP: the server, then `tp up` in front of it.
+        self.procs.start("twist-tp", [str(self.bindir / "twist"), "tp", "--config", str(pki / "server.toml")])
+        waitForPort(tpPort, self.procs, "twist tp")
+        self.procs.start(
+            "tp-up",
+            [
+                str(self.bindir / "tp"), "--config", str(pki / "client.toml"), "--server", f"{LOOPBACK}:{tpPort}",
+                "up", f"{LOOPBACK}:{self.sinkPort}", str(upPort),
+            ],
+        )
+        waitForPort(upPort, self.procs, "tp up")
+        self.entry["tp"] = upPort
+        self.proxyPids["tp"] = [self.procs.procs["tp-up"].pid, self.procs.procs["twist-tp"].pid]
+
+        # stunnel: server mode, then client mode in front of it.
+        server = STUNNEL_GLOBAL.format(
+            log=d / "stunnel-server.out", name="tp-bench-server", accept=stunnelServerPort, connect=self.sinkPort,
+            cert=pki / "server.pem", key=pki / "server.key", ca=pki / "ca.pem",
+        )
+        server += "requireCert = yes\n"
+        (d / "stunnel-server.conf").write_text(server)
+        client = STUNNEL_GLOBAL.format(
+            log=d / "stunnel-client.out", name="tp-bench-client", accept=stunnelClientPort, connect=stunnelServerPort,
+            cert=pki / "client.pem", key=pki / "client.key", ca=pki / "ca.pem",
+        )
+        # Check the server certificate names 127.0.0.1, as `tp` does.
+        client += "client = yes\ncheckIP = 127.0.0.1\n"
+        (d / "stunnel-client.conf").write_text(client)
+        self.procs.start("stunnel-server", [self.stunnel, str(d / "stunnel-server.conf")])
+        waitForPort(stunnelServerPort, self.procs, "stunnel server")
+        self.procs.start("stunnel-client", [self.stunnel, str(d / "stunnel-client.conf")])
+        waitForPort(stunnelClientPort, self.procs, "stunnel client")
+        self.entry["stunnel"] = stunnelClientPort
+        self.proxyPids["stunnel"] = [self.procs.procs["stunnel-client"].pid, self.procs.procs["stunnel-server"].pid]
+        self.ports = {
+            "sink": self.sinkPort, "tp_server": tpPort, "tp_up": upPort,
+            "stunnel_server": stunnelServerPort, "stunnel_client": stunnelClientPort,
+        }
+
+    def proxyCPU(self, chain: str) -> float:
+        return sum(cpuSeconds(pid) for pid in self.proxyPids[chain])
+
+    def stop(self) -> None:
+        self.procs.stopAll()
+
+
+# --- the client side of the measurements ----------------------------------
+
+
+def connect(port: int) -> tuple[socket.socket, LineReader]:
+    sock = socket.create_connection((LOOPBACK, port), timeout=STALL_TIMEOUT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock, LineReader(sock)
+
+
+def expectLine(reader: LineReader, what: str) -> bytes:
+    try:
+        return reader.readline()
+    except socket.timeout:
+        raise BenchError(f"{what}: no answer within {STALL_TIMEOUT:g} s (stall)") from None
+    except EOFError as e:
+        raise BenchError(f"{what}: connection closed early ({e})") from None
+
+
+def sync(sock: socket.socket, reader: LineReader, what: str) -> None:
+    sock.sendall(b"SYNC\n")
+    if expectLine(reader, what) != b"GO":
+        raise BenchError(f"{what}: bad answer to SYNC")
+
+
+def bulkUpload(port: int, n: int, block: bytes) -> float:
+    """
+    Send n bytes on one connection; the sink counts them.  Returns seconds
+    from the first byte sent to the sink's receipt for all n.
+    """
+    what = f"upload of {n} bytes"
+    sock, reader = connect(port)
+    try:
+        sync(sock, reader, what)
+        view = memoryview(block)
+        start = time.perf_counter()
+        sock.sendall(b"UP %d\n" % n)
+        left = n
+        try:
+            while left:
+                k = min(left, len(block))
+                sock.sendall(view[:k])
+                left -= k
+        except socket.timeout:
+            raise BenchError(f"{what}: stalled after sending {n - left} bytes (no progress for {STALL_TIMEOUT:g} s)") from None
+        answer = expectLine(reader, what)
+        elapsed = time.perf_counter() - start
+        if answer != b"OK %d" % n:
+            raise BenchError(f"{what}: sink answered {answer!r}")
+        return elapsed
+    finally:
+        sock.close()
+
+
+def bulkDownload(port: int, n: int) -> float:
+    """
+    Receive n bytes on one connection, then EOF; count them.
+    """
+    what = f"download of {n} bytes"
+    sock, reader = connect(port)
+    try:
+        sync(sock, reader, what)
+        buf = bytearray(CHUNK)
+        start = time.perf_counter()
+        sock.sendall(b"DOWN %d\n" % n)
+        count = len(reader.take())
+        try:
+            while count < n:
+                got = sock.recv_into(buf)
+                if not got:
+                    raise BenchError(f"{what}: EOF after {count} bytes ({n - count} missing)")
+                count += got
+            elapsed = time.perf_counter() - start
+            extra = _drainToEOF(sock)
+        except socket.timeout:
+            raise BenchError(f"{what}: stalled after {count} bytes (no progress for {STALL_TIMEOUT:g} s)") from None
+        if count != n or extra:
+            raise BenchError(f"{what}: received {count + extra} bytes")
+        return elapsed
+    finally:
+        sock.close()
+
+
+def shortConnection(port: int, payload: bytes) -> float:
+    start = time.perf_counter()
+    sock, reader = connect(port)
+    try:
+        sock.sendall(payload)
+        answer = expectLine(reader, "short connection")
+        if answer + b"\n" != payload:
+            raise BenchError(f"short connection: echo mismatch ({answer[:40]!r})")
+    finally:
+        sock.close()
+    return time.perf_counter() - start
+
+
+def connectionRate(port: int, total: int, concurrency: int) -> dict[str, Any]:
+    """
+    Run `total` short connections, `concurrency` at a time.
+    """
+    payload = b"ECHO " + b"x" * 58 + b"\n"  # 64 bytes
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    counter = iter(range(total))
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if next(counter, None) is None:
+                    return
+            try:
+                t = shortConnection(port, payload)
+            except (OSError, BenchError) as e:
+                with lock:
+                    errors.append(str(e) or repr(e))
+                continue
+            with lock:
+                latencies.append(t)
+
+    start = time.perf_counter()
+    if concurrency == 1:
+        worker()
+    else:
+        threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return round(1000 * latencies[min(len(latencies) - 1, int(p * len(latencies)))], 3) if latencies else 0.0
+
+    return {
+        "connections": total,
+        "ok": len(latencies),
+        "errors": len(errors),
+        "error_samples": sorted(set(errors))[:5],
+        "seconds": round(elapsed, 4),
+        "conn_per_s": round(len(latencies) / elapsed, 1),
+        "latency_ms_p50": pct(0.5),
+        "latency_ms_p99": pct(0.99),
+    }
+
+
+def integrityChecks(port: int, n: int) -> dict[str, Any]:
+    """
+    Untimed: hashed random data both ways, and an upload that ends with a
+    half-close (the reply must still arrive).
+    """
+    results: dict[str, Any] = {}
+    data = os.urandom(n)
+    digest = hashlib.sha256(data).hexdigest()
+
+    def run(name: str, f: Callable[[], str | None]) -> None:
+        try:
+            problem = f()
+        except (OSError, BenchError) as e:
+            problem = f"{type(e).__name__}: {e}"
+        results[name] = "ok" if problem is None else problem
+
+    def upload() -> str | None:
+        sock, reader = connect(port)
+        try:
+            sock.sendall(b"UPHASHN %d\n" % n)
+            sock.sendall(data)
+            answer = expectLine(reader, "hashed upload")
+            return None if answer == b"%d %s" % (n, digest.encode()) else f"sink got {answer.decode()!r}, sent {n} {digest}"
+        finally:
+            sock.close()
+
+    def download() -> str | None:
+        sock, reader = connect(port)
+        try:
+            seed = random.randrange(1 << 30)
+            sock.sendall(b"DOWNHASH %d %d\n" % (n, seed))
+            announced = expectLine(reader, "hashed download").decode()
+            h = hashlib.sha256()
+            early = reader.take()
+            h.update(early)
+            count = len(early)
+            buf = bytearray(CHUNK)
+            while True:
+                got = sock.recv_into(buf)
+                if not got:
+                    break
+                h.update(memoryview(buf)[:got])
+                count += got
+            if count != n or h.hexdigest() != announced:
+                return f"received {count} bytes with sha256 {h.hexdigest()}, sink sent {n} with {announced}"
+            return None
+        finally:
+            sock.close()
+
+    def halfClose() -> str | None:
+        sock, reader = connect(port)
+        try:
+            sock.sendall(b"UPHASH\n")
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            answer = expectLine(reader, "upload ended by half-close")
+            return None if answer == b"%d %s" % (n, digest.encode()) else f"sink got {answer.decode()!r}, sent {n} {digest}"
+        finally:
+            sock.close()
+
+    run("upload_sha256", upload)
+    run("download_sha256", download)
+    run("half_close_upload", halfClose)
+    return results
+
+
+
+# --- orchestration ----------------------------------------------------------
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def measureBulk(setup: Setup, direction: str, n: int, repeats: int, problems: list[str]) -> dict[str, Any]:
+    block = _patternBlock()
+    out: dict[str, Any] = {}
+    samples: dict[str, list[float]] = {c: [] for c in CHAINS}
+    cpu: dict[str, list[float]] = {c: [] for c in CHAINS}
+    errors: dict[str, list[str]] = {c: [] for c in CHAINS}
+    for r in range(repeats):
+        for chain in CHAINS:
+            port = setup.entry[chain]
+            before = setup.proxyCPU(chain)
+            try:
+                t = bulkUpload(port, n, block) if direction == "upload" else bulkDownload(port, n)
+            except (BenchError, OSError) as e:
+                message = f"{chain} {direction} run {r + 1}: {e}"
+                errors[chain].append(str(e))
+                problems.append(message)
+                print(f"  !! {message}", flush=True)
+                continue
+            samples[chain].append(n / MB / t)
+            cpu[chain].append(setup.proxyCPU(chain) - before)
+            print(f"  {direction:8} {chain:8} run {r + 1}: {n / MB / t:9.1f} MB/s  ({t:.2f} s)", flush=True)
+    for chain in CHAINS:
+        s = samples[chain]
+        out[chain] = {
+            "mb_per_s": round(median(s), 1) if s else None,
+            "mb_per_s_best": round(max(s), 1) if s else None,
+            "samples_mb_per_s": [round(x, 1) for x in s],
+            "bytes_per_run": n,
+            "runs_ok": len(s),
+            "errors": errors[chain],
+            "proxy_cpu_s_per_gb": round(median(cpu[chain]) / n * 1e9, 2) if s and chain != "direct" else None,
+        }
+    return out
+
+
+def measureRate(setup: Setup, total: int, concurrency: int, problems: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for chain in CHAINS:
+        port = setup.entry[chain]
+        connectionRate(port, 10, 1)  # warm-up
+        before = setup.proxyCPU(chain)
+        result = connectionRate(port, total, concurrency)
+        used = setup.proxyCPU(chain) - before
+        result["proxy_cpu_ms_per_conn"] = round(1000 * used / max(1, result["ok"]), 3) if chain != "direct" else None
+        if result["errors"]:
+            problems.append(f"{chain} connection rate (concurrency {concurrency}): {result['errors']} of {total} failed: {result['error_samples']}")
+        out[chain] = result
+        print(
+            f"  conc {concurrency:2} {chain:8}: {result['conn_per_s']:8.1f} conn/s  p50 {result['latency_ms_p50']:.2f} ms"
+            f"  p99 {result['latency_ms_p99']:.2f} ms  errors {result['errors']}",
+            flush=True,
+        )
+    return out
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def buildTable(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    rows: list[dict[str, Any]] = []
+    meta = results["meta"]
+    size = meta["bulk_mb"]
+
+    def add(label: str, values: dict[str, float | None], digits: int = 1, higherIsBetter: bool = True) -> None:
+        rows.append({
+            "measure": label,
+            "direct": values.get("direct"),
+            "tp": values.get("tp"),
+            "stunnel": values.get("stunnel"),
+            "tp_over_stunnel": ratio(values.get("tp"), values.get("stunnel")),
+            "higher_is_better": higherIsBetter,
+            "digits": digits,
+        })
+
+    for direction in ("upload", "download"):
+        b = results["bulk"][direction]
+        add(f"{direction} {size:g} MB, 1 conn (MB/s)", {c: b[c]["mb_per_s"] for c in CHAINS})
+    for key, label in (("sequential", "sequential"), ("concurrent", f"{meta['concurrency']} concurrent")):
+        r = results["connection_rate"][key]
+        add(f"short connections, {label} (conn/s)", {c: r[c]["conn_per_s"] for c in CHAINS})
+    for key, label in (("sequential", "sequential"), ("concurrent", f"{meta['concurrency']} concurrent")):
+        r = results["connection_rate"][key]
+        add(f"  latency p50, {label} (ms)", {c: r[c]["latency_ms_p50"] for c in CHAINS}, 2, False)
+        add(f"  latency p99, {label} (ms)", {c: r[c]["latency_ms_p99"] for c in CHAINS}, 2, False)
+    for direction in ("upload", "download"):
+        b = results["bulk"][direction]
+        add(f"proxy CPU per GB, {direction} (s)", {c: b[c]["proxy_cpu_s_per_gb"] for c in CHAINS}, 2, False)
+    for key, label in (("sequential", "sequential"), ("concurrent", f"{meta['concurrency']} concurrent")):
+        r = results["connection_rate"][key]
+        add(f"proxy CPU per conn, {label} (ms)", {c: r[c]["proxy_cpu_ms_per_conn"] for c in CHAINS}, 2, False)
+
+    width = max(len(r["measure"]) for r in rows)
+    lines = [f"{'measure':<{width}}  {'direct':>9}  {'TP':>9}  {'stunnel':>9}  {'TP/stunnel':>10}"]
+    lines.append("-" * len(lines[0]))
+    for r in rows:
+        d = r["digits"]
+        lines.append(
+            f"{r['measure']:<{width}}  {fmt(r['direct'], d):>9}  {fmt(r['tp'], d):>9}  {fmt(r['stunnel'], d):>9}"
+            f"  {fmt(r['tp_over_stunnel'], 3):>10}"
+        )
+    for r in rows:
+        del r["digits"]
+    return "\n".join(lines), rows
+
+
+def versions(setup: Setup) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    try:
+        import OpenSSL
+        import twisted
+        from OpenSSL import SSL
+
+        import tpproxy
+
+        info["tp"] = tpproxy.__version__
+        info["twisted"] = twisted.__version__
+        info["pyopenssl"] = OpenSSL.__version__
+        info["tp_openssl"] = SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
+    except ImportError as e:
+        info["import_error"] = str(e)
+    out = subprocess.run([setup.stunnel or "stunnel", "-version"], capture_output=True, text=True)
+    text = out.stdout + out.stderr
+    for line in text.splitlines():
+        if line.startswith("stunnel "):
+            info["stunnel"] = line.strip()
+        elif line.startswith("Running"):
+            info["stunnel_openssl"] = " ".join(line.split()[2:])
+    info["python"] = platform.python_version()
+    return info
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "hostname": platform.node(),
+    }
+
+
+def scanLogs(setup: Setup, problems: list[str]) -> dict[str, Any]:
+    """
+    Look through the proxies' logs for tracebacks and failed connections.
+    """
+    found: dict[str, Any] = {}
+    for name in ("twist-tp", "tp-up"):
+        try:
+            text = (setup.dir / f"{name}.log").read_text(errors="replace")
+        except OSError:
+            continue
+        tracebacks = text.count("Traceback")
+        unhandled = text.count("Unhandled")
+        results = re.findall(r"\bdev 127\.0\.0\.1:\d+: (\S+)", text)
+        bad = [r for r in results if r != "ok"]
+        found[name] = {"lines": text.count("\n"), "tracebacks": tracebacks, "unhandled": unhandled}
+        if name == "twist-tp":
+            found[name]["audit_connect_events"] = len(results)
+            found[name]["audit_not_ok"] = len(bad)
+        if tracebacks or unhandled or bad:
+            problems.append(f"{name} log: {tracebacks} traceback(s), {unhandled} 'Unhandled', {len(bad)} non-ok audit result(s)")
+            found[name]["tail"] = setup.procs.logTail(name, 40)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmark TP against stunnel on loopback.")
+    parser.add_argument("--quick", action="store_true", help="smaller run: 50 MB bulk, 100 connections")
+    parser.add_argument("--size", type=float, help="MB (10^6 bytes) per bulk transfer (default 200; --quick 50)")
+    parser.add_argument("--conns", type=int, help="short connections per rate test (default 300; --quick 100)")
+    parser.add_argument("--concurrency", type=int, default=10, help="concurrent connections in the second rate test")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each bulk transfer (the median is reported)")
+    parser.add_argument("--check-size", type=float, default=8, help="MB per hashed integrity transfer (untimed)")
+    parser.add_argument("--json", default=str(HERE / "results" / "latest.json"), help="where to write the results")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
+    parser.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.sink:
+        runSink()
+        return 0
+    size = args.size or (50 if args.quick else 200)
+    conns = args.conns or (100 if args.quick else 300)
+    n = int(size * MB)
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
+    signal.signal(signal.SIGHUP, terminated)
+
+    workdir = Path(tempfile.mkdtemp(prefix="tp-bench-"))
+    setup: Setup | None = None
+    problems: list[str] = []
+    started = time.monotonic()
+    try:
+        setup = Setup(workdir)
+        print(f"Starting sink, TP and stunnel in {workdir} ...", flush=True)
+        setup.start()
+        print(f"  ports: {setup.ports}", flush=True)
+        results: dict[str, Any] = {
+            "meta": {
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "quick": args.quick,
+                "bulk_mb": size,
+                "repeat": args.repeat,
+                "connections": conns,
+                "concurrency": args.concurrency,
+                "mb": "10^6 bytes",
+                "machine": machine(),
+                "versions": versions(setup),
+                "chains": {
+                    "direct": "client -> sink",
+                    "tp": "client -> tp up -> (TLS 1.3, mutual) -> twist tp -> sink",
+                    "stunnel": "client -> stunnel client -> (TLS 1.3, mutual) -> stunnel server -> sink",
+                },
+            }
+        }
+
+        print("Integrity checks (untimed, sha256 + byte count) ...", flush=True)
+        checks = {}
+        for chain in CHAINS:
+            checks[chain] = integrityChecks(setup.entry[chain], int(args.check_size * MB))
+            print(f"  {chain:8} {checks[chain]}", flush=True)
+            for name, verdict in checks[chain].items():
+                if verdict != "ok":
+                    problems.append(f"{chain} integrity {name}: {verdict}")
+        results["integrity"] = checks
+
+        results["bulk"] = {}
+        for direction in ("upload", "download"):
+            print(f"Bulk {direction}: {size:g} MB on one connection, {args.repeat} run(s) each ...", flush=True)
+            results["bulk"][direction] = measureBulk(setup, direction, n, args.repeat, problems)
+
+        results["connection_rate"] = {}
+        for key, concurrency in (("sequential", 1), ("concurrent", args.concurrency)):
+            print(f"Connection rate: {conns} short connections, concurrency {concurrency} ...", flush=True)
+            results["connection_rate"][key] = measureRate(setup, conns, concurrency, problems)
+
+        setup.procs.check()
+        results["logs"] = scanLogs(setup, problems)
+        table, rows = buildTable(results)
+        results["table"] = rows
+        results["problems"] = problems
+        results["meta"]["wall_seconds"] = round(time.monotonic() - started, 1)
+
+        m = results["meta"]["machine"]
+        v = results["meta"]["versions"]
+        print()
+        print(f"TP {v.get('tp')} (Twisted {v.get('twisted')}, {v.get('tp_openssl')}) vs {v.get('stunnel')} ({v.get('stunnel_openssl')})")
+        print(f"{m['cpus']} CPU(s) {m['cpu_model']}, loopback; bulk {size:g} MB x {args.repeat} (median), "
+              f"{conns} short connections per rate test")
+        print()
+        print(table)
+        print()
+        print("TP/stunnel: above 1 is TP ahead for rates, behind for latency and CPU.")
+        if problems:
+            print("\nPROBLEMS:")
+            for p in problems:
+                print(f"  - {p}")
+        else:
+            print("No problems: every transfer complete and verified, no failed connections, no errors in TP's logs.")
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nWrote {path} ({results['meta']['wall_seconds']} s)")
+        return 1 if problems else 0
+    except BenchError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if setup is not None:
+            setup.stop()
+        if args.keep:
+            print(f"Kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""
+Support for TP's integration tests: real tools, real processes, loopback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SkipTest, TestCase
+from zope.interface import implementer
+
+from tpproxy.service import makeServerFactory
+
+
+def requireTool(*candidates: str) -> str:
+    """
+    Find an external program.  Missing, it skips the test, except under
+    C{CI=true}, where a missing tool is an error.
+    """
+    for name in candidates:
+        found = shutil.which(name) or (name if os.path.isabs(name) and os.access(name, os.X_OK) else None)
+        if found:
+            return found
+    message = f"{candidates[0]} is not installed (bash .ci/run installs it)"
+    if os.environ.get("CI") == "true":
+        raise AssertionError(message + "; under CI=true a missing tool is an error")
+    raise SkipTest(message)
+
+
+def tpCommand() -> list[str]:
+    """
+    The C{tp} client: the installed script beside this Python if there is
+    one, else the module.
+    """
+    script = Path(sys.executable).with_name("tp")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "tpproxy.cli"]
+
+
+def twistCommand() -> list[str]:
+    script = Path(sys.executable).with_name("twist")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "twisted.application.twist"]
+
+
+def freePort(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def cleanEnv(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TP_")}
+    env.update(extra)
+    return env
+
+
+class ProcessResult:
+    def __init__(self, out: bytes, err: bytes, status: int | None) -> None:
+        self.out = out
+        self.err = err
+        self.status = status
+
+    def __repr__(self) -> str:
+        return f"<ProcessResult status={self.status} out={self.out[:200]!r} err={self.err[-2000:]!r}>"
+
+
+class _Collect(protocol.ProcessProtocol):
+    def __init__(self, stdin: bytes | None, onStderr: Any = None) -> None:
+        self.stdin = stdin
+        self.out: list[bytes] = []
+        self.err: list[bytes] = []
+        self.done: defer.Deferred[ProcessResult] = defer.Deferred()
+        self.onStderr = onStderr
+
+    def connectionMade(self) -> None:
+        if self.stdin is not None:
+            self.transport.write(self.stdin)  # type: ignore[union-attr]
+            self.transport.closeStdin()  # type: ignore[union-attr]
+
+    def outReceived(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self.err.append(data)
+        if self.onStderr is not None:
+            self.onStderr(b"".join(self.err))
+
+    def processEnded(self, reason: Any) -> None:
+        self.done.callback(ProcessResult(b"".join(self.out), b"".join(self.err), reason.value.exitCode))
+
+
+def run(argv: list[str], stdin: bytes | None = b"", env: dict[str, str] | None = None, timeout: float = 120) -> defer.Deferred[ProcessResult]:
+    """
+    Run a process to its end, feeding C{stdin} (then EOF).
+    """
+    proto = _Collect(stdin)
+    transport = reactor.spawnProcess(proto, argv[0], argv, env=env if env is not None else cleanEnv())  # type: ignore[attr-defined]
+    d = proto.done
+
+    def kill() -> None:
+        try:
+            transport.signalProcess("KILL")
+        except Exception:
+            pass
+
+    timer = reactor.callLater(timeout, kill)  # type: ignore[attr-defined]
+    d.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
+    return d
+
+
+class Background:
+    """
+    A long-running process, killed at test cleanup.
+    """
+
+    def __init__(self, testCase: TestCase, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.stderrSeen: defer.Deferred[bytes] | None = None
+        self._want: bytes | None = None
+        self.proto = _Collect(None, self._onStderr)
+        self.transport = reactor.spawnProcess(  # type: ignore[attr-defined]
+            self.proto, argv[0], argv, env=env if env is not None else cleanEnv(), childFDs={0: "w", 1: "r", 2: "r"}
+        )
+        testCase.addCleanup(self.stop)
+
+    def _onStderr(self, err: bytes) -> None:
+        if self._want is not None and self._want in err and self.stderrSeen and not self.stderrSeen.called:
+            self.stderrSeen.callback(err)
+
+    def waitForStderr(self, marker: bytes, timeout: float = 30) -> defer.Deferred[bytes]:
+        self._want = marker
+        self.stderrSeen = defer.Deferred()
+        self._onStderr(b"".join(self.proto.err))
+        self.stderrSeen.addTimeout(timeout, reactor)
+        return self.stderrSeen
+
+    @property
+    def stderr(self) -> bytes:
+        return b"".join(self.proto.err)
+
+    def stop(self) -> defer.Deferred[ProcessResult] | None:
+        if self.proto.done.called:
+            return None
+        try:
+            self.transport.signalProcess("TERM")
+        except Exception:
+            return None
+        killer = reactor.callLater(10, lambda: self.proto.done.called or self.transport.signalProcess("KILL"))  # type: ignore[attr-defined]
+        d = self.proto.done
+        d.addBoth(lambda r: (killer.active() and killer.cancel(), r)[1])
+        return d
+
+
+@defer.inlineCallbacks
+def waitForPort(port: int, host: str = "127.0.0.1", timeout: float = 30) -> Any:
+    """
+    Wait until something accepts TCP connections on C{host:port}.
+    """
+    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            if reactor.seconds() > deadline:  # type: ignore[attr-defined]
+                raise AssertionError(f"nothing listens on {host}:{port} after {timeout} s")
+            yield deferLater(0.1)
+
+
+def deferLater(seconds: float) -> defer.Deferred[None]:
+    from twisted.internet import task
+
+    return task.deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
+
+
+def startServer(testCase: TestCase, config: Any, interface: str = "127.0.0.1") -> int:
+    """
+    Run a TP server in this process on a free loopback port.
+    """
+    factory = makeServerFactory(config, reactor)
+    port = reactor.listenTCP(0, factory, interface=interface)  # type: ignore[attr-defined]
+
+    def stop() -> Any:
+        for proto in list(factory.protocols):
+            proto.transport.abortConnection()
+        return port.stopListening()
+
+    testCase.addCleanup(stop)
+    return port.getHost().port
+
+
+def auditObserver(testCase: TestCase) -> EventLoggingObserver:
+    """
+    Collect the log events of the test; read the audit ones with L{audits}.
+    """
+    return EventLoggingObserver.createWithCleanup(testCase, globalLogPublisher)
+
+
+def audits(observer: EventLoggingObserver) -> list[dict[str, Any]]:
+    return [e for e in observer if e.get("log_namespace") == "tpproxy.audit"]
+
+
+@implementer(IHalfCloseableProtocol)
+class HashSink(protocol.Protocol):
+    """
+    Reads to EOF, then answers C{"<bytes> <sha256>\\n"} and closes: a test
+    of half-close.
+    """
+
+    def connectionMade(self) -> None:
+        self.hash = hashlib.sha256()
+        self.count = 0
+        self.factory.accepted += 1  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.hash.update(data)
+        self.count += len(data)
+
+    def readConnectionLost(self) -> None:
+        self.transport.write(f"{self.count} {self.hash.hexdigest()}\n".encode())  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+@implementer(IHalfCloseableProtocol)
+class Echo(protocol.Protocol):
+    """
+    Echoes, and passes EOF back as EOF.
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.accepted += 1  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+def listenLocal(testCase: TestCase, protocolClass: type[protocol.Protocol], interface: str = "127.0.0.1") -> tuple[int, Any]:
+    factory = protocol.Factory.forProtocol(protocolClass)
+    factory.accepted = 0  # type: ignore[attr-defined]
+    port = reactor.listenTCP(0, factory, interface=interface)  # type: ignore[attr-defined]
+    testCase.addCleanup(port.stopListening)
+    return port.getHost().port, factory

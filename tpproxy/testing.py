@@ -1,0 +1,86 @@
+"""
+Helpers for tests of TP and of programs built on it: a throwaway PKI made at
+test time, and server configurations that use it.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ServerConfig, parseServerConfig
+from .pki import CertificateAuthority, Issued
+
+
+@dataclass
+class TestPKI:
+    """
+    A CA, a server certificate for localhost/127.0.0.1/::1, and client
+    certificates, all written under C{directory}.
+    """
+
+    directory: Path
+    ca: CertificateAuthority
+
+    @classmethod
+    def create(cls, directory: str | Path) -> TestPKI:
+        d = Path(directory).absolute()
+        d.mkdir(parents=True, exist_ok=True)
+        ca = CertificateAuthority.create("TP test CA")
+        (d / "ca.pem").write_bytes(ca.certPEM)
+        pki = cls(d, ca)
+        server = ca.issue("localhost", dns=("localhost",), ips=("127.0.0.1", "::1"), server=True)
+        server.write(d / "server.pem", d / "server.key")
+        return pki
+
+    def client(self, name: str, stem: str | None = None, **kw: Any) -> tuple[str, str]:
+        """
+        Issue a client certificate (CN C{name}) and return (cert, key)
+        paths.  Keyword arguments go to L{CertificateAuthority.issue}.
+        """
+        kw.setdefault("client", True)
+        issued: Issued = self.ca.issue(name, **kw)
+        stem = stem or name
+        issued.write(self.directory / f"{stem}.pem", self.directory / f"{stem}.key")
+        return str(self.directory / f"{stem}.pem"), str(self.directory / f"{stem}.key")
+
+    def expiredClient(self, name: str) -> tuple[str, str]:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        return self.client(
+            name,
+            stem=f"{name}-expired",
+            notBefore=now - datetime.timedelta(days=2),
+            notAfter=now - datetime.timedelta(days=1),
+        )
+
+    @property
+    def caPath(self) -> str:
+        return str(self.directory / "ca.pem")
+
+    def serverConfig(self, rules: list[dict[str, Any]] | None = None, **server: Any) -> ServerConfig:
+        """
+        A validated L{ServerConfig} using this PKI.  C{server} keys go into
+        the C{[server]} table; C{deny}, C{groups} and C{crl} may be given too.
+        """
+        deny = server.pop("deny", None)
+        groups = server.pop("groups", None)
+        table: dict[str, Any] = {
+            "listen": "tcp:0:interface=127.0.0.1",
+            "certificate": "server.pem",
+            "key": "server.key",
+            "client_ca": "ca.pem",
+        }
+        table.update(server)
+        data: dict[str, Any] = {"server": table, "rules": rules if rules is not None else LOOPBACK_RULES}
+        if deny is not None:
+            data["deny"] = deny
+        if groups is not None:
+            data["groups"] = groups
+        return parseServerConfig(data, self.directory, str(self.directory / "test.toml"))
+
+
+LOOPBACK_RULES: list[dict[str, Any]] = [
+    {"identities": "*", "hosts": ["127.0.0.0/8", "::1/128"], "ports": "*", "transports": ["tcp", "udp"]},
+]
