@@ -454,7 +454,6 @@ class ClientHelloTests(WireErrorMixin, SynchronousTestCase):
             "xn--bcher-kva.example",
             "1.example",
             "123abc",
-            "0x7f.1",
             ("a" * 63 + ".") * 3 + "a" * 61,  # 253 characters
             "a" * 63,
         ):
