@@ -246,6 +246,11 @@ class ServerTLS:
         offered = tuple(alpn)
 
         def selectALPN(conn: SSL.Connection, protos: list[bytes]) -> bytes | object:
+            proto = conn.get_app_data()
+            if proto is not None:
+                # pyOpenSSL cannot fail the handshake on no overlap; the
+                # TP protocol refuses such a peer after it (see server.py).
+                proto.tpALPNOffered = list(protos)
             for p in offered:
                 if p in protos:
                     return p

@@ -79,18 +79,19 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
             # Renegotiation is disabled; a second notification is a bug.
             self._refuse(ErrorCode.BAD_REQUEST, "unexpected renegotiation")
             return
-        negotiated = self.transport.negotiatedProtocol  # type: ignore[union-attr]
-        if negotiated not in (None, ALPN):
-            self._refuse(ErrorCode.BAD_REQUEST, f"ALPN {negotiated!r} is not {ALPN.decode()}")
-            return
+        self.state = "hello"
         cert = self.transport.getPeerCertificate()  # type: ignore[union-attr]
         try:
             self.identity = identityOf(cert.to_cryptography())
         except (ValueError, AttributeError) as e:
-            self.state = "hello"
             self._refuse(ErrorCode.FORBIDDEN, f"no usable identity in the client certificate: {e}")
             return
-        self.state = "hello"
+        negotiated = self.transport.negotiatedProtocol  # type: ignore[union-attr]
+        offered = getattr(self.transport, "tpALPNOffered", None)
+        if negotiated != ALPN and offered is not None:
+            names = ", ".join(p.decode("ascii", "replace") for p in offered)
+            self._refuse(ErrorCode.BAD_REQUEST, f"this is a TP server: ALPN {ALPN.decode()} expected, client offered {names}")
+            return
         self.result = "hello_timeout"
         self.setTimeout(self.factory.config.helloTimeout)
 

@@ -280,8 +280,10 @@ class BadHelloTests(TPTestCase):
         ctx.set_alpn_protocols(["tp/1"])
         return ctx
 
-    def exchange(self, payload: bytes, wait: float = 10) -> defer.Deferred[bytes]:
+    def exchange(self, payload: bytes, wait: float = 10, alpn: list[str] | None = None) -> defer.Deferred[bytes]:
         ctx = self.rawClient()
+        if alpn is not None:
+            ctx.set_alpn_protocols(alpn)
 
         def attempt() -> bytes:
             with socket.create_connection(("127.0.0.1", self.port), timeout=wait) as raw:
@@ -340,6 +342,19 @@ class BadHelloTests(TPTestCase):
         body = b'{"v":2,"op":"connect","host":"127.0.0.1","port":1}'
         reply = self.decode((yield self.exchange(struct.pack("!I", len(body)) + body)))
         self.assertEqual(reply["error"], "unsupported_version")
+
+    @defer.inlineCallbacks
+    def test_wrongALPN(self) -> Any:
+        """
+        A client that offers ALPN without C{tp/1} (a browser, say) is told
+        this is a TP server and closed.
+        """
+        self.startTP()
+        reply = self.decode((yield self.exchange(b"GET / HTTP/1.1\r\n\r\n", alpn=["h2", "http/1.1"])))
+        self.assertEqual(reply["error"], "bad_request")
+        self.assertIn("ALPN tp/1 expected, client offered h2, http/1.1", reply["message"])
+        [event] = audits(self.observer)
+        self.assertEqual(event["identity"], "alice")
 
     @defer.inlineCallbacks
     def test_neverFinishedHello(self) -> Any:

@@ -41,6 +41,13 @@ class RecordingTransport(StringTransport):
         super().loseConnection()
         self.log.append(("close",))
 
+    def unregisterProducer(self) -> None:
+        # Like FileDescriptor.unregisterProducer (and TLS's), unlike
+        # StringTransport's: unregistering when none is registered is
+        # harmless.
+        self.producer = None
+        self.streaming = None
+
 
 class Greeter(RelayEnd):
     """
@@ -156,6 +163,19 @@ class HalfCloseTests(RelayTestsMixin, SynchronousTestCase):
         self.b.dataReceived(b"reply")
         self.assertEqual(self.ta.value(), b"reply")
 
+    def test_eofUnregistersProducer(self) -> None:
+        """
+        After EOF from C{a}, C{a} produces nothing more for C{b}: its
+        transport is no longer C{b}'s producer (a registered producer would
+        hold back a TLS transport's close).  C{b} still produces for C{a}.
+        """
+        self.splice()
+        self.a.readConnectionLost()
+        self.assertIsNone(self.tb.producer)
+        self.assertIs(self.ta.producer, self.tb)
+        self.b.readConnectionLost()
+        self.assertIsNone(self.ta.producer)
+
     def test_eofOtherWay(self) -> None:
         self.splice()
         self.b.readConnectionLost()
@@ -199,7 +219,23 @@ class ConnectionLostTests(RelayTestsMixin, SynchronousTestCase):
         self.a.connectionLost(Failure(error.ConnectionLost()))
         self.assertTrue(self.a.closed)
         self.assertTrue(self.tb.disconnecting)
+        self.assertIsNone(self.tb.producer)
         self.assertFalse(self.ta.disconnecting)
+
+    def test_lostAfterEOFs(self) -> None:
+        """
+        The ends of a splice closed by two EOFs then see their connections
+        lost, and call C{onClose} once each.
+        """
+        closed: list[RelayEnd] = []
+        self.a.onClose = self.b.onClose = lambda end, reason: closed.append(end)
+        self.splice()
+        self.a.readConnectionLost()
+        self.b.readConnectionLost()
+        self.a.connectionLost(Failure(error.ConnectionDone()))
+        self.b.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(self.a.closed and self.b.closed)
+        self.assertEqual(closed, [self.a, self.b])
 
     def test_closesPeerOtherWay(self) -> None:
         self.splice()

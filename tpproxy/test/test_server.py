@@ -11,7 +11,10 @@ C{reactor.tcpClients}, and time only moves when a test advances it.
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
+
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -22,7 +25,7 @@ from twisted.internet.interfaces import (
     IHostResolution,
 )
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import TLSVersion, optionsForClientTLS, trustRootFromCertificates, Certificate
+from twisted.internet.ssl import Certificate, TLSVersion, optionsForClientTLS, trustRootFromCertificates
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
@@ -114,6 +117,12 @@ class FakeTCPTransport(StringTransport):
 
     def loseWriteConnection(self) -> None:
         self.writeClosed = True
+
+    def unregisterProducer(self) -> None:
+        # Like FileDescriptor.unregisterProducer, and unlike
+        # StringTransport's: unregistering twice is harmless.
+        self.producer = None
+        self.streaming = None
 
     def reportClosed(self, reason: Failure | None = None) -> None:
         """
@@ -1043,36 +1052,50 @@ class HandshakeFailureTests(ServerTestMixin, SynchronousTestCase):
         return event
 
     def test_noCertificate(self) -> None:
+        """
+        A client that sends no certificate is refused in the handshake.
+        """
         self.assertHandshakeFailed(self.optionsWithoutCertificate(), "did not return a certificate")
 
     def test_otherCA(self) -> None:
+        """
+        A certificate from a CA the server does not trust is refused.
+        """
         other = CertificateAuthority.create("Another CA")
         self.assertHandshakeFailed(self.clientOptions("alice", ca=other), "unknown issuer")
 
     def test_expired(self) -> None:
-        import datetime
-
+        """
+        An expired certificate is refused.
+        """
         now = datetime.datetime.now(datetime.timezone.utc)
         options = self.clientOptions("alice", notBefore=now - datetime.timedelta(days=2), notAfter=now - datetime.timedelta(days=1))
         self.assertHandshakeFailed(options, "expired")
 
     def test_revoked(self) -> None:
+        """
+        A certificate on the CRL is refused, and the detail names its serial.
+        """
         issued = self.pki.ca.issue("alice", client=True)
         crl = self.pki.ca.crl([issued.cert.serial_number])
-        from cryptography.hazmat.primitives.serialization import Encoding
-
         (self.pki.directory / "crl.pem").write_bytes(crl.public_bytes(Encoding.PEM))
         options = clientTLS("localhost", [self.pki.ca.cert], [issued.cert], issued.key)
         event = self.assertHandshakeFailed(options, "revoked", crl="crl.pem")
         self.assertIn(serialHex(issued.cert.serial_number), event["detail"])
 
     def test_deniedSerial(self) -> None:
+        """
+        A serial on the deny list (written as people paste it) is refused.
+        """
         issued = self.pki.ca.issue("alice", client=True)
         options = clientTLS("localhost", [self.pki.ca.cert], [issued.cert], issued.key)
         self.assertHandshakeFailed(options, "deny list", deny={"serials": [serialWithColons(issued.cert.serial_number)]})
 
     def test_deniedIdentity(self) -> None:
-        event = self.assertHandshakeFailed(self.clientOptions("mallory"), "identity mallory is on the deny list", deny={"identities": ["mallory"]})
+        """
+        An identity on the deny list is refused.
+        """
+        self.assertHandshakeFailed(self.clientOptions("mallory"), "identity mallory is on the deny list", deny={"identities": ["mallory"]})
 
     def test_notDeniedAccepted(self) -> None:
         """
@@ -1080,8 +1103,6 @@ class HandshakeFailureTests(ServerTestMixin, SynchronousTestCase):
         """
         other = self.pki.ca.issue("other", client=True)
         crl = self.pki.ca.crl([other.cert.serial_number])
-        from cryptography.hazmat.primitives.serialization import Encoding
-
         (self.pki.directory / "crl.pem").write_bytes(crl.public_bytes(Encoding.PEM))
         self.makeServer(crl="crl.pem", deny={"identities": ["mallory"], "serials": [serialHex(other.cert.serial_number)]})
         client = Client(hello("192.0.2.10", 80))

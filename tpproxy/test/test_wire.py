@@ -9,7 +9,7 @@ import json
 import struct
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -861,6 +861,7 @@ class FuzzTests(SynchronousTestCase):
 
     @FUZZ
     @given(helloLike())
+    @example({"v": 1, "op": "connect", "host": "example.org", "port": 443, "transport": []})
     def test_clientHelloOnlyRaisesWireError(self, obj: dict[str, Any]) -> None:
         """
         L{ClientHello.fromObject} turns any JSON object into a ClientHello
