@@ -28,7 +28,7 @@ from tpproxy.tls import ClientCertChecker
 
 VALID_TOML = """\
 [server]
-listen = ["tcp:8443", "ssl:9443"]
+listen = ["tcp:8443", "tcp:9443:interface=127.0.0.1"]
 certificate = "server.pem"
 key = "server.key"
 client_ca = "ca.pem"
@@ -121,7 +121,7 @@ class ValidServerConfigTests(ServerConfigMixin, SynchronousTestCase):
         config = loadServerConfig(path)
         d = self.directory.resolve()
         self.assertEqual(config.path, str(d / "tp.toml"))
-        self.assertEqual(config.listen, ("tcp:8443", "ssl:9443"))
+        self.assertEqual(config.listen, ("tcp:8443", "tcp:9443:interface=127.0.0.1"))
         self.assertEqual(config.certificate, str(d / "server.pem"))
         self.assertEqual(config.key, str(d / "server.key"))
         self.assertEqual(config.clientCAs, (str(d / "ca.pem"),))

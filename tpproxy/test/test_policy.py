@@ -175,14 +175,39 @@ class OrderTests(DecisionMixin, SynchronousTestCase):
         self.assertDenied(p.precheck("alice", "a.example.org", 53, "udp"), rule=2)
 
 
+    def test_documentedExample(self) -> None:
+        """
+        The example of docs/policy.md: a deny rule for a subnet first, then
+        an allow rule for admins; a name allowed by the second rule that
+        resolves into the denied subnet is refused by the first.
+        """
+        p = policy(
+            rule("10.9.0.0/16", action="deny", comment="nobody reaches the database subnet"),
+            rule(
+                ["*.example.org", "10.0.0.0/8", "2001:db8::/32"],
+                identities=["group:admins", "*@ops.example.org"],
+                ports=[22, "8000-8099"],
+                transports=["tcp"],
+            ),
+            groups={"admins": ["alice@example.org", "spiffe://example.org/ops-laptop"]},
+        )
+        self.assertAllowed(p.precheck("alice@example.org", "evil.example.org", 22, "tcp"), rule=1)
+        self.assertDenied(p.check("alice@example.org", "evil.example.org", "10.9.1.1", 22, "tcp"), rule=0)
+        self.assertAllowed(p.check("alice@example.org", "evil.example.org", "10.1.1.1", 22, "tcp"), rule=1)
+        self.assertAllowed(p.check("bob@ops.example.org", "db.internal", "2001:db8::7", 8099, "tcp"), rule=1)
+        self.assertDenied(p.check("bob@ops.example.org", "db.internal", "2001:db8::7", 8100, "tcp"))
+        self.assertDenied(p.precheck("carol@example.org", "www.example.org", 22, "tcp"))
+        self.assertAllowed(p.check("spiffe://example.org/ops-laptop", "10.2.3.4", "10.2.3.4", 8000, "tcp"), rule=1)
+
+
 class NameTests(DecisionMixin, SynchronousTestCase):
     def test_globCaseAndTrailingDot(self) -> None:
         """
         Name globs match case-insensitively, ignoring a trailing dot on
-        either side.
+        either side; C{*} matches dots too.
         """
         p = policy(rule(["*.Example.ORG.", "exact.test"]))
-        for host in ("www.example.org", "WWW.EXAMPLE.ORG", "www.example.org.", "Exact.Test.", "exact.test"):
+        for host in ("www.example.org", "WWW.EXAMPLE.ORG", "www.example.org.", "a.b.example.org", "Exact.Test.", "exact.test"):
             self.assertAllowed(p.precheck("alice", host, 443, "tcp"))
             self.assertAllowed(p.check("alice", host, "93.184.216.34", 443, "tcp"))
 

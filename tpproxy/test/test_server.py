@@ -25,7 +25,7 @@ from twisted.internet.interfaces import (
     IHostResolution,
 )
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import Certificate, TLSVersion, optionsForClientTLS, trustRootFromCertificates
+from twisted.internet.ssl import Certificate, PrivateCertificate, TLSVersion, optionsForClientTLS, trustRootFromCertificates
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
@@ -276,6 +276,21 @@ class ServerTestMixin:
             "localhost",
             trustRoot=trust,
             acceptableProtocols=[ALPN],
+            extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_3},
+        )
+
+    def optionsWithALPN(self, name: str, protocols: list[bytes] | None) -> Any:
+        """
+        Client options with a valid certificate for C{name} but ALPN
+        C{protocols} (L{None}: no ALPN extension at all).
+        """
+        issued = self.pki.ca.issue(name, client=True)
+        trust = trustRootFromCertificates([Certificate(crypto.X509.from_cryptography(self.pki.ca.cert))])
+        return optionsForClientTLS(
+            "localhost",
+            trustRoot=trust,
+            clientCertificate=PrivateCertificate.loadPEM(issued.certPEM + issued.keyPEM),
+            acceptableProtocols=protocols,
             extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_3},
         )
 
@@ -1022,6 +1037,37 @@ class TimeoutTests(ServerTestMixin, SynchronousTestCase):
         self.serverIO.stream = []
         pump.flush()
         self.assertEqual(self.onlyAuditEvent()["result"], "forbidden")
+
+
+class ALPNTests(ServerTestMixin, SynchronousTestCase):
+    def test_otherProtocolRefused(self) -> None:
+        """
+        A client that offers ALPN protocols other than C{tp/1} (a web
+        browser, say) is told this is a TP server, after the handshake.
+        """
+        client = Client(hello("192.0.2.10", 80))
+        server, pump = self.connectClient(client, self.optionsWithALPN("alice", [b"h2", b"http/1.1"]))
+        self.assertRefused(client, server, "bad_request", "ALPN tp/1 expected, client offered h2, http/1.1")
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertEqual(self.onlyAuditEvent()["identity"], "alice")
+
+    def test_tpAmongOthers(self) -> None:
+        """
+        C{tp/1} among other offers is chosen.
+        """
+        client = Client(hello("192.0.2.10", 80))
+        server, pump = self.connectClient(client, self.optionsWithALPN("alice", [b"h2", ALPN]))
+        self.assertEqual(server.transport.negotiatedProtocol, ALPN)
+        self.assertEqual(server.state, "dialling")
+
+    def test_noALPN(self) -> None:
+        """
+        A client that sends no ALPN extension at all is served.
+        """
+        client = Client(hello("192.0.2.10", 80))
+        server, pump = self.connectClient(client, self.optionsWithALPN("alice", None))
+        self.assertIsNone(server.transport.negotiatedProtocol)
+        self.assertEqual(server.state, "dialling")
 
 
 # --- certificates -------------------------------------------------------------
