@@ -15,6 +15,7 @@ from typing import Any
 
 from cryptography import x509
 
+from .pki import normalizeSerial
 from .policy import ConfigError, Policy, parsePolicy
 
 __all__ = ["ConfigError", "ServerConfig", "ClientConfig", "loadServerConfig", "loadClientConfig"]
@@ -116,11 +117,12 @@ def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") 
     for name, value in (("identities", deniedIdentities), ("serials", deniedSerials)):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"deny.{name}: expected a list of strings")
+    normalized = set()
     for serial in deniedSerials:
         try:
-            int(serial.replace(":", ""), 16)
-        except ValueError:
-            raise ConfigError(f"deny.serials: {serial!r} is not a hexadecimal serial number") from None
+            normalized.add(normalizeSerial(serial))
+        except ValueError as e:
+            raise ConfigError(f"deny.serials: {e}") from None
 
     policy = parsePolicy(data.get("rules"), data.get("groups"))
     config = ServerConfig(
@@ -134,7 +136,7 @@ def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") 
         helloTimeout=_seconds(server, "hello_timeout", 10, "server"),
         connectTimeout=_seconds(server, "connect_timeout", 10, "server"),
         deniedIdentities=frozenset(deniedIdentities),
-        deniedSerials=frozenset(s.replace(":", "").lower() for s in deniedSerials),
+        deniedSerials=frozenset(normalized),
         policy=policy,
     )
     checkServerFiles(config)

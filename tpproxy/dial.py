@@ -123,7 +123,8 @@ class Dialer:
             attempt.addTimeout(remaining, self.reactor)
             try:
                 protocol = yield attempt
-            except (error.TimeoutError, defer.TimeoutError):
+            except (error.TimeoutError, defer.TimeoutError, error.ConnectingCancelledError):
+                # addTimeout cancels the attempt: ConnectingCancelledError.
                 last = DialError(ErrorCode.CONNECT_TIMEOUT, f"no answer from {address} port {port} within the connect timeout", address)
             except error.ConnectionRefusedError:
                 last = DialError(ErrorCode.CONNECT_REFUSED, f"{address} port {port} refused the connection", address)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,22 @@ class PeerIdentity:
 
 def serialHex(serial: int) -> str:
     return format(serial, "x")
+
+
+_HEX = re.compile(r"[0-9a-fA-F]+")
+
+
+def normalizeSerial(text: str) -> str:
+    """
+    Normalize a serial number written in hex (C{:} separators allowed, case
+    and leading zeros ignored) to the form of L{serialHex}.
+
+    @raise ValueError: for anything else (C{0x} prefixes, spaces, ...).
+    """
+    digits = text.replace(":", "")
+    if not _HEX.fullmatch(digits):
+        raise ValueError(f"{text!r} is not a hexadecimal serial number")
+    return serialHex(int(digits, 16))
 
 
 def identityOf(cert: x509.Certificate) -> PeerIdentity:

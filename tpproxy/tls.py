@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from .pki import identityOf, serialHex
+from .pki import identityOf, normalizeSerial, serialHex
 from .wire import ALPN
 
 log = Logger()
@@ -117,8 +117,8 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
         """
         if self._writeEOF or self.disconnecting or not self.connected:
             return
-        self._writeEOF = True
         self._aggregator.flush()
+        self._writeEOF = True
         if self._appSendBuffer or not self._handshakeDone:
             self._writeEOFPending = True
             return
@@ -133,6 +133,11 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
         self._flushSendBIO()
         if bothDone or self._readEOF:
             self._tlsShutdownFinished(None)
+
+    def _checkHandshakeStatus(self) -> None:
+        super()._checkHandshakeStatus()
+        if self._writeEOFPending and self._handshakeDone and not self._appSendBuffer and not self._lostTLSConnection:
+            self._sendCloseNotify()
 
     def _unbufferPendingWrites(self) -> None:
         super()._unbufferPendingWrites()
@@ -184,7 +189,7 @@ class ClientCertChecker:
         crls: tuple[x509.CertificateRevocationList, ...] = (),
     ) -> None:
         self.deniedIdentities = deniedIdentities
-        self.deniedSerials = frozenset(s.lower().lstrip("0") or "0" for s in deniedSerials)
+        self.deniedSerials = frozenset(normalizeSerial(s) for s in deniedSerials)
         self._revoked: dict[bytes, frozenset[int]] = {}
         for crl in crls:
             key = crl.issuer.public_bytes()

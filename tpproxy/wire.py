@@ -24,6 +24,8 @@ VERSION = 1
 ALPN = b"tp/1"
 MAX_FRAME = 16 * 1024
 HEADER = struct.Struct("!I")
+#: Longest human-readable message a ServerHello carries.
+MAX_MESSAGE = 1024
 
 #: Operations this version of the protocol defines.  Only C{connect} is
 #: served so far; the others are reserved names.
@@ -31,7 +33,7 @@ OPERATIONS = frozenset({"connect"})
 RESERVED_OPERATIONS = frozenset({"listen", "accept", "udp"})
 TRANSPORTS = frozenset({"tcp", "udp"})
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?")
 
 
 class ErrorCode(str, enum.Enum):
@@ -67,6 +69,15 @@ def _bad(message: str) -> WireError:
     return WireError(ErrorCode.BAD_REQUEST, message)
 
 
+def _quote(value: object, limit: int = 64) -> str:
+    """
+    A short, printable rendering of a client-supplied value for an error
+    message, so that refusals always fit in a ServerHello.
+    """
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def encodeFrame(obj: dict[str, Any]) -> bytes:
     """
     Serialize one JSON object as a length-prefixed frame.
@@ -87,7 +98,7 @@ def _noDuplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise _bad(f"duplicate key {key!r}")
+            raise _bad(f"duplicate key {_quote(key)}")
         result[key] = value
     return result
 
@@ -172,7 +183,7 @@ def _checkVersion(obj: dict[str, Any]) -> None:
     if version != VERSION:
         raise WireError(
             ErrorCode.UNSUPPORTED_VERSION,
-            f"protocol version {version} is not supported; this server speaks {VERSION}",
+            f"protocol version {_quote(version)} is not supported; this server speaks {VERSION}",
         )
 
 
@@ -184,7 +195,7 @@ def validHost(host: str) -> bool:
         ipaddress.ip_address(host)
         return True
     except ValueError:
-        return bool(_HOSTNAME.match(host)) and not host.replace(".", "").isdigit()
+        return bool(_HOSTNAME.fullmatch(host)) and not host.replace(".", "").isdigit()
 
 
 @dataclass(frozen=True)
@@ -219,7 +230,7 @@ class ClientHello:
         if op not in OPERATIONS:
             if op in RESERVED_OPERATIONS:
                 raise _bad(f"operation {op!r} is not supported by this server")
-            raise _bad(f"unknown operation {op!r}")
+            raise _bad(f"unknown operation {_quote(op)}")
         host = obj.get("host")
         if not isinstance(host, str) or not validHost(host):
             raise _bad("field 'host' must be a DNS name or an IP address")
@@ -227,7 +238,7 @@ class ClientHello:
         if type(port) is not int or not 1 <= port <= 65535:
             raise _bad("field 'port' must be an integer from 1 to 65535")
         transport = obj.get("transport", "tcp")
-        if transport not in TRANSPORTS:
+        if not isinstance(transport, str) or transport not in TRANSPORTS:
             raise _bad("field 'transport' must be 'tcp' or 'udp'")
         return cls(op=op, host=host, port=port, transport=transport, version=VERSION)
 
@@ -253,6 +264,8 @@ class ServerHello:
 
     @classmethod
     def failure(cls, code: ErrorCode, message: str) -> ServerHello:
+        if len(message) > MAX_MESSAGE:
+            message = message[: MAX_MESSAGE - 3] + "..."
         return cls(ok=False, code=code.value, message=message)
 
     def toFrame(self) -> bytes:

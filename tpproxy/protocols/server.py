@@ -126,6 +126,7 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
         self.pending = self.decoder.takeRest()
         self.setTimeout(None)
         self.state = "dialling"
+        self.result = "aborted"  # until the dial ends: the client left first
         self.transport.pauseProducing()  # type: ignore[union-attr]
         assert self.identity is not None
         factory = OutboundFactory()
@@ -148,7 +149,8 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
 
     def _dialFailed(self, failure: Failure) -> None:
         self.dialling = None
-        if failure.check(defer.CancelledError):
+        if self.state != "dialling":
+            # The client went away and connectionLost cancelled the dial.
             return
         if failure.check(DialError):
             err: DialError = failure.value  # type: ignore[assignment]
@@ -175,11 +177,11 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
 
     def connectionLost(self, reason: Failure) -> None:
         self.setTimeout(None)
-        if self.dialling is not None:
-            self.dialling.cancel()
         if self.state == "handshake":
             self.detail = self.detail or getattr(self.transport, "tpRefusal", None) or describeTLSFailure(reason)
         self.state = "closed"
+        if self.dialling is not None:
+            self.dialling.cancel()
         super().connectionLost(reason)
         self._audit()
 

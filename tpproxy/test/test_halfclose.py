@@ -264,7 +264,7 @@ class HalfCloseTLSTests(SynchronousTestCase):
         Bytes written in the same turn as C{loseWriteConnection} (still in
         the write aggregator) are sent before the C{close_notify}.
 
-        BUG (tpproxy/tls.py, HalfCloseTLSProtocol.loseWriteConnection): it
+        Regression (was a bug in tpproxy/tls.py, HalfCloseTLSProtocol.loseWriteConnection): it
         sets C{_writeEOF} and then flushes the aggregator, whose bytes
         C{_write} then drops; the peer reads EOF and not the bytes.
         """
@@ -301,7 +301,7 @@ class HalfCloseTLSTests(SynchronousTestCase):
         Likewise when the bytes were written in the same turn (still in the
         write aggregator).
 
-        BUG (tpproxy/tls.py, HalfCloseTLSProtocol.loseWriteConnection): same
+        Regression (was a bug in tpproxy/tls.py, HalfCloseTLSProtocol.loseWriteConnection): same
         cause as L{test_writeThenLoseWriteConnection}: the bytes are dropped.
         """
         server, client = HalfCloser(), HalfCloser()
@@ -316,7 +316,7 @@ class HalfCloseTLSTests(SynchronousTestCase):
         C{loseWriteConnection} before the handshake completes, with nothing
         written: the C{close_notify} is sent after the handshake.
 
-        BUG (tpproxy/tls.py, HalfCloseTLSProtocol): the pending
+        Regression (was a bug in tpproxy/tls.py, HalfCloseTLSProtocol): the pending
         C{close_notify} is only sent from C{_unbufferPendingWrites}, which
         L{TLSMemoryBIOProtocol.dataReceived} calls only when application
         bytes are buffered; with none, the C{close_notify} is never sent and

@@ -632,7 +632,7 @@ class HalfCloseTests(ServerTestMixin, SynchronousTestCase):
         The last bytes a destination sends, read in the same reactor turn as
         its EOF, reach the client before the EOF.
 
-        BUG (tpproxy/tls.py, HalfCloseTLSProtocol.loseWriteConnection): it
+        Regression (was a bug in tpproxy/tls.py, HalfCloseTLSProtocol.loseWriteConnection): it
         sets C{_writeEOF} before flushing the write aggregator, so the
         flushed bytes are dropped by C{_write}; the client reads EOF
         without the bytes.
@@ -810,7 +810,7 @@ class DialFailureTests(ServerTestMixin, SynchronousTestCase):
         A destination that does not answer within connect_timeout gives
         C{connect_timeout}, and the attempt is stopped.
 
-        BUG (tpproxy/dial.py, Dialer._connectAny): the C{addTimeout} on the
+        Regression (was a bug in tpproxy/dial.py, Dialer._connectAny): the C{addTimeout} on the
         endpoint's Deferred cancels it, and a cancelled TCP endpoint fails
         with L{error.ConnectingCancelledError} (not C{CancelledError}, so
         C{addTimeout} does not turn it into a C{TimeoutError}); nothing
@@ -833,7 +833,7 @@ class DialFailureTests(ServerTestMixin, SynchronousTestCase):
         If the client goes away while the server is dialling, the attempt
         is cancelled quietly and one audit event is logged.
 
-        BUG (tpproxy/protocols/server.py, TPServerProtocol._dialFailed, with
+        Regression (was a bug in tpproxy/protocols/server.py, TPServerProtocol._dialFailed, with
         tpproxy/dial.py, Dialer._connectAny): cancelling the dial makes the
         endpoint fail with L{error.ConnectingCancelledError}, which is not
         a L{defer.CancelledError}, so it is logged as "Unexpected error
@@ -854,7 +854,7 @@ class DialFailureTests(ServerTestMixin, SynchronousTestCase):
         The audit event of a client that left while the server was dialling
         does not call it a hello timeout: the hello was read.
 
-        BUG (tpproxy/protocols/server.py, TPServerProtocol): C{result} is set
+        Regression (was a bug in tpproxy/protocols/server.py, TPServerProtocol): C{result} is set
         to C{"hello_timeout"} at the end of the handshake and not changed
         when the hello arrives, so this audit event says C{hello_timeout}.
         """
@@ -869,7 +869,7 @@ class DialFailureTests(ServerTestMixin, SynchronousTestCase):
         """
         Once the connection is closed no timer of it is left to fire.
 
-        BUG (tpproxy/protocols/server.py, TPServerProtocol.connectionLost):
+        Regression (was a bug in tpproxy/protocols/server.py, TPServerProtocol.connectionLost):
         it cancels the dial before setting C{state} to C{"closed"}; the
         cancellation fails with L{error.ConnectingCancelledError} (see
         L{test_clientGoneWhileDialling}), C{_dialFailed} calls C{_refuse}

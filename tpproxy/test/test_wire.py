@@ -511,7 +511,7 @@ class ClientHelloTests(WireErrorMixin, SynchronousTestCase):
         """
         A host ending in a newline is refused.
 
-        BUG (tpproxy/wire.py, _HOSTNAME / validHost): the pattern ends in
+        Regression (was a bug in tpproxy/wire.py, _HOSTNAME / validHost): the pattern ends in
         C{$}, which also matches just before a final "\\n", so
         C{"example.org\\n"} is accepted as a DNS name and reaches the policy,
         the resolver and the logs.  The pattern should end in C{\\Z} (or use
@@ -568,7 +568,7 @@ class ClientHelloTests(WireErrorMixin, SynchronousTestCase):
         """
         A list or object in C{transport} is a C{bad_request}.
 
-        BUG (tpproxy/wire.py, ClientHello.fromObject): C{transport not in
+        Regression (was a bug in tpproxy/wire.py, ClientHello.fromObject): C{transport not in
         TRANSPORTS} tests membership of a frozenset, which raises
         L{TypeError} ("unhashable type") for a JSON array or object, so a
         client's bad hello escapes as an unhandled exception instead of a
@@ -587,7 +587,7 @@ class ClientHelloTests(WireErrorMixin, SynchronousTestCase):
         The message of every L{WireError} raised for a frame within the
         size limit can be sent back in a failure ServerHello.
 
-        BUG (tpproxy/wire.py, ClientHello.fromObject and _noDuplicates):
+        Regression (was a bug in tpproxy/wire.py, ClientHello.fromObject and _noDuplicates):
         the messages "unknown operation {op!r}" and "duplicate key
         {key!r}" echo client data without a bound.  C{repr} turns each
         DEL byte (1 byte in the frame) into C{\\x7f} (5 bytes once JSON
