@@ -13,6 +13,7 @@ the rules for people.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Iterable, Union
@@ -66,6 +67,19 @@ def protectedBlock(address: IPAddress) -> tuple[IPNetwork, str] | None:
     return None
 
 
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def identityMatches(pattern: str, identity: str) -> bool:
+    """
+    Match an identity against a rule entry: exact, with C{*} as the only
+    wildcard (identities may contain C{?} or C{[}, which stay literal).
+    """
+    if "*" not in pattern:
+        return pattern == identity
+    return re.fullmatch(".*".join(re.escape(part) for part in pattern.split("*")), identity, re.DOTALL) is not None
+
+
 def _isIPLiteral(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -90,9 +104,12 @@ class HostPattern:
         looksLikeAddress = "/" in text or ":" in text or text.replace(".", "").isdigit()
         if looksLikeAddress:
             try:
-                return cls(text, ipaddress.ip_network(text, strict=True))
+                network = ipaddress.ip_network(text, strict=True)
             except ValueError as e:
                 raise ConfigError(f"{key}: {text!r} is not a valid address or CIDR network ({e})") from None
+            if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):  # type: ignore[arg-type]
+                raise ConfigError(f"{key}: {text!r} is IPv4-mapped IPv6; write the IPv4 form (TP checks mapped addresses as IPv4)")
+            return cls(text, network)
         return cls(text.lower().rstrip("."))
 
     def matchesName(self, host: str) -> bool:
@@ -120,7 +137,7 @@ class Rule:
         return (
             transport in self.transports
             and any(lo <= port <= hi for lo, hi in self.ports)
-            and any(fnmatchcase(identity, pattern) for pattern in self.identities)
+            and any(identityMatches(pattern, identity) for pattern in self.identities)
         )
 
     def describe(self) -> str:
@@ -223,6 +240,8 @@ def _ports(value: Any, key: str) -> tuple[tuple[int, int], ...]:
         if type(item) is int:
             lo = hi = item
         elif isinstance(item, str):
+            if not re.fullmatch(r"\d{1,5}(-\d{1,5})?", item):
+                raise ConfigError(f"{key}: {item!r} is not a port or a range \"LO-HI\"")
             try:
                 if "-" in item:
                     a, b = item.split("-", 1)

@@ -659,3 +659,42 @@ class ParsePolicyErrorTests(SynchronousTestCase):
         self.assertConfigError("groups: expected a table", [], ["alice"])
         self.assertConfigError("groups.ops: expected a string or a list of non-empty strings", [], {"ops": [1]})
         self.assertConfigError("groups.ops: ", [], {"ops": [""]})
+
+
+class StrictnessTests(SynchronousTestCase):
+    """
+    Entries that used to be accepted loosely are now exact.
+    """
+
+    def test_identityWildcardIsOnlyStar(self) -> None:
+        """
+        C{?} and C{[} in an identity entry are literal; C{*} is a wildcard.
+        """
+        from tpproxy.policy import identityMatches
+
+        self.assertTrue(identityMatches("a?b", "a?b"))
+        self.assertFalse(identityMatches("a?b", "axb"))
+        self.assertFalse(identityMatches("dev[1]", "dev1"))
+        self.assertTrue(identityMatches("*@example.org", "alice@example.org"))
+        self.assertFalse(identityMatches("*@example.org", "alice@example.org.evil"))
+
+    def test_portSpellings(self) -> None:
+        """
+        Ports are plain decimal digits: C{"8_0"}, C{" 80"} and C{"+80"} are
+        refused, naming the key.
+        """
+        for bad in ("8_0", " 80", "+80", "80 - 90"):
+            error = self.assertRaises(
+                ConfigError, parsePolicy, [{"identities": "*", "hosts": "10.0.0.0/8", "ports": bad}], None
+            )
+            self.assertIn("rules[1].ports", str(error))
+
+    def test_mappedNetworkRefused(self) -> None:
+        """
+        An IPv4-mapped IPv6 network would never match (addresses are checked
+        as IPv4), so it is refused with a hint.
+        """
+        error = self.assertRaises(
+            ConfigError, parsePolicy, [{"identities": "*", "hosts": "::ffff:10.0.0.0/104", "ports": 22}], None
+        )
+        self.assertIn("write the IPv4 form", str(error))
