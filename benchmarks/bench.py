@@ -54,8 +54,8 @@ HERE = Path(__file__).resolve().parent
 MB = 1_000_000
 CHUNK = 1 << 20
 LOOPBACK = "127.0.0.1"
-#: A transfer making no progress for this long counts as a stall.
-STALL_TIMEOUT = 30.0
+#: A transfer making no progress for this long (on loopback) counts as a stall.
+STALL_TIMEOUT = 10.0
 CHAINS = ("direct", "tp", "stunnel")
 
 
@@ -430,6 +430,22 @@ class Setup:
     def proxyCPU(self, chain: str) -> float:
         return sum(cpuSeconds(pid) for pid in self.proxyPids[chain])
 
+    def peakRSS(self, chain: str) -> float | None:
+        """
+        Peak resident memory (VmHWM) of the chain's processes, summed, in MB.
+        """
+        if not self.proxyPids[chain]:
+            return None
+        total = 0
+        for pid in self.proxyPids[chain]:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1])
+            except OSError:
+                return None
+        return round(total * 1024 / MB, 1)
+
     def stop(self) -> None:
         self.procs.stopAll()
 
@@ -437,8 +453,8 @@ class Setup:
 # --- the client side of the measurements ----------------------------------
 
 
-def connect(port: int) -> tuple[socket.socket, LineReader]:
-    sock = socket.create_connection((LOOPBACK, port), timeout=STALL_TIMEOUT)
+def connect(port: int, timeout: float = STALL_TIMEOUT) -> tuple[socket.socket, LineReader]:
+    sock = socket.create_connection((LOOPBACK, port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock, LineReader(sock)
 
@@ -447,7 +463,7 @@ def expectLine(reader: LineReader, what: str) -> bytes:
     try:
         return reader.readline()
     except socket.timeout:
-        raise BenchError(f"{what}: no answer within {STALL_TIMEOUT:g} s (stall)") from None
+        raise BenchError(f"{what}: no answer within {reader.sock.gettimeout():g} s (stall)") from None
     except EOFError as e:
         raise BenchError(f"{what}: connection closed early ({e})") from None
 
@@ -487,9 +503,11 @@ def bulkUpload(port: int, n: int, block: bytes) -> float:
         sock.close()
 
 
-def bulkDownload(port: int, n: int) -> float:
+def bulkDownload(port: int, n: int) -> tuple[float, str | None]:
     """
-    Receive n bytes on one connection, then EOF; count them.
+    Receive n bytes on one connection, then EOF; count them.  Returns the
+    seconds from the request to the last of the n bytes, and None or what
+    went wrong with the EOF that must follow them.
     """
     what = f"download of {n} bytes"
     sock, reader = connect(port)
@@ -505,13 +523,16 @@ def bulkDownload(port: int, n: int) -> float:
                 if not got:
                     raise BenchError(f"{what}: EOF after {count} bytes ({n - count} missing)")
                 count += got
-            elapsed = time.perf_counter() - start
-            extra = _drainToEOF(sock)
         except socket.timeout:
             raise BenchError(f"{what}: stalled after {count} bytes (no progress for {STALL_TIMEOUT:g} s)") from None
-        if count != n or extra:
+        elapsed = time.perf_counter() - start
+        try:
+            extra = _drainToEOF(sock)
+        except socket.timeout:
+            return elapsed, f"{what}: all {n} bytes arrived, but no EOF within {STALL_TIMEOUT:g} s after them"
+        if extra:
             raise BenchError(f"{what}: received {count + extra} bytes")
-        return elapsed
+        return elapsed, None
     finally:
         sock.close()
 
@@ -580,34 +601,28 @@ def connectionRate(port: int, total: int, concurrency: int) -> dict[str, Any]:
     }
 
 
-def integrityChecks(port: int, n: int) -> dict[str, Any]:
+def integrityChecks(port: int, n: int, runs: int, timeout: float) -> dict[str, Any]:
     """
-    Untimed: hashed random data both ways, and an upload that ends with a
-    half-close (the reply must still arrive).
+    Untimed, `runs` times each: random data up with its sha256 checked by the
+    sink; pseudo-random data down, read to EOF, its sha256 checked here; and
+    an upload ended by a half-close (shutdown(SHUT_WR)) whose answer must
+    still come back.
     """
-    results: dict[str, Any] = {}
     data = os.urandom(n)
-    digest = hashlib.sha256(data).hexdigest()
-
-    def run(name: str, f: Callable[[], str | None]) -> None:
-        try:
-            problem = f()
-        except (OSError, BenchError) as e:
-            problem = f"{type(e).__name__}: {e}"
-        results[name] = "ok" if problem is None else problem
+    digest = hashlib.sha256(data).hexdigest().encode()
 
     def upload() -> str | None:
-        sock, reader = connect(port)
+        sock, reader = connect(port, timeout)
         try:
             sock.sendall(b"UPHASHN %d\n" % n)
             sock.sendall(data)
             answer = expectLine(reader, "hashed upload")
-            return None if answer == b"%d %s" % (n, digest.encode()) else f"sink got {answer.decode()!r}, sent {n} {digest}"
+            return None if answer == b"%d %s" % (n, digest) else f"sink got {answer.decode()!r}, sent {n} {digest.decode()}"
         finally:
             sock.close()
 
     def download() -> str | None:
-        sock, reader = connect(port)
+        sock, reader = connect(port, timeout)
         try:
             seed = random.randrange(1 << 30)
             sock.sendall(b"DOWNHASH %d %d\n" % (n, seed))
@@ -617,12 +632,15 @@ def integrityChecks(port: int, n: int) -> dict[str, Any]:
             h.update(early)
             count = len(early)
             buf = bytearray(CHUNK)
-            while True:
-                got = sock.recv_into(buf)
-                if not got:
-                    break
-                h.update(memoryview(buf)[:got])
-                count += got
+            try:
+                while True:
+                    got = sock.recv_into(buf)
+                    if not got:
+                        break
+                    h.update(memoryview(buf)[:got])
+                    count += got
+            except socket.timeout:
+                return f"download read to EOF: stalled after {count} of {n} bytes (no EOF within {timeout:g} s)"
             if count != n or h.hexdigest() != announced:
                 return f"received {count} bytes with sha256 {h.hexdigest()}, sink sent {n} with {announced}"
             return None
@@ -630,21 +648,28 @@ def integrityChecks(port: int, n: int) -> dict[str, Any]:
             sock.close()
 
     def halfClose() -> str | None:
-        sock, reader = connect(port)
+        sock, reader = connect(port, timeout)
         try:
             sock.sendall(b"UPHASH\n")
             sock.sendall(data)
             sock.shutdown(socket.SHUT_WR)
             answer = expectLine(reader, "upload ended by half-close")
-            return None if answer == b"%d %s" % (n, digest.encode()) else f"sink got {answer.decode()!r}, sent {n} {digest}"
+            return None if answer == b"%d %s" % (n, digest) else f"sink got {answer.decode()!r}, sent {n} {digest.decode()}"
         finally:
             sock.close()
 
-    run("upload_sha256", upload)
-    run("download_sha256", download)
-    run("half_close_upload", halfClose)
+    results: dict[str, Any] = {"bytes_each": n, "runs": runs}
+    for name, check in (("upload_sha256", upload), ("download_sha256_to_eof", download), ("half_close_upload", halfClose)):
+        failures: list[str] = []
+        for _ in range(runs):
+            try:
+                problem = check()
+            except (OSError, BenchError) as e:
+                problem = f"{type(e).__name__}: {e}"
+            if problem is not None:
+                failures.append(problem)
+        results[name] = {"ok": runs - len(failures), "failed": len(failures), "failures": sorted(set(failures))[:3]}
     return results
-
 
 
 # --- orchestration ----------------------------------------------------------
@@ -664,8 +689,12 @@ def measureBulk(setup: Setup, direction: str, n: int, repeats: int, problems: li
         for chain in CHAINS:
             port = setup.entry[chain]
             before = setup.proxyCPU(chain)
+            eofProblem = None
             try:
-                t = bulkUpload(port, n, block) if direction == "upload" else bulkDownload(port, n)
+                if direction == "upload":
+                    t = bulkUpload(port, n, block)
+                else:
+                    t, eofProblem = bulkDownload(port, n)
             except (BenchError, OSError) as e:
                 message = f"{chain} {direction} run {r + 1}: {e}"
                 errors[chain].append(str(e))
@@ -675,6 +704,11 @@ def measureBulk(setup: Setup, direction: str, n: int, repeats: int, problems: li
             samples[chain].append(n / MB / t)
             cpu[chain].append(setup.proxyCPU(chain) - before)
             print(f"  {direction:8} {chain:8} run {r + 1}: {n / MB / t:9.1f} MB/s  ({t:.2f} s)", flush=True)
+            if eofProblem:
+                message = f"{chain} {direction} run {r + 1}: {eofProblem}"
+                errors[chain].append(eofProblem)
+                problems.append(message)
+                print(f"  !! {message}", flush=True)
     for chain in CHAINS:
         s = samples[chain]
         out[chain] = {
@@ -749,6 +783,7 @@ def buildTable(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     for key, label in (("sequential", "sequential"), ("concurrent", f"{meta['concurrency']} concurrent")):
         r = results["connection_rate"][key]
         add(f"proxy CPU per conn, {label} (ms)", {c: r[c]["proxy_cpu_ms_per_conn"] for c in CHAINS}, 2, False)
+    add("proxy peak RSS, both processes (MB)", results["peak_rss_mb"], 1, False)
 
     width = max(len(r["measure"]) for r in rows)
     lines = [f"{'measure':<{width}}  {'direct':>9}  {'TP':>9}  {'stunnel':>9}  {'TP/stunnel':>10}"]
@@ -807,9 +842,22 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _logEvents(text: str) -> list[dict[str, Any]]:
+    events = []
+    for line in text.splitlines():
+        line = line.strip("\x1e \n")
+        if line.startswith("{"):
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                pass
+    return events
+
+
 def scanLogs(setup: Setup, problems: list[str]) -> dict[str, Any]:
     """
-    Look through the proxies' logs for tracebacks and failed connections.
+    Look through TP's logs for tracebacks, errors and failed connections
+    (twist logs JSON, one event a line, when its output is not a terminal).
     """
     found: dict[str, Any] = {}
     for name in ("twist-tp", "tp-up"):
@@ -817,18 +865,76 @@ def scanLogs(setup: Setup, problems: list[str]) -> dict[str, Any]:
             text = (setup.dir / f"{name}.log").read_text(errors="replace")
         except OSError:
             continue
-        tracebacks = text.count("Traceback")
-        unhandled = text.count("Unhandled")
-        results = re.findall(r"\bdev 127\.0\.0\.1:\d+: (\S+)", text)
-        bad = [r for r in results if r != "ok"]
-        found[name] = {"lines": text.count("\n"), "tracebacks": tracebacks, "unhandled": unhandled}
+        events = _logEvents(text)
+        info: dict[str, Any] = {"lines": len(text.splitlines()), "tracebacks": text.count("Traceback")}
+        errors = [e for e in events if (e.get("log_level") or {}).get("name") in ("error", "critical") or e.get("isError")]
+        info["error_events"] = len(errors)
+        connects = [e for e in events if e.get("event") == "connect"]
         if name == "twist-tp":
-            found[name]["audit_connect_events"] = len(results)
-            found[name]["audit_not_ok"] = len(bad)
-        if tracebacks or unhandled or bad:
-            problems.append(f"{name} log: {tracebacks} traceback(s), {unhandled} 'Unhandled', {len(bad)} non-ok audit result(s)")
-            found[name]["tail"] = setup.procs.logTail(name, 40)
+            results: dict[str, int] = {}
+            for e in connects:
+                results[e.get("result", "?")] = results.get(e.get("result", "?"), 0) + 1
+            info["audit_results"] = results
+        bad = info["tracebacks"] + len(errors)
+        if bad:
+            problems.append(f"{name} log: {info['tracebacks']} traceback(s), {len(errors)} error event(s)")
+            info["error_samples"] = [str(e.get("log_format") or e.get("log_text") or e)[:300] for e in errors[:5]]
+            info["tail"] = setup.procs.logTail(name, 20)
+        found[name] = info
     return found
+
+
+def tlsCheck(setup: Setup) -> dict[str, Any]:
+    """
+    What each TLS server negotiates with a client certificate, seen by
+    `openssl s_client`: protocol, cipher, and session tickets sent.
+    """
+    openssl = shutil.which("openssl")
+    if not openssl:
+        return {"skipped": "no openssl command"}
+    pki = setup.pki
+    out: dict[str, Any] = {}
+    for name, port, extra in (
+        ("tp", setup.ports["tp_server"], ["-alpn", "tp/1"]),
+        ("stunnel", setup.ports["stunnel_server"], []),
+    ):
+        argv = [
+            openssl, "s_client", "-connect", f"{LOOPBACK}:{port}", "-cert", str(pki / "client.pem"),
+            "-key", str(pki / "client.key"), "-CAfile", str(pki / "ca.pem"), "-tls1_3", "-msg", *extra,
+        ]
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        time.sleep(0.5)  # let post-handshake messages (tickets) arrive
+        try:
+            text = proc.communicate(b"", timeout=15)[0].decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            text = proc.communicate()[0].decode(errors="replace")
+        m = re.search(r"New, (\S+), Cipher is (\S+)", text)
+        out[name] = {
+            "protocol": m.group(1) if m else None,
+            "cipher": m.group(2) if m else None,
+            "new_session_tickets": len(re.findall(r"Handshake \[length [0-9a-f]+\], NewSessionTicket", text)),
+            "verify": "ok" if "Verify return code: 0 (ok)" in text else "not ok",
+        }
+    return out
+
+
+def tpSource() -> dict[str, Any]:
+    """
+    The TP source tree measured (read-only git queries).
+    """
+    root = Path(__import__("tpproxy").__file__).resolve().parent.parent
+    info: dict[str, Any] = {"path": str(root)}
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "tpproxy"],
+                               capture_output=True, text=True, timeout=10)
+        if head.returncode == 0:
+            info["commit"] = head.stdout.strip()
+            info["uncommitted_changes_in_tpproxy"] = [line[3:] for line in dirty.stdout.splitlines()]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -837,8 +943,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=float, help="MB (10^6 bytes) per bulk transfer (default 200; --quick 50)")
     parser.add_argument("--conns", type=int, help="short connections per rate test (default 300; --quick 100)")
     parser.add_argument("--concurrency", type=int, default=10, help="concurrent connections in the second rate test")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each bulk transfer (the median is reported)")
+    parser.add_argument("--repeat", type=int, help="runs of each bulk transfer, the median reported (default 5; --quick 3)")
     parser.add_argument("--check-size", type=float, default=8, help="MB per hashed integrity transfer (untimed)")
+    parser.add_argument("--check-runs", type=int, default=5, help="runs of each integrity check")
     parser.add_argument("--json", default=str(HERE / "results" / "latest.json"), help="where to write the results")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
     parser.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)
@@ -848,6 +955,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     size = args.size or (50 if args.quick else 200)
     conns = args.conns or (100 if args.quick else 300)
+    args.repeat = args.repeat or (3 if args.quick else 5)
     n = int(size * MB)
 
     def terminated(signum: int, frame: Any) -> None:
@@ -876,6 +984,8 @@ def main(argv: list[str] | None = None) -> int:
                 "mb": "10^6 bytes",
                 "machine": machine(),
                 "versions": versions(setup),
+                "tp_source": tpSource(),
+                "stall_timeout_s": STALL_TIMEOUT,
                 "chains": {
                     "direct": "client -> sink",
                     "tp": "client -> tp up -> (TLS 1.3, mutual) -> twist tp -> sink",
@@ -884,15 +994,18 @@ def main(argv: list[str] | None = None) -> int:
             }
         }
 
-        print("Integrity checks (untimed, sha256 + byte count) ...", flush=True)
+        print(f"Integrity checks (untimed): {args.check_runs} x {args.check_size:g} MB each way, sha256 + byte count, EOF and half-close ...", flush=True)
         checks = {}
         for chain in CHAINS:
-            checks[chain] = integrityChecks(setup.entry[chain], int(args.check_size * MB))
-            print(f"  {chain:8} {checks[chain]}", flush=True)
+            checks[chain] = integrityChecks(setup.entry[chain], int(args.check_size * MB), args.check_runs, 5.0)
+            summary = ", ".join(f"{k} {v['ok']}/{args.check_runs}" for k, v in checks[chain].items() if isinstance(v, dict))
+            print(f"  {chain:8} {summary}", flush=True)
             for name, verdict in checks[chain].items():
-                if verdict != "ok":
-                    problems.append(f"{chain} integrity {name}: {verdict}")
+                if isinstance(verdict, dict) and verdict["failed"]:
+                    problems.append(f"{chain} integrity {name}: {verdict['failed']} of {args.check_runs} failed: {verdict['failures']}")
         results["integrity"] = checks
+        results["tls"] = tlsCheck(setup)
+        print(f"TLS as seen by openssl s_client: {results['tls']}", flush=True)
 
         results["bulk"] = {}
         for direction in ("upload", "download"):
@@ -905,6 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
             results["connection_rate"][key] = measureRate(setup, conns, concurrency, problems)
 
         setup.procs.check()
+        results["peak_rss_mb"] = {c: setup.peakRSS(c) for c in CHAINS}
         results["logs"] = scanLogs(setup, problems)
         table, rows = buildTable(results)
         results["table"] = rows
@@ -920,7 +1034,9 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(table)
         print()
-        print("TP/stunnel: above 1 is TP ahead for rates, behind for latency and CPU.")
+        print("TP/stunnel: above 1 is TP ahead for rates, behind for latency, CPU and memory.")
+        audit = results["logs"].get("twist-tp", {}).get("audit_results")
+        print(f"TP audit results: {audit} (1 handshake_failed = the port probe at start, 1 hello_timeout = the openssl probe)")
         if problems:
             print("\nPROBLEMS:")
             for p in problems:

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from . import __version__
 from .config import ClientConfig, ConfigError, defaultClientConfigPath, loadClientConfig
 from .protocols.client import Refused, ServerAddress, TPClientProtocol, TunnelError, openTunnel
-from .protocols.relay import RelayEnd, splice
+from .protocols.relay import RelayEnd, noDelay, splice
 from .wire import VERSION, ClientHello, validHost
 
 EXIT_OK, EXIT_TUNNEL, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
@@ -203,7 +203,7 @@ def runConnect(reactor: Any, settings: Settings, host: str, port: int, stderr: A
     stderr.write(f"Connecting to {target} via {settings.server} (v{VERSION})\n")
     stderr.flush()
     tunnel: TPClientProtocol = yield openTunnel(
-        reactor, settings.server, settings.tlsOptions(), ClientHello("connect", host, port), settings.connectTimeout
+        reactor, settings.server, settings.tlsOptions(), ClientHello.connect(host, port), settings.connectTimeout
     )
     stdioDone: defer.Deferred[None] = defer.Deferred()
     tunnelDone: defer.Deferred[None] = defer.Deferred()
@@ -227,6 +227,7 @@ class LocalEnd(RelayEnd):
         self.pending = b""
 
     def connectionMade(self) -> None:
+        noDelay(self.transport)
         self.transport.pauseProducing()  # type: ignore[union-attr]
         f = self.forwarder
         d = openTunnel(f.reactor, f.settings.server, f.tlsOptions, f.hello, f.settings.connectTimeout)
@@ -265,7 +266,7 @@ class Forwarder(Factory):
 
 @defer.inlineCallbacks
 def runUp(reactor: Any, settings: Settings, host: str, port: int, localPort: int, bind: str, stderr: Any) -> Any:
-    forwarder = Forwarder(reactor, settings, ClientHello("connect", host, port), stderr)
+    forwarder = Forwarder(reactor, settings, ClientHello.connect(host, port), stderr)
     try:
         listening = yield TCP4ServerEndpoint(reactor, localPort, interface=bind).listen(forwarder)
     except Exception as e:

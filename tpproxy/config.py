@@ -84,13 +84,18 @@ class ServerConfig:
     deniedIdentities: frozenset[str]
     deniedSerials: frozenset[str]
     policy: Policy = field(default_factory=Policy)
+    publicInterface: str = "0.0.0.0"
+    acceptTimeout: float = 10.0
+    keepalive: float = 15.0
+    e2eCA: tuple[str, str] | None = None
+    e2eFiles: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 _SERVER_KEYS = {"listen", "certificate", "key", "client_ca", "crl", "handshake_timeout", "hello_timeout", "connect_timeout"}
 
 
 def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") -> ServerConfig:
-    _checkKeys(data, {"server", "deny", "groups", "rules"}, "")
+    _checkKeys(data, {"server", "deny", "groups", "rules", "exposures", "reverse", "e2e"}, "")
     server = data.get("server")
     if not isinstance(server, dict):
         raise ConfigError("server: missing [server] table")
@@ -124,7 +129,40 @@ def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") 
         except ValueError as e:
             raise ConfigError(f"deny.serials: {e}") from None
 
-    policy = parsePolicy(data.get("rules"), data.get("groups"))
+    policy = parsePolicy(data.get("rules"), data.get("groups"), data.get("exposures"))
+
+    reverse = data.get("reverse", {})
+    if not isinstance(reverse, dict):
+        raise ConfigError("reverse: expected a table")
+    _checkKeys(reverse, {"public_interface", "accept_timeout", "keepalive"}, "reverse")
+    publicInterface = reverse.get("public_interface", "0.0.0.0")
+    try:
+        import ipaddress
+
+        ipaddress.ip_address(publicInterface)
+    except (ValueError, TypeError):
+        raise ConfigError(f"reverse.public_interface: expected an IP address, got {publicInterface!r}") from None
+
+    e2e = data.get("e2e", {})
+    if not isinstance(e2e, dict):
+        raise ConfigError("e2e: expected a table")
+    _checkKeys(e2e, {"ca_certificate", "ca_key", "certificates"}, "e2e")
+    e2eCA = None
+    if "ca_certificate" in e2e or "ca_key" in e2e:
+        e2eCA = (_resolvePath(base, e2e.get("ca_certificate"), "e2e.ca_certificate"), _resolvePath(base, e2e.get("ca_key"), "e2e.ca_key"))
+    files: dict[str, tuple[str, str]] = {}
+    certs = e2e.get("certificates", {})
+    if not isinstance(certs, dict):
+        raise ConfigError("e2e.certificates: expected a table of NAME = {certificate = ..., key = ...}")
+    for name, entry in certs.items():
+        key = f"e2e.certificates.{name!r}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{key}: expected {{certificate = \"...\", key = \"...\"}}")
+        _checkKeys(entry, {"certificate", "key"}, key)
+        files[name.lower().rstrip(".")] = (
+            _resolvePath(base, entry.get("certificate"), f"{key}.certificate"),
+            _resolvePath(base, entry.get("key"), f"{key}.key"),
+        )
     config = ServerConfig(
         path=path,
         listen=tuple(listen),
@@ -138,6 +176,11 @@ def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") 
         deniedIdentities=frozenset(deniedIdentities),
         deniedSerials=frozenset(normalized),
         policy=policy,
+        publicInterface=publicInterface,
+        acceptTimeout=_seconds(reverse, "accept_timeout", 10, "reverse"),
+        keepalive=_seconds(reverse, "keepalive", 15, "reverse"),
+        e2eCA=e2eCA,
+        e2eFiles=files,
     )
     checkServerFiles(config)
     return config

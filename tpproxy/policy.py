@@ -152,6 +152,26 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class ExposureRule:
+    """
+    Who may expose what (reverse tunnels), and who may dial E2E names.
+    """
+
+    index: int
+    identities: tuple[str, ...]
+    publicPorts: tuple[tuple[int, int], ...]
+    names: tuple[str, ...]
+    dialers: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"exposures[{self.index + 1}]"
+
+
+def _anyIdentity(patterns: Iterable[str], identity: str) -> bool:
+    return any(identityMatches(p, identity) for p in patterns)
+
+
+@dataclass(frozen=True)
 class Policy:
     """
     The authorization policy of one TP server.
@@ -159,6 +179,37 @@ class Policy:
 
     rules: tuple[Rule, ...] = ()
     groups: dict[str, frozenset[str]] = field(default_factory=dict)
+    exposures: tuple[ExposureRule, ...] = ()
+
+    def publicPortRanges(self, identity: str) -> tuple[tuple[int, int], ...]:
+        """
+        The public port ranges C{identity} may expose, in rule order.
+        """
+        return tuple(r for rule in self.exposures if _anyIdentity(rule.identities, identity) for r in rule.publicPorts)
+
+    def mayExposePort(self, identity: str, port: int) -> Decision:
+        for rule in self.exposures:
+            if _anyIdentity(rule.identities, identity) and any(lo <= port <= hi for lo, hi in rule.publicPorts):
+                return Decision(True, f"allowed by {rule.describe()}", rule.index)
+        return Decision(False, f"no exposure rule lets {identity} expose public port {port}")
+
+    def mayExposeName(self, identity: str, name: str) -> Decision:
+        for rule in self.exposures:
+            if _anyIdentity(rule.identities, identity) and any(fnmatchcase(name, n) for n in rule.names):
+                return Decision(True, f"allowed by {rule.describe()}", rule.index)
+        return Decision(False, f"no exposure rule lets {identity} expose the name {name}")
+
+    def mayDialName(self, identity: str, name: str) -> Decision:
+        """
+        May C{identity} reach the E2E exposure C{name}?  The first exposure
+        rule whose C{names} match decides, by its C{dialers}.
+        """
+        for rule in self.exposures:
+            if any(fnmatchcase(name, n) for n in rule.names):
+                if _anyIdentity(rule.dialers, identity):
+                    return Decision(True, f"allowed by {rule.describe()}", rule.index)
+                return Decision(False, f"{identity} is not among the dialers of {name} ({rule.describe()})", rule.index)
+        return Decision(False, f"no exposure rule covers {name}")
 
     def precheck(self, identity: str, host: str, port: int, transport: str) -> Decision:
         """
@@ -181,6 +232,19 @@ class Policy:
                         return Decision(False, f"{host} is denied by {rule.describe()}", rule.index)
                     return Decision(True, f"{rule.describe()} matches {host}", rule.index)
         return Decision(False, f"no rule allows {identity} to reach {host}:{port}/{transport}")
+
+    def checkName(self, identity: str, name: str, port: int, transport: str) -> Decision:
+        """
+        Decide by name alone, for destinations TP serves itself (E2E
+        exposure names), which are never resolved: the first rule whose
+        name pattern matches decides.
+        """
+        for rule in self.rules:
+            if rule.matchesWho(identity, port, transport) and any(p.matchesName(name) for p in rule.hosts):
+                if rule.action == "deny":
+                    return Decision(False, f"{name} is denied by {rule.describe()}", rule.index)
+                return Decision(True, f"allowed by {rule.describe()}", rule.index)
+        return Decision(False, f"no rule allows {identity} to reach {name}:{port}/{transport}")
 
     def check(self, identity: str, host: str, address: str | IPAddress, port: int, transport: str) -> Decision:
         """
@@ -280,9 +344,39 @@ def expandIdentities(entries: Iterable[str], groups: dict[str, frozenset[str]], 
 
 
 _RULE_KEYS = {"action", "identities", "hosts", "ports", "transports", "comment"}
+_EXPOSURE_KEYS = {"identities", "public_ports", "names", "dialers", "comment"}
 
 
-def parsePolicy(rules: Any, groups: Any) -> Policy:
+def parseExposures(value: Any, groups: dict[str, frozenset[str]]) -> tuple[ExposureRule, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError("exposures: expected an array of tables ([[exposures]])")
+    built = []
+    for i, raw in enumerate(value):
+        key = f"exposures[{i + 1}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{key}: expected a table")
+        unknown = set(raw) - _EXPOSURE_KEYS
+        if unknown:
+            raise ConfigError(f"{key}: unknown key(s) {', '.join(sorted(unknown))}")
+        if "identities" not in raw:
+            raise ConfigError(f"{key}.identities: missing")
+        identities = expandIdentities(_stringList(raw["identities"], f"{key}.identities"), groups, f"{key}.identities")
+        ports = _ports(raw["public_ports"], f"{key}.public_ports") if "public_ports" in raw else ()
+        names = tuple(n.lower().rstrip(".") for n in _stringList(raw.get("names", []), f"{key}.names")) if raw.get("names") else ()
+        dialers = (
+            expandIdentities(_stringList(raw["dialers"], f"{key}.dialers"), groups, f"{key}.dialers") if "dialers" in raw else ()
+        )
+        if names and not dialers:
+            raise ConfigError(f"{key}.dialers: missing (who may dial these E2E names?)")
+        if not ports and not names:
+            raise ConfigError(f"{key}: give public_ports, names, or both")
+        built.append(ExposureRule(i, identities, ports, names, dialers))
+    return tuple(built)
+
+
+def parsePolicy(rules: Any, groups: Any, exposures: Any = None) -> Policy:
     """
     Build a L{Policy} from the C{[[rules]]} and C{[groups]} of the server
     configuration.
@@ -316,4 +410,4 @@ def parsePolicy(rules: Any, groups: Any) -> Policy:
             if t not in ("tcp", "udp"):
                 raise ConfigError(f"{key}.transports: {t!r} is not \"tcp\" or \"udp\"")
         built.append(Rule(i, action, identities, hosts, ports, frozenset(transports)))
-    return Policy(tuple(built), groupMap)
+    return Policy(tuple(built), groupMap, parseExposures(exposures, groupMap))

@@ -10,7 +10,10 @@ from typing import Any
 from twisted.application import service, strports
 from twisted.logger import Logger
 
+from .certsource import DevCACertificates, FileCertificates, FirstAvailable, ICertificateSource
 from .config import ServerConfig, loadCRL
+from .pki import CertificateAuthority
+from .reverse import Registry
 from .protocols.server import TPServerFactory
 from .tls import ClientCertChecker, ServerTLS, TLSFactory, loadCertificates, loadKey
 
@@ -24,12 +27,30 @@ def makeServerTLS(config: ServerConfig) -> ServerTLS:
     return ServerTLS(loadCertificates(config.certificate), loadKey(config.key), cas, checker)
 
 
+def certificateSource(config: ServerConfig, reactor: Any) -> ICertificateSource:
+    """
+    Certificates for E2E names: configured files first, then the dev CA if
+    one is configured.
+    """
+    sources: list[ICertificateSource] = [FileCertificates(config.e2eFiles)]
+    if config.e2eCA is not None:
+        from pathlib import Path
+
+        sources.append(DevCACertificates(CertificateAuthority.load(Path(config.e2eCA[0]), Path(config.e2eCA[1])), reactor))
+    return FirstAvailable(*sources)
+
+
 def makeServerFactory(config: ServerConfig, reactor: Any) -> TLSFactory:
     """
     The listening factory: TLS with client certificates around the TP
-    protocol.
+    protocol, with the registry of reverse tunnels.
     """
-    return TLSFactory(makeServerTLS(config), False, TPServerFactory(config, reactor), clock=reactor)
+    serverTLS = makeServerTLS(config)
+    registry = Registry(
+        reactor, config.policy, serverTLS, certificateSource(config, reactor), config.publicInterface, config.acceptTimeout
+    )
+    factory = TPServerFactory(config, reactor, serverTLS=serverTLS, registry=registry)
+    return TLSFactory(serverTLS, False, factory, clock=reactor)
 
 
 def makeService(config: ServerConfig, reactor: Any = None) -> service.MultiService:

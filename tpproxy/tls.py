@@ -14,6 +14,8 @@ C{loseWriteConnection}, which sends C{close_notify} and keeps reading.
 
 from __future__ import annotations
 
+from typing import Any
+
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
@@ -215,6 +217,36 @@ class ClientCertChecker:
         return None
 
 
+def _serverContext(chain: list[x509.Certificate], key: object, clientCAs: list[x509.Certificate], verify: Any) -> SSL.Context:
+    """
+    A TLS 1.3 server context that requires a client certificate from
+    C{clientCAs}, with no session tickets, cache or renegotiation.
+    """
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.use_certificate(crypto.X509.from_cryptography(chain[0]))
+    for extra in chain[1:]:
+        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+    ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))  # type: ignore[arg-type]
+    ctx.check_privatekey()
+    store = ctx.get_cert_store()
+    assert store is not None
+    for ca in clientCAs:
+        store.add_cert(crypto.X509.from_cryptography(ca))
+    ctx.set_client_ca_list([crypto.X509.from_cryptography(ca).get_subject() for ca in clientCAs])
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE, verify)
+    ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    return ctx
+
+
+def _refuse(conn: SSL.Connection, reason: str) -> bool:
+    proto = conn.get_app_data()
+    if proto is not None and getattr(proto, "tpRefusal", None) is None:
+        proto.tpRefusal = reason
+    return False
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
     """
@@ -222,6 +254,10 @@ class ServerTLS:
     required and verified during the handshake against the client CAs and
     the L{ClientCertChecker}, ALPN C{tp/1}, no session tickets or session
     cache (every connection proves its certificate anew).
+
+    E2E exposure names get contexts of their own (L{addName}), chosen by
+    SNI; their verification also asks whether the identity may dial the
+    name.
     """
 
     def __init__(
@@ -233,21 +269,9 @@ class ServerTLS:
         alpn: tuple[bytes, ...] = (ALPN,),
     ) -> None:
         self.checker = checker
-        ctx = SSL.Context(SSL.TLS_METHOD)
-        ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
-        ctx.use_certificate(crypto.X509.from_cryptography(chain[0]))
-        for extra in chain[1:]:
-            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
-        ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))  # type: ignore[arg-type]
-        ctx.check_privatekey()
-        store = ctx.get_cert_store()
-        assert store is not None
-        for ca in clientCAs:
-            store.add_cert(crypto.X509.from_cryptography(ca))
-        ctx.set_client_ca_list([crypto.X509.from_cryptography(ca).get_subject() for ca in clientCAs])
-        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE, self._verify)
-        ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
-        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        self.clientCAs = clientCAs
+        self.names: dict[str, SSL.Context] = {}
+        ctx = _serverContext(chain, key, clientCAs, self._verify)
         offered = tuple(alpn)
 
         def selectALPN(conn: SSL.Connection, protos: list[bytes]) -> bytes | object:
@@ -262,21 +286,72 @@ class ServerTLS:
             return SSL.NO_OVERLAPPING_PROTOCOLS
 
         ctx.set_alpn_select_callback(selectALPN)
+        ctx.set_tlsext_servername_callback(self._selectName)
         self.context = ctx
 
-    def _verify(self, conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:
-        proto = conn.get_app_data()
+    def _checkLeaf(self, conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int) -> x509.Certificate | None:
         if not ok:
-            if getattr(proto, "tpRefusal", None) is None and proto is not None:
-                proto.tpRefusal = verifyErrorText(errnum)
-            return False
+            _refuse(conn, verifyErrorText(errnum))
+            return None
+        leaf = cert.to_cryptography()
         if depth == 0:
-            reason = self.checker.refusal(cert.to_cryptography())
+            reason = self.checker.refusal(leaf)
             if reason is not None:
+                _refuse(conn, reason)
+                return None
+        return leaf
+
+    def _verify(self, conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:
+        return self._checkLeaf(conn, cert, errnum, depth, ok) is not None
+
+    def _selectName(self, conn: SSL.Connection) -> None:
+        raw = conn.get_servername()
+        if raw:
+            name = raw.decode("ascii", "replace").lower().rstrip(".")
+            ctx = self.names.get(name)
+            if ctx is not None:
+                conn.set_context(ctx)
+                proto = conn.get_app_data()
                 if proto is not None:
-                    proto.tpRefusal = reason
+                    proto.tpSNIName = name
+
+    def addName(self, name: str, chain: list[x509.Certificate], key: object, mayDial: Any) -> None:
+        """
+        Serve C{name} (an E2E exposure) with C{chain}: a client must present
+        a certificate that passes the usual checks and for whose identity
+        C{mayDial(identity)} allows.
+        """
+
+        def verify(conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:
+            leaf = self._checkLeaf(conn, cert, errnum, depth, ok)
+            if leaf is None:
                 return False
-        return True
+            if depth == 0:
+                decision = mayDial(identityOf(leaf).name)
+                if not decision.allowed:
+                    return _refuse(conn, f"not allowed to dial {name}: {decision.reason}")
+            return True
+
+        self.names[name] = _serverContext(chain, key, self.clientCAs, verify)
+
+    def removeName(self, name: str) -> None:
+        self.names.pop(name, None)
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        conn = SSL.Connection(self.context, None)
+        conn.set_app_data(tlsProtocol)
+        return conn
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class NameTLS:
+    """
+    Server connections for one E2E name, for the TLS handshake that runs
+    inside a TP tunnel.
+    """
+
+    def __init__(self, serverTLS: ServerTLS, name: str) -> None:
+        self.context = serverTLS.names[name]
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         conn = SSL.Connection(self.context, None)

@@ -27,10 +27,10 @@ HEADER = struct.Struct("!I")
 #: Longest human-readable message a ServerHello carries.
 MAX_MESSAGE = 1024
 
-#: Operations this version of the protocol defines.  Only C{connect} is
-#: served so far; the others are reserved names.
-OPERATIONS = frozenset({"connect"})
-RESERVED_OPERATIONS = frozenset({"listen", "accept", "udp"})
+#: Operations this version of the protocol defines; C{udp} is a reserved
+#: name until UDP forwarding is served.
+OPERATIONS = frozenset({"connect", "listen", "accept"})
+RESERVED_OPERATIONS = frozenset({"udp"})
 TRANSPORTS = frozenset({"tcp", "udp"})
 
 _HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?")
@@ -49,6 +49,10 @@ class ErrorCode(str, enum.Enum):
     CONNECT_TIMEOUT = "connect_timeout"
     UNREACHABLE = "unreachable"
     INTERNAL = "internal"
+    NAME_TAKEN = "name_taken"
+    PORT_UNAVAILABLE = "port_unavailable"
+    BAD_SESSION = "bad_session"
+    NOT_ACCEPTED = "not_accepted"
 
 
 class WireError(Exception):
@@ -201,19 +205,41 @@ def validHost(host: str) -> bool:
 @dataclass(frozen=True)
 class ClientHello:
     """
-    The first message of a client: where to go and how.
+    The first message of a client.
+
+    - C{connect}: go to C{host}:C{port} over C{transport}.
+    - C{listen}: expose something, in C{mode} C{public} (TP listens on
+      C{port}, 0 = TP picks) or C{e2e} (TP serves C{name}).  The connection
+      then carries events (L{encodeEvent}).
+    - C{accept}: this new connection serves the incoming C{session}.
     """
 
     op: str
-    host: str
-    port: int
+    host: str = ""
+    port: int = 0
     transport: str = "tcp"
+    mode: str | None = None
+    name: str | None = None
+    session: str | None = None
     version: int = VERSION
 
+    @classmethod
+    def connect(cls, host: str, port: int, transport: str = "tcp") -> ClientHello:
+        return cls("connect", host=host, port=port, transport=transport)
+
     def toFrame(self) -> bytes:
-        return encodeFrame(
-            {"v": self.version, "op": self.op, "host": self.host, "port": self.port, "transport": self.transport}
-        )
+        obj: dict[str, Any] = {"v": self.version, "op": self.op}
+        if self.op == "connect":
+            obj.update(host=self.host, port=self.port, transport=self.transport)
+        elif self.op == "listen":
+            obj["mode"] = self.mode
+            if self.mode == "public":
+                obj["port"] = self.port
+            else:
+                obj["name"] = self.name
+        elif self.op == "accept":
+            obj["session"] = self.session
+        return encodeFrame(obj)
 
     @classmethod
     def fromObject(cls, obj: dict[str, Any]) -> ClientHello:
@@ -231,6 +257,13 @@ class ClientHello:
             if op in RESERVED_OPERATIONS:
                 raise _bad(f"operation {op!r} is not supported by this server")
             raise _bad(f"unknown operation {_quote(op)}")
+        if op == "listen":
+            return cls._listen(obj)
+        if op == "accept":
+            session = obj.get("session")
+            if not isinstance(session, str) or not _SESSION.fullmatch(session):
+                raise _bad("field 'session' must be a session id (16-128 characters of A-Z a-z 0-9 _ -)")
+            return cls(op=op, session=session)
         host = obj.get("host")
         if not isinstance(host, str) or not validHost(host):
             raise _bad("field 'host' must be a DNS name or an IP address")
@@ -241,6 +274,65 @@ class ClientHello:
         if not isinstance(transport, str) or transport not in TRANSPORTS:
             raise _bad("field 'transport' must be 'tcp' or 'udp'")
         return cls(op=op, host=host, port=port, transport=transport, version=VERSION)
+
+    @classmethod
+    def _listen(cls, obj: dict[str, Any]) -> ClientHello:
+        mode = obj.get("mode")
+        if mode == "public":
+            port = obj.get("port", 0)
+            if type(port) is not int or not 0 <= port <= 65535:
+                raise _bad("field 'port' must be an integer from 0 (TP picks) to 65535")
+            return cls(op="listen", mode=mode, port=port)
+        if mode == "e2e":
+            name = obj.get("name")
+            if not isinstance(name, str) or not validName(name):
+                raise _bad("field 'name' must be a DNS name")
+            return cls(op="listen", mode=mode, name=name.lower().rstrip("."))
+        raise _bad("field 'mode' must be 'public' or 'e2e'")
+
+
+_SESSION = re.compile(r"[A-Za-z0-9_-]{16,128}")
+
+
+def validName(name: str) -> bool:
+    """
+    Is C{name} a DNS name (not an IP address)?
+    """
+    try:
+        ipaddress.ip_address(name)
+        return False
+    except ValueError:
+        return validHost(name)
+
+
+#: Events on a C{listen} connection, and the fields each carries.
+EVENTS: dict[str, tuple[str, ...]] = {
+    "incoming": ("session", "identity", "peer"),
+    "ping": (),
+}
+
+
+def encodeEvent(event: str, **fields: Any) -> bytes:
+    return encodeFrame({"event": event, **fields})
+
+
+def parseEvent(obj: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """
+    Validate an event frame.  Unknown events are returned as they are, for
+    the caller to ignore; known ones must carry their string fields.
+
+    @raise WireError: if the frame is not an event or lacks a field.
+    """
+    event = obj.get("event")
+    if not isinstance(event, str):
+        raise _bad("field 'event' must be a string")
+    for name in EVENTS.get(event, ()):
+        value = obj.get(name)
+        if value is not None and not isinstance(value, str):
+            raise _bad(f"field {name!r} of event {event!r} must be a string")
+    if event == "incoming" and not isinstance(obj.get("session"), str):
+        raise _bad("event 'incoming' needs a 'session'")
+    return event, obj
 
 
 @dataclass(frozen=True)

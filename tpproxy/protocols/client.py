@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from ..tls import TLSFactory, describeTLSFailure
 from ..wire import ClientHello, FrameDecoder, ServerHello, WireError
-from .relay import RelayEnd
+from .relay import RelayEnd, noDelay
 
 
 class TunnelError(Exception):
@@ -67,6 +67,7 @@ class TPClientProtocol(RelayEnd):
         self.decoder = FrameDecoder()
 
     def connectionMade(self) -> None:
+        noDelay(self.transport)
         self.transport.write(self.hello.toFrame())  # type: ignore[union-attr]
 
     def handshakeCompleted(self) -> None:

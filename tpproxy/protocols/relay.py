@@ -20,6 +20,21 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 
+def noDelay(transport: object) -> None:
+    """
+    Turn off Nagle's algorithm on a TCP transport (or the TCP transport
+    under a TLS one).  A relay must not add delay of its own: with Nagle on,
+    a small write (a ServerHello after the TLS 1.3 session tickets, or a
+    keystroke in ssh) waits up to a delayed ACK, ~40 ms, measured.
+    """
+    setter = getattr(transport, "setTcpNoDelay", None)
+    if setter is not None:
+        try:
+            setter(True)
+        except OSError:
+            pass
+
+
 @implementer(IHalfCloseableProtocol)
 class RelayEnd(Protocol):
     """

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -18,9 +18,10 @@ from zope.interface import implementer
 
 from ..dial import DialError, Dialer
 from ..pki import PeerIdentity, identityOf
-from ..tls import describeTLSFailure
-from ..wire import ALPN, ClientHello, ErrorCode, FrameDecoder, ServerHello, WireError
-from .relay import RelayEnd, splice
+from ..reverse import Exposure, ReverseError
+from ..tls import NameTLS, TLSFactory, describeTLSFailure
+from ..wire import ALPN, ClientHello, ErrorCode, FrameDecoder, ServerHello, WireError, encodeEvent, parseEvent
+from .relay import RelayEnd, noDelay, splice
 
 log = Logger(namespace="tpproxy.server")
 audit = Logger(namespace="tpproxy.audit")
@@ -33,6 +34,9 @@ class Outbound(RelayEnd):
     """
     TP's connection to a destination.
     """
+
+    def connectionMade(self) -> None:
+        noDelay(self.transport)
 
 
 class OutboundFactory(Factory):
@@ -51,6 +55,11 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
     """
 
     state = "handshake"
+    event = "connect"
+    exposure: Exposure | None = None
+    inner: Any = None
+    innerClosed = False
+    sid: str | None = None
     identity: PeerIdentity | None = None
     hello: ClientHello | None = None
     address: str | None = None
@@ -70,6 +79,7 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
     def connectionMade(self) -> None:
         self.started = self.factory.reactor.seconds()
         self.peerAddress = _addr(self.transport.getPeer())  # type: ignore[union-attr]
+        noDelay(self.transport)
         self.setTimeout(self.factory.config.handshakeTimeout)
 
     # --- TLS handshake ------------------------------------------------------
@@ -85,6 +95,9 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
             self.identity = identityOf(cert.to_cryptography())
         except (ValueError, AttributeError) as e:
             self._refuse(ErrorCode.FORBIDDEN, f"no usable identity in the client certificate: {e}")
+            return
+        sniName = getattr(self.transport, "tpSNIName", None)
+        if sniName is not None and self._sniDialer(sniName):
             return
         negotiated = self.transport.negotiatedProtocol  # type: ignore[union-attr]
         offered = getattr(self.transport, "tpALPNOffered", None)
@@ -108,10 +121,18 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
     # --- hello ----------------------------------------------------------------
 
     def preSpliceData(self, data: bytes) -> None:
-        if self.state != "hello":
-            # Bytes read while dialling wait for the splice.  The transport
-            # is paused, so at most what one read decrypted lands here.
-            if self.state == "dialling":
+        state = self.state
+        if state == "e2e":
+            self.inner.dataReceived(data)  # type: ignore[union-attr]
+            return
+        if state == "listening":
+            self._controlData(data)
+            return
+        if state != "hello":
+            # Bytes read while dialling or waiting wait for the splice.  The
+            # transport is paused, so at most what one read decrypted lands
+            # here.
+            if state in ("dialling", "waiting"):
                 self.pending += data
             return
         self.decoder.feed(data)
@@ -125,13 +146,21 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
             return
         self.pending = self.decoder.takeRest()
         self.setTimeout(None)
-        self.state = "dialling"
-        self.result = "aborted"  # until the dial ends: the client left first
+        self.event = self.hello.op
+        self.result = "aborted"  # until the request ends: the client left first
         self.transport.pauseProducing()  # type: ignore[union-attr]
         assert self.identity is not None
-        factory = OutboundFactory()
-        self.dialling = self.factory.dialer.dial(self.identity.name, self.hello.host, self.hello.port, factory)
-        self.dialling.addCallbacks(self._connected, self._dialFailed)
+        if self.hello.op == "listen":
+            self._listen(self.hello)
+        elif self.hello.op == "accept":
+            self._accept(self.hello)
+        elif self.factory.registry.nameExposure(self.hello.host) is not None:
+            self._connectE2E(self.hello)
+        else:
+            self.state = "dialling"
+            factory = OutboundFactory()
+            self.dialling = self.factory.dialer.dial(self.identity.name, self.hello.host, self.hello.port, factory)
+            self.dialling.addCallbacks(self._connected, self._dialFailed)
 
     def _connected(self, result: tuple[Outbound, str]) -> None:
         outbound, self.address = result
@@ -160,6 +189,181 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
             log.failure("Unexpected error while dialling for {identity}", failure, identity=self.identity and self.identity.name)
             self._refuse(ErrorCode.INTERNAL, "internal error while connecting")
 
+    # --- reverse: listen ------------------------------------------------------
+
+    def _listen(self, hello: ClientHello) -> None:
+        self.state = "registering"
+        assert self.identity is not None
+        d = self.factory.registry.expose(self, self.identity.name, hello.mode, port=hello.port, name=hello.name)
+        d.addCallbacks(self._listening, self._reverseFailed)
+
+    def _listening(self, exposure: Exposure) -> None:
+        if self.state != "registering":
+            self.factory.registry.remove(exposure)
+            return
+        self.exposure = exposure
+        self.state = "listening"
+        self.result = "ok"
+        self.address = exposure.describe()
+        info = {"port": exposure.port} if exposure.mode == "public" else {"name": exposure.name}
+        self.transport.write(ServerHello.success(**info).toFrame())  # type: ignore[union-attr]
+        log.info("{identity} exposes {exposure}", identity=exposure.owner, exposure=exposure.describe())
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+        rest, self.pending = self.pending, b""
+        self._schedulePing()
+        self._resetDeadline()
+        if rest:
+            self._controlData(rest)
+
+    def _reverseFailed(self, failure: Failure) -> None:
+        if self.state in ("refused", "closed"):
+            return
+        if failure.check(ReverseError):
+            err: ReverseError = failure.value  # type: ignore[assignment]
+            self._refuse(err.code, err.message)
+        else:
+            log.failure("Unexpected error in {op} for {identity}", failure, op=self.event, identity=self.identity and self.identity.name)
+            self._refuse(ErrorCode.INTERNAL, "internal error")
+
+    def _controlData(self, data: bytes) -> None:
+        self.decoder.feed(data)
+        while True:
+            try:
+                frame = self.decoder.nextFrame()
+                if frame is None:
+                    return
+                parseEvent(frame)
+            except WireError as e:
+                self.closeControl(f"bad event from the exposer: {e.message}")
+                return
+            self._resetDeadline()
+
+    def _schedulePing(self) -> None:
+        self._pinger = self.factory.reactor.callLater(self.factory.config.keepalive, self._ping)
+
+    def _ping(self) -> None:
+        self.transport.write(encodeEvent("ping"))  # type: ignore[union-attr]
+        self._schedulePing()
+
+    def _resetDeadline(self) -> None:
+        deadline = getattr(self, "_deadline", None)
+        if deadline is not None and deadline.active():
+            deadline.reset(3 * self.factory.config.keepalive)
+        else:
+            self._deadline = self.factory.reactor.callLater(
+                3 * self.factory.config.keepalive,
+                self.closeControl,
+                f"nothing heard from the exposer for {3 * self.factory.config.keepalive:g} s",
+            )
+
+    def sendIncoming(self, session: str, identity: str | None, peer: str) -> None:
+        self.transport.write(encodeEvent("incoming", session=session, identity=identity, peer=peer))  # type: ignore[union-attr]
+
+    def closeControl(self, reason: str) -> None:
+        if self.state == "listening":
+            self.detail = reason
+            self.state = "closing"
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _stopControl(self) -> None:
+        for name in ("_pinger", "_deadline"):
+            call = getattr(self, name, None)
+            if call is not None and call.active():
+                call.cancel()
+        if self.exposure is not None:
+            self.factory.registry.remove(self.exposure)
+            log.info("{identity} no longer exposes {exposure}", identity=self.exposure.owner, exposure=self.exposure.describe())
+
+    # --- reverse: accept ------------------------------------------------------
+
+    def _accept(self, hello: ClientHello) -> None:
+        assert self.identity is not None and hello.session is not None
+        try:
+            pending = self.factory.registry.claim(hello.session, self.identity.name)
+        except ReverseError as e:
+            self._refuse(e.code, e.message)
+            return
+        self.state = "spliced"
+        self.result = "ok"
+        self.address = pending.exposure.describe()
+        self.detail = f"dialer {pending.dialerIdentity or pending.peer}"
+        self.transport.write(ServerHello.success().toFrame())  # type: ignore[union-attr]
+        rest, self.pending = self.pending, b""
+        pending.dialer.sessionJoined(self)
+        if rest:
+            self.bytesIn += len(rest)
+            self.peer.transport.write(rest)  # type: ignore[union-attr]
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    # --- E2E: through a TP tunnel, and direct by SNI ---------------------------
+
+    def _connectE2E(self, hello: ClientHello) -> None:
+        assert self.identity is not None
+        name = hello.host.lower().rstrip(".")
+        decision = self.factory.config.policy.checkName(self.identity.name, name, hello.port, hello.transport)
+        if not decision.allowed:
+            self._refuse(ErrorCode.FORBIDDEN, decision.reason)
+            return
+        exposure = self.factory.registry.nameExposure(name)
+        self.state = "e2e"
+        self.result = "e2e_handshake"
+        self.address = f"E2E {name}"
+        self.transport.write(ServerHello.success(e2e=name).toFrame())  # type: ignore[union-attr]
+        innerFactory = TLSFactory(
+            NameTLS(self.factory.serverTLS, name),
+            False,
+            Factory.forProtocol(lambda: E2EDialer(self, exposure, framed=True)),
+            clock=self.factory.reactor,
+        )
+        self.inner = innerFactory.buildProtocol(self.transport.getPeer())  # type: ignore[union-attr]
+        self.inner.makeConnection(self.transport)
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+        rest, self.pending = self.pending, b""
+        if rest:
+            self.inner.dataReceived(rest)
+
+    def preSpliceEOF(self) -> None:
+        if self.state == "e2e" and self.inner is not None:
+            self.inner.connectionLost(Failure(error.ConnectionDone("the tunnel was closed")))
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _sniDialer(self, name: str) -> bool:
+        """
+        The handshake chose the context of an E2E name: this connection is
+        a dialer of that exposure, with no TP protocol on it.
+        """
+        exposure = self.factory.registry.nameExposure(name)
+        self.event = "sni"
+        self.hello = ClientHello.connect(name, 443)
+        if exposure is None:
+            self._closeWith("not_accepted", f"{name} is no longer exposed")
+            return True
+        self.state = "waiting"
+        self.result = "aborted"
+        self.address = f"E2E {name}"
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        assert self.identity is not None
+        self.sid = self.factory.registry.incoming(exposure, self, self.identity.name, self.peerAddress)
+        return True
+
+    def sessionJoined(self, acceptEnd: RelayEnd) -> None:
+        self.state = "spliced"
+        self.result = "ok"
+        pending, self.pending = self.pending, b""
+        splice(self, acceptEnd, fromA=pending)
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def sessionFailed(self, code: ErrorCode, message: str) -> None:
+        self._closeWith(code.value, message)
+
+    def _closeWith(self, result: str, detail: str) -> None:
+        self.state = "refused"
+        self.result = result
+        self.detail = detail
+        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+        self.setTimeout(LINGER)
+
     def _refuse(self, code: ErrorCode, message: str) -> None:
         if self.state in ("refused", "closed"):
             return
@@ -179,9 +383,15 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
         self.setTimeout(None)
         if self.state == "handshake":
             self.detail = self.detail or getattr(self.transport, "tpRefusal", None) or describeTLSFailure(reason)
-        self.state = "closed"
+        wasState, self.state = self.state, "closed"
         if self.dialling is not None:
             self.dialling.cancel()
+        if self.exposure is not None or wasState == "registering":
+            self._stopControl()
+        if self.inner is not None and not self.innerClosed:
+            self.inner.connectionLost(reason)
+        if wasState == "waiting" and self.sid is not None:
+            self.factory.registry.dialerGone(self.sid)
         super().connectionLost(reason)
         self._audit()
 
@@ -190,7 +400,7 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
         outbound = self.outbound
         audit.info(
             "{identity} {destination}: {result}{detail_sep}{detail}",
-            event="connect",
+            event=self.event,
             peer=self.peerAddress,
             identity=self.identity.name if self.identity else None,
             serial=self.identity.serial if self.identity else None,
@@ -220,11 +430,91 @@ class TPServerFactory(Factory):
     L{tpproxy.tls.ServerTLS}.
     """
 
-    def __init__(self, config: Any, reactor: Any, dialer: Dialer | None = None) -> None:
+    def __init__(self, config: Any, reactor: Any, dialer: Dialer | None = None, serverTLS: Any = None, registry: Any = None) -> None:
         self.config = config
         self.reactor = reactor
         self.dialer = dialer or Dialer(reactor, config.policy, config.connectTimeout)
+        self.serverTLS = serverTLS
+        self.registry = registry if registry is not None else _NoReverse()
 
     def buildProtocol(self, addr: Any) -> TPServerProtocol:
         return TPServerProtocol(self)
 
+
+
+class _NoReverse:
+    """
+    The registry of a server built without reverse tunnels (unit tests).
+    """
+
+    def nameExposure(self, name: str) -> None:
+        return None
+
+    def expose(self, *args: Any, **kw: Any) -> Any:
+        return defer.fail(ReverseError(ErrorCode.FORBIDDEN, "reverse tunnels are not enabled on this server"))
+
+    def claim(self, sid: str, identity: str) -> Any:
+        raise ReverseError(ErrorCode.BAD_SESSION, "unknown session")
+
+
+@implementer(IHandshakeListener)
+class E2EDialer(RelayEnd):
+    """
+    The inside of an E2E connection made through a TP tunnel: a TLS server
+    for the exposure's name runs inside the tunnel; once the dialer's
+    certificate passed (and policy lets it dial the name), the exposer is
+    asked to accept.  With C{framed}, a ServerHello inside the inner TLS
+    tells the tp client how that went.
+    """
+
+    sid: str | None = None
+
+    def __init__(self, outer: TPServerProtocol, exposure: Exposure, framed: bool) -> None:
+        self.outer = outer
+        self.exposure = exposure
+        self.framed = framed
+        self.pending = b""
+
+    def handshakeCompleted(self) -> None:
+        cert = self.transport.getPeerCertificate()  # type: ignore[union-attr]
+        identity = identityOf(cert.to_cryptography()).name
+        self.outer.detail = f"inner identity {identity}"
+        self.outer.result = "aborted"
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        registry = self.outer.factory.registry
+        if registry.nameExposure(self.exposure.name) is not self.exposure:
+            self.sessionFailed(ErrorCode.NOT_ACCEPTED, f"{self.exposure.name} is no longer exposed")
+            return
+        self.sid = registry.incoming(self.exposure, self, identity, self.outer.peerAddress)
+
+    def preSpliceData(self, data: bytes) -> None:
+        self.pending += data
+
+    def sessionJoined(self, acceptEnd: RelayEnd) -> None:
+        self.sid = None
+        self.outer.result = "ok"
+        if self.framed:
+            self.transport.write(ServerHello.success().toFrame())  # type: ignore[union-attr]
+        pending, self.pending = self.pending, b""
+        splice(self, acceptEnd, fromA=pending)
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def sessionFailed(self, code: ErrorCode, message: str) -> None:
+        self.sid = None
+        self.outer.result = code.value
+        self.outer.detail += f"; {message}"
+        if self.framed:
+            self.transport.write(ServerHello.failure(code, message).toFrame())  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.outer.innerClosed = True
+        if self.sid is not None:
+            self.outer.factory.registry.dialerGone(self.sid)
+        refusal = getattr(self.transport, "tpRefusal", None)
+        if refusal:
+            self.outer.result = "e2e_refused"
+            self.outer.detail = refusal
+        super().connectionLost(reason)
+        self.outer.transport.loseConnection()  # type: ignore[union-attr]

@@ -934,7 +934,7 @@ class BadHelloTests(ServerTestMixin, SynchronousTestCase):
         self.refusedFor(encodeFrame({"v": 1, "op": "teleport", "host": "192.0.2.10", "port": 80}), "bad_request", "unknown operation")
 
     def test_reservedOperation(self) -> None:
-        self.refusedFor(encodeFrame({"v": 1, "op": "listen", "host": "192.0.2.10", "port": 80}), "bad_request", "not supported")
+        self.refusedFor(encodeFrame({"v": 1, "op": "udp", "host": "192.0.2.10", "port": 80}), "bad_request", "not supported")
 
     def test_badPort(self) -> None:
         self.refusedFor(encodeFrame({"v": 1, "op": "connect", "host": "192.0.2.10", "port": 0}), "bad_request", "'port'")

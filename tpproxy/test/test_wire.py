@@ -96,11 +96,11 @@ class ConstantsTests(SynchronousTestCase):
 
     def test_operations(self) -> None:
         """
-        Only C{connect} is served; C{listen}, C{accept} and C{udp} are
-        reserved; the transports are C{tcp} and C{udp}.
+        C{connect}, C{listen} and C{accept} are served; C{udp} is reserved;
+        the transports are C{tcp} and C{udp}.
         """
-        self.assertEqual(OPERATIONS, {"connect"})
-        self.assertEqual(RESERVED_OPERATIONS, {"listen", "accept", "udp"})
+        self.assertEqual(OPERATIONS, {"connect", "listen", "accept"})
+        self.assertEqual(RESERVED_OPERATIONS, {"udp"})
         self.assertEqual(TRANSPORTS, {"tcp", "udp"})
 
     def test_errorCodes(self) -> None:
@@ -118,6 +118,10 @@ class ConstantsTests(SynchronousTestCase):
                 "connect_timeout",
                 "unreachable",
                 "internal",
+                "name_taken",
+                "port_unavailable",
+                "bad_session",
+                "not_accepted",
             },
         )
         self.assertEqual(ErrorCode.FORBIDDEN, "forbidden")
@@ -435,7 +439,7 @@ class ClientHelloTests(WireErrorMixin, SynchronousTestCase):
         """
         The reserved operations are refused as not supported by this server.
         """
-        for op in ("listen", "accept", "udp"):
+        for op in ("udp",):
             e = self.assertWireError(ErrorCode.BAD_REQUEST, ClientHello.fromObject, helloObject(op=op))
             self.assertEqual(e.message, f"operation {op!r} is not supported by this server")
 
@@ -934,3 +938,59 @@ class FuzzTests(SynchronousTestCase):
                     got = ClientHello.fromObject(frame)
         self.assertEqual(got, hello)
         self.assertEqual(decoder.takeRest(), rest)
+
+
+class ReverseHelloTests(SynchronousTestCase):
+    """
+    The C{listen} and C{accept} hellos, and events.
+    """
+
+    def roundTrip(self, hello: ClientHello) -> ClientHello:
+        decoder = FrameDecoder()
+        decoder.feed(hello.toFrame())
+        frame = decoder.nextFrame()
+        assert frame is not None
+        return ClientHello.fromObject(frame)
+
+    def test_listenPublic(self) -> None:
+        hello = ClientHello("listen", mode="public", port=0)
+        self.assertEqual(self.roundTrip(hello), hello)
+        for port in (-1, 65536, "22", True):
+            e = self.assertRaises(WireError, ClientHello.fromObject, {"v": 1, "op": "listen", "mode": "public", "port": port})
+            self.assertIn("'port'", e.message)
+
+    def test_listenE2E(self) -> None:
+        """
+        An E2E name is a DNS name, kept lowercase without a trailing dot;
+        IP addresses are refused.
+        """
+        hello = self.roundTrip(ClientHello("listen", mode="e2e", name="SSH.Alice.localhost."))
+        self.assertEqual(hello.name, "ssh.alice.localhost")
+        for name in ("10.0.0.1", "::1", "", "bad name", None, 5):
+            e = self.assertRaises(WireError, ClientHello.fromObject, {"v": 1, "op": "listen", "mode": "e2e", "name": name})
+            self.assertIn("'name'", e.message)
+
+    def test_listenMode(self) -> None:
+        e = self.assertRaises(WireError, ClientHello.fromObject, {"v": 1, "op": "listen", "mode": "private"})
+        self.assertIn("'mode'", e.message)
+
+    def test_accept(self) -> None:
+        hello = ClientHello("accept", session="A" * 32)
+        self.assertEqual(self.roundTrip(hello), hello)
+        for session in ("short", "x" * 129, "has space in it ok", None, 1):
+            e = self.assertRaises(WireError, ClientHello.fromObject, {"v": 1, "op": "accept", "session": session})
+            self.assertIn("'session'", e.message)
+
+    def test_events(self) -> None:
+        from tpproxy.wire import encodeEvent, parseEvent
+
+        decoder = FrameDecoder()
+        decoder.feed(encodeEvent("incoming", session="s" * 20, identity="bob", peer="127.0.0.1:5"))
+        frame = decoder.nextFrame()
+        assert frame is not None
+        event, fields = parseEvent(frame)
+        self.assertEqual((event, fields["identity"]), ("incoming", "bob"))
+        self.assertRaises(WireError, parseEvent, {"event": "incoming"})
+        self.assertRaises(WireError, parseEvent, {"event": "incoming", "session": "s" * 20, "identity": 5})
+        self.assertRaises(WireError, parseEvent, {"nope": 1})
+        self.assertEqual(parseEvent({"event": "future"})[0], "future")

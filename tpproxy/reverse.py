@@ -1,0 +1,332 @@
+# -*- test-case-name: tpproxy.test.test_reverse -*-
+"""
+Reverse tunnels on the server: exposures (public ports and E2E names) held
+by signalling connections, and the one-use sessions that join a waiting
+dialer to the exposer's C{accept} connection.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Protocol as TypingProtocol
+
+from twisted.internet import defer, error
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .certsource import CertificateUnavailable, ICertificateSource
+from .policy import Policy
+from .protocols.relay import RelayEnd, noDelay, splice
+from .wire import ErrorCode
+
+log = Logger(namespace="tpproxy.reverse")
+audit = Logger(namespace="tpproxy.audit")
+
+#: How many spent (used or expired) session ids are remembered, to tell a
+#: replayed id from an unknown one in the log.
+SPENT_MEMORY = 4096
+
+
+class ReverseError(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+class Dialer(TypingProtocol):
+    """
+    What waits for an exposer to accept: a public TCP connection, an E2E
+    connection through a TP tunnel, or a direct SNI connection.
+    """
+
+    def sessionJoined(self, acceptEnd: RelayEnd) -> None: ...
+
+    def sessionFailed(self, code: ErrorCode, message: str) -> None: ...
+
+
+class Control(TypingProtocol):
+    """
+    The signalling side of an exposure.
+    """
+
+    def sendIncoming(self, session: str, identity: str | None, peer: str) -> None: ...
+
+    def closeControl(self, reason: str) -> None: ...
+
+
+@dataclass(eq=False)
+class Exposure:
+    owner: str
+    mode: str
+    control: Control
+    port: int | None = None
+    name: str | None = None
+    listening: Any = None
+    sessions: set[str] = field(default_factory=set)
+
+    def describe(self) -> str:
+        return f"public port {self.port}" if self.mode == "public" else f"E2E name {self.name}"
+
+
+@dataclass(eq=False)
+class PendingSession:
+    id: str
+    exposure: Exposure
+    dialer: Dialer
+    dialerIdentity: str | None
+    peer: str
+    timer: Any
+
+
+class Registry:
+    """
+    All live exposures of one server, and their pending sessions.
+
+    @param reactor: C{IReactorTCP} (public listeners) and C{IReactorTime}
+        (session expiry).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        policy: Policy,
+        serverTLS: Any,
+        certificates: ICertificateSource,
+        publicInterface: str = "0.0.0.0",
+        acceptTimeout: float = 10.0,
+    ) -> None:
+        self.reactor = reactor
+        self.policy = policy
+        self.serverTLS = serverTLS
+        self.certificates = certificates
+        self.publicInterface = publicInterface
+        self.acceptTimeout = acceptTimeout
+        self.byPort: dict[int, Exposure] = {}
+        self.byName: dict[str, Exposure] = {}
+        self.sessions: dict[str, PendingSession] = {}
+        self.spent: OrderedDict[str, str] = OrderedDict()
+
+    # --- exposures ------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def expose(self, control: Control, identity: str, mode: str, port: int = 0, name: str | None = None) -> Any:
+        """
+        Register an exposure for C{identity}.
+
+        @return: a Deferred firing with the L{Exposure}, or failing with
+            L{ReverseError}.
+        """
+        if mode == "public":
+            return (yield self._exposePort(control, identity, port))
+        assert name is not None
+        return (yield self._exposeName(control, identity, name))
+
+    def _takeOver(self, existing: Exposure | None, identity: str, what: str, code: ErrorCode) -> None:
+        if existing is None:
+            return
+        if existing.owner != identity:
+            raise ReverseError(code, f"{what} is held by another identity")
+        # The same identity again (a reconnect that beat the old connection's
+        # timeout): the new session replaces the old one.
+        log.info("{identity} takes over {what} from its previous session", identity=identity, what=what)
+        self.remove(existing)
+        existing.control.closeControl(f"{what} was taken over by a new session of {identity}")
+
+    @defer.inlineCallbacks
+    def _exposePort(self, control: Control, identity: str, port: int) -> Any:
+        if port:
+            decision = self.policy.mayExposePort(identity, port)
+            if not decision.allowed:
+                raise ReverseError(ErrorCode.FORBIDDEN, decision.reason)
+            self._takeOver(self.byPort.get(port), identity, f"public port {port}", ErrorCode.PORT_UNAVAILABLE)
+            candidates = [port]
+        else:
+            ranges = self.policy.publicPortRanges(identity)
+            if not ranges:
+                raise ReverseError(ErrorCode.FORBIDDEN, f"no exposure rule lets {identity} expose a public port")
+            candidates = [0] if (1, 65535) in ranges else [p for lo, hi in ranges for p in range(lo, hi + 1)][:2000]
+        exposure = Exposure(owner=identity, mode="public", control=control)
+        factory = PublicDialerFactory(self, exposure)
+        for candidate in candidates:
+            if candidate and candidate in self.byPort:
+                continue
+            try:
+                exposure.listening = self.reactor.listenTCP(candidate, factory, interface=self.publicInterface)
+            except error.CannotListenError as e:
+                if port:
+                    raise ReverseError(ErrorCode.PORT_UNAVAILABLE, f"cannot listen on port {port}: {e.socketError}") from None
+                continue
+            break
+        else:
+            raise ReverseError(ErrorCode.PORT_UNAVAILABLE, "no free port in the ranges this identity may expose")
+        exposure.port = exposure.listening.getHost().port
+        self.byPort[exposure.port] = exposure
+        yield None
+        return exposure
+
+    @defer.inlineCallbacks
+    def _exposeName(self, control: Control, identity: str, name: str) -> Any:
+        decision = self.policy.mayExposeName(identity, name)
+        if not decision.allowed:
+            raise ReverseError(ErrorCode.FORBIDDEN, decision.reason)
+        self._takeOver(self.byName.get(name), identity, f"E2E name {name}", ErrorCode.NAME_TAKEN)
+        exposure = Exposure(owner=identity, mode="e2e", control=control, name=name)
+        # Hold the name while the certificate is fetched.
+        self.byName[name] = exposure
+        try:
+            chain, key = yield self.certificates.certificateFor(name)
+        except CertificateUnavailable as e:
+            if self.byName.get(name) is exposure:
+                del self.byName[name]
+            raise ReverseError(ErrorCode.INTERNAL, f"no certificate for {name}: {e}") from None
+        if self.byName.get(name) is not exposure:
+            raise ReverseError(ErrorCode.NAME_TAKEN, f"E2E name {name} was taken meanwhile")
+        self.serverTLS.addName(name, chain, key, lambda ident: self.policy.mayDialName(ident, name))
+        return exposure
+
+    def remove(self, exposure: Exposure) -> None:
+        """
+        The exposure's signalling connection is gone: stop listening or
+        unbind the name at once, and fail its pending dialers.
+        """
+        if exposure.port is not None and self.byPort.get(exposure.port) is exposure:
+            del self.byPort[exposure.port]
+        if exposure.name is not None and self.byName.get(exposure.name) is exposure:
+            del self.byName[exposure.name]
+            self.serverTLS.removeName(exposure.name)
+        if exposure.listening is not None:
+            exposure.listening.stopListening()
+            exposure.listening = None
+        for sid in list(exposure.sessions):
+            pending = self.sessions.pop(sid, None)
+            if pending is not None:
+                pending.timer.cancel()
+                self._spend(sid, "exposure closed")
+                pending.dialer.sessionFailed(ErrorCode.NOT_ACCEPTED, f"the {exposure.describe()} went away")
+        exposure.sessions.clear()
+
+    def nameExposure(self, name: str) -> Exposure | None:
+        return self.byName.get(name.lower().rstrip("."))
+
+    # --- sessions -------------------------------------------------------------
+
+    def incoming(self, exposure: Exposure, dialer: Dialer, identity: str | None, peer: str) -> str:
+        """
+        A dialer arrived for C{exposure}: make a one-use session id and tell
+        the exposer.
+        """
+        sid = secrets.token_urlsafe(24)  # 192 bits from the OS CSPRNG
+        timer = self.reactor.callLater(self.acceptTimeout, self._expire, sid)
+        self.sessions[sid] = PendingSession(sid, exposure, dialer, identity, peer, timer)
+        exposure.sessions.add(sid)
+        audit.info(
+            "incoming {peer} for {exposure} of {owner}",
+            event="incoming",
+            exposure=exposure.describe(),
+            owner=exposure.owner,
+            peer=peer,
+            identity=identity,
+            session=sid[:8],
+        )
+        exposure.control.sendIncoming(sid, identity, peer)
+        return sid
+
+    def _expire(self, sid: str) -> None:
+        pending = self.sessions.pop(sid, None)
+        if pending is None:
+            return
+        pending.exposure.sessions.discard(sid)
+        self._spend(sid, "expired")
+        log.info("Session {session} for {exposure} was not accepted within {timeout} s", session=sid[:8], exposure=pending.exposure.describe(), timeout=self.acceptTimeout)
+        pending.dialer.sessionFailed(
+            ErrorCode.NOT_ACCEPTED, f"the {pending.exposure.describe()} did not accept within {self.acceptTimeout:g} s"
+        )
+
+    def _spend(self, sid: str, why: str) -> None:
+        self.spent[sid] = why
+        while len(self.spent) > SPENT_MEMORY:
+            self.spent.popitem(last=False)
+
+    def dialerGone(self, sid: str) -> None:
+        pending = self.sessions.pop(sid, None)
+        if pending is not None:
+            pending.timer.cancel()
+            pending.exposure.sessions.discard(sid)
+            self._spend(sid, "dialer left")
+
+    def claim(self, sid: str, identity: str) -> PendingSession:
+        """
+        An C{accept} for C{sid} by C{identity}: hand over the pending
+        session, once.
+
+        @raise ReverseError: L{ErrorCode.BAD_SESSION} for an unknown, used,
+            expired or foreign id.  The message to the peer does not tell a
+            foreign id from an unknown one; the log does.
+        """
+        pending = self.sessions.get(sid)
+        if pending is None:
+            why = self.spent.get(sid, "unknown")
+            log.warn("Refused accept of {why} session {session} by {identity}", why=why, session=sid[:8], identity=identity)
+            raise ReverseError(ErrorCode.BAD_SESSION, f"session is {why}" if why != "unknown" else "unknown session")
+        if pending.exposure.owner != identity:
+            log.warn(
+                "Refused accept of session {session} of {owner} by {identity}",
+                session=sid[:8], owner=pending.exposure.owner, identity=identity,
+            )
+            raise ReverseError(ErrorCode.BAD_SESSION, "unknown session")
+        del self.sessions[sid]
+        pending.timer.cancel()
+        pending.exposure.sessions.discard(sid)
+        self._spend(sid, "used")
+        return pending
+
+
+class PublicDialer(RelayEnd):
+    """
+    A connection to a public exposure port, waiting for its session.
+    """
+
+    sid: str | None = None
+
+    def __init__(self, registry: Registry, exposure: Exposure) -> None:
+        self.registry = registry
+        self.exposure = exposure
+        self.pending = b""
+
+    def connectionMade(self) -> None:
+        noDelay(self.transport)
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self.peerText = f"{peer.host}:{peer.port}"
+        self.sid = self.registry.incoming(self.exposure, self, None, self.peerText)
+
+    def preSpliceData(self, data: bytes) -> None:
+        self.pending += data
+
+    def sessionJoined(self, acceptEnd: RelayEnd) -> None:
+        pending, self.pending = self.pending, b""
+        splice(self, acceptEnd, fromA=pending)
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def sessionFailed(self, code: ErrorCode, message: str) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.peer is None and self.sid is not None:
+            self.registry.dialerGone(self.sid)
+        super().connectionLost(reason)
+
+
+class PublicDialerFactory(Factory):
+    noisy = False
+
+    def __init__(self, registry: Registry, exposure: Exposure) -> None:
+        self.registry = registry
+        self.exposure = exposure
+
+    def buildProtocol(self, addr: Any) -> PublicDialer:
+        return PublicDialer(self.registry, self.exposure)
