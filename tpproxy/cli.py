@@ -26,7 +26,7 @@ from . import __version__
 from .config import ClientConfig, ConfigError, defaultClientConfigPath, loadClientConfig
 from .protocols.client import Refused, ServerAddress, TPClientProtocol, TunnelError, openTunnel
 from .protocols.relay import RelayEnd, noDelay, splice
-from .wire import VERSION, ClientHello, validHost
+from .wire import VERSION, ClientHello, validHost, validName
 
 EXIT_OK, EXIT_TUNNEL, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
 
@@ -71,8 +71,13 @@ class Settings:
     ca: str
     connectTimeout: float
 
-    def tlsOptions(self) -> Any:
-        from .tls import clientTLS, loadCertificates, loadKey
+    def materials(self) -> tuple[Any, Any, Any]:
+        """
+        Load the CA certificates, the client chain and its key.
+
+        @raise UsageError: naming the option whose file is missing or bad.
+        """
+        from .tls import loadCertificates, loadKey
 
         def load(kind: str, path: str, loader: Any) -> Any:
             try:
@@ -82,11 +87,18 @@ class Settings:
             except (ValueError, TypeError) as e:
                 raise UsageError(f"{kind}: {path} is not usable ({e})") from None
 
-        cas = load("--ca", self.ca, loadCertificates)
-        chain = load("--cert", self.cert, loadCertificates)
-        key = load("--key", self.key, loadKey)
+        return load("--ca", self.ca, loadCertificates), load("--cert", self.cert, loadCertificates), load("--key", self.key, loadKey)
+
+    def tlsOptions(self, serverName: str | None = None) -> Any:
+        """
+        Client TLS options for TP (or, with C{serverName}, for the inner
+        handshake with an E2E exposure of that name).
+        """
+        from .tls import clientTLS
+
+        cas, chain, key = self.materials()
         try:
-            return clientTLS(self.server.host, cas, chain, key)
+            return clientTLS(serverName or self.server.host, cas, chain, key)
         except Exception as e:
             raise UsageError(f"--cert/--key: cannot use this certificate and key ({e})") from None
 
@@ -112,6 +124,8 @@ def buildParser() -> argparse.ArgumentParser:
             "examples:\n"
             "  ssh -o ProxyCommand=\"tp connect %h:%p\" host\n"
             "  tp up db.internal:5432 5432        # then connect to 127.0.0.1:5432\n"
+            "  tp expose localhost:22 --e2e ssh.laptop.example.org\n"
+            "  tp expose localhost:25565 --public 25565\n"
             "  tp init-dev ~/tp-dev && twist tp --config ~/tp-dev/server.toml\n\n"
             "exit status: 0 ok, 1 TP unreachable or TLS refused, 2 bad usage or config, 3 refused by TP"
         ),
@@ -133,6 +147,19 @@ def buildParser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="HOST:PORT")
     p.add_argument("localport", metavar="LOCALPORT", type=int)
     p.add_argument("--bind", metavar="ADDRESS", default="127.0.0.1", help="local address to listen on (default 127.0.0.1)")
+    _commonOptions(p, suppress=True)
+
+    p = sub.add_parser("expose", help="expose a local port through TP (public port or E2E name)",
+                       description="Keep a signalling connection to TP and expose LOCALHOST:PORT: --public opens a "
+                       "port on TP for anyone (BINDPORT, or one TP picks); --e2e NAME serves NAME on TP, where dialers "
+                       "need a client certificate allowed for NAME. Reconnects by itself if TP goes away.")
+    p.add_argument("local", metavar="LOCALHOST:PORT")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--public", metavar="BINDPORT", nargs="?", const=0, type=int,
+                      help="public mode: TP listens on BINDPORT (or a port it picks and reports)")
+    mode.add_argument("--e2e", metavar="NAME", help="E2E mode: TP serves the name NAME")
+    p.add_argument("--keepalive", metavar="SECONDS", type=float, default=15.0,
+                   help="ping TP this often; give up on it after 3 times as long (default 15)")
     _commonOptions(p, suppress=True)
 
     p = sub.add_parser("init-dev", help="make a dev CA, certificates and configs in DIR",
@@ -203,7 +230,12 @@ def runConnect(reactor: Any, settings: Settings, host: str, port: int, stderr: A
     stderr.write(f"Connecting to {target} via {settings.server} (v{VERSION})\n")
     stderr.flush()
     tunnel: TPClientProtocol = yield openTunnel(
-        reactor, settings.server, settings.tlsOptions(), ClientHello.connect(host, port), settings.connectTimeout
+        reactor,
+        settings.server,
+        settings.tlsOptions(),
+        ClientHello.connect(host, port),
+        settings.connectTimeout,
+        innerTLS=settings.tlsOptions,
     )
     stdioDone: defer.Deferred[None] = defer.Deferred()
     tunnelDone: defer.Deferred[None] = defer.Deferred()
@@ -230,7 +262,7 @@ class LocalEnd(RelayEnd):
         noDelay(self.transport)
         self.transport.pauseProducing()  # type: ignore[union-attr]
         f = self.forwarder
-        d = openTunnel(f.reactor, f.settings.server, f.tlsOptions, f.hello, f.settings.connectTimeout)
+        d = openTunnel(f.reactor, f.settings.server, f.tlsOptions, f.hello, f.settings.connectTimeout, f.settings.tlsOptions)
         d.addCallbacks(self._ready, self._failed)
 
     def preSpliceData(self, data: bytes) -> None:
@@ -313,6 +345,21 @@ def runIssue(args: argparse.Namespace, stdout: Any) -> int:
 
 def _run(reactor: Any, args: argparse.Namespace, stderr: Any) -> defer.Deferred[int]:
     settings = resolveSettings(args)
+    if args.command == "expose":
+        from .expose import runExpose
+
+        local = parseHostPort(args.local, "LOCALHOST:PORT")
+        if args.e2e is not None:
+            if not validName(args.e2e):
+                raise UsageError(f"--e2e: {args.e2e!r} is not a DNS name")
+            hello = ClientHello("listen", mode="e2e", name=args.e2e.lower().rstrip("."))
+        else:
+            if not 0 <= args.public <= 65535:
+                raise UsageError("--public: BINDPORT must be from 0 to 65535")
+            hello = ClientHello("listen", mode="public", port=args.public)
+        if not 0.5 <= args.keepalive <= 3600:
+            raise UsageError("--keepalive: expected 0.5 to 3600 seconds")
+        return runExpose(reactor, settings, local, hello, args.keepalive, stderr)
     host, port = parseHostPort(args.target, "HOST:PORT")
     if args.command == "connect":
         return runConnect(reactor, settings, host, port, stderr)

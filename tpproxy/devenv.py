@@ -69,6 +69,30 @@ identities = ["group:dev"]
 hosts = ["127.0.0.0/8", "::1/128"]
 ports = "*"
 transports = ["tcp", "udp"]
+
+[[rules]]
+comment = "... and the E2E names the dev client exposes"
+identities = ["group:dev"]
+hosts = ["*.localhost"]
+ports = "*"
+
+# Reverse tunnels: public ports open on loopback only, for the dev setup.
+[reverse]
+public_interface = "127.0.0.1"
+accept_timeout = 10
+keepalive = 15
+
+# Certificates for E2E names are issued on demand by the dev CA.
+[e2e]
+ca_certificate = "ca.pem"
+ca_key = "ca.key"
+
+[[exposures]]
+comment = "the dev client may expose public ports and names under .localhost"
+identities = ["group:dev"]
+public_ports = "1024-65535"
+names = ["*.localhost"]
+dialers = ["group:dev"]
 """
 
 CLIENT_TOML = """\

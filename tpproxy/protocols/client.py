@@ -12,7 +12,8 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -60,10 +61,12 @@ class TPClientProtocol(RelayEnd):
     handshakeDone = False
     serverHello: ServerHello | None = None
     rest = b""
+    inner: Any = None
 
-    def __init__(self, hello: ClientHello, ready: defer.Deferred[TPClientProtocol]) -> None:
+    def __init__(self, hello: ClientHello, ready: defer.Deferred[Any], innerTLS: Any = None) -> None:
         self.hello = hello
         self.ready = ready
+        self.innerTLS = innerTLS
         self.decoder = FrameDecoder()
 
     def connectionMade(self) -> None:
@@ -74,6 +77,9 @@ class TPClientProtocol(RelayEnd):
         self.handshakeDone = True
 
     def preSpliceData(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.dataReceived(data)
+            return
         if self.serverHello is not None:
             self.rest += data
             return
@@ -92,16 +98,44 @@ class TPClientProtocol(RelayEnd):
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
         self.rest = self.decoder.takeRest()
+        name = self.serverHello.info.get("e2e")
+        if name is not None:
+            self._startE2E(str(name))
+            return
         self.transport.pauseProducing()  # type: ignore[union-attr]
         if not self.ready.called:
             self.ready.callback(self)
+
+    def _startE2E(self, name: str) -> None:
+        """
+        The destination is an E2E exposure: run a second TLS handshake
+        inside the tunnel, with the exposure's name, and splice its inside.
+        """
+        if self.innerTLS is None:
+            self._fail(TunnelError(f"{name} is an E2E exposure, which needs a certificate for the inner handshake"))
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        factory = TLSFactory(self.innerTLS(name), True, Factory.forProtocol(lambda: InnerClient(name, self.ready)))
+        self.inner = factory.buildProtocol(None)
+        self.inner.makeConnection(self.transport)
+        rest, self.rest = self.rest, b""
+        if rest:
+            self.inner.dataReceived(rest)
+
+    def preSpliceEOF(self) -> None:
+        if self.inner is not None:
+            self.inner.connectionLost(Failure(ConnectionDone("TP closed the tunnel")))
+            self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _fail(self, error: Exception) -> None:
         if not self.ready.called:
             self.ready.errback(error)
 
     def connectionLost(self, reason: Failure) -> None:
-        if not self.ready.called:
+        if self.inner is not None:
+            if self.inner.connected:
+                self.inner.connectionLost(reason)
+        elif not self.ready.called:
             if self.handshakeDone:
                 what = "TP closed the connection before answering"
                 detail = describeTLSFailure(reason)
@@ -114,17 +148,101 @@ class TPClientProtocol(RelayEnd):
         super().connectionLost(reason)
 
 
+@implementer(IHandshakeListener)
+class InnerClient(RelayEnd):
+    """
+    The inside of an E2E connection: after the inner handshake, TP sends a
+    ServerHello saying whether the exposer accepted.
+    """
+
+    rest = b""
+    handshakeDone = False
+
+    def __init__(self, name: str, ready: defer.Deferred[Any]) -> None:
+        self.name = name
+        self.ready = ready
+        self.decoder = FrameDecoder()
+        self.answered = False
+
+    def handshakeCompleted(self) -> None:
+        self.handshakeDone = True
+
+    def preSpliceData(self, data: bytes) -> None:
+        if self.answered:
+            self.rest += data
+            return
+        self.decoder.feed(data)
+        try:
+            frame = self.decoder.nextFrame()
+            if frame is None:
+                return
+            hello = ServerHello.fromObject(frame)
+        except WireError as e:
+            self._fail(TunnelError(f"{self.name} sent a malformed answer: {e.message}"))
+            return
+        self.answered = True
+        if not hello.ok:
+            self._fail(Refused(hello.code or "unknown", hello.message))
+            return
+        self.rest = self.decoder.takeRest()
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        if not self.ready.called:
+            self.ready.callback(self)
+
+    def _fail(self, error: Exception) -> None:
+        if not self.ready.called:
+            self.ready.errback(error)
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure) -> None:
+        if not self.ready.called:
+            detail = describeTLSFailure(reason)
+            if self.handshakeDone:
+                self.ready.errback(TunnelError(f"the E2E exposure {self.name} refused this client certificate or closed: {detail}"))
+            else:
+                self.ready.errback(TunnelError(f"E2E TLS handshake with {self.name} failed: {detail}"))
+        super().connectionLost(reason)
+
+
+@implementer(IStreamClientEndpoint)
+class TLSClientEndpoint:
+    """
+    TLS (with L{HalfCloseTLSProtocol}) over a L{HostnameEndpoint}; fires
+    with the application protocol.
+    """
+
+    def __init__(self, reactor: Any, server: ServerAddress, tlsOptions: Any, timeout: float = 15.0) -> None:
+        self.reactor = reactor
+        self.server = server
+        self.tlsOptions = tlsOptions
+        self.timeout = timeout
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        tlsFactory = TLSFactory(self.tlsOptions, True, factory, clock=self.reactor)
+        endpoint = HostnameEndpoint(self.reactor, self.server.host, self.server.port, timeout=max(1, int(self.timeout)))
+        return endpoint.connect(tlsFactory).addCallback(lambda tlsProtocol: tlsProtocol.wrappedProtocol)
+
+
 def openTunnel(
-    reactor: Any, server: ServerAddress, tlsOptions: Any, hello: ClientHello, timeout: float = 15.0
-) -> defer.Deferred[TPClientProtocol]:
+    reactor: Any,
+    server: ServerAddress,
+    tlsOptions: Any,
+    hello: ClientHello,
+    timeout: float = 15.0,
+    innerTLS: Any = None,
+) -> defer.Deferred[Any]:
     """
     Connect to TP and ask for C{hello}.
 
-    @return: a L{Deferred} firing with the connected L{TPClientProtocol}
-        (paused; splice it, then resume it), or failing with L{TunnelError}.
+    @param innerTLS: C{name -> client TLS options} for the inner handshake
+        when the destination turns out to be an E2E exposure.
+    @return: a L{Deferred} firing with the end to splice (a
+        L{TPClientProtocol}, or an L{InnerClient} for an E2E exposure),
+        paused, with the bytes that followed its ServerHello in C{rest}; or
+        failing with L{TunnelError}.
     """
     ready: defer.Deferred[TPClientProtocol] = defer.Deferred()
-    factory = TLSFactory(tlsOptions, True, Factory.forProtocol(lambda: TPClientProtocol(hello, ready)), clock=reactor)
+    factory = TLSFactory(tlsOptions, True, Factory.forProtocol(lambda: TPClientProtocol(hello, ready, innerTLS)), clock=reactor)
     endpoint = HostnameEndpoint(reactor, server.host, server.port, timeout=max(1, int(timeout)))
     connecting = endpoint.connect(factory)
     connected: list[Any] = []

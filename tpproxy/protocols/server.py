@@ -404,7 +404,7 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
             peer=self.peerAddress,
             identity=self.identity.name if self.identity else None,
             serial=self.identity.serial if self.identity else None,
-            destination=f"{hello.host}:{hello.port}" if hello else None,
+            destination=(f"{hello.host}:{hello.port}" if hello.op == "connect" else self.address) if hello else None,
             transport=hello.transport if hello else None,
             address=self.address,
             result=self.result,

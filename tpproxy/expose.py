@@ -1,0 +1,237 @@
+# -*- test-case-name: tpproxy.test.test_reverse -*-
+"""
+C{tp expose}: keep a signalling connection to TP and serve incoming
+sessions from a local port.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .protocols.client import Refused, ServerAddress, TLSClientEndpoint, TunnelError, openTunnel
+from .protocols.relay import RelayEnd, noDelay, splice
+from .tls import describeTLSFailure
+from .wire import VERSION, ClientHello, FrameDecoder, ServerHello, WireError, encodeEvent, parseEvent
+
+
+@implementer(IHandshakeListener)
+class ControlProtocol(Protocol):
+    """
+    The signalling connection: a C{listen} hello, then events both ways.
+    C{registered} fires with the ServerHello's info once TP accepted the
+    exposure, or fails with L{Refused} / L{TunnelError}.
+    """
+
+    handshakeDone = False
+
+    def __init__(self, exposer: Exposer) -> None:
+        self.exposer = exposer
+        self.decoder = FrameDecoder()
+        self.registered: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        self.answered = False
+        self._pinger: Any = None
+        self._deadline: Any = None
+
+    def connectionMade(self) -> None:
+        noDelay(self.transport)
+        self.transport.write(self.exposer.hello.toFrame())  # type: ignore[union-attr]
+
+    def handshakeCompleted(self) -> None:
+        self.handshakeDone = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self.decoder.feed(data)
+        while True:
+            try:
+                frame = self.decoder.nextFrame()
+                if frame is None:
+                    return
+                if not self.answered:
+                    self._answer(ServerHello.fromObject(frame))
+                    continue
+                event, fields = parseEvent(frame)
+            except WireError as e:
+                self._fail(TunnelError(f"TP sent a malformed message: {e.message}"))
+                self.transport.abortConnection()  # type: ignore[union-attr]
+                return
+            self._resetDeadline()
+            if event == "incoming":
+                self.exposer.incoming(fields["session"], fields.get("identity"), fields.get("peer") or "?")
+
+    def _answer(self, hello: ServerHello) -> None:
+        self.answered = True
+        if not hello.ok:
+            self._fail(Refused(hello.code or "unknown", hello.message))
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self._schedulePing()
+        self._resetDeadline()
+        self.registered.callback(hello.info)
+
+    def _schedulePing(self) -> None:
+        self._pinger = self.exposer.reactor.callLater(self.exposer.keepalive, self._ping)
+
+    def _ping(self) -> None:
+        self.transport.write(encodeEvent("ping"))  # type: ignore[union-attr]
+        self._schedulePing()
+
+    def _resetDeadline(self) -> None:
+        limit = 3 * self.exposer.keepalive
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.reset(limit)
+        else:
+            self._deadline = self.exposer.reactor.callLater(limit, self._dead)
+
+    def _dead(self) -> None:
+        self.exposer.say(f"No word from TP for {3 * self.exposer.keepalive:g} s; reconnecting")
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _fail(self, error: Exception) -> None:
+        if not self.registered.called:
+            self.registered.errback(error)
+
+    def connectionLost(self, reason: Failure) -> None:
+        for call in (self._pinger, self._deadline):
+            if call is not None and call.active():
+                call.cancel()
+        if not self.registered.called:
+            self._fail(TunnelError(f"TP closed the connection: {describeTLSFailure(reason)}"))
+        else:
+            self.exposer.lost(reason)
+
+
+class ControlFactory(Factory):
+    noisy = False
+
+    def __init__(self, exposer: Exposer) -> None:
+        self.exposer = exposer
+
+    def buildProtocol(self, addr: Any) -> ControlProtocol:
+        return ControlProtocol(self.exposer)
+
+
+class LocalTarget(RelayEnd):
+    """
+    The exposer's connection to its local service.
+    """
+
+    def connectionMade(self) -> None:
+        noDelay(self.transport)
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self.pending = b""
+
+    def preSpliceData(self, data: bytes) -> None:
+        self.pending += data
+
+
+class Exposer:
+    """
+    Keeps one exposure registered with TP (reconnecting with backoff) and
+    serves its sessions from C{local}.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        settings: Any,
+        local: tuple[str, int],
+        hello: ClientHello,
+        keepalive: float,
+        stderr: Any,
+    ) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.local = local
+        self.hello = hello
+        self.keepalive = keepalive
+        self.stderr = stderr
+        self.tlsOptions = settings.tlsOptions()
+        endpoint = TLSClientEndpoint(reactor, settings.server, self.tlsOptions, settings.connectTimeout)
+        self.service = ClientService(
+            endpoint,
+            ControlFactory(self),
+            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=30.0),
+            clock=reactor,
+            prepareConnection=self._register,
+        )
+        self.registrations = 0
+
+    def say(self, line: str) -> None:
+        self.stderr.write(line + "\n")
+        self.stderr.flush()
+
+    def _register(self, control: ControlProtocol) -> defer.Deferred[dict[str, Any]]:
+        d = control.registered
+
+        def announce(info: dict[str, Any]) -> dict[str, Any]:
+            self.registrations += 1
+            lhost, lport = self.local
+            where = f"public port {info.get('port')}" if self.hello.mode == "public" else f"E2E name {info.get('name')}"
+            again = " again" if self.registrations > 1 else ""
+            self.say(f"Exposing {lhost}:{lport} as {where}{again} via {self.settings.server} (v{VERSION}); Ctrl-C stops")
+            return info
+
+        def refused(f: Failure) -> Failure:
+            if self.registrations:
+                self.say(f"TP refused to register the exposure: {f.getErrorMessage()}; retrying")
+            return f
+
+        return d.addCallbacks(announce, refused)
+
+    def lost(self, reason: Failure) -> None:
+        self.say(f"Lost the connection to TP ({describeTLSFailure(reason)}); reconnecting")
+
+    def incoming(self, session: str, identity: str | None, peer: str) -> None:
+        who = f"{identity} from {peer}" if identity else peer
+        tunnel = openTunnel(
+            self.reactor, self.settings.server, self.tlsOptions, ClientHello("accept", session=session), self.settings.connectTimeout
+        )
+        target = connectProtocol(HostnameEndpoint(self.reactor, self.local[0], self.local[1], timeout=10), LocalTarget())
+        opened: list[Any] = []
+        for d in (tunnel, target):
+            d.addCallback(lambda end: opened.append(end) or end)
+        both = defer.gatherResults([tunnel, target], consumeErrors=True)
+
+        def joined(ends: list[Any]) -> None:
+            remote, local = ends
+            pending, local.pending = local.pending, b""
+            splice(remote, local, fromA=remote.rest, fromB=pending)
+            remote.transport.resumeProducing()
+            local.transport.resumeProducing()
+
+        def failed(f: Failure) -> None:
+            error = f.value.subFailure if isinstance(f.value, defer.FirstError) else f
+            self.say(f"Connection from {who} failed: {error.getErrorMessage()}")
+            for end in opened:
+                end.transport.loseConnection()
+
+        both.addCallbacks(joined, failed)
+
+
+@defer.inlineCallbacks
+def runExpose(reactor: Any, settings: Any, local: tuple[str, int], hello: ClientHello, keepalive: float, stderr: Any) -> Any:
+    """
+    Register, and keep the exposure up until interrupted.  A refusal on the
+    first attempt ends the command (exit status 3, or 1 if TP could not be
+    reached); after a first success, TP going away means retrying.
+    """
+    exposer = Exposer(reactor, settings, local, hello, keepalive, stderr)
+    exposer.service.startService()
+    try:
+        yield exposer.service.whenConnected(failAfterFailures=1)
+    except (Refused, TunnelError):
+        yield exposer.service.stopService()
+        raise
+    except Exception as e:
+        yield exposer.service.stopService()
+        raise TunnelError(f"cannot reach TP at {settings.server}: {e}") from None
+    reactor.addSystemEventTrigger("before", "shutdown", exposer.service.stopService)
+    yield defer.Deferred()  # until the reactor stops
