@@ -26,8 +26,9 @@ from .wire import VERSION, ClientHello, FrameDecoder, ServerHello, WireError, en
 class ControlProtocol(Protocol):
     """
     The signalling connection: a C{listen} hello, then events both ways.
-    C{registered} fires with the ServerHello's info once TP accepted the
-    exposure, or fails with L{Refused} / L{TunnelError}.
+    It reports to its L{Exposer}: C{registered(info)} once TP accepted the
+    exposure, C{refused(error)} if it did not (or the connection ended
+    first), C{lost(reason)} when a registered connection ends.
     """
 
     handshakeDone = False
@@ -35,8 +36,8 @@ class ControlProtocol(Protocol):
     def __init__(self, exposer: Exposer) -> None:
         self.exposer = exposer
         self.decoder = FrameDecoder()
-        self.registered: defer.Deferred[dict[str, Any]] = defer.Deferred()
         self.answered = False
+        self.error: Exception | None = None
         self._pinger: Any = None
         self._deadline: Any = None
 
@@ -74,7 +75,7 @@ class ControlProtocol(Protocol):
             return
         self._schedulePing()
         self._resetDeadline()
-        self.registered.callback(hello.info)
+        self.exposer.registered(hello.info)
 
     def _schedulePing(self) -> None:
         self._pinger = self.exposer.reactor.callLater(self.exposer.keepalive, self._ping)
@@ -95,15 +96,15 @@ class ControlProtocol(Protocol):
         self.transport.abortConnection()  # type: ignore[union-attr]
 
     def _fail(self, error: Exception) -> None:
-        if not self.registered.called:
-            self.registered.errback(error)
+        if self.error is None:
+            self.error = error
 
     def connectionLost(self, reason: Failure) -> None:
         for call in (self._pinger, self._deadline):
             if call is not None and call.active():
                 call.cancel()
-        if not self.registered.called:
-            self._fail(TunnelError(f"TP closed the connection: {describeTLSFailure(reason)}"))
+        if self.error is not None or not self.answered:
+            self.exposer.refused(self.error or TunnelError(f"TP closed the connection: {describeTLSFailure(reason)}"))
         else:
             self.exposer.lost(reason)
 
@@ -160,31 +161,31 @@ class Exposer:
             ControlFactory(self),
             retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=30.0),
             clock=reactor,
-            prepareConnection=self._register,
         )
+        # Registration happens on the connection, not in ClientService's
+        # prepareConnection: a failed prepareConnection leaves the connection
+        # open, and its later loss is a NoTransition in Twisted 26.10.
         self.registrations = 0
+        self.first: defer.Deferred[dict[str, Any]] = defer.Deferred()
 
     def say(self, line: str) -> None:
         self.stderr.write(line + "\n")
         self.stderr.flush()
 
-    def _register(self, control: ControlProtocol) -> defer.Deferred[dict[str, Any]]:
-        d = control.registered
+    def registered(self, info: dict[str, Any]) -> None:
+        self.registrations += 1
+        lhost, lport = self.local
+        where = f"public port {info.get('port')}" if self.hello.mode == "public" else f"E2E name {info.get('name')}"
+        again = " again" if self.registrations > 1 else ""
+        self.say(f"Exposing {lhost}:{lport} as {where}{again} via {self.settings.server} (v{VERSION}); Ctrl-C stops")
+        if not self.first.called:
+            self.first.callback(info)
 
-        def announce(info: dict[str, Any]) -> dict[str, Any]:
-            self.registrations += 1
-            lhost, lport = self.local
-            where = f"public port {info.get('port')}" if self.hello.mode == "public" else f"E2E name {info.get('name')}"
-            again = " again" if self.registrations > 1 else ""
-            self.say(f"Exposing {lhost}:{lport} as {where}{again} via {self.settings.server} (v{VERSION}); Ctrl-C stops")
-            return info
-
-        def refused(f: Failure) -> Failure:
-            if self.registrations:
-                self.say(f"TP refused to register the exposure: {f.getErrorMessage()}; retrying")
-            return f
-
-        return d.addCallbacks(announce, refused)
+    def refused(self, error: Exception) -> None:
+        if not self.first.called:
+            self.first.errback(error)
+        else:
+            self.say(f"TP did not take the exposure: {error}; retrying")
 
     def lost(self, reason: Failure) -> None:
         self.say(f"Lost the connection to TP ({describeTLSFailure(reason)}); reconnecting")
@@ -227,11 +228,13 @@ def runExpose(reactor: Any, settings: Any, local: tuple[str, int], hello: Client
     exposer.service.startService()
     try:
         yield exposer.service.whenConnected(failAfterFailures=1)
-    except (Refused, TunnelError):
-        yield exposer.service.stopService()
-        raise
     except Exception as e:
         yield exposer.service.stopService()
         raise TunnelError(f"cannot reach TP at {settings.server}: {e}") from None
+    try:
+        yield exposer.first
+    except Exception:
+        yield exposer.service.stopService()
+        raise
     reactor.addSystemEventTrigger("before", "shutdown", exposer.service.stopService)
     yield defer.Deferred()  # until the reactor stops

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ServerConfig, parseServerConfig
-from .pki import CertificateAuthority, Issued
+from .pki import CertificateAuthority, Issued, keyPEM, writePrivate
 
 
 @dataclass
@@ -30,6 +30,7 @@ class TestPKI:
         d.mkdir(parents=True, exist_ok=True)
         ca = CertificateAuthority.create("TP test CA")
         (d / "ca.pem").write_bytes(ca.certPEM)
+        writePrivate(d / "ca.key", keyPEM(ca.key))
         pki = cls(d, ca)
         server = ca.issue("localhost", dns=("localhost",), ips=("127.0.0.1", "::1"), server=True)
         server.write(d / "server.pem", d / "server.key")
@@ -62,10 +63,10 @@ class TestPKI:
     def serverConfig(self, rules: list[dict[str, Any]] | None = None, **server: Any) -> ServerConfig:
         """
         A validated L{ServerConfig} using this PKI.  C{server} keys go into
-        the C{[server]} table; C{deny}, C{groups} and C{crl} may be given too.
+        the C{[server]} table, except C{deny}, C{groups}, C{exposures},
+        C{reverse} and C{e2e}, which are tables of their own.
         """
-        deny = server.pop("deny", None)
-        groups = server.pop("groups", None)
+        extra = {name: server.pop(name) for name in ("deny", "groups", "exposures", "reverse", "e2e") if name in server}
         table: dict[str, Any] = {
             "listen": "tcp:0:interface=127.0.0.1",
             "certificate": "server.pem",
@@ -74,13 +75,32 @@ class TestPKI:
         }
         table.update(server)
         data: dict[str, Any] = {"server": table, "rules": rules if rules is not None else LOOPBACK_RULES}
-        if deny is not None:
-            data["deny"] = deny
-        if groups is not None:
-            data["groups"] = groups
+        data.update(extra)
         return parseServerConfig(data, self.directory, str(self.directory / "test.toml"))
 
 
 LOOPBACK_RULES: list[dict[str, Any]] = [
     {"identities": "*", "hosts": ["127.0.0.0/8", "::1/128"], "ports": "*", "transports": ["tcp", "udp"]},
+]
+
+
+def reverseTables(
+    pki: TestPKI, acceptTimeout: float = 10, keepalive: float = 15, exposers: tuple[str, ...] = ("alice",)
+) -> dict[str, Any]:
+    """
+    Server config tables for reverse tunnels on loopback: C{exposers}
+    (default C{alice}) may expose public ports and names under
+    C{.localhost}; C{alice} and C{bob} may dial them.
+    """
+    return {
+        "exposures": [
+            {"identities": list(exposers), "public_ports": "1024-65535", "names": "*.localhost", "dialers": ["alice", "bob"]},
+        ],
+        "reverse": {"public_interface": "127.0.0.1", "accept_timeout": acceptTimeout, "keepalive": keepalive},
+        "e2e": {"ca_certificate": "ca.pem", "ca_key": "ca.key"},
+    }
+
+
+REVERSE_RULES: list[dict[str, Any]] = LOOPBACK_RULES + [
+    {"identities": "*", "hosts": "*.localhost", "ports": "*"},
 ]

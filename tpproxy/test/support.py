@@ -265,3 +265,58 @@ def listenLocal(testCase: TestCase, protocolClass: type[protocol.Protocol], inte
     port = reactor.listenTCP(0, factory, interface=interface)  # type: ignore[attr-defined]
     testCase.addCleanup(port.stopListening)
     return port.getHost().port, factory
+
+
+class SSHD:
+    """
+    A real OpenSSH server on a loopback port, with keys made for the test,
+    and the ssh command line to reach it.
+    """
+
+    @classmethod
+    @defer.inlineCallbacks
+    def start(cls, testCase: TestCase) -> Any:
+        import pwd
+
+        self = cls()
+        sshd = requireTool("/usr/sbin/sshd", "sshd")
+        self.ssh = requireTool("ssh")
+        keygen = requireTool("ssh-keygen")
+        d = Path(testCase.mktemp()).absolute()
+        d.mkdir()
+        os.chmod(d, 0o700)
+        self.dir = d
+        for name in ("host", "user"):
+            r = yield run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)])
+            testCase.assertEqual(r.status, 0, r)
+        (d / "authorized_keys").write_bytes((d / "user.pub").read_bytes())
+        os.chmod(d / "authorized_keys", 0o600)
+        hostKey = (d / "host.pub").read_text().split()
+        (d / "known_hosts").write_text(f"tp-test-sshd {hostKey[0]} {hostKey[1]}\n")
+        if os.geteuid() == 0:
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        self.user = pwd.getpwuid(os.getuid()).pw_name
+        self.port = freePort()
+        (d / "sshd_config").write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {d}/host\n"
+            f"AuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\nStrictModes no\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+            f"PermitRootLogin prohibit-password\nAllowUsers {self.user}\nLogLevel ERROR\n"
+        )
+        self.process = Background(testCase, [sshd, "-D", "-e", "-f", str(d / "sshd_config")])
+        yield waitForPort(self.port)
+        return self
+
+    def args(self, host: str, port: int, *command: str, proxy: str | None = None) -> list[str]:
+        """
+        ssh to C{host}:C{port} (through C{proxy}, a ProxyCommand, if given),
+        checking the host key against the one made for this sshd.
+        """
+        argv = [
+            self.ssh, "-F", "/dev/null", "-i", str(self.dir / "user"), "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={self.dir / 'known_hosts'}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "HostKeyAlias=tp-test-sshd",
+        ]
+        if proxy:
+            argv += ["-o", f"ProxyCommand={proxy}"]
+        return argv + ["-p", str(port), "-l", self.user, host, *command]

@@ -23,6 +23,7 @@ from tpproxy.testing import TestPKI
 from .support import (
     Background,
     Echo,
+    SSHD,
     HashSink,
     auditObserver,
     audits,
@@ -445,48 +446,13 @@ class SSHTests(TPTestCase):
     @defer.inlineCallbacks
     def setUp(self) -> Any:
         super().setUp()
-        self.sshd = requireTool("/usr/sbin/sshd", "sshd")
-        self.ssh = requireTool("ssh")
-        keygen = requireTool("ssh-keygen")
-        d = Path(self.mktemp()).absolute()
-        d.mkdir()
-        os.chmod(d, 0o700)
-        self.sshdir = d
-        for name in ("host", "user"):
-            r = yield run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)])
-            self.assertEqual(r.status, 0, r)
-        (d / "authorized_keys").write_bytes((d / "user.pub").read_bytes())
-        os.chmod(d / "authorized_keys", 0o600)
-        hostKey = (d / "host.pub").read_text().split()
-        (d / "known_hosts").write_text(f"tp-test-sshd {hostKey[0]} {hostKey[1]}\n")
-        if os.geteuid() == 0:
-            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-        import pwd
-
-        self.user = pwd.getpwuid(os.getuid()).pw_name
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.sshPort = s.getsockname()[1]
-        (d / "sshd_config").write_text(
-            f"Port {self.sshPort}\nListenAddress 127.0.0.1\nHostKey {d}/host\n"
-            f"AuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\nStrictModes no\n"
-            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-            f"PermitRootLogin prohibit-password\nAllowUsers {self.user}\nLogLevel ERROR\n"
-        )
-        self.sshdProcess = Background(self, [self.sshd, "-D", "-e", "-f", str(d / "sshd_config")])
-        from .support import waitForPort
-
-        yield waitForPort(self.sshPort)
+        self.sshd = yield SSHD.start(self)
+        self.sshPort = self.sshd.port
         self.startTP()
 
     def sshArgs(self, *command: str) -> list[str]:
         proxy = " ".join(tpCommand()) + f" --config {self.clientConfig} connect %h:%p"
-        return [
-            self.ssh, "-F", "/dev/null", "-i", str(self.sshdir / "user"), "-o", "IdentitiesOnly=yes",
-            "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={self.sshdir / 'known_hosts'}",
-            "-o", "StrictHostKeyChecking=yes", "-o", "HostKeyAlias=tp-test-sshd",
-            "-o", f"ProxyCommand={proxy}", "-p", str(self.sshPort), "-l", self.user, "127.0.0.1", *command,
-        ]
+        return self.sshd.args("127.0.0.1", self.sshPort, *command, proxy=proxy)
 
     @defer.inlineCallbacks
     def test_remoteCommand(self) -> Any:
@@ -508,7 +474,7 @@ class SSHTests(TPTestCase):
         result = yield run(self.sshArgs("sha256sum"), stdin=up)
         self.assertEqual(result.status, 0, result)
         self.assertEqual(result.out.split()[0].decode(), sha256(up))
-        down = self.sshdir / "down.bin"
+        down = self.sshd.dir / "down.bin"
         payload = os.urandom(TEN_MB)
         down.write_bytes(payload)
         result = yield run(self.sshArgs("cat", str(down)), stdin=b"")
