@@ -4,18 +4,26 @@ Benchmark TP against an equivalent stunnel mutual-TLS relay, on loopback.
 
     /work/venv/bin/python benchmarks/bench.py [--quick]
 
-Three chains carry the same traffic to the same sink/source server:
+Four chains carry the same traffic to the same sink/source server:
 
-  direct   client -> sink
-  tp       client -> `tp up` (plain in, TLS out) -> `twist tp` (TLS in,
-           plain out) -> sink
-  stunnel  client -> stunnel client mode (plain in, TLS out with the client
-           certificate) -> stunnel server mode (TLS 1.3 only, client
-           certificate required and verified) -> sink
+  direct      client -> sink
+  tp          client -> `tp up` (plain in, TLS out) -> `twist tp` (TLS in,
+              plain out) -> sink
+  tp_reverse  client -> public port of `twist tp` (plain in) -> (a new TLS
+              connection from the exposer, `accept` hello) -> `tp expose
+              127.0.0.1:SINK --public PORT` (TLS in, plain out) -> sink
+  stunnel     client -> stunnel client mode (plain in, TLS out with the client
+              certificate) -> stunnel server mode (TLS 1.3 only, client
+              certificate required and verified) -> sink
 
-Both proxy chains are two processes with one TLS hop between them, and use
-the same CA, server certificate and client certificate, made at run time by
-`tp init-dev` in a temporary directory.
+Every proxy chain is two processes with one mutual-TLS hop between them, and
+uses the same CA, server certificate and client certificate, made at run time
+by `tp init-dev` in a temporary directory.  The reverse chain shares the
+`twist tp` process with the forward one.  Its exposer keeps a signalling
+connection to `twist tp`; for every client connection to the public port TP
+sends an `incoming` event on it, and the exposer opens a new mutual-TLS
+connection to TP (`accept` hello) and a connection to the sink, which TP and
+the exposer then splice.
 
 Measured: bulk throughput of one connection (upload and download), and the
 rate of short connections (connect, send a line, read it back, close),
@@ -56,7 +64,9 @@ CHUNK = 1 << 20
 LOOPBACK = "127.0.0.1"
 #: A transfer making no progress for this long (on loopback) counts as a stall.
 STALL_TIMEOUT = 10.0
-CHAINS = ("direct", "tp", "stunnel")
+CHAINS = ("direct", "tp", "tp_reverse", "stunnel")
+#: Column headings of the table.
+LABELS = {"direct": "direct", "tp": "TP fwd", "tp_reverse": "TP rev", "stunnel": "stunnel"}
 
 
 class BenchError(Exception):
@@ -236,6 +246,9 @@ class Processes:
     def __init__(self, logdir: Path) -> None:
         self.logdir = logdir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        # The TP client may remember per server which transport worked (in
+        # $XDG_CACHE_HOME/tp): keep that in the temporary directory.
+        self.env = dict(os.environ, XDG_CACHE_HOME=str(logdir / "cache"))
 
     def start(self, name: str, argv: list[str], stdout: Any = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
         log = open(self.logdir / f"{name}.log", "wb")
@@ -245,6 +258,7 @@ class Processes:
             stdout=stdout if stdout is not None else log,
             stderr=log,
             cwd=cwd,
+            env=self.env,
             start_new_session=True,
         )
         log.close()
@@ -262,6 +276,22 @@ class Processes:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
                 raise BenchError(f"{name} exited with status {proc.returncode}:\n{self.logTail(name)}")
+
+    def stopOne(self, name: str, timeout: float) -> float | None:
+        """
+        SIGTERM one process; the seconds it took to exit, or None if it was
+        still running after C{timeout} (it is left running).
+        """
+        proc = self.procs[name]
+        if proc.poll() is not None:
+            return 0.0
+        start = time.monotonic()
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return round(time.monotonic() - start, 2)
 
     def stopAll(self) -> None:
         for proc in self.procs.values():
@@ -341,8 +371,8 @@ options = NO_TICKET
 
 class Setup:
     """
-    The sink, TP (`tp up` + `twist tp`) and stunnel (client + server), all
-    on loopback.
+    The sink, TP forward (`tp up` + `twist tp`), TP reverse (`tp expose` +
+    the same `twist tp`) and stunnel (client + server), all on loopback.
     """
 
     def __init__(self, workdir: Path) -> None:
@@ -356,11 +386,28 @@ class Setup:
             if not (self.bindir / tool).exists():
                 raise BenchError(f"{self.bindir / tool} does not exist (is TP installed in this venv?)")
         self.entry: dict[str, int] = {}
-        self.proxyPids: dict[str, list[int]] = {"direct": [], "tp": [], "stunnel": []}
+        self.proxyPids: dict[str, list[int]] = {c: [] for c in CHAINS}
+        self.pidNames: dict[int, str] = {}
+        #: --transport for the TP clients, if this TP has the option.
+        self.transportArgs: list[str] = []
+
+    def pinTransport(self, transport: str) -> str | None:
+        """
+        Newer TP clients choose QUIC or TLS to TP (--transport, default auto);
+        the comparison with stunnel is about TLS over TCP, so pin it.
+        Returns the transport pinned, or None if this TP has no such option.
+        """
+        out = subprocess.run([str(self.bindir / "tp"), "--help"], capture_output=True, text=True)
+        if "--transport" not in out.stdout:
+            if transport != "tls":
+                raise BenchError(f"this tp has no --transport option (asked for {transport})")
+            return None
+        self.transportArgs = ["--transport", transport]
+        return transport
 
     def start(self) -> None:
         d = self.dir
-        tpPort, upPort, stunnelServerPort, stunnelClientPort = freePorts(4)
+        tpPort, upPort, publicPort, stunnelServerPort, stunnelClientPort = freePorts(5)
 
         # The sink.
         sink = self.procs.start("sink", [sys.executable, str(Path(__file__).resolve()), "--sink"], stdout=subprocess.PIPE)
@@ -395,12 +442,29 @@ class Setup:
             "tp-up",
             [
                 str(self.bindir / "tp"), "--config", str(pki / "client.toml"), "--server", f"{LOOPBACK}:{tpPort}",
-                "up", f"{LOOPBACK}:{self.sinkPort}", str(upPort),
+                *self.transportArgs, "up", f"{LOOPBACK}:{self.sinkPort}", str(upPort),
             ],
         )
         waitForPort(upPort, self.procs, "tp up")
         self.entry["tp"] = upPort
         self.proxyPids["tp"] = [self.procs.procs["tp-up"].pid, self.procs.procs["twist-tp"].pid]
+
+        # TP reverse: `tp expose` registers the sink as a public port of the
+        # same `twist tp` (on its [reverse] public_interface, 127.0.0.1 in the
+        # dev config).  The "Exposing ... as public port N" line on its stderr
+        # says the port is listening; no probe connection is needed.
+        self.procs.start(
+            "tp-expose",
+            [
+                str(self.bindir / "tp"), "--config", str(pki / "client.toml"), "--server", f"{LOOPBACK}:{tpPort}",
+                *self.transportArgs, "expose", f"{LOOPBACK}:{self.sinkPort}", "--public", str(publicPort),
+            ],
+        )
+        exposed = self.waitForExposure("tp-expose")
+        if exposed != publicPort:
+            raise BenchError(f"tp expose asked for public port {publicPort} but reports {exposed}")
+        self.entry["tp_reverse"] = exposed
+        self.proxyPids["tp_reverse"] = [self.procs.procs["tp-expose"].pid, self.procs.procs["twist-tp"].pid]
 
         # stunnel: server mode, then client mode in front of it.
         server = STUNNEL_GLOBAL.format(
@@ -423,12 +487,54 @@ class Setup:
         self.entry["stunnel"] = stunnelClientPort
         self.proxyPids["stunnel"] = [self.procs.procs["stunnel-client"].pid, self.procs.procs["stunnel-server"].pid]
         self.ports = {
-            "sink": self.sinkPort, "tp_server": tpPort, "tp_up": upPort,
+            "sink": self.sinkPort, "tp_server": tpPort, "tp_up": upPort, "tp_public": publicPort,
             "stunnel_server": stunnelServerPort, "stunnel_client": stunnelClientPort,
         }
+        self.pidNames = {proc.pid: name for name, proc in self.procs.procs.items()}
+
+    def waitForExposure(self, name: str, timeout: float = 20.0) -> int:
+        """
+        Wait for `tp expose` to report its public port on stderr.
+        """
+        pattern = re.compile(r"^Exposing \S+ as public port (\d+) via ", re.M)
+        deadline = time.monotonic() + timeout
+        while True:
+            self.procs.check()
+            try:
+                text = (self.dir / f"{name}.log").read_text(errors="replace")
+            except OSError:
+                text = ""
+            m = pattern.search(text)
+            if m:
+                return int(m.group(1))
+            if time.monotonic() > deadline:
+                raise BenchError(f"{name} did not report a public port within {timeout:g} s:\n{self.procs.logTail(name)}")
+            time.sleep(0.05)
 
     def proxyCPU(self, chain: str) -> float:
         return sum(cpuSeconds(pid) for pid in self.proxyPids[chain])
+
+    def proxyCPUByProcess(self, chain: str) -> dict[str, float]:
+        return {self.pidNames.get(pid, str(pid)): cpuSeconds(pid) for pid in self.proxyPids[chain]}
+
+    def peakRSSByProcess(self) -> dict[str, float | None]:
+        """
+        Peak resident memory (VmHWM) of each proxy process, in MB.
+        """
+        out: dict[str, float | None] = {}
+        for pid in sorted({p for pids in self.proxyPids.values() for p in pids}):
+            out[self.pidNames.get(pid, str(pid))] = self._vmHWM(pid)
+        return out
+
+    @staticmethod
+    def _vmHWM(pid: int) -> float | None:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) * 1024 / MB, 1)
+        except OSError:
+            pass
+        return None
 
     def peakRSS(self, chain: str) -> float | None:
         """
@@ -684,11 +790,13 @@ def measureBulk(setup: Setup, direction: str, n: int, repeats: int, problems: li
     out: dict[str, Any] = {}
     samples: dict[str, list[float]] = {c: [] for c in CHAINS}
     cpu: dict[str, list[float]] = {c: [] for c in CHAINS}
+    cpuByProcess: dict[str, dict[str, list[float]]] = {c: {} for c in CHAINS}
     errors: dict[str, list[str]] = {c: [] for c in CHAINS}
     for r in range(repeats):
         for chain in CHAINS:
             port = setup.entry[chain]
             before = setup.proxyCPU(chain)
+            beforeEach = setup.proxyCPUByProcess(chain)
             eofProblem = None
             try:
                 if direction == "upload":
@@ -703,7 +811,9 @@ def measureBulk(setup: Setup, direction: str, n: int, repeats: int, problems: li
                 continue
             samples[chain].append(n / MB / t)
             cpu[chain].append(setup.proxyCPU(chain) - before)
-            print(f"  {direction:8} {chain:8} run {r + 1}: {n / MB / t:9.1f} MB/s  ({t:.2f} s)", flush=True)
+            for name, used in setup.proxyCPUByProcess(chain).items():
+                cpuByProcess[chain].setdefault(name, []).append(used - beforeEach[name])
+            print(f"  {direction:8} {chain:10} run {r + 1}: {n / MB / t:9.1f} MB/s  ({t:.2f} s)", flush=True)
             if eofProblem:
                 message = f"{chain} {direction} run {r + 1}: {eofProblem}"
                 errors[chain].append(eofProblem)
@@ -719,6 +829,9 @@ def measureBulk(setup: Setup, direction: str, n: int, repeats: int, problems: li
             "runs_ok": len(s),
             "errors": errors[chain],
             "proxy_cpu_s_per_gb": round(median(cpu[chain]) / n * 1e9, 2) if s and chain != "direct" else None,
+            "proxy_cpu_s_per_gb_by_process": {
+                name: round(median(v) / n * 1e9, 2) for name, v in cpuByProcess[chain].items()
+            } if s and chain != "direct" else None,
         }
     return out
 
@@ -729,14 +842,20 @@ def measureRate(setup: Setup, total: int, concurrency: int, problems: list[str])
         port = setup.entry[chain]
         connectionRate(port, 10, 1)  # warm-up
         before = setup.proxyCPU(chain)
+        beforeEach = setup.proxyCPUByProcess(chain)
         result = connectionRate(port, total, concurrency)
         used = setup.proxyCPU(chain) - before
         result["proxy_cpu_ms_per_conn"] = round(1000 * used / max(1, result["ok"]), 3) if chain != "direct" else None
+        if chain != "direct":
+            result["proxy_cpu_ms_per_conn_by_process"] = {
+                name: round(1000 * (t - beforeEach[name]) / max(1, result["ok"]), 3)
+                for name, t in setup.proxyCPUByProcess(chain).items()
+            }
         if result["errors"]:
             problems.append(f"{chain} connection rate (concurrency {concurrency}): {result['errors']} of {total} failed: {result['error_samples']}")
         out[chain] = result
         print(
-            f"  conc {concurrency:2} {chain:8}: {result['conn_per_s']:8.1f} conn/s  p50 {result['latency_ms_p50']:.2f} ms"
+            f"  conc {concurrency:2} {chain:10}: {result['conn_per_s']:8.1f} conn/s  p50 {result['latency_ms_p50']:.2f} ms"
             f"  p99 {result['latency_ms_p99']:.2f} ms  errors {result['errors']}",
             flush=True,
         )
@@ -759,10 +878,10 @@ def buildTable(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     def add(label: str, values: dict[str, float | None], digits: int = 1, higherIsBetter: bool = True) -> None:
         rows.append({
             "measure": label,
-            "direct": values.get("direct"),
-            "tp": values.get("tp"),
-            "stunnel": values.get("stunnel"),
+            **{c: values.get(c) for c in CHAINS},
             "tp_over_stunnel": ratio(values.get("tp"), values.get("stunnel")),
+            "tp_reverse_over_stunnel": ratio(values.get("tp_reverse"), values.get("stunnel")),
+            "tp_reverse_over_tp": ratio(values.get("tp_reverse"), values.get("tp")),
             "higher_is_better": higherIsBetter,
             "digits": digits,
         })
@@ -786,14 +905,15 @@ def buildTable(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     add("proxy peak RSS, both processes (MB)", results["peak_rss_mb"], 1, False)
 
     width = max(len(r["measure"]) for r in rows)
-    lines = [f"{'measure':<{width}}  {'direct':>9}  {'TP':>9}  {'stunnel':>9}  {'TP/stunnel':>10}"]
-    lines.append("-" * len(lines[0]))
+    ratios = (("tp_over_stunnel", "fwd/stun"), ("tp_reverse_over_stunnel", "rev/stun"), ("tp_reverse_over_tp", "rev/fwd"))
+    header = f"{'measure':<{width}}" + "".join(f"  {LABELS[c]:>8}" for c in CHAINS) + " "
+    header += "".join(f"  {label:>8}" for _, label in ratios)
+    lines = [header, "-" * len(header)]
     for r in rows:
         d = r["digits"]
-        lines.append(
-            f"{r['measure']:<{width}}  {fmt(r['direct'], d):>9}  {fmt(r['tp'], d):>9}  {fmt(r['stunnel'], d):>9}"
-            f"  {fmt(r['tp_over_stunnel'], 3):>10}"
-        )
+        line = f"{r['measure']:<{width}}" + "".join(f"  {fmt(r[c], d):>8}" for c in CHAINS) + " "
+        line += "".join(f"  {fmt(r[key], 3):>8}" for key, _ in ratios)
+        lines.append(line)
     for r in rows:
         del r["digits"]
     return "\n".join(lines), rows
@@ -857,7 +977,8 @@ def _logEvents(text: str) -> list[dict[str, Any]]:
 def scanLogs(setup: Setup, problems: list[str]) -> dict[str, Any]:
     """
     Look through TP's logs for tracebacks, errors and failed connections
-    (twist logs JSON, one event a line, when its output is not a terminal).
+    (twist logs JSON, one event a line, when its output is not a terminal;
+    `tp expose` writes plain lines, and only one is expected: "Exposing ...").
     """
     found: dict[str, Any] = {}
     for name in ("twist-tp", "tp-up"):
@@ -868,20 +989,101 @@ def scanLogs(setup: Setup, problems: list[str]) -> dict[str, Any]:
         events = _logEvents(text)
         info: dict[str, Any] = {"lines": len(text.splitlines()), "tracebacks": text.count("Traceback")}
         errors = [e for e in events if (e.get("log_level") or {}).get("name") in ("error", "critical") or e.get("isError")]
+        warnings = [e for e in events if (e.get("log_level") or {}).get("name") == "warn"]
         info["error_events"] = len(errors)
-        connects = [e for e in events if e.get("event") == "connect"]
+        info["warn_events"] = len(warnings)
         if name == "twist-tp":
-            results: dict[str, int] = {}
-            for e in connects:
-                results[e.get("result", "?")] = results.get(e.get("result", "?"), 0) + 1
-            info["audit_results"] = results
-        bad = info["tracebacks"] + len(errors)
+            # One audit event per TLS connection when it closes, by hello op
+            # (connect, listen, accept; handshake failures count as connect),
+            # and one "incoming" event per connection to a public port.
+            audits: dict[str, dict[str, int]] = {}
+            for e in events:
+                if e.get("log_namespace") == "tpproxy.audit" and e.get("event") != "incoming":
+                    byResult = audits.setdefault(e.get("event", "?"), {})
+                    byResult[e.get("result", "?")] = byResult.get(e.get("result", "?"), 0) + 1
+            info["audit_results"] = audits
+            incoming = sum(1 for e in events if e.get("log_namespace") == "tpproxy.audit" and e.get("event") == "incoming")
+            info["incoming_events"] = incoming
+            accepted = audits.get("accept", {})
+            notOK = {k: v for k, v in accepted.items() if k != "ok"}
+            if notOK or accepted.get("ok", 0) != incoming:
+                problems.append(
+                    f"twist-tp log: {incoming} incoming event(s) on the public port, accept connections {accepted}"
+                )
+        bad = info["tracebacks"] + len(errors) + len(warnings)
         if bad:
-            problems.append(f"{name} log: {info['tracebacks']} traceback(s), {len(errors)} error event(s)")
-            info["error_samples"] = [str(e.get("log_format") or e.get("log_text") or e)[:300] for e in errors[:5]]
+            problems.append(
+                f"{name} log: {info['tracebacks']} traceback(s), {len(errors)} error event(s), {len(warnings)} warning(s)"
+            )
+            info["error_samples"] = [_eventText(e) for e in (errors + warnings)[:5]]
             info["tail"] = setup.procs.logTail(name, 20)
         found[name] = info
+    try:
+        text = (setup.dir / "tp-expose.log").read_text(errors="replace")
+    except OSError:
+        text = None
+    if text is not None:
+        lines = [line for line in text.splitlines() if line.strip()]
+        unexpected = [line for line in lines if not re.match(r"^Exposing \S+ as public port \d+ via ", line)]
+        info = {"lines": len(lines), "tracebacks": text.count("Traceback"), "unexpected_lines": len(unexpected)}
+        if len(lines) - len(unexpected) != 1:
+            problems.append(f"tp-expose log: {len(lines) - len(unexpected)} 'Exposing' lines, expected 1 (reconnected?)")
+        if unexpected:
+            problems.append(f"tp-expose log: {len(unexpected)} unexpected line(s), e.g. {unexpected[:3]}")
+            info["samples"] = unexpected[:10]
+        found["tp-expose"] = info
+    # The sink's own complaints (a connection ended early, ...), for the
+    # record; the port probes at start cause one or two.
+    try:
+        sinkLines = (setup.dir / "sink.log").read_text(errors="replace").splitlines()
+        found["sink"] = {"lines": len(sinkLines), "samples": sinkLines[:5]}
+    except OSError:
+        pass
     return found
+
+
+def _eventText(e: dict[str, Any]) -> str:
+    text = str(e.get("log_format") or e.get("log_text") or e)
+    try:
+        fields = {k: v for k, v in e.items() if isinstance(v, (str, int, float)) and not k.startswith("log_")}
+        text = text.format(**fields)
+    except (KeyError, IndexError, ValueError, AttributeError):
+        pass
+    return text[:300]
+
+
+def shutdownCheck(setup: Setup, problems: list[str], timeout: float = 3.0) -> dict[str, Any]:
+    """
+    At the end: SIGTERM the two TP clients (`tp up`, `tp expose`) while
+    `twist tp` is still up; each should exit promptly ("Ctrl-C stops"), and
+    the exposer's public port should stop taking connections.
+    """
+    names = ("tp-up", "tp-expose")
+    procs = setup.procs.procs
+    started = time.monotonic()
+    for name in names:
+        if procs[name].poll() is None:
+            procs[name].terminate()
+    time.sleep(1.0)
+    payload = b"ECHO " + b"x" * 58 + b"\n"
+    try:
+        shortConnection(setup.entry["tp_reverse"], payload)
+        publicPort = "still served (echo came back) 1 s after SIGTERM to tp expose"
+    except ConnectionRefusedError:
+        publicPort = "refused"
+    except (OSError, BenchError) as e:
+        publicPort = f"closed without an answer ({e})"
+    out: dict[str, Any] = {"public_port_after_sigterm": publicPort}
+    for name in names:
+        try:
+            procs[name].wait(max(0.1, timeout - (time.monotonic() - started)))
+            out[name] = {"exited_after_s": round(time.monotonic() - started, 2), "status": procs[name].returncode}
+        except subprocess.TimeoutExpired:
+            out[name] = {"exited_after_s": None, "status": None}
+            problems.append(f"{name} still running {timeout:g} s after SIGTERM (twist tp still up)")
+    if publicPort.startswith("still served"):
+        problems.append(f"public port of tp expose {publicPort}")
+    return out
 
 
 def tlsCheck(setup: Setup) -> dict[str, Any]:
@@ -948,6 +1150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-runs", type=int, default=5, help="runs of each integrity check")
     parser.add_argument("--json", default=str(HERE / "results" / "latest.json"), help="where to write the results")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
+    parser.add_argument("--tp-transport", choices=("tls", "quic", "auto"), default="tls",
+                        help="transport from the TP clients to twist tp, for TP versions with --transport (default tls, "
+                             "like stunnel)")
     parser.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sink:
@@ -970,7 +1175,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         setup = Setup(workdir)
-        print(f"Starting sink, TP and stunnel in {workdir} ...", flush=True)
+        transport = setup.pinTransport(args.tp_transport)
+        print(f"Starting sink, TP (forward and reverse) and stunnel in {workdir} ...", flush=True)
         setup.start()
         print(f"  ports: {setup.ports}", flush=True)
         results: dict[str, Any] = {
@@ -986,9 +1192,13 @@ def main(argv: list[str] | None = None) -> int:
                 "versions": versions(setup),
                 "tp_source": tpSource(),
                 "stall_timeout_s": STALL_TIMEOUT,
+                "tp_client_transport": transport or "tls (this tp has no --transport option)",
                 "chains": {
                     "direct": "client -> sink",
                     "tp": "client -> tp up -> (TLS 1.3, mutual) -> twist tp -> sink",
+                    "tp_reverse": "client -> twist tp public port -> (TLS 1.3, mutual: a new accept connection from "
+                                  "the exposer per client connection, announced on its signalling connection) -> "
+                                  "tp expose --public -> sink; twist tp shared with the tp chain",
                     "stunnel": "client -> stunnel client -> (TLS 1.3, mutual) -> stunnel server -> sink",
                 },
             }
@@ -999,7 +1209,7 @@ def main(argv: list[str] | None = None) -> int:
         for chain in CHAINS:
             checks[chain] = integrityChecks(setup.entry[chain], int(args.check_size * MB), args.check_runs, 5.0)
             summary = ", ".join(f"{k} {v['ok']}/{args.check_runs}" for k, v in checks[chain].items() if isinstance(v, dict))
-            print(f"  {chain:8} {summary}", flush=True)
+            print(f"  {chain:10} {summary}", flush=True)
             for name, verdict in checks[chain].items():
                 if isinstance(verdict, dict) and verdict["failed"]:
                     problems.append(f"{chain} integrity {name}: {verdict['failed']} of {args.check_runs} failed: {verdict['failures']}")
@@ -1019,7 +1229,11 @@ def main(argv: list[str] | None = None) -> int:
 
         setup.procs.check()
         results["peak_rss_mb"] = {c: setup.peakRSS(c) for c in CHAINS}
+        results["peak_rss_mb_by_process"] = setup.peakRSSByProcess()
+        time.sleep(0.5)  # let TP log the audit events of the last connections
         results["logs"] = scanLogs(setup, problems)
+        results["shutdown"] = shutdownCheck(setup, problems)
+        print(f"SIGTERM to the TP clients: {results['shutdown']}", flush=True)
         table, rows = buildTable(results)
         results["table"] = rows
         results["problems"] = problems
@@ -1034,9 +1248,12 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(table)
         print()
-        print("TP/stunnel: above 1 is TP ahead for rates, behind for latency, CPU and memory.")
-        audit = results["logs"].get("twist-tp", {}).get("audit_results")
-        print(f"TP audit results: {audit} (1 handshake_failed = the port probe at start, 1 hello_timeout = the openssl probe)")
+        print("fwd = TP forward (tp up -> twist tp), rev = TP reverse (twist tp public port -> tp expose), stun = stunnel.")
+        print("Ratios: above 1 is the first ahead for rates, behind for latency, CPU and memory.")
+        print("TP rev's peak RSS counts twist tp, which it shares with TP fwd.")
+        tpLog = results["logs"].get("twist-tp", {})
+        print(f"TP audit results: {tpLog.get('audit_results')}, incoming events {tpLog.get('incoming_events')}")
+        print("  (connect: 1 handshake_failed = the port probe at start, 1 hello_timeout = the openssl probe)")
         if problems:
             print("\nPROBLEMS:")
             for p in problems:

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from . import __version__
 from .config import ClientConfig, ConfigError, defaultClientConfigPath, loadClientConfig
-from .protocols.client import Refused, ServerAddress, TPClientProtocol, TunnelError, openTunnel
+from .protocols.client import Refused, ServerAddress, TPClientProtocol, TunnelError
 from .protocols.relay import RelayEnd, noDelay, splice
 from .wire import VERSION, ClientHello, validHost, validName
 
@@ -70,6 +70,7 @@ class Settings:
     key: str
     ca: str
     connectTimeout: float
+    transport: str = "auto"
 
     def materials(self) -> tuple[Any, Any, Any]:
         """
@@ -114,6 +115,8 @@ def _commonOptions(parser: argparse.ArgumentParser, suppress: bool) -> None:
     group.add_argument("--ca", metavar="FILE", default=default, help="CA certificate(s) that sign the server certificate (PEM)")
     group.add_argument("--connect-timeout", metavar="SECONDS", type=float, default=default,
                        help="give up on TP after this long (default 15)")
+    group.add_argument("--transport", choices=("auto", "quic", "tls"), default=default,
+                       help="QUIC (UDP) or TLS (TCP) to TP; auto (default) tries QUIC first and falls back to TLS")
 
 
 def buildParser() -> argparse.ArgumentParser:
@@ -198,13 +201,15 @@ def resolveSettings(args: argparse.Namespace) -> Settings:
             overrides[name] = os.path.abspath(value) if name != "server" else value
     if getattr(args, "connect_timeout", None):
         overrides["connectTimeout"] = args.connect_timeout
+    if getattr(args, "transport", None):
+        overrides["transport"] = args.transport
     config = replace(config, **overrides)
     missing = [f"--{n}" for n in ("server", "cert", "key", "ca") if not getattr(config, n)]
     if missing:
         raise UsageError(f"missing {', '.join(missing)} (give them as flags or in a config file: see tp --help)")
     assert config.server and config.cert and config.key and config.ca
     host, port = parseHostPort(config.server, "--server", defaultPort=443)
-    return Settings(ServerAddress(host, port), config.cert, config.key, config.ca, config.connectTimeout)
+    return Settings(ServerAddress(host, port), config.cert, config.key, config.ca, config.connectTimeout, config.transport)
 
 
 # --- commands ---------------------------------------------------------------
@@ -226,17 +231,14 @@ class StdioEnd(RelayEnd):
 
 @defer.inlineCallbacks
 def runConnect(reactor: Any, settings: Settings, host: str, port: int, stderr: Any) -> Any:
+    from .connector import Connector
+
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    stderr.write(f"Connecting to {target} via {settings.server} (v{VERSION})\n")
+    connector = Connector(reactor, settings)
+    transport = yield connector.choose()
+    stderr.write(f"Connecting to {target} via {settings.server} (v{VERSION}, {transport})\n")
     stderr.flush()
-    tunnel: TPClientProtocol = yield openTunnel(
-        reactor,
-        settings.server,
-        settings.tlsOptions(),
-        ClientHello.connect(host, port),
-        settings.connectTimeout,
-        innerTLS=settings.tlsOptions,
-    )
+    tunnel: TPClientProtocol = yield connector.open(ClientHello.connect(host, port))
     stdioDone: defer.Deferred[None] = defer.Deferred()
     tunnelDone: defer.Deferred[None] = defer.Deferred()
     tunnel.onClose = lambda end, reason: tunnelDone.called or tunnelDone.callback(None)
@@ -245,6 +247,8 @@ def runConnect(reactor: Any, settings: Settings, host: str, port: int, stderr: A
     splice(tunnel, local, fromA=tunnel.rest)
     tunnel.transport.resumeProducing()  # type: ignore[union-attr]
     yield defer.DeferredList([stdioDone, tunnelDone])
+    if connector.session is not None:
+        connector.session.close(0, "done")
     return EXIT_OK
 
 
@@ -261,8 +265,7 @@ class LocalEnd(RelayEnd):
     def connectionMade(self) -> None:
         noDelay(self.transport)
         self.transport.pauseProducing()  # type: ignore[union-attr]
-        f = self.forwarder
-        d = openTunnel(f.reactor, f.settings.server, f.tlsOptions, f.hello, f.settings.connectTimeout, f.settings.tlsOptions)
+        d = self.forwarder.connector.open(self.forwarder.hello)
         d.addCallbacks(self._ready, self._failed)
 
     def preSpliceData(self, data: bytes) -> None:
@@ -286,9 +289,11 @@ class LocalEnd(RelayEnd):
 
 class Forwarder(Factory):
     def __init__(self, reactor: Any, settings: Settings, hello: ClientHello, stderr: Any) -> None:
+        from .connector import Connector
+
         self.reactor = reactor
         self.settings = settings
-        self.tlsOptions = settings.tlsOptions()
+        self.connector = Connector(reactor, settings)
         self.hello = hello
         self.stderr = stderr
 
@@ -305,7 +310,10 @@ def runUp(reactor: Any, settings: Settings, host: str, port: int, localPort: int
         raise UsageError(f"cannot listen on {bind}:{localPort}: {e}") from None
     address = listening.getHost()
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    stderr.write(f"Forwarding {address.host}:{address.port} to {target} via {settings.server} (v{VERSION}); Ctrl-C stops\n")
+    transport = yield forwarder.connector.choose()
+    stderr.write(
+        f"Forwarding {address.host}:{address.port} to {target} via {settings.server} (v{VERSION}, {transport}); Ctrl-C stops\n"
+    )
     stderr.flush()
     yield defer.Deferred()  # until the reactor stops
 

@@ -8,6 +8,7 @@ Relative paths in a file are relative to the directory of that file.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,9 +90,49 @@ class ServerConfig:
     keepalive: float = 15.0
     e2eCA: tuple[str, str] | None = None
     e2eFiles: dict[str, tuple[str, str]] = field(default_factory=dict)
+    quic: tuple[tuple[str, int], ...] = ()
 
 
-_SERVER_KEYS = {"listen", "certificate", "key", "client_ca", "crl", "handshake_timeout", "hello_timeout", "connect_timeout"}
+_SERVER_KEYS = {
+    "listen", "certificate", "key", "client_ca", "crl", "handshake_timeout", "hello_timeout", "connect_timeout", "quic",
+}
+
+_TCP_LISTEN = re.compile(r"tcp6?:(\d+)(?::interface=([^:]*(?:\\:[^:]*)*))?$")
+
+
+def _quicAddresses(value: Any, listen: list[str]) -> tuple[tuple[str, int], ...]:
+    """
+    C{server.quic}: C{true} (default) listens for QUIC on the address and
+    port of each plain C{tcp:PORT[:interface=ADDR]} entry of C{listen};
+    C{false} turns QUIC off; a list of C{"ADDR:PORT"} names the addresses.
+    """
+    if value is False:
+        return ()
+    if value is True:
+        found = []
+        for description in listen:
+            m = _TCP_LISTEN.match(description)
+            if m and m.group(1) != "0":
+                interface = (m.group(2) or ("::" if description.startswith("tcp6") else "0.0.0.0")).replace("\\:", ":")
+                found.append((interface, int(m.group(1))))
+        return tuple(found)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError("server.quic: expected true, false, or a list of \"ADDRESS:PORT\"")
+    out = []
+    for item in value:
+        host, sep, port = item.rpartition(":")
+        host = host.strip("[]")
+        try:
+            import ipaddress
+
+            ipaddress.ip_address(host)
+            number = int(port)
+            if not sep or not 0 <= number <= 65535:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"server.quic: {item!r} is not ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)") from None
+        out.append((host, number))
+    return tuple(out)
 
 
 def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") -> ServerConfig:
@@ -181,6 +222,7 @@ def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") 
         keepalive=_seconds(reverse, "keepalive", 15, "reverse"),
         e2eCA=e2eCA,
         e2eFiles=files,
+        quic=_quicAddresses(server.get("quic", True), listen),
     )
     checkServerFiles(config)
     return config
@@ -244,9 +286,10 @@ class ClientConfig:
     key: str | None = None
     ca: str | None = None
     connectTimeout: float = 15.0
+    transport: str = "auto"
 
 
-_CLIENT_KEYS = {"server", "cert", "key", "ca", "connect_timeout"}
+_CLIENT_KEYS = {"server", "cert", "key", "ca", "connect_timeout", "transport"}
 
 
 def loadClientConfig(path: str | os.PathLike[str]) -> ClientConfig:
@@ -263,4 +306,8 @@ def loadClientConfig(path: str | os.PathLike[str]) -> ClientConfig:
             values[name] = _resolvePath(p.parent, data[name], f"{p}: {name}", mustExist=False)
     if "connect_timeout" in data:
         values["connectTimeout"] = _seconds(data, "connect_timeout", 15, str(p))
+    if "transport" in data:
+        if data["transport"] not in ("auto", "quic", "tls"):
+            raise ConfigError(f"{p}: transport: expected \"auto\", \"quic\" or \"tls\", got {data['transport']!r}")
+        values["transport"] = data["transport"]
     return ClientConfig(**values)

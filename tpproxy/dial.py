@@ -58,6 +58,21 @@ def _literal(host: str) -> str | None:
         return None
 
 
+def resolveHost(reactor: Any, host: str, port: int) -> defer.Deferred[list[str]]:
+    """
+    The addresses of C{host} (IPv4 and IPv6, in the resolver's order), by
+    the reactor's resolver; an IP literal is its own answer.
+    """
+    literal = _literal(host)
+    if literal is not None:
+        return defer.succeed([literal])
+    collector = _Collector()
+    reactor.nameResolver.resolveHostName(
+        collector, host, portNumber=port, addressTypes=[IPv4Address, IPv6Address], transportSemantics="TCP"
+    )
+    return collector.deferred
+
+
 class Dialer:
     """
     Opens TCP connections for authorized identities.
@@ -72,14 +87,7 @@ class Dialer:
         self.connectTimeout = connectTimeout
 
     def resolve(self, host: str, port: int) -> defer.Deferred[list[str]]:
-        literal = _literal(host)
-        if literal is not None:
-            return defer.succeed([literal])
-        collector = _Collector()
-        self.reactor.nameResolver.resolveHostName(
-            collector, host, portNumber=port, addressTypes=[IPv4Address, IPv6Address], transportSemantics="TCP"
-        )
-        return collector.deferred
+        return resolveHost(self.reactor, host, port)
 
     @defer.inlineCallbacks
     def dial(self, identity: str, host: str, port: int, factory: IProtocolFactory) -> Any:

@@ -15,6 +15,7 @@ from .config import ServerConfig, loadCRL
 from .pki import CertificateAuthority
 from .reverse import Registry
 from .protocols.server import TPServerFactory
+from .quic import ClientVerifier, QuicListener, serverConfiguration
 from .tls import ClientCertChecker, ServerTLS, TLSFactory, loadCertificates, loadKey
 
 log = Logger()
@@ -43,7 +44,8 @@ def certificateSource(config: ServerConfig, reactor: Any) -> ICertificateSource:
 def makeServerFactory(config: ServerConfig, reactor: Any) -> TLSFactory:
     """
     The listening factory: TLS with client certificates around the TP
-    protocol, with the registry of reverse tunnels.
+    protocol, with the registry of reverse tunnels.  Its C{wrappedFactory}
+    is the L{TPServerFactory} the QUIC listener shares.
     """
     serverTLS = makeServerTLS(config)
     registry = Registry(
@@ -51,6 +53,50 @@ def makeServerFactory(config: ServerConfig, reactor: Any) -> TLSFactory:
     )
     factory = TPServerFactory(config, reactor, serverTLS=serverTLS, registry=registry)
     return TLSFactory(serverTLS, False, factory, clock=reactor)
+
+
+def makeQuicListener(config: ServerConfig, reactor: Any, factory: TPServerFactory) -> QuicListener:
+    """
+    A QUIC listener serving streams with C{factory}, verifying client
+    certificates with the same CAs, CRL and deny list as the TLS listener.
+    """
+    tlsContext = factory.serverTLS
+    verifier = ClientVerifier(tlsContext.clientCAs, tlsContext.checker, reactor)
+    configuration = serverConfiguration(loadCertificates(config.certificate), loadKey(config.key))
+    return QuicListener(reactor, configuration, verifier, factory)
+
+
+class UDPListenerService(service.Service):
+    """
+    Listens for UDP on one address while running; a failed bind stops
+    startup, as C{strports.service} does for TCP.
+    """
+
+    def __init__(self, reactor: Any, address: tuple[str, int], protocol: Any) -> None:
+        self.reactor = reactor
+        self.address = address
+        self.protocol = protocol
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        self._bind()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        # twist calls only startService; twistd calls both.
+        self._bind()
+        super().startService()
+
+    def _bind(self) -> None:
+        if self.port is None:
+            self.port = self.reactor.listenUDP(self.address[1], self.protocol, interface=self.address[0])
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
 
 
 def makeService(config: ServerConfig, reactor: Any = None) -> service.MultiService:
@@ -64,9 +110,15 @@ def makeService(config: ServerConfig, reactor: Any = None) -> service.MultiServi
         listener = strports.service(description, factory, reactor=reactor)
         listener.setName(f"tls:{description}")
         listener.setServiceParent(top)
+    for address in config.quic:
+        # One listener per socket: a DatagramProtocol has one transport.
+        udp = UDPListenerService(reactor, address, makeQuicListener(config, reactor, factory.wrappedFactory))
+        udp.setName(f"quic:{address[0]}:{address[1]}")
+        udp.setServiceParent(top)
     log.info(
-        "TP serving TLS (ALPN tp/1) on {listen} with {rules} policy rule(s), config {path}",
+        "TP serving TLS (ALPN tp/1) on {listen} and QUIC on {quic}, with {rules} policy rule(s), config {path}",
         listen=", ".join(config.listen),
+        quic=", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in config.quic) or "nothing",
         rules=len(config.policy.rules),
         path=config.path,
     )

@@ -1,0 +1,172 @@
+# -*- test-case-name: tpproxy.test.test_quic -*-
+"""
+Opening tunnels to TP over QUIC or TLS, with C{auto}: QUIC first, TLS when
+no QUIC answer comes within a short bound, and a memory of what worked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+
+from .dial import resolveHost
+from .protocols.client import TPClientProtocol, TunnelError, openTunnel
+from .quic import ClientSession, clientConfiguration, connectQuic
+from .wire import ClientHello
+
+#: How long C{auto} waits for a QUIC handshake before it takes TLS.
+QUIC_PROBE_TIMEOUT = 1.5
+#: How long C{auto} remembers that QUIC did not work for a server.
+REMEMBER_TLS = 600.0
+#: Client PING interval on QUIC connections (keeps NAT bindings and the
+#: idle timeout from closing a quiet ssh session).
+QUIC_KEEPALIVE = 15.0
+
+
+def memoryPath() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "tp" / "transport.json"
+
+
+def _readMemory() -> dict[str, Any]:
+    try:
+        data = json.loads(memoryPath().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def remembered(server: str) -> str | None:
+    entry = _readMemory().get(server)
+    if isinstance(entry, dict) and isinstance(entry.get("until"), (int, float)) and entry["until"] > time.time():
+        return str(entry.get("transport"))
+    return None
+
+
+def remember(server: str, transport: str | None) -> None:
+    data = _readMemory()
+    if transport is None:
+        data.pop(server, None)
+    else:
+        data[server] = {"transport": transport, "until": time.time() + REMEMBER_TLS}
+    path = memoryPath()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
+class Connector:
+    """
+    Opens tunnels for one client process.  Over QUIC all tunnels share one
+    connection (one stream each).
+
+    @ivar chosen: C{"quic"} or C{"tls"} once decided.
+    """
+
+    def __init__(self, reactor: Any, settings: Any) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.mode = settings.transport
+        self.chosen: str | None = "tls" if self.mode == "tls" else None
+        self.session: ClientSession | None = None
+        self._connecting: defer.Deferred[ClientSession] | None = None
+        self.tlsOptions = settings.tlsOptions()
+        self.lastQuicError: str | None = None
+
+    @defer.inlineCallbacks
+    def choose(self) -> Any:
+        """
+        Decide the transport (once): C{tls} and C{quic} are what they say;
+        C{auto} tries QUIC unless it failed for this server recently.
+        """
+        if self.chosen is not None:
+            return self.chosen
+        server = str(self.settings.server)
+        if self.mode == "auto" and remembered(server) == "tls":
+            self.chosen = "tls"
+            return self.chosen
+        timeout = QUIC_PROBE_TIMEOUT if self.mode == "auto" else self.settings.connectTimeout
+        try:
+            yield self.quicSession(timeout)
+        except TunnelError as e:
+            if self.mode == "quic":
+                raise
+            self.lastQuicError = str(e)
+            remember(server, "tls")
+            self.chosen = "tls"
+            return self.chosen
+        if self.mode == "auto":
+            remember(server, None)
+        self.chosen = "quic"
+        return self.chosen
+
+    @defer.inlineCallbacks
+    def quicSession(self, timeout: float) -> Any:
+        if self.session is not None and not self.session.closed:
+            return self.session
+        if self._connecting is None:
+            self._connecting = self._connectQuic(timeout)
+        try:
+            return (yield self._connecting)
+        finally:
+            self._connecting = None
+
+    @defer.inlineCallbacks
+    def _connectQuic(self, timeout: float) -> Any:
+        server = self.settings.server
+        try:
+            addresses = yield resolveHost(self.reactor, server.host, server.port).addTimeout(timeout, self.reactor)
+        except defer.TimeoutError:
+            raise TunnelError(f"resolving {server.host} took longer than {timeout:g} s") from None
+        if not addresses:
+            raise TunnelError(f"{server.host} did not resolve")
+        cas, chain, key = self.settings.materials()
+        configuration = clientConfiguration(server.host, cas, chain, key)
+        session = connectQuic(self.reactor, (addresses[0], server.port), configuration)
+        ready = session.ready
+        ready.addTimeout(timeout, self.reactor)
+        try:
+            yield ready
+        except defer.TimeoutError:
+            session.close(0, "gave up")
+            session.socket.stop()
+            raise TunnelError(f"no QUIC answer from {server} within {timeout:g} s") from None
+        session.startKeepalive(QUIC_KEEPALIVE)
+        self.session = session
+        return session
+
+    @defer.inlineCallbacks
+    def open(self, hello: ClientHello) -> Any:
+        """
+        Open one tunnel; fires with the end to splice (see L{openTunnel}).
+        """
+        transport = yield self.choose()
+        if transport == "tls":
+            return (
+                yield openTunnel(
+                    self.reactor, self.settings.server, self.tlsOptions, hello, self.settings.connectTimeout, self.settings.tlsOptions
+                )
+            )
+        session = yield self.quicSession(self.settings.connectTimeout)
+        ready: defer.Deferred[Any] = defer.Deferred()
+        protocol = TPClientProtocol(hello, ready, self.settings.tlsOptions)
+        protocol.handshakeDone = True
+        stream = session.openStream(protocol)
+        ready.addTimeout(self.settings.connectTimeout, self.reactor)
+
+        def timedOut(f: Any) -> Any:
+            if f.check(defer.TimeoutError):
+                stream.abortConnection()
+                raise TunnelError(f"no answer from TP at {self.settings.server} within {self.settings.connectTimeout:g} s")
+            return f
+
+        return (yield ready.addErrback(timedOut))

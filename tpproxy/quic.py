@@ -1,0 +1,801 @@
+# -*- test-case-name: tpproxy.test.test_quic -*-
+"""
+QUIC for TP: aioquic's sans-IO C{QuicConnection} driven from a Twisted
+C{DatagramProtocol} and the reactor's clock (no asyncio layer), with
+mutual TLS as strict as TP's TLS listener, and each QUIC stream presented to
+TP's protocols as an ordinary Twisted transport.
+
+Why this way round (docs/decisions.md): one event loop and one clock for
+everything, tests on a fake clock, any reactor (epoll or asyncio), and
+write coalescing under TP's control.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Callable
+
+from aioquic import tls
+from aioquic.buffer import Buffer
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import (
+    MAX_STREAM_DATA_FRAME_CAPACITY,
+    QuicConnection,
+    QuicFrameType,
+)
+from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation, pull_quic_header
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .pki import identityOf
+from .tls import ClientCertChecker
+from .wire import ALPN
+
+log = Logger(namespace="tpproxy.quic")
+
+#: Receive window per stream: TP credits the peer with what it has handed
+#: on plus this much, so a stalled destination stalls its stream only.
+STREAM_WINDOW = 4 * 1024 * 1024
+#: Unacknowledged bytes on a stream above which its producer is paused.
+SEND_HIGH_WATER = 2 * 1024 * 1024
+SEND_LOW_WATER = 512 * 1024
+#: Error codes TP uses when it resets or stops a stream, or closes.
+STREAM_ABORTED = 0x100
+CLOSE_REFUSED = 0x101
+
+
+class AlertCertificateRequired(tls.Alert):
+    description = tls.AlertDescription.certificate_required
+
+
+#: The web PKI defaults for a client certificate, except that a SAN is not
+#: required: TP takes the identity from the CN when there is no SAN
+#: (docs/identity.md), and the TLS listener accepts such certificates too.
+_LEAF_POLICY = ExtensionPolicy.webpki_defaults_ee().may_be_present(
+    x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+)
+
+
+class ClientVerifier:
+    """
+    The client-certificate check of TP's QUIC listener: the chain (with
+    cryptography's X.509 verification: CA, validity, client-auth EKU) and
+    the same CRL and deny list as the TLS listener (L{ClientCertChecker}).
+    """
+
+    def __init__(self, cas: list[x509.Certificate], checker: ClientCertChecker, clock: Any) -> None:
+        self.store = Store(cas)
+        self.checker = checker
+        self.clock = clock
+
+    def refusal(self, leaf: x509.Certificate, chain: list[x509.Certificate]) -> str | None:
+        now = datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
+        verifier = (
+            PolicyBuilder()
+            .store(self.store)
+            .time(now)
+            .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_LEAF_POLICY)
+            .build_client_verifier()
+        )
+        try:
+            verifier.verify(leaf, chain)
+        except VerificationError as e:
+            return f"certificate not accepted: {e}"
+        return self.checker.refusal(leaf)
+
+
+class TPQuicConnection(QuicConnection):
+    """
+    aioquic's connection with TP's two changes: the server requests and
+    verifies client certificates inside the TLS handshake, and stream
+    receive windows follow what TP has consumed.
+
+    Relies on aioquic internals (pinned in setup.cfg; the tests in
+    tpproxy/test/test_quic.py exercise each one): C{tls.Context.
+    _request_client_certificate}, C{_server_handle_certificate},
+    C{_peer_certificate(_chain)}, and C{_write_stream_limits}.
+    """
+
+    tpVerifier: ClientVerifier | None = None
+    tpRefusal: str | None = None
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.tpConsumed: dict[int, int] = {}
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        if self._is_client or self.tpVerifier is None:
+            return
+        self.tls._request_client_certificate = True
+        original = self.tls._server_handle_certificate
+        verifier = self.tpVerifier
+
+        def handleCertificate(input_buf: Buffer) -> None:
+            original(input_buf)
+            leaf = self.tls._peer_certificate
+            if leaf is None:
+                self.tpRefusal = "no client certificate"
+                raise AlertCertificateRequired("a client certificate is required")
+            reason = verifier.refusal(leaf, list(self.tls._peer_certificate_chain))
+            if reason is not None:
+                self.tpRefusal = reason
+                raise tls.AlertBadCertificate(reason)
+
+        self.tls._server_handle_certificate = handleCertificate
+
+    def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
+        consumed = self.tpConsumed.get(stream.stream_id)
+        if consumed is None or not stream.max_stream_data_local:
+            return super()._write_stream_limits(builder, space, stream)
+        target = consumed + STREAM_WINDOW
+        if target > stream.max_stream_data_local:
+            stream.max_stream_data_local = target
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(stream.stream_id)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+    def sendBuffered(self, streamId: int) -> int:
+        """
+        Bytes written to a stream and not yet acknowledged.
+        """
+        stream = self._streams.get(streamId)
+        return 0 if stream is None else len(stream.sender._buffer)
+
+
+class _PeerCertificate:
+    """
+    What C{transport.getPeerCertificate()} returns for a QUIC stream: the
+    shape TP's protocols use of pyOpenSSL's X509.
+    """
+
+    def __init__(self, cert: x509.Certificate) -> None:
+        self._cert = cert
+
+    def to_cryptography(self) -> x509.Certificate:
+        return self._cert
+
+
+def _address(addr: Any) -> IPv4Address | IPv6Address:
+    host, port = addr[0], addr[1]
+    return IPv6Address("UDP", host, port) if ":" in host else IPv4Address("UDP", host, port)
+
+
+@implementer(ITransport, IConsumer, IPushProducer)
+class QuicStreamTransport:
+    """
+    One bidirectional QUIC stream as a Twisted transport with half-close:
+    C{loseWriteConnection} sends FIN, a received FIN is
+    C{readConnectionLost}; C{connectionLost} comes when both directions
+    have ended, or at once on a reset or the end of the connection.
+    """
+
+    negotiatedProtocol = ALPN
+    disconnecting = False
+
+    def __init__(self, session: QuicSession, streamId: int) -> None:
+        self.session = session
+        self.streamId = streamId
+        self.protocol: Any = None
+        self.producer: Any = None
+        self.producerPaused = False
+        self.paused = False
+        self.held: list[bytes] = []
+        self.heldEOF = False
+        self.finSent = False
+        self.finReceived = False
+        self.lost = False
+        session.conn.tpConsumed[streamId] = 0
+
+    def attach(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self)
+
+    # --- ITransport ---------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.finSent or self.lost or not data:
+            return
+        self.session.conn.send_stream_data(self.streamId, data)
+        self.session.transmitSoon()
+        if self.producer is not None and not self.producerPaused:
+            if self.session.conn.sendBuffered(self.streamId) > SEND_HIGH_WATER:
+                self.producerPaused = True
+                self.session.blocked.add(self)
+                self.producer.pauseProducing()
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def loseWriteConnection(self) -> None:
+        if self.finSent or self.lost:
+            return
+        self.finSent = True
+        self.session.conn.send_stream_data(self.streamId, b"", end_stream=True)
+        self.session.transmitSoon()
+        self._maybeDone()
+
+    def loseConnection(self) -> None:
+        if self.lost:
+            return
+        self.disconnecting = True
+        self.loseWriteConnection()
+        if not self.finReceived and not self.lost:
+            # Nothing more is wanted from the peer.
+            self.session.conn.stop_stream(self.streamId, STREAM_ABORTED)
+            self.session.transmitSoon()
+            self._lose(Failure(ConnectionDone()))
+
+    def abortConnection(self) -> None:
+        if self.lost:
+            return
+        conn = self.session.conn
+        if not self.finSent:
+            conn.reset_stream(self.streamId, STREAM_ABORTED)
+        if not self.finReceived:
+            conn.stop_stream(self.streamId, STREAM_ABORTED)
+        self.session.transmitSoon()
+        self._lose(Failure(ConnectionLost("stream aborted")))
+
+    def getPeer(self) -> Any:
+        return _address(self.session.peer)
+
+    def getHost(self) -> Any:
+        return self.session.host()
+
+    def getPeerCertificate(self) -> _PeerCertificate | None:
+        cert = self.session.peerCertificate
+        return None if cert is None else _PeerCertificate(cert)
+
+    # --- producer / consumer -------------------------------------------------
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+        self.producerPaused = False
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self.session.blocked.discard(self)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        if not self.paused:
+            return
+        self.paused = False
+        held, self.held = self.held, []
+        for chunk in held:
+            if self.paused or self.lost:
+                self.held.append(chunk)
+                continue
+            self._deliver(chunk)
+        if self.heldEOF and not self.paused and not self.held:
+            self.heldEOF = False
+            self._eof()
+        self.session.transmitSoon()
+
+    def stopProducing(self) -> None:
+        self.abortConnection()
+
+    def checkSendBuffer(self) -> None:
+        if self.producer is not None and self.producerPaused:
+            if self.session.conn.sendBuffered(self.streamId) < SEND_LOW_WATER:
+                self.producerPaused = False
+                self.session.blocked.discard(self)
+                self.producer.resumeProducing()
+
+    # --- from the session ----------------------------------------------------
+
+    def received(self, data: bytes, end: bool) -> None:
+        if self.lost:
+            return
+        if data:
+            if self.paused or self.held:
+                self.held.append(data)
+            else:
+                self._deliver(data)
+        if end:
+            if self.paused or self.held:
+                self.heldEOF = True
+            else:
+                self._eof()
+
+    def _deliver(self, data: bytes) -> None:
+        self.session.conn.tpConsumed[self.streamId] = self.session.conn.tpConsumed.get(self.streamId, 0) + len(data)
+        self.protocol.dataReceived(data)
+
+    def _eof(self) -> None:
+        self.finReceived = True
+        readLost = getattr(self.protocol, "readConnectionLost", None)
+        if readLost is not None:
+            readLost()
+        else:
+            self.loseConnection()
+        self._maybeDone()
+
+    def reset(self) -> None:
+        self._lose(Failure(ConnectionLost("the peer reset the stream")))
+
+    def _maybeDone(self) -> None:
+        if self.finSent and self.finReceived:
+            self._lose(Failure(ConnectionDone()))
+
+    def _lose(self, reason: Failure) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        self.session.streamEnded(self)
+        self.protocol.connectionLost(reason)
+
+
+class QuicSession:
+    """
+    One QUIC connection, client or server side: feeds datagrams in, sends
+    what aioquic wants sent, keeps the timer, and dispatches events.
+
+    @param send: C{send(data, addr)} puts one datagram on the wire.
+    """
+
+    peerCertificate: x509.Certificate | None = None
+
+    def __init__(self, conn: TPQuicConnection, send: Callable[[bytes, Any], None], clock: Any, peer: Any) -> None:
+        self.conn = conn
+        self.send = send
+        self.clock = clock
+        self.peer = peer
+        self.streams: dict[int, QuicStreamTransport] = {}
+        self.blocked: set[QuicStreamTransport] = set()
+        self._timer: Any = None
+        self._flush: Any = None
+        self.closed = False
+        self.localAddress: Any = None
+
+    def host(self) -> Any:
+        return self.localAddress
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.peer = addr
+        self.conn.receive_datagram(data, addr, now=self.clock.seconds())
+        self.process()
+
+    def process(self) -> None:
+        while True:
+            event = self.conn.next_event()
+            if event is None:
+                break
+            self.handleEvent(event)
+        for stream in list(self.blocked):
+            stream.checkSendBuffer()
+        self.transmit()
+
+    def handleEvent(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.StreamDataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is None:
+                stream = self.newStream(event.stream_id)
+                if stream is None:
+                    return
+            stream.received(event.data, event.end_stream)
+        elif isinstance(event, events.StreamReset):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.reset()
+        elif isinstance(event, events.HandshakeCompleted):
+            self.peerCertificate = getattr(self.conn.tls, "_peer_certificate", None)
+            self.handshakeCompleted(event)
+        elif isinstance(event, events.ConnectionTerminated):
+            self.terminated(event)
+        elif isinstance(event, events.DatagramFrameReceived):
+            self.datagramFrameReceived(event.data)
+        elif isinstance(event, events.ConnectionIdIssued):
+            self.connectionIdIssued(event.connection_id)
+        elif isinstance(event, events.ConnectionIdRetired):
+            self.connectionIdRetired(event.connection_id)
+
+    # Hooks for the server and client sides.
+
+    def newStream(self, streamId: int) -> QuicStreamTransport | None:
+        return None
+
+    def handshakeCompleted(self, event: events.HandshakeCompleted) -> None:
+        pass
+
+    def datagramFrameReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionIdIssued(self, cid: bytes) -> None:
+        pass
+
+    def connectionIdRetired(self, cid: bytes) -> None:
+        pass
+
+    def terminated(self, event: events.ConnectionTerminated) -> None:
+        self.closed = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        reason = Failure(ConnectionLost(f"QUIC connection closed: {event.reason_phrase or event.error_code}"))
+        for stream in list(self.streams.values()):
+            stream._lose(reason)
+
+    def streamEnded(self, stream: QuicStreamTransport) -> None:
+        self.streams.pop(stream.streamId, None)
+        self.blocked.discard(stream)
+        self.conn.tpConsumed.pop(stream.streamId, None)
+
+    # Sending.
+
+    def transmitSoon(self) -> None:
+        """
+        Send at the end of this reactor turn, so that the writes of one turn
+        go out in as few packets as possible.
+        """
+        if self._flush is None:
+            self._flush = self.clock.callLater(0, self._flushNow)
+
+    def _flushNow(self) -> None:
+        self._flush = None
+        self.transmit()
+
+    def transmit(self) -> None:
+        now = self.clock.seconds()
+        for data, addr in self.conn.datagrams_to_send(now=now):
+            self.send(data, addr)
+        when = self.conn.get_timer()
+        if self._timer is not None and self._timer.active():
+            if when is None:
+                self._timer.cancel()
+                self._timer = None
+                return
+            self._timer.reset(max(0.0, when - now))
+        elif when is not None:
+            self._timer = self.clock.callLater(max(0.0, when - now), self._onTimer)
+
+    def _onTimer(self) -> None:
+        self._timer = None
+        self.conn.handle_timer(now=self.clock.seconds())
+        self.process()
+
+    def close(self, code: int = 0, reason: str = "") -> None:
+        if not self.closed:
+            self.conn.close(error_code=code, reason_phrase=reason)
+            self.transmit()
+
+
+# --- the server ---------------------------------------------------------------
+
+
+def serverConfiguration(chain: list[x509.Certificate], key: Any, idleTimeout: float = 60.0) -> QuicConfiguration:
+    """
+    The QUIC server configuration: ALPN tp/1, TP's certificate, DATAGRAM
+    frames on, and no session tickets (no resumption, so no 0-RTT: every
+    connection proves its client certificate).
+    """
+    config = QuicConfiguration(
+        is_client=False,
+        alpn_protocols=[ALPN.decode()],
+        max_datagram_frame_size=65536,
+        idle_timeout=idleTimeout,
+    )
+    config.certificate = chain[0]
+    config.certificate_chain = chain[1:]
+    config.private_key = key
+    return config
+
+
+class ServerSession(QuicSession):
+    """
+    A client's QUIC connection to TP.  Each bidirectional stream the client
+    opens gets its own TP server protocol, exactly as a TLS connection
+    would, with the connection's client certificate as its identity.
+    """
+
+    def __init__(self, listener: QuicListener, conn: TPQuicConnection, peer: Any) -> None:
+        super().__init__(conn, listener.sendDatagram, listener.reactor, peer)
+        self.listener = listener
+        self.localAddress = listener.transport.getHost() if listener.transport else None
+        self.identity: str | None = None
+        self.started = listener.reactor.seconds()
+
+    def handshakeCompleted(self, event: events.HandshakeCompleted) -> None:
+        if self.peerCertificate is None:
+            # Cannot happen: the handshake hook refuses a missing one.
+            self.close(CLOSE_REFUSED, "client certificate required")
+            return
+        self.identity = identityOf(self.peerCertificate).name
+        log.info("QUIC connection from {peer} as {identity}", peer=_address(self.peer), identity=self.identity)
+
+    def newStream(self, streamId: int) -> QuicStreamTransport | None:
+        if self.identity is None or streamId % 4 != 0:
+            # Only client-initiated bidirectional streams, after the handshake.
+            self.conn.stop_stream(streamId, STREAM_ABORTED)
+            return None
+        stream = QuicStreamTransport(self, streamId)
+        self.streams[streamId] = stream
+        protocol = self.listener.factory.buildProtocol(_address(self.peer))
+        stream.attach(protocol)
+        protocol.handshakeCompleted()
+        return stream
+
+    def connectionIdIssued(self, cid: bytes) -> None:
+        self.listener.sessions[cid] = self
+
+    def connectionIdRetired(self, cid: bytes) -> None:
+        if self.listener.sessions.get(cid) is self:
+            del self.listener.sessions[cid]
+
+    def terminated(self, event: events.ConnectionTerminated) -> None:
+        super().terminated(event)
+        refusal = self.conn.tpRefusal
+        if refusal is not None or self.identity is None:
+            from .protocols.server import audit
+
+            audit.info(
+                "{identity} {destination}: {result}{detail_sep}{detail}",
+                event="quic",
+                peer=str(_address(self.peer)),
+                identity=None,
+                serial=None,
+                destination=None,
+                transport="quic",
+                address=None,
+                result="handshake_failed",
+                detail=refusal or f"QUIC handshake failed: {event.reason_phrase or event.error_code}",
+                detail_sep=" - ",
+                bytes_up=0,
+                bytes_down=0,
+                duration=round(self.listener.reactor.seconds() - self.started, 3),
+            )
+        self.listener.forget(self)
+
+
+class QuicListener(DatagramProtocol):
+    """
+    TP's QUIC listener: demultiplexes datagrams to connections by
+    connection ID, as aioquic's own asyncio server does.
+
+    @param factory: builds the TP server protocol for each stream (the same
+        L{TPServerFactory} the TLS listener uses).
+    """
+
+    def __init__(self, reactor: Any, configuration: QuicConfiguration, verifier: ClientVerifier, factory: Any) -> None:
+        self.reactor = reactor
+        self.configuration = configuration
+        self.verifier = verifier
+        self.factory = factory
+        self.sessions: dict[bytes, ServerSession] = {}
+
+    def startProtocol(self) -> None:
+        # Bigger socket buffers: drops under load halve the congestion window.
+        import socket
+
+        sock = self.transport.getHandle()  # type: ignore[union-attr]
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, 4 * 1024 * 1024)
+            except OSError:
+                pass
+
+    def sendDatagram(self, data: bytes, addr: Any) -> None:
+        try:
+            self.transport.write(data, addr)  # type: ignore[union-attr]
+        except OSError as e:
+            log.debug("QUIC send to {addr} failed: {error}", addr=addr, error=e)
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        buf = Buffer(data=data)
+        try:
+            header = pull_quic_header(buf, host_cid_length=self.configuration.connection_id_length)
+        except ValueError:
+            return
+        if (
+            header.packet_type != QuicPacketType.VERSION_NEGOTIATION
+            and header.version is not None
+            and header.version not in self.configuration.supported_versions
+        ):
+            self.sendDatagram(
+                encode_quic_version_negotiation(
+                    source_cid=header.destination_cid,
+                    destination_cid=header.source_cid,
+                    supported_versions=self.configuration.supported_versions,
+                ),
+                addr,
+            )
+            return
+        session = self.sessions.get(header.destination_cid)
+        if session is None:
+            if len(data) < 1200 or header.packet_type != QuicPacketType.INITIAL:
+                return
+            conn = TPQuicConnection(
+                configuration=self.configuration,
+                original_destination_connection_id=header.destination_cid,
+            )
+            conn.tpVerifier = self.verifier
+            session = ServerSession(self, conn, addr)
+            self.sessions[header.destination_cid] = session
+            self.sessions[conn.host_cid] = session
+        session.datagramReceived(data, addr)
+
+    def forget(self, session: ServerSession) -> None:
+        for cid, s in list(self.sessions.items()):
+            if s is session:
+                del self.sessions[cid]
+
+    def stopProtocol(self) -> None:
+        for session in set(self.sessions.values()):
+            session.close(0, "server shutting down")
+        self.sessions.clear()
+
+
+# --- the client ---------------------------------------------------------------
+
+
+def clientConfiguration(
+    serverName: str, caCerts: list[x509.Certificate], chain: list[x509.Certificate], key: Any, idleTimeout: float = 60.0
+) -> QuicConfiguration:
+    config = QuicConfiguration(
+        is_client=True,
+        alpn_protocols=[ALPN.decode()],
+        server_name=serverName,
+        max_datagram_frame_size=65536,
+        idle_timeout=idleTimeout,
+    )
+    config.cadata = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in caCerts)
+    config.certificate = chain[0]
+    config.certificate_chain = chain[1:]
+    config.private_key = key
+    return config
+
+
+class ClientSession(QuicSession):
+    """
+    TP's client end of a QUIC connection.  C{ready} fires when the
+    handshake completes; L{openStream} then gives a transport per tunnel.
+    """
+
+    def __init__(self, reactor: Any, conn: TPQuicConnection, socket: ClientSocket, server: Any) -> None:
+        super().__init__(conn, socket.sendDatagram, reactor, server)
+        from twisted.internet import defer
+
+        self.reactor = reactor
+        self.socket = socket
+        self.ready: defer.Deferred[ClientSession] = defer.Deferred()
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.localAddress = socket.transport.getHost() if socket.transport else None
+
+    def handshakeCompleted(self, event: events.HandshakeCompleted) -> None:
+        if not self.ready.called:
+            self.ready.callback(self)
+
+    def terminated(self, event: events.ConnectionTerminated) -> None:
+        super().terminated(event)
+        pinger = getattr(self, "_pinger", None)
+        if pinger is not None and pinger.active():
+            pinger.cancel()
+        message = event.reason_phrase or f"error {event.error_code:#x}"
+        if not self.ready.called:
+            from .protocols.client import TunnelError
+
+            self.ready.errback(TunnelError(f"QUIC handshake with TP failed: {message}"))
+        if not self.done.called:
+            self.done.callback(None)
+        self.socket.stop()
+
+    def startKeepalive(self, interval: float) -> None:
+        def ping() -> None:
+            if self.closed:
+                return
+            self.conn.send_ping(0)
+            self.transmit()
+            self._pinger = self.reactor.callLater(interval, ping)
+
+        self._pinger = self.reactor.callLater(interval, ping)
+
+    def unreachable(self, why: str) -> None:
+        if not self.ready.called:
+            from .protocols.client import TunnelError
+
+            self.ready.errback(TunnelError(f"QUIC: {why}"))
+            self.closed = True
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self.socket.stop()
+            if not self.done.called:
+                self.done.callback(None)
+
+    def openStream(self, protocol: Any) -> QuicStreamTransport:
+        streamId = self.conn.get_next_available_stream_id()
+        stream = QuicStreamTransport(self, streamId)
+        self.streams[streamId] = stream
+        stream.attach(protocol)
+        self.transmitSoon()
+        return stream
+
+    def newStream(self, streamId: int) -> QuicStreamTransport | None:
+        # Server-initiated streams are not used yet.
+        self.conn.stop_stream(streamId, STREAM_ABORTED)
+        return None
+
+    def rebind(self) -> None:
+        """
+        Move to a new local UDP port (a network change, or a test of one):
+        the server validates the new path and the streams go on.
+        """
+        old = self.socket
+        self.socket = ClientSocket(self.reactor, self, old.family, old.server)
+        self.send = self.socket.sendDatagram
+        self.localAddress = self.socket.transport.getHost()
+        old.stop()
+        self.conn.change_connection_id()
+        self.transmit()
+
+
+class ClientSocket(DatagramProtocol):
+    """
+    The client's UDP socket, connected to the server so that an ICMP "port
+    unreachable" (no QUIC listener, UDP blocked) is reported at once.
+    """
+
+    def __init__(self, reactor: Any, session: ClientSession | None, family: str, server: Any) -> None:
+        self.session = session
+        self.family = family
+        self.server = server
+        interface = "::" if family == "ipv6" else "0.0.0.0"
+        self.port = reactor.listenUDP(0, self, interface=interface)
+
+    def startProtocol(self) -> None:
+        self.transport.connect(self.server[0], self.server[1])  # type: ignore[union-attr]
+
+    def sendDatagram(self, data: bytes, addr: Any) -> None:
+        if self.transport is None or self.port is None:
+            return
+        try:
+            self.transport.write(data)
+        except OSError as e:
+            log.debug("QUIC send failed: {error}", error=e)
+
+    def connectionRefused(self) -> None:
+        if self.session is not None:
+            self.session.unreachable("UDP port unreachable (no QUIC listener, or UDP blocked)")
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        if self.session is not None:
+            self.session.datagramReceived(data, addr)
+
+    def stop(self) -> None:
+        self.session = None
+        if self.port is not None:
+            self.port.stopListening()
+            self.port = None
+
+
+def connectQuic(reactor: Any, address: tuple[str, int], configuration: QuicConfiguration) -> ClientSession:
+    """
+    Start a QUIC connection to C{address} (an IP address and port); wait on
+    the returned session's C{ready}.
+    """
+    family = "ipv6" if ":" in address[0] else "ipv4"
+    socket = ClientSocket(reactor, None, family, address)
+    conn = TPQuicConnection(configuration=configuration)
+    session = ClientSession(reactor, conn, socket, address)
+    socket.session = session
+    conn.connect(address, now=reactor.seconds())
+    session.transmit()
+    return session
+
