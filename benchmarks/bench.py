@@ -309,6 +309,31 @@ class Processes:
                 proc.wait()
 
 
+def machineBusySeconds() -> float:
+    """
+    CPU seconds (user, nice, system) the whole machine has used since boot.
+    """
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return 0.0
+    return (int(fields[1]) + int(fields[2]) + int(fields[3])) / os.sysconf("SC_CLK_TCK")
+
+
+def ownSeconds(procs: Processes) -> float:
+    """
+    CPU seconds used by this script (all threads), its finished children and
+    its running processes.
+    """
+    import resource
+
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total + sum(cpuSeconds(p.pid) for p in procs.procs.values() if p.poll() is None)
+
+
 def freePorts(count: int) -> list[int]:
     socks = []
     try:
@@ -1060,28 +1085,35 @@ def shutdownCheck(setup: Setup, problems: list[str], timeout: float = 3.0) -> di
     """
     names = ("tp-up", "tp-expose")
     procs = setup.procs.procs
+    exited: dict[str, float] = {}
+    publicPort = None
     started = time.monotonic()
     for name in names:
         if procs[name].poll() is None:
             procs[name].terminate()
-    time.sleep(1.0)
-    payload = b"ECHO " + b"x" * 58 + b"\n"
-    try:
-        shortConnection(setup.entry["tp_reverse"], payload)
-        publicPort = "still served (echo came back) 1 s after SIGTERM to tp expose"
-    except ConnectionRefusedError:
-        publicPort = "refused"
-    except (OSError, BenchError) as e:
-        publicPort = f"closed without an answer ({e})"
-    out: dict[str, Any] = {"public_port_after_sigterm": publicPort}
+    while True:
+        now = time.monotonic() - started
+        for name in names:
+            if name not in exited and procs[name].poll() is not None:
+                exited[name] = round(now, 2)
+        if publicPort is None and (now >= 1.0 or "tp-expose" in exited):
+            # Is the exposure still served?  (A connection refused is right.)
+            try:
+                shortConnection(setup.entry["tp_reverse"], b"ECHO " + b"x" * 58 + b"\n")
+                publicPort = f"still served (echo came back) {now:.1f} s after SIGTERM to tp expose"
+            except ConnectionRefusedError:
+                publicPort = "refused"
+            except (OSError, BenchError) as e:
+                publicPort = f"closed without an answer ({e})"
+        if (len(exited) == len(names) and publicPort is not None) or now > timeout:
+            break
+        time.sleep(0.02)
+    out: dict[str, Any] = {"public_port_after_sigterm": publicPort, "timeout_s": timeout}
     for name in names:
-        try:
-            procs[name].wait(max(0.1, timeout - (time.monotonic() - started)))
-            out[name] = {"exited_after_s": round(time.monotonic() - started, 2), "status": procs[name].returncode}
-        except subprocess.TimeoutExpired:
-            out[name] = {"exited_after_s": None, "status": None}
-            problems.append(f"{name} still running {timeout:g} s after SIGTERM (twist tp still up)")
-    if publicPort.startswith("still served"):
+        out[name] = {"exited_after_s": exited.get(name), "status": procs[name].returncode}
+        if name not in exited:
+            problems.append(f"{name} still running {timeout:g} s after SIGTERM (while twist tp is up)")
+    if publicPort and publicPort.startswith("still served"):
         problems.append(f"public port of tp expose {publicPort}")
     return out
 
@@ -1170,6 +1202,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, terminated)
 
     workdir = Path(tempfile.mkdtemp(prefix="tp-bench-"))
+    busyAtStart = machineBusySeconds()
+    loadAtStart = os.getloadavg()
     setup: Setup | None = None
     problems: list[str] = []
     started = time.monotonic()
@@ -1228,6 +1262,16 @@ def main(argv: list[str] | None = None) -> int:
             results["connection_rate"][key] = measureRate(setup, conns, concurrency, problems)
 
         setup.procs.check()
+        # Other work on the machine during the run skews everything here:
+        # CPU time the machine used that was not this run's.
+        elapsed = time.monotonic() - started
+        foreign = max(0.0, machineBusySeconds() - busyAtStart - ownSeconds(setup.procs))
+        results["meta"]["other_cpu"] = {
+            "cpu_seconds": round(foreign, 1),
+            "cores_busy_on_average": round(foreign / elapsed, 2),
+            "loadavg_start": [round(x, 2) for x in loadAtStart],
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        }
         results["peak_rss_mb"] = {c: setup.peakRSS(c) for c in CHAINS}
         results["peak_rss_mb_by_process"] = setup.peakRSSByProcess()
         time.sleep(0.5)  # let TP log the audit events of the last connections
@@ -1245,6 +1289,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TP {v.get('tp')} (Twisted {v.get('twisted')}, {v.get('tp_openssl')}) vs {v.get('stunnel')} ({v.get('stunnel_openssl')})")
         print(f"{m['cpus']} CPU(s) {m['cpu_model']}, loopback; bulk {size:g} MB x {args.repeat} (median), "
               f"{conns} short connections per rate test")
+        other = results["meta"]["other_cpu"]
+        print(f"Other work on the machine during the run: {other['cpu_seconds']} CPU-seconds "
+              f"({other['cores_busy_on_average']} cores busy on average; load average {other['loadavg_end'][0]})"
+              + ("  -- NOISY, compare with care" if other["cores_busy_on_average"] > 0.1 else ""))
         print()
         print(table)
         print()

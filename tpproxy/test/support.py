@@ -65,8 +65,22 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+_CACHE = None
+
+
 def cleanEnv(**extra: str) -> dict[str, str]:
+    """
+    The environment for a tp process: no TP_ variables from outside, and a
+    cache directory of the test run's own (the transport memory of
+    C{--transport auto}).
+    """
+    global _CACHE
+    if _CACHE is None:
+        import tempfile
+
+        _CACHE = tempfile.mkdtemp(prefix="tp-test-cache-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TP_")}
+    env["XDG_CACHE_HOME"] = _CACHE
     env.update(extra)
     return env
 
@@ -320,3 +334,18 @@ class SSHD:
         if proxy:
             argv += ["-o", f"ProxyCommand={proxy}"]
         return argv + ["-p", str(port), "-l", self.user, host, *command]
+
+
+@defer.inlineCallbacks
+def waitForAudits(observer: EventLoggingObserver, count: int, timeout: float = 10) -> Any:
+    """
+    Wait until C{count} audit events were logged (a server logs a
+    connection's event when it has seen the close, which may come after the
+    client has its answer).
+    """
+    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+    while len(audits(observer)) < count:
+        if reactor.seconds() > deadline:  # type: ignore[attr-defined]
+            raise AssertionError(f"{len(audits(observer))} audit events after {timeout} s, expected {count}")
+        yield deferLater(0.05)
+    return audits(observer)

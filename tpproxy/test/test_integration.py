@@ -34,6 +34,7 @@ from .support import (
     sha256,
     startServer,
     tpCommand,
+    waitForAudits,
 )
 
 TEN_MB = 10 * 1024 * 1024
@@ -85,10 +86,10 @@ class ConnectTests(TPTestCase):
         self.assertEqual(result.status, 0, result)
         self.assertEqual(result.out.decode(), f"{len(data)} {sha256(data)}\n")
         self.assertEqual(
-            result.err.decode().strip(), f"Connecting to 127.0.0.1:{sinkPort} via localhost:{self.port} (v1)"
+            result.err.decode().strip(), f"Connecting to 127.0.0.1:{sinkPort} via localhost:{self.port} (v1, tls)"
         )
         self.assertEqual(sink.accepted, 1)
-        [event] = audits(self.observer)
+        [event] = yield waitForAudits(self.observer, 1)
         self.assertEqual(event["result"], "ok")
         self.assertEqual(event["identity"], "alice")
         self.assertEqual(event["destination"], f"127.0.0.1:{sinkPort}")
@@ -113,7 +114,7 @@ class ConnectTests(TPTestCase):
         )
         self.assertEqual(result.status, 0, result)
         self.assertEqual(result.out, f"1 {sha256(b'x')}\n".encode())
-        [event] = audits(self.observer)
+        [event] = yield waitForAudits(self.observer, 1)
         self.assertEqual(event["identity"], "bob")
 
     @defer.inlineCallbacks
@@ -130,7 +131,7 @@ class ConnectTests(TPTestCase):
         self.assertIn(b"refused by TP: forbidden:", result.err)
         self.assertEqual(result.out, b"")
         self.assertEqual(sink.accepted, 0)
-        [event] = audits(self.observer)
+        [event] = yield waitForAudits(self.observer, 1)
         self.assertEqual(event["result"], "forbidden")
 
     @defer.inlineCallbacks
@@ -170,7 +171,7 @@ class ConnectTests(TPTestCase):
         result = yield run(tpCommand() + ["--config", self.clientConfig, "connect", f"[::1]:{sinkPort}"], stdin=b"six")
         self.assertEqual(result.status, 0, result)
         self.assertEqual(result.out, f"3 {sha256(b'six')}\n".encode())
-        [event] = audits(self.observer)
+        [event] = yield waitForAudits(self.observer, 1)
         self.assertEqual(event["address"], "::1")
 
     @defer.inlineCallbacks
@@ -200,7 +201,7 @@ class CertificateTests(TPTestCase):
         self.assertEqual(result.status, 1, result)
         self.assertIn(b"TP refused the TLS connection", result.err)
         self.assertEqual(sink.accepted, 0)
-        [event] = audits(self.observer)
+        [event] = yield waitForAudits(self.observer, 1)
         self.assertEqual(event["result"], "handshake_failed")
         self.assertIsNone(event["identity"])
         self.assertIn(reason, event["detail"])
@@ -264,7 +265,7 @@ class CertificateTests(TPTestCase):
 
         error = yield self.assertFailure(deferToThread(attempt), stdlib_ssl.SSLError, ConnectionError)
         self.assertIn("CERTIFICATE_REQUIRED", str(error).upper())
-        [event] = audits(self.observer)
+        [event] = yield waitForAudits(self.observer, 1)
         self.assertEqual(event["result"], "handshake_failed")
         self.assertIn("did not return a certificate", event["detail"])
 
@@ -354,7 +355,7 @@ class BadHelloTests(TPTestCase):
         reply = self.decode((yield self.exchange(b"GET / HTTP/1.1\r\n\r\n", alpn=["h2", "http/1.1"])))
         self.assertEqual(reply["error"], "bad_request")
         self.assertIn("ALPN tp/1 expected, client offered h2, http/1.1", reply["message"])
-        [event] = audits(self.observer)
+        [event] = yield waitForAudits(self.observer, 1)
         self.assertEqual(event["identity"], "alice")
 
     @defer.inlineCallbacks
@@ -387,7 +388,7 @@ class BadHelloTests(TPTestCase):
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), Idle())
         yield closed.addTimeout(15, reactor)
         self.assertLess(reactor.seconds() - started, 10)
-        [event] = audits(self.observer)
+        [event] = yield waitForAudits(self.observer, 1)
         self.assertIn("no TLS handshake within 1 s", event["detail"])
 
 
@@ -463,7 +464,7 @@ class SSHTests(TPTestCase):
         result = yield run(self.sshArgs("echo", "hello-through-tp"), stdin=b"")
         self.assertEqual(result.status, 0, result)
         self.assertEqual(result.out, b"hello-through-tp\n")
-        self.assertIn(f"Connecting to 127.0.0.1:{self.sshPort} via localhost:{self.port} (v1)".encode(), result.err)
+        self.assertIn(f"Connecting to 127.0.0.1:{self.sshPort} via localhost:{self.port} (v1, tls)".encode(), result.err)
 
     @defer.inlineCallbacks
     def test_tenMegabytesEachWay(self) -> Any:
