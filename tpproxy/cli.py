@@ -238,6 +238,7 @@ def runConnect(reactor: Any, settings: Settings, host: str, port: int, stderr: A
     transport = yield connector.choose()
     stderr.write(f"Connecting to {target} via {settings.server} (v{VERSION}, {transport})\n")
     stderr.flush()
+    reactor.addSystemEventTrigger("before", "shutdown", connector.close)
     tunnel: TPClientProtocol = yield connector.open(ClientHello.connect(host, port))
     stdioDone: defer.Deferred[None] = defer.Deferred()
     tunnelDone: defer.Deferred[None] = defer.Deferred()
@@ -247,8 +248,7 @@ def runConnect(reactor: Any, settings: Settings, host: str, port: int, stderr: A
     splice(tunnel, local, fromA=tunnel.rest)
     tunnel.transport.resumeProducing()  # type: ignore[union-attr]
     yield defer.DeferredList([stdioDone, tunnelDone])
-    if connector.session is not None:
-        connector.session.close(0, "done")
+    connector.close()
     return EXIT_OK
 
 
@@ -304,6 +304,7 @@ class Forwarder(Factory):
 @defer.inlineCallbacks
 def runUp(reactor: Any, settings: Settings, host: str, port: int, localPort: int, bind: str, stderr: Any) -> Any:
     forwarder = Forwarder(reactor, settings, ClientHello.connect(host, port), stderr)
+    reactor.addSystemEventTrigger("before", "shutdown", forwarder.connector.close)
     try:
         listening = yield TCP4ServerEndpoint(reactor, localPort, interface=bind).listen(forwarder)
     except Exception as e:
@@ -416,6 +417,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         d.addCallbacks(done, failed)
         return d
 
+    import signal
+
+    def hangup(signum: int, frame: Any) -> None:
+        # ssh ends its ProxyCommand with SIGHUP: stop cleanly, so that a QUIC
+        # connection is closed (TP would otherwise wait for its idle timeout).
+        from twisted.internet import reactor
+
+        reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]
+
+    signal.signal(signal.SIGHUP, hangup)
     try:
         task.react(start)
     except SystemExit as e:

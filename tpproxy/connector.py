@@ -144,6 +144,17 @@ class Connector:
         self.session = session
         return session
 
+    def close(self) -> None:
+        """
+        Close the QUIC connection, if any, now (CONNECTION_CLOSE goes out
+        before the process exits).
+        """
+        session, self.session = self.session, None
+        if session is not None and not session.closed:
+            session.close(0, "client done")
+            session.abandon()
+            session.socket.stop()
+
     @defer.inlineCallbacks
     def open(self, hello: ClientHello) -> Any:
         """

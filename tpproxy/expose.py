@@ -44,6 +44,13 @@ class ControlProtocol(Protocol):
     def connectionMade(self) -> None:
         noDelay(self.transport)
         self.transport.write(self.exposer.hello.toFrame())  # type: ignore[union-attr]
+        # Bound the TLS handshake and TP's answer: a listener that accepts
+        # TCP and never speaks must not hang us.
+        self._deadline = self.exposer.reactor.callLater(self.exposer.settings.connectTimeout, self._noAnswer)
+
+    def _noAnswer(self) -> None:
+        self._fail(TunnelError(f"no answer from TP within {self.exposer.settings.connectTimeout:g} s"))
+        self.transport.abortConnection()  # type: ignore[union-attr]
 
     def handshakeCompleted(self) -> None:
         self.handshakeDone = True
@@ -64,11 +71,15 @@ class ControlProtocol(Protocol):
                 self.transport.abortConnection()  # type: ignore[union-attr]
                 return
             self._resetDeadline()
-            if event == "incoming":
+            if event == "ping":
+                self.transport.write(encodeEvent("pong"))  # type: ignore[union-attr]
+            elif event == "incoming":
                 self.exposer.incoming(fields["session"], fields.get("identity"), fields.get("peer") or "?")
 
     def _answer(self, hello: ServerHello) -> None:
         self.answered = True
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
         if not hello.ok:
             self._fail(Refused(hello.code or "unknown", hello.message))
             self.transport.loseConnection()  # type: ignore[union-attr]
@@ -197,8 +208,18 @@ class Exposer:
         )
         target = connectProtocol(HostnameEndpoint(self.reactor, self.local[0], self.local[1], timeout=10), LocalTarget())
         opened: list[Any] = []
+        failedAlready: list[bool] = []
+
+        def arrived(end: Any) -> Any:
+            if failedAlready:
+                # The other half failed first: this one is not wanted.
+                end.transport.loseConnection()
+            else:
+                opened.append(end)
+            return end
+
         for d in (tunnel, target):
-            d.addCallback(lambda end: opened.append(end) or end)
+            d.addCallback(arrived)
         both = defer.gatherResults([tunnel, target], consumeErrors=True)
 
         def joined(ends: list[Any]) -> None:
@@ -211,6 +232,7 @@ class Exposer:
         def failed(f: Failure) -> None:
             error = f.value.subFailure if isinstance(f.value, defer.FirstError) else f
             self.say(f"Connection from {who} failed: {error.getErrorMessage()}")
+            failedAlready.append(True)
             for end in opened:
                 end.transport.loseConnection()
 

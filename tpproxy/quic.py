@@ -354,6 +354,7 @@ class QuicSession:
     """
 
     peerCertificate: x509.Certificate | None = None
+    abandoned = False
 
     def __init__(self, conn: TPQuicConnection, send: Callable[[bytes, Any], None], clock: Any, peer: Any) -> None:
         self.conn = conn
@@ -371,6 +372,8 @@ class QuicSession:
         return self.localAddress
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
+        if self.abandoned:
+            return
         self.peer = addr
         self.conn.receive_datagram(data, addr, now=self.clock.seconds())
         self.process()
@@ -446,7 +449,7 @@ class QuicSession:
         Send at the end of this reactor turn, so that the writes of one turn
         go out in as few packets as possible.
         """
-        if self._flush is None:
+        if self._flush is None and not (self.closed and self._timer is None):
             self._flush = self.clock.callLater(0, self._flushNow)
 
     def _flushNow(self) -> None:
@@ -454,6 +457,8 @@ class QuicSession:
         self.transmit()
 
     def transmit(self) -> None:
+        if self.abandoned:
+            return
         now = self.clock.seconds()
         for data, addr in self.conn.datagrams_to_send(now=now):
             self.send(data, addr)
@@ -472,10 +477,24 @@ class QuicSession:
         self.conn.handle_timer(now=self.clock.seconds())
         self.process()
 
+
     def close(self, code: int = 0, reason: str = "") -> None:
         if not self.closed:
             self.conn.close(error_code=code, reason_phrase=reason)
             self.transmit()
+
+    def abandon(self) -> None:
+        """
+        Stop all timers: for a process or listener going away, after
+        L{close} has sent CONNECTION_CLOSE (the draining period is skipped).
+        """
+        self.closed = True
+        self.abandoned = True
+        for name in ("_timer", "_flush", "_pinger"):
+            call = getattr(self, name, None)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(self, name, None)
 
 
 # --- the server ---------------------------------------------------------------
@@ -563,6 +582,7 @@ class ServerSession(QuicSession):
                 duration=round(self.listener.reactor.seconds() - self.started, 3),
             )
         self.listener.forget(self)
+        self.abandon()
 
 
 class QuicListener(DatagramProtocol):
@@ -593,8 +613,10 @@ class QuicListener(DatagramProtocol):
                 pass
 
     def sendDatagram(self, data: bytes, addr: Any) -> None:
+        if self.transport is None:
+            return
         try:
-            self.transport.write(data, addr)  # type: ignore[union-attr]
+            self.transport.write(data, addr)
         except OSError as e:
             log.debug("QUIC send to {addr} failed: {error}", addr=addr, error=e)
 
@@ -638,8 +660,12 @@ class QuicListener(DatagramProtocol):
                 del self.sessions[cid]
 
     def stopProtocol(self) -> None:
+        reason = Failure(ConnectionLost("the QUIC listener stopped"))
         for session in set(self.sessions.values()):
             session.close(0, "server shutting down")
+            session.abandon()
+            for stream in list(session.streams.values()):
+                stream._lose(reason)
         self.sessions.clear()
 
 
@@ -696,6 +722,7 @@ class ClientSession(QuicSession):
         if not self.done.called:
             self.done.callback(None)
         self.socket.stop()
+        self.abandon()
 
     def startKeepalive(self, interval: float) -> None:
         def ping() -> None:

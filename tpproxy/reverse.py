@@ -125,24 +125,33 @@ class Registry:
         assert name is not None
         return (yield self._exposeName(control, identity, name))
 
-    def _takeOver(self, existing: Exposure | None, identity: str, what: str, code: ErrorCode) -> None:
+    def _takeOver(self, existing: Exposure | None, identity: str, what: str, code: ErrorCode) -> Any:
+        """
+        Make room for a new exposure of C{identity}.  Returns the listening
+        port of a public exposure it replaces, for the new one to keep
+        (closing and binding it again in one turn would fail: Twisted closes
+        a port on the next turn).
+        """
         if existing is None:
-            return
+            return None
         if existing.owner != identity:
             raise ReverseError(code, f"{what} is held by another identity")
         # The same identity again (a reconnect that beat the old connection's
         # timeout): the new session replaces the old one.
         log.info("{identity} takes over {what} from its previous session", identity=identity, what=what)
+        listening, existing.listening = existing.listening, None
         self.remove(existing)
         existing.control.closeControl(f"{what} was taken over by a new session of {identity}")
+        return listening
 
     @defer.inlineCallbacks
     def _exposePort(self, control: Control, identity: str, port: int) -> Any:
+        kept = None
         if port:
             decision = self.policy.mayExposePort(identity, port)
             if not decision.allowed:
                 raise ReverseError(ErrorCode.FORBIDDEN, decision.reason)
-            self._takeOver(self.byPort.get(port), identity, f"public port {port}", ErrorCode.PORT_UNAVAILABLE)
+            kept = self._takeOver(self.byPort.get(port), identity, f"public port {port}", ErrorCode.PORT_UNAVAILABLE)
             candidates = [port]
         else:
             ranges = self.policy.publicPortRanges(identity)
@@ -151,6 +160,10 @@ class Registry:
             candidates = [0] if (1, 65535) in ranges else [p for lo, hi in ranges for p in range(lo, hi + 1)][:2000]
         exposure = Exposure(owner=identity, mode="public", control=control)
         factory = PublicDialerFactory(self, exposure)
+        if port and kept is not None:
+            kept.factory = factory
+            exposure.listening = kept
+            candidates = []
         for candidate in candidates:
             if candidate and candidate in self.byPort:
                 continue
@@ -162,7 +175,8 @@ class Registry:
                 continue
             break
         else:
-            raise ReverseError(ErrorCode.PORT_UNAVAILABLE, "no free port in the ranges this identity may expose")
+            if exposure.listening is None:
+                raise ReverseError(ErrorCode.PORT_UNAVAILABLE, "no free port in the ranges this identity may expose")
         exposure.port = exposure.listening.getHost().port
         self.byPort[exposure.port] = exposure
         yield None
@@ -173,6 +187,8 @@ class Registry:
         decision = self.policy.mayExposeName(identity, name)
         if not decision.allowed:
             raise ReverseError(ErrorCode.FORBIDDEN, decision.reason)
+        if self.serverTLS.servesOwnName(name):
+            raise ReverseError(ErrorCode.FORBIDDEN, f"{name} is a name of TP itself and cannot be exposed")
         self._takeOver(self.byName.get(name), identity, f"E2E name {name}", ErrorCode.NAME_TAKEN)
         exposure = Exposure(owner=identity, mode="e2e", control=control, name=name)
         # Hold the name while the certificate is fetched.
@@ -313,12 +329,30 @@ class PublicDialer(RelayEnd):
         self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def sessionFailed(self, code: ErrorCode, message: str) -> None:
+        self._failure = message
         self.transport.loseConnection()  # type: ignore[union-attr]
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def sessionFailedReason(self) -> str:
+        return getattr(self, "_failure", "")
 
     def connectionLost(self, reason: Failure) -> None:
         if self.peer is None and self.sid is not None:
             self.registry.dialerGone(self.sid)
+        joined = self.peer is not None
         super().connectionLost(reason)
+        audit.info(
+            "public dialer {peer} of {exposure}: {result}",
+            event="public",
+            peer=self.peerText,
+            identity=None,
+            exposure=self.exposure.describe(),
+            owner=self.exposure.owner,
+            result="ok" if joined else "not_accepted",
+            detail=self.sessionFailedReason(),
+            bytes_up=self.bytesIn,
+            bytes_down=self.peer.bytesIn if self.peer is not None else 0,
+        )
 
 
 class PublicDialerFactory(Factory):

@@ -217,6 +217,19 @@ class ClientCertChecker:
         return None
 
 
+_VERIFY_MODE = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE
+
+
+def _certificateNames(cert: x509.Certificate) -> frozenset[str]:
+    names = {str(a.value).lower() for a in cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)}
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names.update(n.lower().rstrip(".") for n in san.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        pass
+    return frozenset(names)
+
+
 def _serverContext(chain: list[x509.Certificate], key: object, clientCAs: list[x509.Certificate], verify: Any) -> SSL.Context:
     """
     A TLS 1.3 server context that requires a client certificate from
@@ -234,7 +247,7 @@ def _serverContext(chain: list[x509.Certificate], key: object, clientCAs: list[x
     for ca in clientCAs:
         store.add_cert(crypto.X509.from_cryptography(ca))
     ctx.set_client_ca_list([crypto.X509.from_cryptography(ca).get_subject() for ca in clientCAs])
-    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE, verify)
+    ctx.set_verify(_VERIFY_MODE, verify)
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     return ctx
@@ -271,6 +284,8 @@ class ServerTLS:
         self.checker = checker
         self.clientCAs = clientCAs
         self.names: dict[str, SSL.Context] = {}
+        self.nameVerify: dict[str, Any] = {}
+        self.ownNames = _certificateNames(chain[0])
         ctx = _serverContext(chain, key, clientCAs, self._verify)
         offered = tuple(alpn)
 
@@ -311,6 +326,10 @@ class ServerTLS:
             ctx = self.names.get(name)
             if ctx is not None:
                 conn.set_context(ctx)
+                # SSL_set_SSL_CTX swaps the certificate but keeps the verify
+                # callback the connection started with: set the name's own,
+                # which also asks whether the identity may dial the name.
+                conn.set_verify(_VERIFY_MODE, self.nameVerify[name])
                 proto = conn.get_app_data()
                 if proto is not None:
                     proto.tpSNIName = name
@@ -333,9 +352,18 @@ class ServerTLS:
             return True
 
         self.names[name] = _serverContext(chain, key, self.clientCAs, verify)
+        self.nameVerify[name] = verify
 
     def removeName(self, name: str) -> None:
         self.names.pop(name, None)
+        self.nameVerify.pop(name, None)
+
+    def servesOwnName(self, name: str) -> bool:
+        """
+        Is C{name} one of the names of TP's own certificate?  Such a name
+        can never be an exposure: it would capture TP's own clients.
+        """
+        return name in self.ownNames
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         conn = SSL.Connection(self.context, None)

@@ -309,6 +309,7 @@ def validName(name: str) -> bool:
 EVENTS: dict[str, tuple[str, ...]] = {
     "incoming": ("session", "identity", "peer"),
     "ping": (),
+    "pong": (),
 }
 
 

@@ -58,6 +58,7 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
     event = "connect"
     exposure: Exposure | None = None
     inner: Any = None
+    innerEnd: RelayEnd | None = None
     innerClosed = False
     sid: str | None = None
     identity: PeerIdentity | None = None
@@ -232,11 +233,13 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
                 frame = self.decoder.nextFrame()
                 if frame is None:
                     return
-                parseEvent(frame)
+                event, _ = parseEvent(frame)
             except WireError as e:
                 self.closeControl(f"bad event from the exposer: {e.message}")
                 return
             self._resetDeadline()
+            if event == "ping":
+                self.transport.write(encodeEvent("pong"))  # type: ignore[union-attr]
 
     def _schedulePing(self) -> None:
         self._pinger = self.factory.reactor.callLater(self.factory.config.keepalive, self._ping)
@@ -317,14 +320,24 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
         )
         self.inner = innerFactory.buildProtocol(self.transport.getPeer())  # type: ignore[union-attr]
         self.inner.makeConnection(self.transport)
+        # The inner handshake gets the same bound as the outer one.
+        self.setTimeout(self.factory.config.handshakeTimeout)
         self.transport.resumeProducing()  # type: ignore[union-attr]
         rest, self.pending = self.pending, b""
         if rest:
             self.inner.dataReceived(rest)
 
     def preSpliceEOF(self) -> None:
+        """
+        The client sent EOF before any splice.  After a connect or accept
+        hello it is carried into the splice; anywhere else it ends the
+        connection (a signalling connection closing, say).
+        """
         if self.state == "e2e" and self.inner is not None:
             self.inner.connectionLost(Failure(error.ConnectionDone("the tunnel was closed")))
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        elif self.state in ("hello", "registering", "listening"):
+            self.detail = self.detail or "the client closed its side"
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _sniDialer(self, name: str) -> bool:
@@ -338,11 +351,18 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
         if exposure is None:
             self._closeWith("not_accepted", f"{name} is no longer exposed")
             return True
+        assert self.identity is not None
+        # The handshake already ran the name's dialers check; checking again
+        # here keeps a context mix-up from ever letting a dialer through.
+        decision = self.factory.config.policy.mayDialName(self.identity.name, name)
+        if not decision.allowed:
+            self._closeWith("forbidden", decision.reason)
+            return True
+        self.setTimeout(None)  # the registry bounds the wait for an accept
         self.state = "waiting"
         self.result = "aborted"
         self.address = f"E2E {name}"
         self.transport.pauseProducing()  # type: ignore[union-attr]
-        assert self.identity is not None
         self.sid = self.factory.registry.incoming(exposure, self, self.identity.name, self.peerAddress)
         return True
 
@@ -362,7 +382,8 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
         self.detail = detail
         self.transport.loseConnection()  # type: ignore[union-attr]
         self.transport.resumeProducing()  # type: ignore[union-attr]
-        self.setTimeout(LINGER)
+        if self.state != "closed":  # a transport may close at once
+            self.setTimeout(LINGER)
 
     def _refuse(self, code: ErrorCode, message: str) -> None:
         if self.state in ("refused", "closed"):
@@ -375,7 +396,8 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
         # Reading again (it is paused while dialling) lets the peer's close
         # reach us; LINGER bounds a peer that never closes.
         self.transport.resumeProducing()  # type: ignore[union-attr]
-        self.setTimeout(LINGER)
+        if self.state != "closed":  # a transport may close at once
+            self.setTimeout(LINGER)
 
     # --- end ------------------------------------------------------------------
 
@@ -397,7 +419,9 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
 
     def _audit(self) -> None:
         hello = self.hello
-        outbound = self.outbound
+        # The end that was spliced: this connection, or the inside of an
+        # E2E connection.
+        counted: RelayEnd = self.innerEnd if self.innerEnd is not None else self
         audit.info(
             "{identity} {destination}: {result}{detail_sep}{detail}",
             event=self.event,
@@ -410,8 +434,8 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
             result=self.result,
             detail=self.detail,
             detail_sep=" - " if self.detail else "",
-            bytes_up=self.bytesIn,
-            bytes_down=outbound.bytesIn if outbound else 0,
+            bytes_up=counted.bytesIn,
+            bytes_down=counted.peer.bytesIn if counted.peer is not None else 0,
             duration=round(self.factory.reactor.seconds() - self.started, 3),
         )
 
@@ -476,6 +500,8 @@ class E2EDialer(RelayEnd):
         self.pending = b""
 
     def handshakeCompleted(self) -> None:
+        self.outer.setTimeout(None)  # the registry bounds the wait for an accept
+        self.outer.innerEnd = self
         cert = self.transport.getPeerCertificate()  # type: ignore[union-attr]
         identity = identityOf(cert.to_cryptography()).name
         self.outer.detail = f"inner identity {identity}"
@@ -507,6 +533,8 @@ class E2EDialer(RelayEnd):
             self.transport.write(ServerHello.failure(code, message).toFrame())  # type: ignore[union-attr]
         self.transport.loseConnection()  # type: ignore[union-attr]
         self.transport.resumeProducing()  # type: ignore[union-attr]
+        if self.outer.state != "closed":
+            self.outer.setTimeout(LINGER)
 
     def connectionLost(self, reason: Failure) -> None:
         self.outer.innerClosed = True

@@ -1,0 +1,444 @@
+"""
+QUIC on loopback: strict mutual TLS, streams through TP, ssh over QUIC,
+many concurrent streams, fallback to TLS, and connection migration.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Any
+
+from aioquic.quic.configuration import QuicConfiguration
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.trial.unittest import TestCase
+
+from tpproxy.protocols.client import TPClientProtocol
+from tpproxy.quic import clientConfiguration, connectQuic
+from tpproxy.service import makeQuicListener, makeServerFactory
+from tpproxy.testing import REVERSE_RULES, TestPKI, reverseTables
+from tpproxy.tls import loadCertificates, loadKey
+from tpproxy.wire import ALPN, ClientHello
+
+from .support import (
+    SSHD,
+    Background,
+    Echo,
+    HashSink,
+    auditObserver,
+    audits,
+    freePort,
+    listenLocal,
+    run,
+    sha256,
+    tpCommand,
+    waitForAudits,
+)
+from .test_integration import TEN_MB, writeClientConfig
+
+
+class QuicTestCase(TestCase):
+    timeout = 90
+
+    def setUp(self) -> None:
+        self.pki = TestPKI.create(self.mktemp())
+        for name in ("alice", "bob"):
+            self.pki.client(name)
+        self.observer = auditObserver(self)
+
+    def startTP(self, quic: bool = True, **server: Any) -> int:
+        """
+        TLS and QUIC on the same port number of 127.0.0.1.
+        """
+        self.config = self.pki.serverConfig(REVERSE_RULES, **reverseTables(self.pki), **server)
+        factory = makeServerFactory(self.config, reactor)
+        self.tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.port = self.tcp.getHost().port
+        self.addCleanup(self.tcp.stopListening)
+        self.tpFactory = factory
+        if quic:
+            self.listener = makeQuicListener(self.config, reactor, factory.wrappedFactory)
+            self.udp = reactor.listenUDP(self.port, self.listener, interface="127.0.0.1")
+            self.addCleanup(self.udp.stopListening)
+        for name in ("alice", "bob"):
+            writeClientConfig(
+                self.pki, self.port, cert=str(self.pki.directory / f"{name}.pem"), key=str(self.pki.directory / f"{name}.key"), name=f"{name}.toml"
+            )
+        return self.port
+
+    def clientConfig(self, name: str = "alice") -> str:
+        return str(self.pki.directory / f"{name}.toml")
+
+    def quicConfig(self, name: str | None = "alice", caDir: Any = None) -> QuicConfiguration:
+        d = self.pki.directory
+        cas = loadCertificates(str((caDir or d) / "ca.pem"))
+        if name is None:
+            config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN.decode()], server_name="localhost")
+            from cryptography.hazmat.primitives import serialization
+
+            config.cadata = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in cas)
+            return config
+        return clientConfiguration("localhost", cas, loadCertificates(str(d / f"{name}.pem")), loadKey(str(d / f"{name}.key")))
+
+    def closeSession(self, session: Any) -> None:
+        if not session.closed:
+            session.close(0, "test done")
+        session.socket.stop()
+        session.abandon()
+
+
+class MutualTLSTests(QuicTestCase):
+    """
+    QUIC client certificates are as strictly checked as on TLS.
+    """
+
+    @defer.inlineCallbacks
+    def refused(self, config: QuicConfiguration, reason: str) -> Any:
+        """
+        In TLS 1.3 the client finishes its handshake before the server has
+        checked its certificate; the server then closes the connection, and
+        a stream the client opened meanwhile is never served.
+        """
+        self.startTP()
+        sinkPort, sink = listenLocal(self, HashSink)
+        session = connectQuic(reactor, ("127.0.0.1", self.port), config)
+        self.addCleanup(self.closeSession, session)
+        try:
+            yield session.ready
+            ready: defer.Deferred[Any] = defer.Deferred()
+            session.openStream(TPClientProtocol(ClientHello.connect("127.0.0.1", sinkPort), ready))
+            yield self.assertFailure(ready, Exception)
+        except Exception:
+            pass
+        yield session.done.addTimeout(10, reactor)
+        self.assertEqual(sink.accepted, 0)
+        [event] = yield waitForAudits(self.observer, 1)
+        self.assertEqual((event["result"], event["event"]), ("handshake_failed", "quic"))
+        self.assertIn(reason, event["detail"])
+        self.assertEqual(len(self.listener.sessions), 0)
+
+    def test_noCertificate(self) -> Any:
+        """
+        A client that sends no certificate is refused in the handshake
+        (alert certificate_required) and no stream is served.
+        """
+        return self.refused(self.quicConfig(None), "no client certificate")
+
+    def test_otherCA(self) -> Any:
+        other = TestPKI.create(self.mktemp())
+        other.client("alice")
+        config = clientConfiguration(
+            "localhost",
+            loadCertificates(self.pki.caPath),
+            loadCertificates(str(other.directory / "alice.pem")),
+            loadKey(str(other.directory / "alice.key")),
+        )
+        return self.refused(config, "certificate not accepted")
+
+    def test_expired(self) -> Any:
+        self.pki.expiredClient("carol")
+        d = self.pki.directory
+        config = clientConfiguration(
+            "localhost", loadCertificates(self.pki.caPath), loadCertificates(str(d / "carol-expired.pem")), loadKey(str(d / "carol-expired.key"))
+        )
+        return self.refused(config, "certificate not accepted")
+
+    def test_deniedIdentity(self) -> Any:
+        self.pki.client("mallory")
+        d = self.pki.directory
+        config = clientConfiguration(
+            "localhost", loadCertificates(self.pki.caPath), loadCertificates(str(d / "mallory.pem")), loadKey(str(d / "mallory.key"))
+        )
+
+        @defer.inlineCallbacks
+        def go() -> Any:
+            self.config = self.pki.serverConfig(REVERSE_RULES, deny={"identities": ["mallory"]})
+            factory = makeServerFactory(self.config, reactor)
+            self.port = freePort()
+            self.listener = makeQuicListener(self.config, reactor, factory.wrappedFactory)
+            udp = reactor.listenUDP(self.port, self.listener, interface="127.0.0.1")
+            self.addCleanup(udp.stopListening)
+            session = connectQuic(reactor, ("127.0.0.1", self.port), config)
+            self.addCleanup(self.closeSession, session)
+            yield session.done.addTimeout(10, reactor)
+            [event] = yield waitForAudits(self.observer, 1)
+            self.assertIn("deny list", event["detail"])
+
+        return go()
+
+    @defer.inlineCallbacks
+    def test_noTicketsNoResumption(self) -> Any:
+        """
+        TP's QUIC server issues no session ticket, so no later connection
+        can resume or send 0-RTT data without presenting its certificate.
+        """
+        self.startTP()
+        tickets: list[Any] = []
+        config = self.quicConfig("alice")
+        from tpproxy.quic import TPQuicConnection
+
+        original = TPQuicConnection.__init__
+
+        def withHandler(conn: Any, *a: Any, **kw: Any) -> None:
+            if kw["configuration"].is_client:
+                # The client is ready to store tickets; the server must
+                # still issue none.
+                kw.setdefault("session_ticket_handler", tickets.append)
+            original(conn, *a, **kw)
+
+        self.patch(TPQuicConnection, "__init__", withHandler)
+        session = connectQuic(reactor, ("127.0.0.1", self.port), config)
+        self.addCleanup(self.closeSession, session)
+        yield session.ready
+        # Let any post-handshake message arrive.
+        sink, _ = listenLocal(self, HashSink)
+        yield self.roundTrip(session, sink, b"x" * 1000)
+        self.assertEqual(tickets, [])
+        self.assertFalse(session.conn.tls.session_resumed)
+        server = next(iter(self.listener.sessions.values()))
+        self.assertIsNone(server.conn.tls.new_session_ticket_cb)
+
+    @defer.inlineCallbacks
+    def roundTrip(self, session: Any, sinkPort: int, data: bytes) -> Any:
+        ready: defer.Deferred[Any] = defer.Deferred()
+        client = TPClientProtocol(ClientHello.connect("127.0.0.1", sinkPort), ready)
+        received: list[bytes] = []
+        done: defer.Deferred[None] = defer.Deferred()
+        stream = session.openStream(client)
+        end = yield ready
+        self.assertIs(end, client)
+
+        client.peer = _Sink(received, done)  # type: ignore[assignment]
+        client.transport.resumeProducing()
+        if client.rest:
+            received.append(client.rest)
+        stream.write(data)
+        stream.loseWriteConnection()
+        yield done
+        return b"".join(received)
+
+
+class _Sink:
+    """
+    A stand-in splice peer that collects bytes.
+    """
+
+    readClosed = False
+    closed = False
+
+    def __init__(self, received: list[bytes], done: defer.Deferred[None]) -> None:
+        self.received = received
+        self.done = done
+        self.transport = self
+
+    def write(self, data: bytes) -> None:
+        self.received.append(data)
+
+    def loseWriteConnection(self) -> None:
+        if not self.done.called:
+            self.done.callback(None)
+
+    def loseConnection(self) -> None:
+        self.loseWriteConnection()
+
+    def unregisterProducer(self) -> None:
+        pass
+
+
+class StreamTests(QuicTestCase):
+    @defer.inlineCallbacks
+    def test_connectOverQuic(self) -> Any:
+        """
+        C{tp connect --transport quic} moves data with a half-close through
+        a QUIC stream; the status line says quic.
+        """
+        sinkPort, sink = listenLocal(self, HashSink)
+        self.startTP()
+        data = os.urandom(3 * 1024 * 1024)
+        result = yield run(tpCommand() + ["--config", self.clientConfig(), "--transport", "quic", "connect", f"127.0.0.1:{sinkPort}"], stdin=data)
+        self.assertEqual(result.status, 0, result)
+        self.assertEqual(result.out.decode(), f"{len(data)} {sha256(data)}\n")
+        self.assertIn(b"(v1, quic)", result.err)
+        events = [e for e in (yield waitForAudits(self.observer, 1)) if e["event"] == "connect"]
+        self.assertEqual(events[0]["result"], "ok")
+        self.assertEqual(events[0]["bytes_up"], len(data))
+
+    @defer.inlineCallbacks
+    def test_hundredStreams(self) -> Any:
+        """
+        100 concurrent tunnels through one C{tp up --transport quic} (one
+        QUIC connection, a stream each) move their data intact.
+        """
+        echoPort, echo = listenLocal(self, Echo)
+        self.startTP()
+        up = Background(self, tpCommand() + ["--config", self.clientConfig(), "--transport", "quic", "up", f"127.0.0.1:{echoPort}", "0"])
+        line = yield up.waitForStderr(b"; Ctrl-C stops")
+        self.assertIn(b"(v1, quic)", line)
+        localPort = int(re.search(rb"Forwarding 127\.0\.0\.1:(\d+) to", line).group(1))  # type: ignore[union-attr]
+        yield echoRoundTrips(localPort, 100, 128 * 1024)
+        self.assertEqual(echo.accepted, 100)
+        self.assertEqual(len({id(s) for s in self.listener.sessions.values()}), 1)
+
+    @defer.inlineCallbacks
+    def test_forbiddenOverQuic(self) -> Any:
+        sinkPort, sink = listenLocal(self, HashSink)
+        self.startTP()
+        result = yield run(tpCommand() + ["--config", self.clientConfig(), "--transport", "quic", "connect", f"10.255.255.1:{sinkPort}"], stdin=b"")
+        self.assertEqual(result.status, 3, result)
+        self.assertIn(b"forbidden", result.err)
+
+
+@defer.inlineCallbacks
+def echoRoundTrips(port: int, count: int, size: int) -> Any:
+    @defer.inlineCallbacks
+    def one(i: int) -> Any:
+        data = os.urandom(size)
+        received: list[bytes] = []
+        done: defer.Deferred[None] = defer.Deferred()
+
+        class Client(protocol.Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(data)  # type: ignore[union-attr]
+                self.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+            def dataReceived(self, chunk: bytes) -> None:
+                received.append(chunk)
+
+            def connectionLost(self, reason: Any) -> None:
+                done.callback(None)
+
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Client())
+        yield done
+        got = b"".join(received)
+        if (len(got), sha256(got)) != (size, sha256(data)):
+            raise AssertionError(f"tunnel {i}: got {len(got)} bytes, expected {size}")
+
+    yield defer.gatherResults([one(i) for i in range(count)], consumeErrors=True)
+
+
+class FallbackTests(QuicTestCase):
+    @defer.inlineCallbacks
+    def test_noQuicListener(self) -> Any:
+        """
+        With no QUIC listener, C{auto} ends on TLS quickly and works; the
+        status line says tls.
+        """
+        sinkPort, _ = listenLocal(self, HashSink)
+        self.startTP(quic=False)
+        started = time.monotonic()
+        result = yield run(tpCommand() + ["--config", self.clientConfig(), "connect", f"127.0.0.1:{sinkPort}"], stdin=b"fallback")
+        self.assertEqual(result.status, 0, result)
+        self.assertIn(b"(v1, tls)", result.err)
+        self.assertEqual(result.out, f"8 {sha256(b'fallback')}\n".encode())
+        self.assertLess(time.monotonic() - started, 10)
+
+    @defer.inlineCallbacks
+    def test_udpDropped(self) -> Any:
+        """
+        When the QUIC port swallows every packet (UDP filtered), C{auto}
+        gives QUIC its short bound, then uses TLS, and remembers that: the
+        next connection goes straight to TLS.
+        """
+        sinkPort, _ = listenLocal(self, HashSink)
+        self.startTP(quic=False)
+        blackhole = reactor.listenUDP(self.port, protocol.DatagramProtocol(), interface="127.0.0.1")
+        self.addCleanup(blackhole.stopListening)
+        from .support import cleanEnv
+
+        env = cleanEnv(XDG_CACHE_HOME=os.path.abspath(self.mktemp()))
+        argv = tpCommand() + ["--config", self.clientConfig(), "connect", f"127.0.0.1:{sinkPort}"]
+        started = time.monotonic()
+        result = yield run(argv, stdin=b"one", env=env)
+        first = time.monotonic() - started
+        self.assertEqual(result.status, 0, result)
+        self.assertIn(b"(v1, tls)", result.err)
+        self.assertGreater(first, 1.4)  # it did wait for QUIC
+        started = time.monotonic()
+        result = yield run(argv, stdin=b"two", env=env)
+        self.assertEqual(result.status, 0, result)
+        self.assertLess(time.monotonic() - started, first)
+        memory = os.path.join(env["XDG_CACHE_HOME"], "tp", "transport.json")
+        self.assertIn('"tls"', open(memory).read())
+
+
+class MigrationTests(QuicTestCase):
+    @defer.inlineCallbacks
+    def test_rebindMidTransfer(self) -> Any:
+        """
+        The client moves to a new UDP port in the middle of a transfer; the
+        server validates the new path and the stream completes intact.
+        """
+        sinkPort, sink = listenLocal(self, HashSink)
+        self.startTP()
+        session = connectQuic(reactor, ("127.0.0.1", self.port), self.quicConfig("alice"))
+        self.addCleanup(self.closeSession, session)
+        yield session.ready
+        ready: defer.Deferred[Any] = defer.Deferred()
+        client = TPClientProtocol(ClientHello.connect("127.0.0.1", sinkPort), ready)
+        stream = session.openStream(client)
+        yield ready
+        received: list[bytes] = []
+        done: defer.Deferred[None] = defer.Deferred()
+        client.peer = _Sink(received, done)  # type: ignore[assignment]
+        client.transport.resumeProducing()
+        first = os.urandom(2 * 1024 * 1024)
+        second = os.urandom(2 * 1024 * 1024)
+        oldPort = session.socket.transport.getHost().port
+        stream.write(first)
+        from .support import deferLater
+
+        yield deferLater(0.2)
+        session.rebind()
+        newPort = session.socket.transport.getHost().port
+        self.assertNotEqual(oldPort, newPort)
+        stream.write(second)
+        stream.loseWriteConnection()
+        yield done.addTimeout(60, reactor)
+        data = first + second
+        self.assertEqual(b"".join(received).decode(), f"{len(data)} {sha256(data)}\n")
+        server = next(iter(self.listener.sessions.values()))
+        self.assertEqual(server.peer[1], newPort)
+
+
+class SSHOverQuicTests(QuicTestCase):
+    @defer.inlineCallbacks
+    def setUp(self) -> Any:
+        super().setUp()
+        self.sshd = yield SSHD.start(self)
+        self.startTP()
+
+    @defer.inlineCallbacks
+    def check(self, host: str, port: int, proxy: str) -> Any:
+        up = os.urandom(TEN_MB)
+        result = yield run(self.sshd.args(host, port, "sha256sum", proxy=proxy), stdin=up)
+        self.assertEqual(result.status, 0, result)
+        self.assertEqual(result.out.split()[0].decode(), sha256(up))
+        self.assertIn(b"(v1, quic)", result.err)
+        payload = os.urandom(TEN_MB)
+        (self.sshd.dir / "down.bin").write_bytes(payload)
+        result = yield run(self.sshd.args(host, port, "cat", str(self.sshd.dir / "down.bin"), proxy=proxy), stdin=b"")
+        self.assertEqual(result.status, 0, result.err)
+        self.assertEqual((len(result.out), sha256(result.out)), (TEN_MB, sha256(payload)))
+
+    def test_sshOverQuic(self) -> Any:
+        """
+        ssh with ProxyCommand="tp connect --transport quic %h:%p" moves 10 MB
+        each way intact.
+        """
+        proxy = " ".join(tpCommand()) + f" --config {self.clientConfig()} --transport quic connect %h:%p"
+        return self.check("127.0.0.1", self.sshd.port, proxy)
+
+    @defer.inlineCallbacks
+    def test_e2eOverQuic(self) -> Any:
+        """
+        An E2E exposure (registered over TLS) dialled over QUIC: the inner
+        handshake runs inside a QUIC stream.
+        """
+        exposer = Background(self, tpCommand() + ["--config", self.clientConfig("alice"), "--transport", "tls", "expose", f"127.0.0.1:{self.sshd.port}", "--e2e", "ssh.alice.localhost"])
+        yield exposer.waitForStderr(b"; Ctrl-C stops")
+        proxy = " ".join(tpCommand()) + f" --config {self.clientConfig('bob')} --transport quic connect %h:%p"
+        yield self.check("ssh.alice.localhost", 22, proxy)
+        inner = [e for e in audits(self.observer) if e.get("destination") == "ssh.alice.localhost:22"]
+        self.assertTrue(inner and all(e["result"] == "ok" for e in inner), inner)
