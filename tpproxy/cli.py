@@ -150,6 +150,8 @@ def buildParser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="HOST:PORT")
     p.add_argument("localport", metavar="LOCALPORT", type=int)
     p.add_argument("--bind", metavar="ADDRESS", default="127.0.0.1", help="local address to listen on (default 127.0.0.1)")
+    p.add_argument("-u", "--udp", action="store_true",
+                   help="forward UDP instead of TCP: each local source address is a flow (QUIC datagrams, or framed on TLS)")
     _commonOptions(p, suppress=True)
 
     p = sub.add_parser("expose", help="expose a local port through TP (public port or E2E name)",
@@ -319,6 +321,33 @@ def runUp(reactor: Any, settings: Settings, host: str, port: int, localPort: int
     yield defer.Deferred()  # until the reactor stops
 
 
+@defer.inlineCallbacks
+def runUpUDP(reactor: Any, settings: Settings, host: str, port: int, localPort: int, bind: str, stderr: Any) -> Any:
+    from .connector import Connector
+    from .udp import UDPForwarder
+
+    connector = Connector(reactor, settings)
+    reactor.addSystemEventTrigger("before", "shutdown", connector.close)
+
+    def say(line: str) -> None:
+        stderr.write(f"tp up: {line}\n")
+        stderr.flush()
+
+    forwarder = UDPForwarder(reactor, connector, ClientHello("udp", host=host, port=port, transport="udp"), say)
+    try:
+        listening = reactor.listenUDP(localPort, forwarder, interface=bind, maxPacketSize=65536)
+    except Exception as e:
+        raise UsageError(f"cannot listen on UDP {bind}:{localPort}: {e}") from None
+    address = listening.getHost()
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    transport = yield connector.choose()
+    stderr.write(
+        f"Forwarding UDP {address.host}:{address.port} to {target} via {settings.server} (v{VERSION}, {transport}); Ctrl-C stops\n"
+    )
+    stderr.flush()
+    yield defer.Deferred()
+
+
 def runInitDev(args: argparse.Namespace, stdout: Any) -> int:
     from .devenv import initDev
 
@@ -374,6 +403,8 @@ def _run(reactor: Any, args: argparse.Namespace, stderr: Any) -> defer.Deferred[
         return runConnect(reactor, settings, host, port, stderr)
     if not 0 <= args.localport <= 65535:
         raise UsageError("LOCALPORT must be from 0 to 65535 (0 picks a free port and prints it)")
+    if args.udp:
+        return runUpUDP(reactor, settings, host, port, args.localport, args.bind, stderr)
     return runUp(reactor, settings, host, port, args.localport, args.bind, stderr)
 
 

@@ -97,10 +97,21 @@ class Dialer:
         @return: a L{Deferred} firing with C{(protocol, address)}, or failing
             with L{DialError}.
         """
-        decision = self.policy.precheck(identity, host, port, "tcp")
+        deadline = self.reactor.seconds() + self.connectTimeout
+        allowed = yield self.allowedAddresses(identity, host, port, "tcp")
+        return (yield self._connectAny(allowed, port, factory, deadline))
+
+    @defer.inlineCallbacks
+    def allowedAddresses(self, identity: str, host: str, port: int, transport: str) -> Any:
+        """
+        Check the name, resolve it, and check each address.
+
+        @return: a L{Deferred} firing with the allowed addresses (in the
+            resolver's order), or failing with L{DialError}.
+        """
+        decision = self.policy.precheck(identity, host, port, transport)
         if not decision.allowed:
             raise DialError(ErrorCode.FORBIDDEN, decision.reason)
-        deadline = self.reactor.seconds() + self.connectTimeout
         resolving = self.resolve(host, port)
         resolving.addTimeout(self.connectTimeout, self.reactor)
         try:
@@ -112,11 +123,11 @@ class Dialer:
         allowed: list[str] = []
         refusals: list[str] = []
         for address in addresses:
-            verdict = self.policy.check(identity, host, address, port, "tcp")
+            verdict = self.policy.check(identity, host, address, port, transport)
             (allowed if verdict.allowed else refusals).append(address if verdict.allowed else verdict.reason)
         if not allowed:
             raise DialError(ErrorCode.FORBIDDEN, refusals[0], addresses[0])
-        return (yield self._connectAny(allowed, port, factory, deadline))
+        return allowed
 
     @defer.inlineCallbacks
     def _connectAny(self, addresses: Sequence[str], port: int, factory: IProtocolFactory, deadline: float) -> Any:

@@ -188,6 +188,7 @@ class QuicStreamTransport:
 
     negotiatedProtocol = ALPN
     disconnecting = False
+    carrier = "quic"
 
     def __init__(self, session: QuicSession, streamId: int) -> None:
         self.session = session
@@ -363,6 +364,8 @@ class QuicSession:
         self.peer = peer
         self.streams: dict[int, QuicStreamTransport] = {}
         self.blocked: set[QuicStreamTransport] = set()
+        #: UDP flows by quarter stream ID (tpproxy.udp).
+        self.flows: dict[int, Any] = {}
         self._timer: Any = None
         self._flush: Any = None
         self.closed = False
@@ -421,7 +424,21 @@ class QuicSession:
         pass
 
     def datagramFrameReceived(self, data: bytes) -> None:
-        pass
+        from .udp import decodeFlowDatagram
+
+        decoded = decodeFlowDatagram(data)
+        if decoded is not None:
+            flow = self.flows.get(decoded[0])
+            if flow is not None:
+                flow.fromPeer(decoded[1])
+
+    def sendFlowDatagram(self, quarterId: int, payload: bytes) -> None:
+        from .udp import encodeFlowDatagram
+
+        if self.closed:
+            return
+        self.conn.send_datagram_frame(encodeFlowDatagram(quarterId, payload))
+        self.transmitSoon()
 
     def connectionIdIssued(self, cid: bytes) -> None:
         pass

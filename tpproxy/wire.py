@@ -29,8 +29,8 @@ MAX_MESSAGE = 1024
 
 #: Operations this version of the protocol defines; C{udp} is a reserved
 #: name until UDP forwarding is served.
-OPERATIONS = frozenset({"connect", "listen", "accept"})
-RESERVED_OPERATIONS = frozenset({"udp"})
+OPERATIONS = frozenset({"connect", "listen", "accept", "udp"})
+RESERVED_OPERATIONS: frozenset[str] = frozenset()
 TRANSPORTS = frozenset({"tcp", "udp"})
 
 _HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?")
@@ -229,7 +229,7 @@ class ClientHello:
 
     def toFrame(self) -> bytes:
         obj: dict[str, Any] = {"v": self.version, "op": self.op}
-        if self.op == "connect":
+        if self.op in ("connect", "udp"):
             obj.update(host=self.host, port=self.port, transport=self.transport)
         elif self.op == "listen":
             obj["mode"] = self.mode
@@ -270,6 +270,8 @@ class ClientHello:
         port = obj.get("port")
         if type(port) is not int or not 1 <= port <= 65535:
             raise _bad("field 'port' must be an integer from 1 to 65535")
+        if op == "udp":
+            return cls(op=op, host=host, port=port, transport="udp", version=VERSION)
         transport = obj.get("transport", "tcp")
         if not isinstance(transport, str) or transport not in TRANSPORTS:
             raise _bad("field 'transport' must be 'tcp' or 'udp'")

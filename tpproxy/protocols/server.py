@@ -58,6 +58,7 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
     event = "connect"
     exposure: Exposure | None = None
     inner: Any = None
+    flow: Any = None
     innerEnd: RelayEnd | None = None
     innerClosed = False
     sid: str | None = None
@@ -126,6 +127,9 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
         if state == "e2e":
             self.inner.dataReceived(data)  # type: ignore[union-attr]
             return
+        if state == "udp":
+            self.flow.streamData(data)  # type: ignore[union-attr]
+            return
         if state == "listening":
             self._controlData(data)
             return
@@ -153,6 +157,8 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
         assert self.identity is not None
         if self.hello.op == "listen":
             self._listen(self.hello)
+        elif self.hello.op == "udp":
+            self._udp(self.hello)
         elif self.hello.op == "accept":
             self._accept(self.hello)
         elif self.factory.registry.nameExposure(self.hello.host) is not None:
@@ -189,6 +195,34 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
         else:
             log.failure("Unexpected error while dialling for {identity}", failure, identity=self.identity and self.identity.name)
             self._refuse(ErrorCode.INTERNAL, "internal error while connecting")
+
+    # --- UDP flows ---------------------------------------------------------------
+
+    def _udp(self, hello: ClientHello) -> None:
+        assert self.identity is not None
+        self.state = "dialling"
+        self.dialling = self.factory.dialer.allowedAddresses(self.identity.name, hello.host, hello.port, "udp")
+        self.dialling.addCallbacks(self._udpAllowed, self._dialFailed)
+
+    def _udpAllowed(self, addresses: list[str]) -> None:
+        from ..udp import ServerFlow
+
+        self.dialling = None
+        if self.state != "dialling":
+            return
+        assert self.hello is not None
+        self.address = addresses[0]
+        self.flow = ServerFlow(self.factory.reactor, self, self.address, self.hello.port)
+        self.state = "udp"
+        self.result = "ok"
+        framing = "datagram" if self.flow.quic is not None else "stream"
+        self.transport.write(  # type: ignore[union-attr]
+            ServerHello.success(address=self.address, flow=self.flow.quarterId, framing=framing).toFrame()
+        )
+        rest, self.pending = self.pending, b""
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+        if rest:
+            self.flow.streamData(rest)
 
     # --- reverse: listen ------------------------------------------------------
 
@@ -336,7 +370,7 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
         if self.state == "e2e" and self.inner is not None:
             self.inner.connectionLost(Failure(error.ConnectionDone("the tunnel was closed")))
             self.transport.loseConnection()  # type: ignore[union-attr]
-        elif self.state in ("hello", "registering", "listening"):
+        elif self.state in ("hello", "registering", "listening", "udp"):
             self.detail = self.detail or "the client closed its side"
             self.transport.loseConnection()  # type: ignore[union-attr]
 
@@ -412,6 +446,8 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
             self._stopControl()
         if self.inner is not None and not self.innerClosed:
             self.inner.connectionLost(reason)
+        if self.flow is not None:
+            self.flow.close()
         if wasState == "waiting" and self.sid is not None:
             self.factory.registry.dialerGone(self.sid)
         super().connectionLost(reason)
@@ -428,14 +464,19 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
             peer=self.peerAddress,
             identity=self.identity.name if self.identity else None,
             serial=self.identity.serial if self.identity else None,
-            destination=(f"{hello.host}:{hello.port}" if hello.op == "connect" else self.address) if hello else None,
+            destination=(f"{hello.host}:{hello.port}" if hello.op in ("connect", "udp") else self.address) if hello else None,
             transport=hello.transport if hello else None,
+            via=getattr(self.transport, "carrier", "tls"),
             address=self.address,
             result=self.result,
             detail=self.detail,
             detail_sep=" - " if self.detail else "",
-            bytes_up=counted.bytesIn,
-            bytes_down=counted.peer.bytesIn if counted.peer is not None else 0,
+            bytes_up=self.flow.bytesOut if self.flow is not None else counted.bytesIn,
+            bytes_down=(
+                self.flow.socket.bytesIn
+                if self.flow is not None
+                else counted.peer.bytesIn if counted.peer is not None else 0
+            ),
             duration=round(self.factory.reactor.seconds() - self.started, 3),
         )
 

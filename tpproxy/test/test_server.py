@@ -933,8 +933,13 @@ class BadHelloTests(ServerTestMixin, SynchronousTestCase):
     def test_unknownOperation(self) -> None:
         self.refusedFor(encodeFrame({"v": 1, "op": "teleport", "host": "192.0.2.10", "port": 80}), "bad_request", "unknown operation")
 
-    def test_reservedOperation(self) -> None:
-        self.refusedFor(encodeFrame({"v": 1, "op": "udp", "host": "192.0.2.10", "port": 80}), "bad_request", "not supported")
+    def test_udpForbidden(self) -> None:
+        """
+        A UDP flow is checked against rules for udp: forbidden here.
+        """
+        client = Client(encodeFrame({"v": 1, "op": "udp", "host": "192.0.2.10", "port": 53}))
+        server, pump = self.connectClient(client)
+        self.assertRefused(client, server, "forbidden", "udp")
 
     def test_badPort(self) -> None:
         self.refusedFor(encodeFrame({"v": 1, "op": "connect", "host": "192.0.2.10", "port": 0}), "bad_request", "'port'")

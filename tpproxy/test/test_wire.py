@@ -96,11 +96,11 @@ class ConstantsTests(SynchronousTestCase):
 
     def test_operations(self) -> None:
         """
-        C{connect}, C{listen} and C{accept} are served; C{udp} is reserved;
-        the transports are C{tcp} and C{udp}.
+        C{connect}, C{listen}, C{accept} and C{udp} are served; none is
+        reserved; the transports are C{tcp} and C{udp}.
         """
-        self.assertEqual(OPERATIONS, {"connect", "listen", "accept"})
-        self.assertEqual(RESERVED_OPERATIONS, {"udp"})
+        self.assertEqual(OPERATIONS, {"connect", "listen", "accept", "udp"})
+        self.assertEqual(RESERVED_OPERATIONS, set())
         self.assertEqual(TRANSPORTS, {"tcp", "udp"})
 
     def test_errorCodes(self) -> None:
@@ -439,9 +439,9 @@ class ClientHelloTests(WireErrorMixin, SynchronousTestCase):
         """
         The reserved operations are refused as not supported by this server.
         """
-        for op in ("udp",):
-            e = self.assertWireError(ErrorCode.BAD_REQUEST, ClientHello.fromObject, helloObject(op=op))
-            self.assertEqual(e.message, f"operation {op!r} is not supported by this server")
+        # No operation is reserved any more: udp is served (a UDP flow).
+        hello = ClientHello.fromObject(helloObject(op="udp"))
+        self.assertEqual((hello.op, hello.transport), ("udp", "udp"))
 
     def test_hostNames(self) -> None:
         """

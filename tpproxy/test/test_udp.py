@@ -1,0 +1,166 @@
+"""
+UDP flows through TP on loopback: a real DNS query through C{tp up -u}
+over QUIC datagrams and over the TLS fallback, and packets too large for a
+datagram frame.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from twisted.internet import defer, protocol, reactor
+from twisted.names import client, dns
+from twisted.trial.unittest import TestCase
+
+from tpproxy.udp import StreamFramer, decodeFlowDatagram, encodeFlowDatagram
+
+from .support import Background, tpCommand, waitForAudits
+from .test_quic import QuicTestCase
+
+
+class FixedAnswerDNS(protocol.DatagramProtocol):
+    """
+    A DNS server that answers every A query with 192.0.2.53.
+    """
+
+    def __init__(self) -> None:
+        self.queries: list[str] = []
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        message = dns.Message()
+        message.fromStr(data)
+        query = message.queries[0]
+        self.queries.append(query.name.name.decode())
+        answer = dns.RRHeader(name=query.name.name, type=dns.A, payload=dns.Record_A("192.0.2.53", ttl=60))
+        reply = dns.Message(id=message.id, answer=1, auth=1)
+        reply.queries = message.queries
+        reply.answers = [answer]
+        self.transport.write(reply.toStr(), addr)  # type: ignore[union-attr]
+
+
+class UDPEcho(protocol.DatagramProtocol):
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.transport.write(data, addr)  # type: ignore[union-attr]
+
+
+class CodecTests(TestCase):
+    def test_flowDatagram(self) -> None:
+        """
+        A DATAGRAM payload is the quarter stream ID as a QUIC varint, then
+        the packet.
+        """
+        for qid in (0, 63, 64, 16383, 16384, 2**30):
+            self.assertEqual(decodeFlowDatagram(encodeFlowDatagram(qid, b"pkt")), (qid, b"pkt"))
+        self.assertEqual(encodeFlowDatagram(1, b"x"), b"\x01x")
+        self.assertIsNone(decodeFlowDatagram(b""))
+
+    def test_streamFraming(self) -> None:
+        """
+        Framed packets survive any split of the byte stream.
+        """
+        got: list[bytes] = []
+        framer = StreamFramer(got.append)
+        packets = [b"", b"a", os.urandom(1500), os.urandom(65000)]
+        stream = b"".join(StreamFramer.frame(p) for p in packets)
+        for i in range(0, len(stream), 7):
+            framer.feed(stream[i : i + 7])
+        self.assertEqual(got, packets)
+
+
+class DNSThroughTPTests(QuicTestCase):
+    @defer.inlineCallbacks
+    def forward(self, transport: str, target: int) -> Any:
+        up = Background(
+            self, tpCommand() + ["--config", self.clientConfig(), "--transport", transport, "up", "-u", f"127.0.0.1:{target}", "0"]
+        )
+        line = yield up.waitForStderr(b"; Ctrl-C stops")
+        self.assertIn(f"(v1, {transport})".encode(), line)
+        return int(re.search(rb"Forwarding UDP 127\.0\.0\.1:(\d+) to", line).group(1))  # type: ignore[union-attr]
+
+    @defer.inlineCallbacks
+    def query(self, transport: str) -> Any:
+        server = FixedAnswerDNS()
+        port = reactor.listenUDP(0, server, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.startTP(quic=True)
+        local = yield self.forward(transport, port.getHost().port)
+        resolver = client.Resolver(servers=[("127.0.0.1", local)])
+        answers, _, _ = yield resolver.lookupAddress("through-tp.example", timeout=[2, 4])
+        self.assertEqual([a.payload.dottedQuad() for a in answers], ["192.0.2.53"])
+        self.assertEqual(server.queries, ["through-tp.example"])
+
+    def test_dnsOverQuic(self) -> Any:
+        """
+        A real DNS query through C{tp up -u} over QUIC (DATAGRAM frames)
+        gets its answer.
+        """
+        return self.query("quic")
+
+    def test_dnsOverTLS(self) -> Any:
+        """
+        The same query over the TLS fallback (length-framed on the stream).
+        """
+        return self.query("tls")
+
+    @defer.inlineCallbacks
+    def test_largePackets(self) -> Any:
+        """
+        Packets too big for a DATAGRAM frame go framed on the stream and
+        arrive whole, both ways, on one flow.
+        """
+        echo = reactor.listenUDP(0, UDPEcho(), interface="127.0.0.1", maxPacketSize=65536)
+        self.addCleanup(echo.stopListening)
+        self.startTP(quic=True)
+        local = yield self.forward("quic", echo.getHost().port)
+        received: defer.DeferredQueue[bytes] = defer.DeferredQueue()
+
+        class Sender(protocol.DatagramProtocol):
+            def datagramReceived(self, data: bytes, addr: Any) -> None:
+                received.put(data)
+
+        sender = Sender()
+        sport = reactor.listenUDP(0, sender, interface="127.0.0.1", maxPacketSize=65536)
+        self.addCleanup(sport.stopListening)
+        for size in (100, 3000, 20000):
+            packet = os.urandom(size)
+            sender.transport.write(packet, ("127.0.0.1", local))  # type: ignore[union-attr]
+            got = yield received.get().addTimeout(10, reactor)
+            self.assertEqual(got, packet)
+        session = next(iter(self.listener.sessions.values()))
+        self.assertEqual(len(session.flows), 1)
+
+    @defer.inlineCallbacks
+    def test_forbiddenUDP(self) -> Any:
+        """
+        A UDP destination no rule allows: the flow is refused (forbidden,
+        reported by tp up) and nothing is sent to it.
+        """
+        server = FixedAnswerDNS()
+        port = reactor.listenUDP(0, server, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        rules = [{"identities": "*", "hosts": "127.0.0.0/8", "ports": "*", "transports": ["tcp"]}]
+        self.config = self.pki.serverConfig(rules)
+        from tpproxy.service import makeQuicListener, makeServerFactory
+        from .test_integration import writeClientConfig
+
+        factory = makeServerFactory(self.config, reactor)
+        tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(tcp.stopListening)
+        self.port = tcp.getHost().port
+        self.listener = makeQuicListener(self.config, reactor, factory.wrappedFactory)
+        udp = reactor.listenUDP(self.port, self.listener, interface="127.0.0.1")
+        self.addCleanup(udp.stopListening)
+        writeClientConfig(self.pki, self.port, cert=str(self.pki.directory / "alice.pem"), key=str(self.pki.directory / "alice.key"), name="alice.toml")
+        up = Background(self, tpCommand() + ["--config", self.clientConfig(), "--transport", "quic", "up", "-u", f"127.0.0.1:{port.getHost().port}", "0"])
+        line = yield up.waitForStderr(b"; Ctrl-C stops")
+        local = int(re.search(rb"Forwarding UDP 127\.0\.0\.1:(\d+) to", line).group(1))  # type: ignore[union-attr]
+        probe = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
+        self.addCleanup(probe.stopListening)
+        probe.write(b"\x00" * 20, ("127.0.0.1", local))
+        yield up.waitForStderr(b"forbidden")
+        self.assertEqual(server.queries, [])
+        events = yield waitForAudits(self.observer, 1)
+        self.assertEqual(events[-1]["result"], "forbidden")
+        self.assertEqual(events[-1]["transport"], "udp")

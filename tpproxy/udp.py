@@ -1,0 +1,298 @@
+# -*- test-case-name: tpproxy.test.test_udp -*-
+"""
+UDP flows through TP.
+
+A flow is opened like a TCP tunnel, with a C{udp} ClientHello on its own
+stream.  Its packets then travel:
+
+- over QUIC, in DATAGRAM frames (RFC 9221) whose payload starts with the
+  flow's quarter stream ID (the stream ID divided by 4, as in RFC 9297) as
+  a QUIC variable-length integer;
+- over the TLS fallback, on the tunnel itself, each packet preceded by its
+  length as 2 bytes, big-endian.
+
+The stream lives as long as the flow: closing it ends the flow.  Both ends
+expire a flow that has been idle for L{IDLE_TIMEOUT} seconds.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Callable
+
+from aioquic.buffer import Buffer, BufferReadError, size_uint_var
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+log = Logger(namespace="tpproxy.udp")
+
+IDLE_TIMEOUT = 60.0
+MAX_PACKET = 65507
+#: Larger packets do not fit a QUIC DATAGRAM frame in a 1200-byte packet:
+#: they go on the flow's stream, framed, which always works.
+MAX_DATAGRAM_PAYLOAD = 1100
+_LENGTH = struct.Struct("!H")
+
+
+def encodeFlowDatagram(quarterId: int, payload: bytes) -> bytes:
+    buf = Buffer(capacity=size_uint_var(quarterId))
+    buf.push_uint_var(quarterId)
+    return buf.data + payload
+
+
+def decodeFlowDatagram(data: bytes) -> tuple[int, bytes] | None:
+    buf = Buffer(data=data)
+    try:
+        quarterId = buf.pull_uint_var()
+    except BufferReadError:
+        return None
+    return quarterId, data[buf.tell() :]
+
+
+class StreamFramer:
+    """
+    Length-prefixed packets on a byte stream (the TLS fallback).
+    """
+
+    def __init__(self, deliver: Callable[[bytes], None]) -> None:
+        self.deliver = deliver
+        self.buffer = bytearray()
+
+    @staticmethod
+    def frame(payload: bytes) -> bytes:
+        return _LENGTH.pack(len(payload)) + payload
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= 2:
+            (length,) = _LENGTH.unpack_from(self.buffer)
+            if len(self.buffer) < 2 + length:
+                return
+            packet = bytes(self.buffer[2 : 2 + length])
+            del self.buffer[: 2 + length]
+            self.deliver(packet)
+
+
+def sendPacket(quic: Any, quarterId: int | None, transport: Any, data: bytes) -> None:
+    """
+    Send one packet of a flow: as a QUIC datagram when it fits, else framed
+    on the flow's stream.
+    """
+    if quic is not None and len(data) <= MAX_DATAGRAM_PAYLOAD:
+        quic.sendFlowDatagram(quarterId, data)
+    else:
+        transport.write(StreamFramer.frame(data))
+
+
+class IdleTimer:
+    def __init__(self, clock: Any, timeout: float, expired: Callable[[], None]) -> None:
+        self.call = clock.callLater(timeout, expired)
+        self.timeout = timeout
+
+    def touch(self) -> None:
+        if self.call.active():
+            self.call.reset(self.timeout)
+
+    def cancel(self) -> None:
+        if self.call.active():
+            self.call.cancel()
+
+
+class DestinationSocket(DatagramProtocol):
+    """
+    TP's UDP socket to one destination, for one flow.
+    """
+
+    def __init__(self, deliver: Callable[[bytes], None]) -> None:
+        self.deliver = deliver
+        self.packetsIn = 0
+        self.bytesIn = 0
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.packetsIn += 1
+        self.bytesIn += len(data)
+        self.deliver(data)
+
+    def connectionRefused(self) -> None:
+        # ICMP port unreachable from the destination: UDP has no answer to
+        # give; the flow stays until idle.
+        pass
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None:
+            try:
+                self.transport.write(data)
+            except OSError as e:
+                log.debug("UDP send failed: {error}", error=e)
+
+
+class ServerFlow:
+    """
+    The server end of a UDP flow: a connected UDP socket to the
+    destination, fed from the tunnel (QUIC datagrams or stream frames).
+
+    @param tunnel: the TP server protocol of the flow's stream.
+    """
+
+    def __init__(self, reactor: Any, tunnel: Any, address: str, port: int) -> None:
+        self.tunnel = tunnel
+        self.reactor = reactor
+        transport = tunnel.transport
+        self.quic = getattr(transport, "session", None) if hasattr(transport, "streamId") else None
+        self.quarterId = transport.streamId // 4 if self.quic is not None else None
+        self.framer = StreamFramer(self.send)
+        self.socket = DestinationSocket(self.received)
+        interface = "::" if ":" in address else "0.0.0.0"
+        self.port = reactor.listenUDP(0, self.socket, interface=interface, maxPacketSize=MAX_PACKET + 1)
+        self.socket.transport.connect(address, port)
+        self.idle = IdleTimer(reactor, IDLE_TIMEOUT, self.expire)
+        self.packetsOut = 0
+        self.bytesOut = 0
+        if self.quic is not None:
+            self.quic.flows[self.quarterId] = self
+
+    def received(self, data: bytes) -> None:
+        """
+        A packet from the destination: to the client.
+        """
+        self.idle.touch()
+        sendPacket(self.quic, self.quarterId, self.tunnel.transport, data)
+
+
+    def fromPeer(self, data: bytes) -> None:
+        self.send(data)
+
+    def send(self, data: bytes) -> None:
+        """
+        A packet from the client: to the destination.
+        """
+        self.idle.touch()
+        self.packetsOut += 1
+        self.bytesOut += len(data)
+        self.socket.send(data)
+
+    def streamData(self, data: bytes) -> None:
+        self.framer.feed(data)
+
+    def expire(self) -> None:
+        self.tunnel.detail = f"UDP flow idle for {IDLE_TIMEOUT:g} s"
+        self.tunnel.transport.loseConnection()
+
+    def close(self) -> None:
+        self.idle.cancel()
+        if self.quic is not None:
+            self.quic.flows.pop(self.quarterId, None)
+        if self.port is not None:
+            self.port.stopListening()
+            self.port = None
+
+
+class ClientFlow:
+    """
+    The client end of a UDP flow (C{tp up -u}): packets from one local
+    source address, through its own tunnel.
+    """
+
+    readClosed = False
+    closed = False
+
+    def __init__(self, forwarder: UDPForwarder, source: Any) -> None:
+        self.forwarder = forwarder
+        self.source = source
+        self.transport = self  # the tunnel writes stream bytes to us
+        self.queue: list[bytes] = []
+        self.tunnel: Any = None
+        self.quic: Any = None
+        self.quarterId: int | None = None
+        self.framer = StreamFramer(self.fromPeer)
+        self.idle = IdleTimer(forwarder.reactor, IDLE_TIMEOUT, self.expire)
+        d = forwarder.connector.open(forwarder.hello)
+        d.addCallbacks(self.ready, self.failed)
+
+    def ready(self, tunnel: Any) -> None:
+        if self.closed:
+            tunnel.transport.loseConnection()
+            return
+        self.tunnel = tunnel
+        stream = tunnel.transport
+        if hasattr(stream, "streamId"):
+            self.quic = stream.session
+            self.quarterId = stream.streamId // 4
+            self.quic.flows[self.quarterId] = self
+        tunnel.peer = self  # stream bytes (framed packets) come to write()
+        tunnel.onClose = lambda end, reason: self.close()
+        if tunnel.rest:
+            self.framer.feed(tunnel.rest)
+        tunnel.transport.resumeProducing()
+        queued, self.queue = self.queue, []
+        for packet in queued:
+            self.send(packet)
+
+    def failed(self, failure: Any) -> None:
+        self.forwarder.say(f"UDP flow from {self.source[0]}:{self.source[1]}: {failure.getErrorMessage()}")
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        """
+        A packet from the local source: into the tunnel.
+        """
+        self.idle.touch()
+        if self.tunnel is None:
+            if len(self.queue) < 64:
+                self.queue.append(data)
+            return
+        sendPacket(self.quic, self.quarterId, self.tunnel.transport, data)
+
+    def fromPeer(self, data: bytes) -> None:
+        """
+        A packet from the destination: back to the local source.
+        """
+        self.idle.touch()
+        self.forwarder.transport.write(data, self.source)  # type: ignore[union-attr]
+
+    # The tunnel's splice-peer interface: stream bytes are framed packets.
+    def write(self, data: bytes) -> None:
+        self.framer.feed(data)
+
+    def loseWriteConnection(self) -> None:
+        self.close()
+
+    def loseConnection(self) -> None:
+        self.close()
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def expire(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.idle.cancel()
+        self.forwarder.flows.pop(self.source, None)
+        if self.quic is not None:
+            self.quic.flows.pop(self.quarterId, None)
+        if self.tunnel is not None:
+            self.tunnel.transport.loseConnection()
+
+
+class UDPForwarder(DatagramProtocol):
+    """
+    C{tp up -u}: a local UDP port whose packets go, one flow per source
+    address, to a UDP destination through TP.
+    """
+
+    def __init__(self, reactor: Any, connector: Any, hello: Any, say: Callable[[str], None]) -> None:
+        self.reactor = reactor
+        self.connector = connector
+        self.hello = hello
+        self.say = say
+        self.flows: dict[Any, ClientFlow] = {}
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        flow = self.flows.get(addr)
+        if flow is None:
+            flow = self.flows[addr] = ClientFlow(self, addr)
+        flow.send(data)
