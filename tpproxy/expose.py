@@ -11,7 +11,7 @@ from typing import Any
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -165,8 +165,11 @@ class Exposer:
         self.hello = hello
         self.keepalive = keepalive
         self.stderr = stderr
+        from .connector import Connector
+
         self.tlsOptions = settings.tlsOptions()
-        endpoint = TLSClientEndpoint(reactor, settings.server, self.tlsOptions, settings.connectTimeout)
+        self.connector = Connector(reactor, settings)
+        endpoint = ChosenEndpoint(self)
         self.service = ClientService(
             endpoint,
             ControlFactory(self),
@@ -188,7 +191,9 @@ class Exposer:
         lhost, lport = self.local
         where = f"public port {info.get('port')}" if self.hello.mode == "public" else f"E2E name {info.get('name')}"
         again = " again" if self.registrations > 1 else ""
-        self.say(f"Exposing {lhost}:{lport} as {where}{again} via {self.settings.server} (v{VERSION}); Ctrl-C stops")
+        self.say(
+            f"Exposing {lhost}:{lport} as {where}{again} via {self.settings.server} (v{VERSION}, {self.connector.chosen}); Ctrl-C stops"
+        )
         if not self.first.called:
             self.first.callback(info)
 
@@ -197,6 +202,32 @@ class Exposer:
             self.first.errback(error)
         else:
             self.say(f"TP did not take the exposure: {error}; retrying")
+
+    def incomingStream(self) -> IncomingStream:
+        return IncomingStream(self)
+
+    def serveStream(self, end: IncomingStream, fields: dict[str, Any]) -> None:
+        """
+        Over QUIC, TP opened a stream for an incoming session: connect the
+        local service and splice.
+        """
+        who = f"{fields.get('identity')} from {fields.get('peer')}" if fields.get("identity") else str(fields.get("peer"))
+        target = connectProtocol(HostnameEndpoint(self.reactor, self.local[0], self.local[1], timeout=10), LocalTarget())
+
+        def joined(local: LocalTarget) -> None:
+            if end.closed:
+                local.transport.loseConnection()  # type: ignore[union-attr]
+                return
+            pending, local.pending = local.pending, b""
+            splice(end, local, fromA=end.rest, fromB=pending)
+            end.transport.resumeProducing()  # type: ignore[union-attr]
+            local.transport.resumeProducing()  # type: ignore[union-attr]
+
+        def failed(f: Failure) -> None:
+            self.say(f"Connection from {who} failed: {f.getErrorMessage()}")
+            end.transport.loseConnection()  # type: ignore[union-attr]
+
+        target.addCallbacks(joined, failed)
 
     def lost(self, reason: Failure) -> None:
         self.say(f"Lost the connection to TP ({describeTLSFailure(reason)}); reconnecting")
@@ -239,6 +270,67 @@ class Exposer:
         both.addCallbacks(joined, failed)
 
 
+class IncomingStream(RelayEnd):
+    """
+    A stream TP opened over QUIC for one incoming session: its first frame
+    is the C{incoming} event, then the session's bytes.
+    """
+
+    rest = b""
+
+    def __init__(self, exposer: Exposer) -> None:
+        self.exposer = exposer
+        self.decoder = FrameDecoder()
+        self.announced = False
+
+    def preSpliceData(self, data: bytes) -> None:
+        if self.announced:
+            self.rest += data
+            return
+        self.decoder.feed(data)
+        try:
+            frame = self.decoder.nextFrame()
+            if frame is None:
+                return
+            event, fields = parseEvent(frame)
+        except WireError:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        if event != "incoming":
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self.announced = True
+        self.rest = self.decoder.takeRest()
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self.exposer.serveStream(self, fields)
+
+
+@implementer(IStreamClientEndpoint)
+class ChosenEndpoint:
+    """
+    The signalling connection over whatever the connector chose: a stream on
+    the QUIC connection (incoming sessions then arrive as streams TP opens),
+    or a TLS connection.
+    """
+
+    def __init__(self, exposer: Exposer) -> None:
+        self.exposer = exposer
+
+    @defer.inlineCallbacks
+    def connect(self, factory: Any) -> Any:
+        exposer = self.exposer
+        connector = exposer.connector
+        transport = yield connector.choose()
+        if transport == "tls":
+            endpoint = TLSClientEndpoint(exposer.reactor, exposer.settings.server, exposer.tlsOptions, exposer.settings.connectTimeout)
+            return (yield endpoint.connect(factory))
+        session = yield connector.quicSession(exposer.settings.connectTimeout)
+        session.incomingHandler = exposer.incomingStream
+        protocol = factory.buildProtocol(None)
+        session.openStream(protocol)
+        return protocol
+
+
 @defer.inlineCallbacks
 def runExpose(reactor: Any, settings: Any, local: tuple[str, int], hello: ClientHello, keepalive: float, stderr: Any) -> Any:
     """
@@ -259,4 +351,5 @@ def runExpose(reactor: Any, settings: Any, local: tuple[str, int], hello: Client
         yield exposer.service.stopService()
         raise
     reactor.addSystemEventTrigger("before", "shutdown", exposer.service.stopService)
+    reactor.addSystemEventTrigger("before", "shutdown", exposer.connector.close)
     yield defer.Deferred()  # until the reactor stops

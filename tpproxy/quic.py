@@ -210,10 +210,21 @@ class QuicStreamTransport:
 
     # --- ITransport ---------------------------------------------------------
 
+    def _send(self, data: bytes, end: bool = False) -> bool:
+        try:
+            self.session.conn.send_stream_data(self.streamId, data, end_stream=end)
+        except (RuntimeError, AssertionError, ValueError):
+            # The stream was reset, or the peer stopped it (STOP_SENDING):
+            # nothing more can be sent on it.
+            self.finSent = True
+            return False
+        return True
+
     def write(self, data: bytes) -> None:
         if self.finSent or self.lost or not data:
             return
-        self.session.conn.send_stream_data(self.streamId, data)
+        if not self._send(data):
+            return
         self.session.transmitSoon()
         if self.producer is not None and not self.producerPaused:
             if self.session.conn.sendBuffered(self.streamId) > SEND_HIGH_WATER:
@@ -227,8 +238,8 @@ class QuicStreamTransport:
     def loseWriteConnection(self) -> None:
         if self.finSent or self.lost:
             return
+        self._send(b"", end=True)
         self.finSent = True
-        self.session.conn.send_stream_data(self.streamId, b"", end_stream=True)
         self.session.transmitSoon()
         self._maybeDone()
 
@@ -343,7 +354,9 @@ class QuicStreamTransport:
             return
         self.lost = True
         self.session.streamEnded(self)
-        self.protocol.connectionLost(reason)
+        # Like Twisted's own transports, never call connectionLost from
+        # inside loseConnection: TLS stacked on a stream relies on that.
+        self.session.clock.callLater(0, self.protocol.connectionLost, reason)
 
 
 class QuicSession:
@@ -419,6 +432,17 @@ class QuicSession:
 
     def newStream(self, streamId: int) -> QuicStreamTransport | None:
         return None
+
+    def openStream(self, protocol: Any) -> QuicStreamTransport:
+        """
+        Open a bidirectional stream of our own, carrying C{protocol}.
+        """
+        streamId = self.conn.get_next_available_stream_id()
+        stream = QuicStreamTransport(self, streamId)
+        self.streams[streamId] = stream
+        stream.attach(protocol)
+        self.transmitSoon()
+        return stream
 
     def handshakeCompleted(self, event: events.HandshakeCompleted) -> None:
         pass
@@ -720,6 +744,8 @@ class ClientSession(QuicSession):
         self.socket = socket
         self.ready: defer.Deferred[ClientSession] = defer.Deferred()
         self.done: defer.Deferred[None] = defer.Deferred()
+        #: Builds the protocol for a stream TP opens (tp expose over QUIC).
+        self.incomingHandler: Callable[[], Any] | None = None
         self.localAddress = socket.transport.getHost() if socket.transport else None
 
     def handshakeCompleted(self, event: events.HandshakeCompleted) -> None:
@@ -763,18 +789,18 @@ class ClientSession(QuicSession):
             if not self.done.called:
                 self.done.callback(None)
 
-    def openStream(self, protocol: Any) -> QuicStreamTransport:
-        streamId = self.conn.get_next_available_stream_id()
+    def newStream(self, streamId: int) -> QuicStreamTransport | None:
+        """
+        A stream TP opened: an incoming session of a reverse tunnel whose
+        signalling runs on this connection.
+        """
+        if streamId % 4 != 1 or self.incomingHandler is None:
+            self.conn.stop_stream(streamId, STREAM_ABORTED)
+            return None
         stream = QuicStreamTransport(self, streamId)
         self.streams[streamId] = stream
-        stream.attach(protocol)
-        self.transmitSoon()
+        stream.attach(self.incomingHandler())
         return stream
-
-    def newStream(self, streamId: int) -> QuicStreamTransport | None:
-        # Server-initiated streams are not used yet.
-        self.conn.stop_stream(streamId, STREAM_ABORTED)
-        return None
 
     def rebind(self) -> None:
         """

@@ -363,7 +363,10 @@ class ServerTLS:
         Is C{name} one of the names of TP's own certificate?  Such a name
         can never be an exposure: it would capture TP's own clients.
         """
-        return name in self.ownNames
+        if name in self.ownNames:
+            return True
+        parent = name.split(".", 1)[1] if "." in name else ""
+        return f"*.{parent}" in self.ownNames
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         conn = SSL.Connection(self.context, None)

@@ -294,6 +294,14 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
             )
 
     def sendIncoming(self, session: str, identity: str | None, peer: str) -> None:
+        quic = getattr(self.transport, "session", None)
+        if quic is not None and hasattr(self.transport, "streamId"):
+            # Over QUIC the session is a new stream TP opens on the same
+            # connection: it can never land anywhere else, and needs no
+            # accept (the connection is the exposer's, authenticated).
+            assert self.identity is not None
+            quic.openStream(IncomingStreamEnd(self.factory.registry, session, self.identity.name, identity, peer))
+            return
         self.transport.write(encodeEvent("incoming", session=session, identity=identity, peer=peer))  # type: ignore[union-attr]
 
     def closeControl(self, reason: str) -> None:
@@ -587,3 +595,29 @@ class E2EDialer(RelayEnd):
             self.outer.detail = refusal
         super().connectionLost(reason)
         self.outer.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class IncomingStreamEnd(RelayEnd):
+    """
+    The server's end of a stream it opened to an exposer over QUIC for one
+    incoming session: announces the session on the stream, then carries it.
+    """
+
+    def __init__(self, registry: Any, sid: str, owner: str, identity: str | None, peer: str) -> None:
+        self.registry = registry
+        self.sid = sid
+        self.owner = owner
+        self.identity = identity
+        self.peerText = peer
+
+    def connectionMade(self) -> None:
+        self.transport.write(encodeEvent("incoming", session=self.sid, identity=self.identity, peer=self.peerText))  # type: ignore[union-attr]
+        try:
+            pending = self.registry.claim(self.sid, self.owner)
+        except ReverseError:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        pending.dialer.sessionJoined(self)
+
+    def preSpliceData(self, data: bytes) -> None:
+        pass
