@@ -442,3 +442,101 @@ class SSHOverQuicTests(QuicTestCase):
         yield self.check("ssh.alice.localhost", 22, proxy)
         inner = [e for e in audits(self.observer) if e.get("destination") == "ssh.alice.localhost:22"]
         self.assertTrue(inner and all(e["result"] == "ok" for e in inner), inner)
+
+
+class ReverseSSHOverQuicTests(QuicTestCase):
+    """
+    A real sshd exposed over QUIC, publicly and by E2E name.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self) -> Any:
+        super().setUp()
+        self.sshd = yield SSHD.start(self)
+        self.startTP()
+
+    @defer.inlineCallbacks
+    def test_publicAndE2E(self) -> Any:
+        public = Background(self, tpCommand() + ["--config", self.clientConfig("alice"), "--transport", "quic", "expose", f"127.0.0.1:{self.sshd.port}", "--public"])
+        line = yield public.waitForStderr(b"; Ctrl-C stops")
+        port = int(re.search(rb"as public port (\d+)", line).group(1))  # type: ignore[union-attr]
+        e2e = Background(self, tpCommand() + ["--config", self.clientConfig("alice"), "--transport", "quic", "expose", f"127.0.0.1:{self.sshd.port}", "--e2e", "ssh.alice.localhost"])
+        yield e2e.waitForStderr(b"; Ctrl-C stops")
+        payload = os.urandom(2 * 1024 * 1024)
+        result = yield run(self.sshd.args("127.0.0.1", port, "sha256sum"), stdin=payload)
+        self.assertEqual((result.status, result.out.split()[:1]), (0, [sha256(payload).encode()]), result)
+        proxy = " ".join(tpCommand()) + f" --config {self.clientConfig('bob')} --transport quic connect %h:%p"
+        result = yield run(self.sshd.args("ssh.alice.localhost", 22, "sha256sum", proxy=proxy), stdin=payload)
+        self.assertEqual((result.status, result.out.split()[:1]), (0, [sha256(payload).encode()]), result)
+
+
+class ReverseOverQuicTests(QuicTestCase):
+    """
+    C{tp expose --transport quic}: the signalling is a stream, and each
+    incoming session is a stream TP opens on the same connection.
+    """
+
+    @defer.inlineCallbacks
+    def expose(self, local: int, *mode: str) -> Any:
+        exposer = Background(self, tpCommand() + ["--config", self.clientConfig("alice"), "--transport", "quic", "expose", f"127.0.0.1:{local}", *mode])
+        line = yield exposer.waitForStderr(b"; Ctrl-C stops")
+        self.assertIn(b"(v1, quic)", line)
+        match = re.search(rb"as public port (\d+)", line)
+        return exposer, int(match.group(1)) if match else None
+
+    @defer.inlineCallbacks
+    def test_publicOverQuic(self) -> Any:
+        """
+        Dialers of a public exposure held over QUIC reach the local service
+        through streams TP opens; no accept connection is made.
+        """
+        echoPort, echo = listenLocal(self, Echo)
+        self.startTP()
+        exposer, public = yield self.expose(echoPort, "--public")
+        yield echoRoundTrips(public, 10, 64 * 1024)
+        self.assertEqual(echo.accepted, 10)
+        events = audits(self.observer)
+        self.assertEqual([e for e in events if e.get("event") == "accept"], [])
+        sessions = {id(s) for s in self.listener.sessions.values()}
+        self.assertEqual(len(sessions), 1)
+
+    @defer.inlineCallbacks
+    def test_e2eOverQuic(self) -> Any:
+        """
+        An E2E exposure held over QUIC, dialled over QUIC and over TLS.
+        """
+        sinkPort, sink = listenLocal(self, HashSink)
+        self.startTP()
+        yield self.expose(sinkPort, "--e2e", "sink.alice.localhost")
+        for transport in ("quic", "tls"):
+            data = os.urandom(256 * 1024)
+            result = yield run(
+                tpCommand() + ["--config", self.clientConfig("bob"), "--transport", transport, "connect", "sink.alice.localhost:9"],
+                stdin=data,
+            )
+            self.assertEqual(result.status, 0, result)
+            self.assertEqual(result.out.decode(), f"{len(data)} {sha256(data)}\n")
+        self.assertEqual(sink.accepted, 2)
+
+    @defer.inlineCallbacks
+    def test_exposerGoneClosesPort(self) -> Any:
+        """
+        When the exposer's QUIC connection ends, TP closes the public port.
+        """
+        echoPort, _ = listenLocal(self, Echo)
+        self.startTP()
+        exposer, public = yield self.expose(echoPort, "--public")
+        exposer.transport.signalProcess("TERM")
+        yield exposer.proto.done
+        import socket
+
+        from .support import deferLater
+
+        for _ in range(50):
+            try:
+                socket.create_connection(("127.0.0.1", public), timeout=1).close()
+            except ConnectionRefusedError:
+                break
+            yield deferLater(0.1)
+        else:
+            self.fail("public port still open after the exposer ended")
