@@ -148,6 +148,24 @@ class ProcessTests(TestCase):
         self.assertFalse(server.proto.done.called)
 
     @defer.inlineCallbacks
+    def test_twistAsyncioReactor(self) -> Any:
+        """
+        C{twist --reactor=asyncio tp} serves TLS and QUIC too.
+        """
+        home, port = self.devHome()
+        Background(self, twistCommand() + ["--reactor=asyncio", "tp", "--config", str(home / "server.toml")])
+        yield waitForPort(port)
+        for transport in ("quic", "tls"):
+            sinkPort, sink = listenLocal(self, HashSink)
+            result = yield run(
+                tpCommand() + ["--config", str(home / "client.toml"), "--transport", transport, "connect", f"127.0.0.1:{sinkPort}"],
+                stdin=b"plugin",
+            )
+            self.assertEqual(result.status, 0, result)
+            self.assertEqual(result.out, f"6 {sha256(b'plugin')}\n".encode())
+            self.assertIn(f"(v1, {transport})".encode(), result.err)
+
+    @defer.inlineCallbacks
     def test_embeddedDefault(self) -> Any:
         """
         C{twist tp} with no configuration runs the dev environment from
