@@ -540,3 +540,51 @@ class ReverseOverQuicTests(QuicTestCase):
             yield deferLater(0.1)
         else:
             self.fail("public port still open after the exposer ended")
+
+
+class FlowControlTests(QuicTestCase):
+    @defer.inlineCallbacks
+    def test_slowDestinationBoundsServerBuffer(self) -> Any:
+        """
+        A destination that stops reading makes TP stop crediting the QUIC
+        stream: the client's data waits on the client, and what TP holds for
+        the stream stays within its window (4 MiB) plus socket buffers,
+        however much the client writes.
+        """
+        from tpproxy.quic import STREAM_WINDOW
+
+        stalled: list[Any] = []
+
+        class Stall(protocol.Protocol):
+            def connectionMade(self) -> None:
+                self.transport.pauseProducing()  # type: ignore[union-attr]
+                stalled.append(self)
+
+        destination = reactor.listenTCP(0, protocol.Factory.forProtocol(Stall), interface="127.0.0.1")
+        self.addCleanup(destination.stopListening)
+        self.startTP()
+        session = connectQuic(reactor, ("127.0.0.1", self.port), self.quicConfig("alice"))
+        self.addCleanup(self.closeSession, session)
+        yield session.ready
+        ready: defer.Deferred[Any] = defer.Deferred()
+        client = TPClientProtocol(ClientHello.connect("127.0.0.1", destination.getHost().port), ready)
+        stream = session.openStream(client)
+        yield ready
+        sent = 40 * 1024 * 1024
+        chunk = os.urandom(1024 * 1024)
+        for _ in range(sent // len(chunk)):
+            stream.write(chunk)
+        from .support import deferLater
+
+        yield deferLater(4)
+        server = next(iter(self.listener.sessions.values()))
+        [serverStream] = server.streams.values()
+        consumed = server.conn.tpConsumed[serverStream.streamId]
+        held = sum(len(c) for c in serverStream.held)
+        quicStream = server.conn._streams[serverStream.streamId]
+        self.assertTrue(stalled, "the destination was never reached")
+        self.assertLessEqual(quicStream.receiver.highest_offset, consumed + STREAM_WINDOW)
+        self.assertLess(consumed + held, 16 * 1024 * 1024)
+        self.assertGreater(session.conn.sendBuffered(stream.streamId), sent - 16 * 1024 * 1024)
+        for s in stalled:
+            s.transport.abortConnection()
