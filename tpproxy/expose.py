@@ -16,7 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .protocols.client import Refused, ServerAddress, TLSClientEndpoint, TunnelError, openTunnel
+from .protocols.client import Refused, TLSClientEndpoint, TunnelError, openTunnel
 from .protocols.relay import RelayEnd, noDelay, splice
 from .tls import describeTLSFailure
 from .wire import VERSION, ClientHello, FrameDecoder, ServerHello, WireError, encodeEvent, parseEvent

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
@@ -349,3 +350,36 @@ def waitForAudits(observer: EventLoggingObserver, count: int, timeout: float = 1
             raise AssertionError(f"{len(audits(observer))} audit events after {timeout} s, expected {count}")
         yield deferLater(0.05)
     return audits(observer)
+
+
+@defer.inlineCallbacks
+def echoRoundTrips(port: int, count: int, size: int) -> Any:
+    """
+    C{count} concurrent TCP connections to C{port} (on 127.0.0.1), each
+    sending C{size} random bytes, half-closing, and expecting exactly those
+    bytes back before the close (an echo behind whatever is tested).
+    """
+    @defer.inlineCallbacks
+    def one(i: int) -> Any:
+        data = os.urandom(size)
+        received: list[bytes] = []
+        done: defer.Deferred[None] = defer.Deferred()
+
+        class Client(protocol.Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(data)  # type: ignore[union-attr]
+                self.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+            def dataReceived(self, chunk: bytes) -> None:
+                received.append(chunk)
+
+            def connectionLost(self, reason: Any) -> None:
+                done.callback(None)
+
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Client())
+        yield done
+        got = b"".join(received)
+        if (len(got), sha256(got)) != (size, sha256(data)):
+            raise AssertionError(f"tunnel {i}: got {len(got)} bytes, expected {size}")
+
+    yield defer.gatherResults([one(i) for i in range(count)], consumeErrors=True)

@@ -23,13 +23,13 @@ from tpproxy.testing import TestPKI
 from .support import (
     Background,
     Echo,
+    echoRoundTrips,
     SSHD,
     HashSink,
     auditObserver,
     audits,
     cleanEnv,
     listenLocal,
-    requireTool,
     run,
     sha256,
     startServer,
@@ -409,29 +409,7 @@ class UpTests(TPTestCase):
         line = yield up.waitForStderr(b"; Ctrl-C stops")
         localPort = int(re.search(rb"Forwarding 127\.0\.0\.1:(\d+) to", line).group(1))  # type: ignore[union-attr]
 
-        @defer.inlineCallbacks
-        def one(i: int) -> Any:
-            data = os.urandom(1024 * 1024)
-            received: list[bytes] = []
-            done: defer.Deferred[None] = defer.Deferred()
-
-            class Client(protocol.Protocol):
-                def connectionMade(self) -> None:
-                    self.transport.write(data)  # type: ignore[union-attr]
-                    self.transport.loseWriteConnection()  # type: ignore[union-attr]
-
-                def dataReceived(self, chunk: bytes) -> None:
-                    received.append(chunk)
-
-                def connectionLost(self, reason: Any) -> None:
-                    done.callback(None)
-
-            yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", localPort), Client())
-            yield done
-            got = b"".join(received)
-            self.assertEqual((len(got), sha256(got)), (len(data), sha256(data)), f"connection {i}")
-
-        yield defer.gatherResults([one(i) for i in range(100)], consumeErrors=True)
+        yield echoRoundTrips(localPort, 100, 1024 * 1024)
         self.assertEqual(echo.accepted, 100)
         events = audits(self.observer)
         self.assertEqual(len(events), 100)

@@ -12,7 +12,6 @@ from typing import Any
 
 from aioquic.quic.configuration import QuicConfiguration
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import TestCase
 
 from tpproxy.protocols.client import TPClientProtocol
@@ -26,6 +25,7 @@ from .support import (
     SSHD,
     Background,
     Echo,
+    echoRoundTrips,
     HashSink,
     auditObserver,
     audits,
@@ -288,34 +288,6 @@ class StreamTests(QuicTestCase):
         result = yield run(tpCommand() + ["--config", self.clientConfig(), "--transport", "quic", "connect", f"10.255.255.1:{sinkPort}"], stdin=b"")
         self.assertEqual(result.status, 3, result)
         self.assertIn(b"forbidden", result.err)
-
-
-@defer.inlineCallbacks
-def echoRoundTrips(port: int, count: int, size: int) -> Any:
-    @defer.inlineCallbacks
-    def one(i: int) -> Any:
-        data = os.urandom(size)
-        received: list[bytes] = []
-        done: defer.Deferred[None] = defer.Deferred()
-
-        class Client(protocol.Protocol):
-            def connectionMade(self) -> None:
-                self.transport.write(data)  # type: ignore[union-attr]
-                self.transport.loseWriteConnection()  # type: ignore[union-attr]
-
-            def dataReceived(self, chunk: bytes) -> None:
-                received.append(chunk)
-
-            def connectionLost(self, reason: Any) -> None:
-                done.callback(None)
-
-        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Client())
-        yield done
-        got = b"".join(received)
-        if (len(got), sha256(got)) != (size, sha256(data)):
-            raise AssertionError(f"tunnel {i}: got {len(got)} bytes, expected {size}")
-
-    yield defer.gatherResults([one(i) for i in range(count)], consumeErrors=True)
 
 
 class FallbackTests(QuicTestCase):

@@ -27,6 +27,7 @@ from .support import (
     SSHD,
     Background,
     Echo,
+    echoRoundTrips,
     auditObserver,
     audits,
     deferLater,
@@ -142,32 +143,6 @@ class SSHThroughReverseTests(ReverseTestCase):
 
 class ExposureTests(ReverseTestCase):
     @defer.inlineCallbacks
-    def echoRoundTrips(self, port: int, count: int, size: int) -> Any:
-        @defer.inlineCallbacks
-        def one(i: int) -> Any:
-            data = os.urandom(size)
-            received: list[bytes] = []
-            done: defer.Deferred[None] = defer.Deferred()
-
-            class Client(protocol.Protocol):
-                def connectionMade(self) -> None:
-                    self.transport.write(data)  # type: ignore[union-attr]
-                    self.transport.loseWriteConnection()  # type: ignore[union-attr]
-
-                def dataReceived(self, chunk: bytes) -> None:
-                    received.append(chunk)
-
-                def connectionLost(self, reason: Any) -> None:
-                    done.callback(None)
-
-            yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Client())
-            yield done
-            got = b"".join(received)
-            self.assertEqual((len(got), sha256(got)), (size, sha256(data)), f"dialer {i}")
-
-        yield defer.gatherResults([one(i) for i in range(count)], consumeErrors=True)
-
-    @defer.inlineCallbacks
     def test_twentyConcurrentDialers(self) -> Any:
         """
         20 concurrent dialers through one public exposure each get their own
@@ -176,7 +151,7 @@ class ExposureTests(ReverseTestCase):
         echoPort, echo = listenLocal(self, Echo)
         self.startTP()
         exposer = yield self.expose(echoPort, "--public")
-        yield self.echoRoundTrips(exposer.publicPort, 20, 512 * 1024)
+        yield echoRoundTrips(exposer.publicPort, 20, 512 * 1024)
         self.assertEqual(echo.accepted, 20)
 
     @defer.inlineCallbacks
@@ -190,7 +165,7 @@ class ExposureTests(ReverseTestCase):
         up = Background(self, tpCommand() + ["--config", self.clientConfig("bob"), "up", "echo.alice.localhost:7", "0"])
         line = yield up.waitForStderr(b"; Ctrl-C stops")
         localPort = int(re.search(rb"Forwarding 127\.0\.0\.1:(\d+) to", line).group(1))  # type: ignore[union-attr]
-        yield self.echoRoundTrips(localPort, 5, 256 * 1024)
+        yield echoRoundTrips(localPort, 5, 256 * 1024)
         self.assertEqual(echo.accepted, 5)
 
     @defer.inlineCallbacks
@@ -294,7 +269,7 @@ class SignallingTests(ReverseTestCase):
         yield exposer.waitForStderr(b"reconnecting")
         self.startTP(port=tpPort, keepalive=1)
         yield exposer.waitForStderr(b"again via")
-        yield ExposureTests.echoRoundTrips(self, wanted, 2, 1000)  # type: ignore[arg-type]
+        yield echoRoundTrips(wanted, 2, 1000)
         self.assertEqual(echo.accepted, 2)
 
 
