@@ -4,11 +4,15 @@ Benchmark TP against an equivalent stunnel mutual-TLS relay, on loopback.
 
     /work/venv/bin/python benchmarks/bench.py [--quick]
 
-Four chains carry the same traffic to the same sink/source server:
+Five chains carry the same traffic to the same sink/source server:
 
   direct      client -> sink
   tp          client -> `tp up` (plain in, TLS out) -> `twist tp` (TLS in,
               plain out) -> sink
+  tp_quic     client -> `tp --transport quic up` (plain in, one QUIC
+              connection out, one stream per client connection) -> `twist
+              tp` (its QUIC listener, on the UDP port of the same number as
+              its TLS port; plain out) -> sink
   tp_reverse  client -> public port of `twist tp` (plain in) -> (a new TLS
               connection from the exposer, `accept` hello) -> `tp expose
               127.0.0.1:SINK --public PORT` (TLS in, plain out) -> sink
@@ -16,10 +20,11 @@ Four chains carry the same traffic to the same sink/source server:
               certificate) -> stunnel server mode (TLS 1.3 only, client
               certificate required and verified) -> sink
 
-Every proxy chain is two processes with one mutual-TLS hop between them, and
-uses the same CA, server certificate and client certificate, made at run time
-by `tp init-dev` in a temporary directory.  The reverse chain shares the
-`twist tp` process with the forward one.  Its exposer keeps a signalling
+Every proxy chain is two processes with one mutual-TLS hop between them (TLS
+1.3 over TCP, or QUIC, whose handshake is TLS 1.3), and uses the same CA,
+server certificate and client certificate, made at run time by `tp init-dev`
+in a temporary directory.  The QUIC and reverse chains share the `twist tp`
+process with the forward one.  Its exposer keeps a signalling
 connection to `twist tp`; for every client connection to the public port TP
 sends an `incoming` event on it, and the exposer opens a new mutual-TLS
 connection to TP (`accept` hello) and a connection to the sink, which TP and
@@ -30,7 +35,7 @@ rate of short connections (connect, send a line, read it back, close),
 sequential and concurrent.  Every transfer is counted byte for byte, and an
 untimed check sends hashed random data both ways (and one upload ended by a
 half-close) through each chain.  At the end, `tp up` and `tp expose` get
-SIGTERM while `twist tp` is still up: both should exit within 3 s, and the
+SIGTERM while `twist tp` is still up: they should exit within 3 s, and the
 public port should stop being served.  CPU time the rest of the machine used
 during the run is reported, to tell a noisy run.
 
@@ -67,9 +72,20 @@ CHUNK = 1 << 20
 LOOPBACK = "127.0.0.1"
 #: A transfer making no progress for this long (on loopback) counts as a stall.
 STALL_TIMEOUT = 10.0
-CHAINS = ("direct", "tp", "tp_reverse", "stunnel")
+#: Every chain, in table order (a TP without `--transport` has no tp_quic).
+CHAINS = ("direct", "tp", "tp_quic", "tp_reverse", "stunnel")
 #: Column headings of the table.
-LABELS = {"direct": "direct", "tp": "TP fwd", "tp_reverse": "TP rev", "stunnel": "stunnel"}
+LABELS = {"direct": "direct", "tp": "TP fwd", "tp_quic": "TP quic", "tp_reverse": "TP rev", "stunnel": "stunnel"}
+#: The ratio columns: JSON key, heading, numerator chain, denominator chain.
+RATIOS = (
+    ("tp_over_stunnel", "fwd/stun", "tp", "stunnel"),
+    ("tp_reverse_over_stunnel", "rev/stun", "tp_reverse", "stunnel"),
+    ("tp_reverse_over_tp", "rev/fwd", "tp_reverse", "tp"),
+    ("tp_quic_over_stunnel", "quic/stun", "tp_quic", "stunnel"),
+    ("tp_quic_over_tp", "quic/tls", "tp_quic", "tp"),
+)
+#: The issue's target for one stream through TP over QUIC (MB/s, each way).
+QUIC_TARGET_MB_S = 60.0
 
 
 class BenchError(Exception):
@@ -351,6 +367,57 @@ def freePorts(count: int) -> list[int]:
             s.close()
 
 
+def udpPortFree(port: int) -> bool:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind((LOOPBACK, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def udpCounters() -> dict[str, int]:
+    """
+    The machine's UDP counters (/proc/net/snmp): datagrams in and out, and
+    the drops (receive/send buffer full) that QUIC would have to resend.
+    """
+    try:
+        lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Udp:")]
+        return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:])}
+    except (OSError, IndexError, ValueError):
+        return {}
+
+
+def quicSockets(port: int) -> dict[str, dict[str, int]]:
+    """
+    The UDP sockets of the QUIC hop, from /proc/net/udp: TP's listener
+    (local port C{port}) and the clients connected to it (remote port
+    C{port}), each with its receive buffer size and the datagrams the
+    kernel dropped on it because that buffer was full.
+    """
+    out: dict[str, dict[str, int]] = {}
+    try:
+        lines = Path("/proc/net/udp").read_text().splitlines()[1:]
+    except OSError:
+        return out
+    for line in lines:
+        f = line.split()
+        if len(f) < 13:
+            continue
+        local, remote = int(f[1].split(":")[1], 16), int(f[2].split(":")[1], 16)
+        rxQueue = int(f[4].split(":")[1], 16)
+        if local == port:
+            name = "server (twist tp)"
+        elif remote == port:
+            name = f"client (local port {local})"
+        else:
+            continue
+        out[name] = {"drops": int(f[12]), "rx_queue_bytes": rxQueue, "inode": int(f[9])}
+    return out
+
+
 def waitForPort(port: int, procs: Processes, what: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -400,7 +467,8 @@ options = NO_TICKET
 
 class Setup:
     """
-    The sink, TP forward (`tp up` + `twist tp`), TP reverse (`tp expose` +
+    The sink, TP forward (`tp up` + `twist tp`), TP over QUIC (`tp
+    --transport quic up` + the same `twist tp`), TP reverse (`tp expose` +
     the same `twist tp`) and stunnel (client + server), all on loopback.
     """
 
@@ -419,6 +487,8 @@ class Setup:
         self.pidNames: dict[int, str] = {}
         #: --transport for the TP clients, if this TP has the option.
         self.transportArgs: list[str] = []
+        #: The chains measured: all, or all but tp_quic if tp has no --transport.
+        self.chains: tuple[str, ...] = CHAINS
 
     def pinTransport(self, transport: str) -> str | None:
         """
@@ -430,13 +500,22 @@ class Setup:
         if "--transport" not in out.stdout:
             if transport != "tls":
                 raise BenchError(f"this tp has no --transport option (asked for {transport})")
+            # No QUIC in this TP: measure the other chains.
+            self.chains = tuple(c for c in CHAINS if c != "tp_quic")
             return None
         self.transportArgs = ["--transport", transport]
         return transport
 
     def start(self) -> None:
         d = self.dir
-        tpPort, upPort, publicPort, stunnelServerPort, stunnelClientPort = freePorts(5)
+        for _ in range(50):
+            tpPort, upPort, quicUpPort, publicPort, stunnelServerPort, stunnelClientPort = freePorts(6)
+            # twist tp's QUIC listener takes the UDP port of the same number.
+            if udpPortFree(tpPort):
+                break
+        else:
+            raise BenchError("found no port free for both TCP and UDP")
+        quic = "tp_quic" in self.chains
 
         # The sink.
         sink = self.procs.start("sink", [sys.executable, str(Path(__file__).resolve()), "--sink"], stdout=subprocess.PIPE)
@@ -456,17 +535,27 @@ class Setup:
         )
         if out.returncode:
             raise BenchError(f"tp init-dev failed: {out.stderr}")
-        # Listen on 127.0.0.1 only (init-dev also adds ::1 where it works).
+        # Listen on 127.0.0.1 only (init-dev also adds ::1 where it works),
+        # TLS on TCP and, said explicitly, QUIC on UDP, both on tpPort
+        # (`quic = true`, the default, would derive the same from `listen`).
         toml = (pki / "server.toml").read_text()
-        toml, n = re.subn(r"(?m)^listen = \[.*\]$", f'listen = ["tcp:{tpPort}:interface=127.0.0.1"]', toml)
-        if n != 1:
-            raise BenchError("unexpected server.toml from tp init-dev (no listen line)")
+        listen = f'listen = ["tcp:{tpPort}:interface=127.0.0.1"]'
+        if quic:
+            listen += f'\nquic = ["{LOOPBACK}:{tpPort}"]'
+        toml, n = re.subn(r"(?m)^listen = \[.*\]$", lambda m: listen, toml)
+        if n != 1 or re.search(r"(?m)^quic\s*=", toml.replace(listen, "")):
+            raise BenchError("unexpected server.toml from tp init-dev (no listen line, or a quic line already)")
         (pki / "server.toml").write_text(toml)
         self.pki = pki
 
         # TP: the server, then `tp up` in front of it.
         self.procs.start("twist-tp", [str(self.bindir / "twist"), "tp", "--config", str(pki / "server.toml")])
         waitForPort(tpPort, self.procs, "twist tp")
+        if quic:
+            # The start-up line names what it listens on.
+            served = self.waitForLine("twist-tp", re.compile(r'"quic": "([^"]*)"'))
+            if served != f"{LOOPBACK}:{tpPort}":
+                raise BenchError(f"twist tp serves QUIC on {served!r}, expected {LOOPBACK}:{tpPort}")
         self.procs.start(
             "tp-up",
             [
@@ -477,6 +566,26 @@ class Setup:
         waitForPort(upPort, self.procs, "tp up")
         self.entry["tp"] = upPort
         self.proxyPids["tp"] = [self.procs.procs["tp-up"].pid, self.procs.procs["twist-tp"].pid]
+
+        # TP over QUIC: a second `tp up`, pinned to QUIC, to the same server
+        # and sink.  It makes its one QUIC connection at start (with
+        # --transport quic a failed handshake ends the process) and then
+        # prints "Forwarding ... (vX, quic)"; every client connection is a
+        # new stream on that connection.
+        if quic:
+            self.procs.start(
+                "tp-up-quic",
+                [
+                    str(self.bindir / "tp"), "--config", str(pki / "client.toml"), "--server", f"{LOOPBACK}:{tpPort}",
+                    "--transport", "quic", "up", f"{LOOPBACK}:{self.sinkPort}", str(quicUpPort),
+                ],
+            )
+            chosen = self.waitForLine("tp-up-quic", re.compile(r"^Forwarding \S+ to \S+ via \S+ \(v\S+, (\w+)\)", re.M))
+            if chosen != "quic":
+                raise BenchError(f"tp --transport quic up reports transport {chosen!r}")
+            waitForPort(quicUpPort, self.procs, "tp --transport quic up")
+            self.entry["tp_quic"] = quicUpPort
+            self.proxyPids["tp_quic"] = [self.procs.procs["tp-up-quic"].pid, self.procs.procs["twist-tp"].pid]
 
         # TP reverse: `tp expose` registers the sink as a public port of the
         # same `twist tp` (on its [reverse] public_interface, 127.0.0.1 in the
@@ -519,7 +628,28 @@ class Setup:
             "sink": self.sinkPort, "tp_server": tpPort, "tp_up": upPort, "tp_public": publicPort,
             "stunnel_server": stunnelServerPort, "stunnel_client": stunnelClientPort,
         }
+        if quic:
+            self.ports["tp_server_quic_udp"] = tpPort
+            self.ports["tp_up_quic"] = quicUpPort
         self.pidNames = {proc.pid: name for name, proc in self.procs.procs.items()}
+
+    def waitForLine(self, name: str, pattern: re.Pattern[str], timeout: float = 20.0) -> str:
+        """
+        Wait for C{pattern} in a process's log; its first group.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            self.procs.check()
+            try:
+                text = (self.dir / f"{name}.log").read_text(errors="replace")
+            except OSError:
+                text = ""
+            m = pattern.search(text)
+            if m:
+                return m.group(1)
+            if time.monotonic() > deadline:
+                raise BenchError(f"{name} did not log {pattern.pattern!r} within {timeout:g} s:\n{self.procs.logTail(name)}")
+            time.sleep(0.05)
 
     def waitForExposure(self, name: str, timeout: float = 20.0) -> int:
         """
@@ -817,12 +947,12 @@ def median(values: list[float]) -> float:
 def measureBulk(setup: Setup, direction: str, n: int, repeats: int, problems: list[str]) -> dict[str, Any]:
     block = _patternBlock()
     out: dict[str, Any] = {}
-    samples: dict[str, list[float]] = {c: [] for c in CHAINS}
-    cpu: dict[str, list[float]] = {c: [] for c in CHAINS}
-    cpuByProcess: dict[str, dict[str, list[float]]] = {c: {} for c in CHAINS}
-    errors: dict[str, list[str]] = {c: [] for c in CHAINS}
+    samples: dict[str, list[float]] = {c: [] for c in setup.chains}
+    cpu: dict[str, list[float]] = {c: [] for c in setup.chains}
+    cpuByProcess: dict[str, dict[str, list[float]]] = {c: {} for c in setup.chains}
+    errors: dict[str, list[str]] = {c: [] for c in setup.chains}
     for r in range(repeats):
-        for chain in CHAINS:
+        for chain in setup.chains:
             port = setup.entry[chain]
             before = setup.proxyCPU(chain)
             beforeEach = setup.proxyCPUByProcess(chain)
@@ -848,7 +978,7 @@ def measureBulk(setup: Setup, direction: str, n: int, repeats: int, problems: li
                 errors[chain].append(eofProblem)
                 problems.append(message)
                 print(f"  !! {message}", flush=True)
-    for chain in CHAINS:
+    for chain in setup.chains:
         s = samples[chain]
         out[chain] = {
             "mb_per_s": round(median(s), 1) if s else None,
@@ -867,7 +997,7 @@ def measureBulk(setup: Setup, direction: str, n: int, repeats: int, problems: li
 
 def measureRate(setup: Setup, total: int, concurrency: int, problems: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for chain in CHAINS:
+    for chain in setup.chains:
         port = setup.entry[chain]
         connectionRate(port, 10, 1)  # warm-up
         before = setup.proxyCPU(chain)
@@ -891,6 +1021,117 @@ def measureRate(setup: Setup, total: int, concurrency: int, problems: list[str])
     return out
 
 
+def _stackFrame(frame: str) -> str:
+    """
+    "function (path:line)" from py-spy, as "function (short path)".
+    """
+    m = re.match(r"(.*) \((.*?)(?::\d+)?\)$", frame.strip())
+    if not m:
+        return frame.strip()
+    function, path = m.groups()
+    path = re.sub(r".*/site-packages/", "", path)
+    path = re.sub(r".*/(tpproxy/)", r"\1", path)
+    return f"{function} ({path})"
+
+
+def summarizeStacks(path: Path, top: int = 15) -> dict[str, Any]:
+    """
+    The functions a py-spy "raw" (collapsed stacks) profile spent most
+    samples in: by self time, and by time inclusive of what they called.
+    """
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [_stackFrame(f) for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+        if frames:
+            own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames):
+            inclusive[f] = inclusive.get(f, 0) + n
+
+    def ranked(counts: dict[str, int], skip: Callable[[str], bool] = lambda f: False) -> list[list[Any]]:
+        rows = [[round(100 * n / total, 1), f] for f, n in counts.items() if total and not skip(f)]
+        return sorted(rows, key=lambda r: -r[0])[:top]
+
+    # Inclusive: leave out the frames of the reactor loop and the entry
+    # points, on (nearly) every stack.
+    plumbing = re.compile(
+        r"\((twisted/python/|twisted/internet/(base|posixbase|epollreactor|task)\.py|twisted/application/|tpproxy/cli\.py"
+        r"|[^/]*twist\)|[^/]*tp\))|^<module>"
+    )
+    return {"samples": total, "self_pct": ranked(own), "inclusive_pct": ranked(inclusive, lambda f: bool(plumbing.search(f)))}
+
+
+def profileQuic(setup: Setup, seconds: float, rate: float | None, outdir: Path, problems: list[str]) -> dict[str, Any]:
+    """
+    py-spy on `twist tp` and `tp --transport quic up` during one QUIC upload
+    and one download, each sized (from the measured rate) to outlast the
+    sampling; collapsed stacks written to C{outdir}, the top functions
+    returned.
+    """
+    pyspy = shutil.which("py-spy") or str(setup.bindir / "py-spy")
+    if not Path(pyspy).exists():
+        raise BenchError("--profile needs py-spy (pip install py-spy)")
+    outdir.mkdir(parents=True, exist_ok=True)
+    port = setup.entry["tp_quic"]
+    pids = {"twist-tp": setup.procs.procs["twist-tp"].pid, "tp-up-quic": setup.procs.procs["tp-up-quic"].pid}
+    n = int(max(20.0, (rate or 10.0) * (seconds + 5)) * MB)
+    out: dict[str, Any] = {"seconds": seconds, "bytes": n, "pids": pids}
+    for direction in ("upload", "download"):
+        done: dict[str, Any] = {}
+
+        def transfer() -> None:
+            try:
+                if direction == "upload":
+                    done["seconds"] = bulkUpload(port, n, _patternBlock())
+                else:
+                    done["seconds"], done["eof"] = bulkDownload(port, n)
+            except (BenchError, OSError) as e:
+                done["error"] = str(e)
+
+        thread = threading.Thread(target=transfer)
+        thread.start()
+        time.sleep(1.0)
+        before = {name: cpuSeconds(pid) for name, pid in pids.items()}
+        started = time.monotonic()
+        spies = {
+            name: subprocess.Popen(
+                [pyspy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "100", "--format", "raw",
+                 "--output", str(outdir / f"profile-quic-{direction}-{name}.txt")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )
+            for name, pid in pids.items()
+        }
+        for name, spy in spies.items():
+            _, err = spy.communicate(timeout=seconds + 30)
+            if spy.returncode:
+                raise BenchError(f"py-spy on {name} failed: {err.decode(errors='replace')[-300:]}")
+        elapsed = time.monotonic() - started
+        cores = {name: round((cpuSeconds(pid) - before[name]) / elapsed, 2) for name, pid in pids.items()}
+        thread.join()
+        if done.get("error") or done.get("eof"):
+            problems.append(f"tp_quic {direction} while profiled: {done.get('error') or done.get('eof')}")
+        out[direction] = {
+            "mb_per_s": round(n / MB / done["seconds"], 1) if "seconds" in done else None,
+            "cores_used": cores,
+            "processes": {
+                name: summarizeStacks(outdir / f"profile-quic-{direction}-{name}.txt") for name in pids
+            },
+        }
+        print(f"  {direction}: {fmt(out[direction]['mb_per_s'])} MB/s while sampled, cores used {cores}", flush=True)
+        for name in pids:
+            summary = out[direction]["processes"][name]
+            print(f"    {name} inclusive: " + "; ".join(f"{pct}% {f.split(' (')[0]}" for pct, f in summary["inclusive_pct"][:6]))
+            print(f"    {name} self:      " + "; ".join(f"{pct}% {f.split(' (')[0]}" for pct, f in summary["self_pct"][:6]),
+                  flush=True)
+    return out
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
@@ -903,45 +1144,44 @@ def buildTable(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     rows: list[dict[str, Any]] = []
     meta = results["meta"]
     size = meta["bulk_mb"]
+    chains = tuple(meta["chains_measured"])
+    ratios = tuple(r for r in RATIOS if r[2] in chains and r[3] in chains)
 
     def add(label: str, values: dict[str, float | None], digits: int = 1, higherIsBetter: bool = True) -> None:
         rows.append({
             "measure": label,
-            **{c: values.get(c) for c in CHAINS},
-            "tp_over_stunnel": ratio(values.get("tp"), values.get("stunnel")),
-            "tp_reverse_over_stunnel": ratio(values.get("tp_reverse"), values.get("stunnel")),
-            "tp_reverse_over_tp": ratio(values.get("tp_reverse"), values.get("tp")),
+            **{c: values.get(c) for c in chains},
+            **{key: ratio(values.get(a), values.get(b)) for key, _, a, b in ratios},
             "higher_is_better": higherIsBetter,
             "digits": digits,
         })
 
     for direction in ("upload", "download"):
         b = results["bulk"][direction]
-        add(f"{direction} {size:g} MB, 1 conn (MB/s)", {c: b[c]["mb_per_s"] for c in CHAINS})
+        add(f"{direction} {size:g} MB, 1 conn (MB/s)", {c: b[c]["mb_per_s"] for c in chains})
     for key, label in (("sequential", "sequential"), ("concurrent", f"{meta['concurrency']} concurrent")):
         r = results["connection_rate"][key]
-        add(f"short connections, {label} (conn/s)", {c: r[c]["conn_per_s"] for c in CHAINS})
+        add(f"short connections, {label} (conn/s)", {c: r[c]["conn_per_s"] for c in chains})
     for key, label in (("sequential", "sequential"), ("concurrent", f"{meta['concurrency']} concurrent")):
         r = results["connection_rate"][key]
-        add(f"  latency p50, {label} (ms)", {c: r[c]["latency_ms_p50"] for c in CHAINS}, 2, False)
-        add(f"  latency p99, {label} (ms)", {c: r[c]["latency_ms_p99"] for c in CHAINS}, 2, False)
+        add(f"  latency p50, {label} (ms)", {c: r[c]["latency_ms_p50"] for c in chains}, 2, False)
+        add(f"  latency p99, {label} (ms)", {c: r[c]["latency_ms_p99"] for c in chains}, 2, False)
     for direction in ("upload", "download"):
         b = results["bulk"][direction]
-        add(f"proxy CPU per GB, {direction} (s)", {c: b[c]["proxy_cpu_s_per_gb"] for c in CHAINS}, 2, False)
+        add(f"proxy CPU per GB, {direction} (s)", {c: b[c]["proxy_cpu_s_per_gb"] for c in chains}, 2, False)
     for key, label in (("sequential", "sequential"), ("concurrent", f"{meta['concurrency']} concurrent")):
         r = results["connection_rate"][key]
-        add(f"proxy CPU per conn, {label} (ms)", {c: r[c]["proxy_cpu_ms_per_conn"] for c in CHAINS}, 2, False)
+        add(f"proxy CPU per conn, {label} (ms)", {c: r[c]["proxy_cpu_ms_per_conn"] for c in chains}, 2, False)
     add("proxy peak RSS, both processes (MB)", results["peak_rss_mb"], 1, False)
 
     width = max(len(r["measure"]) for r in rows)
-    ratios = (("tp_over_stunnel", "fwd/stun"), ("tp_reverse_over_stunnel", "rev/stun"), ("tp_reverse_over_tp", "rev/fwd"))
-    header = f"{'measure':<{width}}" + "".join(f"  {LABELS[c]:>8}" for c in CHAINS) + " "
-    header += "".join(f"  {label:>8}" for _, label in ratios)
+    header = f"{'measure':<{width}}" + "".join(f"  {LABELS[c]:>8}" for c in chains) + " "
+    header += "".join(f"  {label:>9}" for _, label, _, _ in ratios)
     lines = [header, "-" * len(header)]
     for r in rows:
         d = r["digits"]
-        line = f"{r['measure']:<{width}}" + "".join(f"  {fmt(r[c], d):>8}" for c in CHAINS) + " "
-        line += "".join(f"  {fmt(r[key], 3):>8}" for key, _ in ratios)
+        line = f"{r['measure']:<{width}}" + "".join(f"  {fmt(r[c], d):>8}" for c in chains) + " "
+        line += "".join(f"  {fmt(r[key], 3):>9}" for key, _, _, _ in ratios)
         lines.append(line)
     for r in rows:
         del r["digits"]
@@ -1003,14 +1243,38 @@ def _logEvents(text: str) -> list[dict[str, Any]]:
     return events
 
 
+def chosenTransports(setup: Setup) -> dict[str, str | None]:
+    """
+    The transport each TP client process says it uses, from its
+    "Forwarding ... (vN, quic)" or "Exposing ... (vN, tls)" line.
+    """
+    out: dict[str, str | None] = {}
+    for name in ("tp-up", "tp-up-quic", "tp-expose"):
+        if name in setup.procs.procs:
+            try:
+                text = (setup.dir / f"{name}.log").read_text(errors="replace")
+            except OSError:
+                text = ""
+            m = re.search(r"^(?:Forwarding|Exposing) .* \(v\S+, (\w+)\)", text, re.M)
+            out[name] = m.group(1) if m else None
+    return out
+
+
 def scanLogs(setup: Setup, problems: list[str]) -> dict[str, Any]:
     """
     Look through TP's logs for tracebacks, errors and failed connections
     (twist logs JSON, one event a line, when its output is not a terminal;
-    `tp expose` writes plain lines, and only one is expected: "Exposing ...").
+    `tp up` and `tp expose` write plain lines, and only one is expected from
+    each: "Forwarding ..." or "Exposing ...").  `twist tp` should have
+    accepted one QUIC connection per `tp` process on QUIC (each keeps one
+    for all its streams).
     """
     found: dict[str, Any] = {}
-    for name in ("twist-tp", "tp-up"):
+    transports = chosenTransports(setup)
+    found["client_transports"] = transports
+    for name in ("twist-tp", "tp-up", "tp-up-quic"):
+        if name not in setup.procs.procs:
+            continue
         try:
             text = (setup.dir / f"{name}.log").read_text(errors="replace")
         except OSError:
@@ -1033,12 +1297,41 @@ def scanLogs(setup: Setup, problems: list[str]) -> dict[str, Any]:
             info["audit_results"] = audits
             incoming = sum(1 for e in events if e.get("log_namespace") == "tpproxy.audit" and e.get("event") == "incoming")
             info["incoming_events"] = incoming
+            # Over TLS the exposer answers each "incoming" event with a new
+            # connection and an `accept` hello; over QUIC TP opens a stream
+            # to it instead, and no `accept` is audited.  Either way each
+            # public connection is audited as `public` when it ends.
             accepted = audits.get("accept", {})
             notOK = {k: v for k, v in accepted.items() if k != "ok"}
-            if notOK or accepted.get("ok", 0) != incoming:
+            wanted = incoming if transports.get("tp-expose") != "quic" else 0
+            if notOK or accepted.get("ok", 0) != wanted:
                 problems.append(
                     f"twist-tp log: {incoming} incoming event(s) on the public port, accept connections {accepted}"
                 )
+            public = audits.get("public")
+            if public is not None and (set(public) - {"ok"} or public.get("ok", 0) != incoming):
+                problems.append(f"twist-tp log: {incoming} incoming event(s) on the public port, public connections {public}")
+            # QUIC: one "QUIC connection from ..." per connection accepted,
+            # and a "quic" audit event for each failed QUIC handshake.
+            quic = sum(
+                1 for e in events
+                if e.get("log_namespace") == "tpproxy.quic" and str(e.get("log_format", "")).startswith("QUIC connection from")
+            )
+            info["quic_connections"] = quic
+            expected = sum(1 for t in transports.values() if t == "quic")
+            if quic != expected:
+                problems.append(f"twist-tp log: {quic} QUIC connection(s) accepted, expected {expected} (a reconnect?)")
+            if audits.get("quic"):
+                problems.append(f"twist-tp log: failed QUIC handshakes {audits['quic']}")
+        else:
+            # `tp up` writes plain lines: one "Forwarding ...", then one line
+            # per tunnel that failed.
+            plain = [line for line in text.splitlines() if line.strip() and not line.lstrip("\x1e").startswith("{")]
+            unexpected = [line for line in plain if not line.startswith("Forwarding ")]
+            info["unexpected_lines"] = len(unexpected)
+            if unexpected:
+                problems.append(f"{name} log: {len(unexpected)} unexpected line(s), e.g. {unexpected[:3]}")
+                info["samples"] = unexpected[:10]
         bad = info["tracebacks"] + len(errors) + len(warnings)
         if bad:
             problems.append(
@@ -1083,12 +1376,13 @@ def _eventText(e: dict[str, Any]) -> str:
 
 def shutdownCheck(setup: Setup, problems: list[str], timeout: float = 3.0) -> dict[str, Any]:
     """
-    At the end: SIGTERM the two TP clients (`tp up`, `tp expose`) while
+    At the end: SIGTERM the TP clients (`tp up`, `tp up` on QUIC, `tp
+    expose`) while
     `twist tp` is still up; each should exit promptly ("Ctrl-C stops"), and
     the exposer's public port should stop taking connections.
     """
-    names = ("tp-up", "tp-expose")
     procs = setup.procs.procs
+    names = tuple(n for n in ("tp-up", "tp-up-quic", "tp-expose") if n in procs)
     exited: dict[str, float] = {}
     publicPort = None
     started = time.monotonic()
@@ -1189,6 +1483,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp-transport", choices=("tls", "quic", "auto"), default="tls",
                         help="transport from the TP clients to twist tp, for TP versions with --transport (default tls, "
                              "like stunnel)")
+    parser.add_argument("--profile", type=float, metavar="SECONDS",
+                        help="after the measurements, sample twist tp and tp --transport quic up with py-spy for SECONDS "
+                             "during a QUIC upload and a download; stacks written next to --json")
     parser.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sink:
@@ -1231,9 +1528,14 @@ def main(argv: list[str] | None = None) -> int:
                 "tp_source": tpSource(),
                 "stall_timeout_s": STALL_TIMEOUT,
                 "tp_client_transport": transport or "tls (this tp has no --transport option)",
+                "tp_client_transport_applies_to": ["tp", "tp_reverse"],
+                "chains_measured": list(setup.chains),
                 "chains": {
                     "direct": "client -> sink",
                     "tp": "client -> tp up -> (TLS 1.3, mutual) -> twist tp -> sink",
+                    "tp_quic": "client -> tp --transport quic up -> (one QUIC connection, mutual TLS 1.3 handshake; "
+                               "one stream per client connection) -> twist tp (UDP, same port number) -> sink; "
+                               "twist tp shared with the tp chain",
                     "tp_reverse": "client -> twist tp public port -> (TLS 1.3, mutual: a new accept connection from "
                                   "the exposer per client connection, announced on its signalling connection) -> "
                                   "tp expose --public -> sink; twist tp shared with the tp chain",
@@ -1244,7 +1546,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"Integrity checks (untimed): {args.check_runs} x {args.check_size:g} MB each way, sha256 + byte count, EOF and half-close ...", flush=True)
         checks = {}
-        for chain in CHAINS:
+        for chain in setup.chains:
             checks[chain] = integrityChecks(setup.entry[chain], int(args.check_size * MB), args.check_runs, 5.0)
             summary = ", ".join(f"{k} {v['ok']}/{args.check_runs}" for k, v in checks[chain].items() if isinstance(v, dict))
             print(f"  {chain:10} {summary}", flush=True)
@@ -1252,6 +1554,7 @@ def main(argv: list[str] | None = None) -> int:
                 if isinstance(verdict, dict) and verdict["failed"]:
                     problems.append(f"{chain} integrity {name}: {verdict['failed']} of {args.check_runs} failed: {verdict['failures']}")
         results["integrity"] = checks
+        udpBefore = udpCounters()
         results["tls"] = tlsCheck(setup)
         print(f"TLS as seen by openssl s_client: {results['tls']}", flush=True)
 
@@ -1266,6 +1569,29 @@ def main(argv: list[str] | None = None) -> int:
             results["connection_rate"][key] = measureRate(setup, conns, concurrency, problems)
 
         setup.procs.check()
+        udpAfter = udpCounters()
+        # Only the QUIC chain uses UDP here: these are its datagrams (and any
+        # the rest of the machine sent meanwhile).
+        results["udp_counters_during_measurements"] = {k: udpAfter[k] - udpBefore.get(k, 0) for k in udpAfter}
+        if "tp_quic" in setup.chains:
+            # Which end dropped datagrams (a full receive buffer: the QUIC
+            # sender then resends, and halves its congestion window).
+            results["quic_socket_drops"] = quicSockets(setup.ports["tp_server"])
+        if args.profile and "tp_quic" in setup.chains:
+            print(f"Profiling the QUIC chain with py-spy, {args.profile:g} s each way ...", flush=True)
+            rate = results["bulk"]["upload"]["tp_quic"]["mb_per_s"]
+            results["profile_quic"] = profileQuic(setup, args.profile, rate, Path(args.json).parent, problems)
+
+        if "tp_quic" in setup.chains:
+            up = results["bulk"]["upload"]["tp_quic"]["mb_per_s"]
+            down = results["bulk"]["download"]["tp_quic"]["mb_per_s"]
+            results["quic_target"] = {
+                "target_mb_per_s": QUIC_TARGET_MB_S,
+                "upload_mb_per_s": up,
+                "download_mb_per_s": down,
+                "upload_met": bool(up and up >= QUIC_TARGET_MB_S),
+                "download_met": bool(down and down >= QUIC_TARGET_MB_S),
+            }
         # Other work on the machine during the run skews everything here:
         # CPU time the machine used that was not this run's.
         elapsed = time.monotonic() - started
@@ -1278,7 +1604,7 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_start": [round(x, 2) for x in loadAtStart],
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         }
-        results["peak_rss_mb"] = {c: setup.peakRSS(c) for c in CHAINS}
+        results["peak_rss_mb"] = {c: setup.peakRSS(c) for c in setup.chains}
         results["peak_rss_mb_by_process"] = setup.peakRSSByProcess()
         time.sleep(0.5)  # let TP log the audit events of the last connections
         results["logs"] = scanLogs(setup, problems)
@@ -1302,11 +1628,27 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(table)
         print()
-        print("fwd = TP forward (tp up -> twist tp), rev = TP reverse (twist tp public port -> tp expose), stun = stunnel.")
+        hop = transport or "tls"
+        print(f"fwd = TP forward (tp up -> twist tp, over {hop}), quic = TP forward over QUIC (tp --transport quic up -> "
+              f"twist tp),\nrev = TP reverse (twist tp public port -> tp expose, over {hop}), stun = stunnel; "
+              "quic/tls = TP quic / TP fwd.")
         print("Ratios: above 1 is the first ahead for rates, behind for latency, CPU and memory.")
-        print("TP rev's peak RSS counts twist tp, which it shares with TP fwd.")
+        print("The peak RSS of TP quic and TP rev counts twist tp, which they share with TP fwd.")
+        if "quic_target" in results:
+            q = results["quic_target"]
+            verdict = "met" if q["upload_met"] and q["download_met"] else "NOT met"
+            print(f"QUIC target {QUIC_TARGET_MB_S:g} MB/s for one stream: upload {fmt(q['upload_mb_per_s'])} MB/s, "
+                  f"download {fmt(q['download_mb_per_s'])} MB/s -> {verdict}")
+        udp = results["udp_counters_during_measurements"]
+        if udp:
+            print(f"UDP during the measurements: {udp.get('InDatagrams')} datagrams in, {udp.get('OutDatagrams')} out, "
+                  f"receive-buffer drops {udp.get('RcvbufErrors')}, send-buffer drops {udp.get('SndbufErrors')}")
+        if results.get("quic_socket_drops"):
+            print("Datagrams dropped per QUIC socket (whole run, receive buffer full): "
+                  + ", ".join(f"{k} {v['drops']}" for k, v in results["quic_socket_drops"].items()))
         tpLog = results["logs"].get("twist-tp", {})
-        print(f"TP audit results: {tpLog.get('audit_results')}, incoming events {tpLog.get('incoming_events')}")
+        print(f"TP audit results: {tpLog.get('audit_results')}, incoming events {tpLog.get('incoming_events')}, "
+              f"QUIC connections {tpLog.get('quic_connections')}")
         print("  (connect: 1 handshake_failed = the port probe at start, 1 hello_timeout = the openssl probe)")
         if problems:
             print("\nPROBLEMS:")
