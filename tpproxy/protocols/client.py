@@ -100,6 +100,12 @@ class TPClientProtocol(RelayEnd):
         self.rest = self.decoder.takeRest()
         name = self.serverHello.info.get("e2e")
         if name is not None:
+            if str(name) != self.hello.host.lower().rstrip("."):
+                # The inner handshake must authenticate the name we asked
+                # for, not one TP chose.
+                self._fail(TunnelError(f"TP answered with E2E name {name!r} for {self.hello.host!r}"))
+                self.transport.loseConnection()  # type: ignore[union-attr]
+                return
             self._startE2E(str(name))
             return
         self.transport.pauseProducing()  # type: ignore[union-attr]
