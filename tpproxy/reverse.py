@@ -28,6 +28,10 @@ audit = Logger(namespace="tpproxy.audit")
 #: How many spent (used or expired) session ids are remembered, to tell a
 #: replayed id from an unknown one in the log.
 SPENT_MEMORY = 4096
+#: Dialers that may wait for one exposure at once; more are turned away
+#: (a public port is open to anyone, and each waiting dialer costs a timer,
+#: an event to the exposer and, there, a connection).
+MAX_PENDING = 256
 
 
 class ReverseError(Exception):
@@ -230,11 +234,16 @@ class Registry:
 
     # --- sessions -------------------------------------------------------------
 
-    def incoming(self, exposure: Exposure, dialer: Dialer, identity: str | None, peer: str) -> str:
+    def incoming(self, exposure: Exposure, dialer: Dialer, identity: str | None, peer: str) -> str | None:
         """
         A dialer arrived for C{exposure}: make a one-use session id and tell
-        the exposer.
+        the exposer.  With L{MAX_PENDING} dialers already waiting, the
+        dialer is turned away instead (and L{None} returned).
         """
+        if len(exposure.sessions) >= MAX_PENDING:
+            log.warn("Turning away {peer}: {limit} dialers already wait for {exposure}", peer=peer, limit=MAX_PENDING, exposure=exposure.describe())
+            dialer.sessionFailed(ErrorCode.NOT_ACCEPTED, f"{MAX_PENDING} dialers already wait for this exposure")
+            return None
         sid = secrets.token_urlsafe(24)  # 192 bits from the OS CSPRNG
         timer = self.reactor.callLater(self.acceptTimeout, self._expire, sid)
         self.sessions[sid] = PendingSession(sid, exposure, dialer, identity, peer, timer)

@@ -370,6 +370,27 @@ class SessionTests(ReverseTestCase):
         yield self.assertBadSession(sid, "session is used")
 
     @defer.inlineCallbacks
+    def test_pendingDialersCapped(self) -> Any:
+        """
+        Beyond MAX_PENDING waiting dialers, a new dialer of a public port is
+        turned away at once instead of queueing.
+        """
+        from tpproxy import reverse
+
+        self.patch(reverse, "MAX_PENDING", 2)
+        self.startTP(acceptTimeout=60)
+        control, port = yield self.register()
+        first = yield self.dial(port)
+        second = yield self.dial(port)
+        for _ in range(2):
+            yield control.incoming.get()
+        third, closed = yield self.dial(port)
+        self.assertEqual((yield closed.addTimeout(5, reactor)), b"")
+        self.assertFalse(first[1].called or second[1].called)
+        for dialer, _ in (first, second):
+            dialer.transport.abortConnection()
+
+    @defer.inlineCallbacks
     def test_expired(self) -> Any:
         """
         A session not accepted within accept_timeout expires: the dialer is
