@@ -287,9 +287,8 @@ class IncomingStream(RelayEnd):
         if self.announced:
             self.rest += data
             return
-        self.decoder.feed(data)
         try:
-            frame = self.decoder.nextFrame()
+            frame = self.decoder.feedFrame(data)
             if frame is None:
                 return
             event, fields = parseEvent(frame)

@@ -171,6 +171,13 @@ class FrameDecoder:
         del self._buffer[:end]
         return decodePayload(payload)
 
+    def feedFrame(self, data: bytes) -> dict[str, Any] | None:
+        """
+        L{feed} then L{nextFrame}: for readers that take one frame at a time.
+        """
+        self._buffer += data
+        return self.nextFrame()
+
     def buffered(self) -> int:
         return len(self._buffer)
 

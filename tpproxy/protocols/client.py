@@ -83,9 +83,8 @@ class TPClientProtocol(RelayEnd):
         if self.serverHello is not None:
             self.rest += data
             return
-        self.decoder.feed(data)
         try:
-            frame = self.decoder.nextFrame()
+            frame = self.decoder.feedFrame(data)
             if frame is None:
                 return
             self.serverHello = ServerHello.fromObject(frame)
@@ -177,9 +176,8 @@ class InnerClient(RelayEnd):
         if self.answered:
             self.rest += data
             return
-        self.decoder.feed(data)
         try:
-            frame = self.decoder.nextFrame()
+            frame = self.decoder.feedFrame(data)
             if frame is None:
                 return
             hello = ServerHello.fromObject(frame)

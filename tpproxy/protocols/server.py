@@ -140,9 +140,8 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
             if state in ("dialling", "waiting"):
                 self.pending += data
             return
-        self.decoder.feed(data)
         try:
-            frame = self.decoder.nextFrame()
+            frame = self.decoder.feedFrame(data)
             if frame is None:
                 return
             self.hello = ClientHello.fromObject(frame)

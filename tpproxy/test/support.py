@@ -198,6 +198,22 @@ def waitForPort(port: int, host: str = "127.0.0.1", timeout: float = 30) -> Any:
             yield deferLater(0.1)
 
 
+@defer.inlineCallbacks
+def waitUntilRefused(port: int, what: str, timeout: float = 5) -> Any:
+    """
+    Wait until 127.0.0.1:C{port} refuses connections (a listener that must
+    close); fail with C{what} if it is still open after C{timeout}.
+    """
+    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+    while reactor.seconds() < deadline:  # type: ignore[attr-defined]
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except ConnectionRefusedError:
+            return
+        yield deferLater(0.1)
+    raise AssertionError(f"port {port} still open {timeout:g} s after {what}")
+
+
 def deferLater(seconds: float) -> defer.Deferred[None]:
     from twisted.internet import task
 

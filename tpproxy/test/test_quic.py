@@ -34,6 +34,7 @@ from .support import (
     run,
     sha256,
     tpCommand,
+    waitUntilRefused,
     waitForAudits,
 )
 from .test_integration import TEN_MB, writeClientConfig
@@ -500,18 +501,7 @@ class ReverseOverQuicTests(QuicTestCase):
         exposer, public = yield self.expose(echoPort, "--public")
         exposer.transport.signalProcess("TERM")
         yield exposer.proto.done
-        import socket
-
-        from .support import deferLater
-
-        for _ in range(50):
-            try:
-                socket.create_connection(("127.0.0.1", public), timeout=1).close()
-            except ConnectionRefusedError:
-                break
-            yield deferLater(0.1)
-        else:
-            self.fail("public port still open after the exposer ended")
+        yield waitUntilRefused(public, "the exposer ended")
 
 
 class FlowControlTests(QuicTestCase):

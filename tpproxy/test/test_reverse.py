@@ -30,12 +30,12 @@ from .support import (
     echoRoundTrips,
     auditObserver,
     audits,
-    deferLater,
     freePort,
     listenLocal,
     run,
     sha256,
     tpCommand,
+    waitUntilRefused,
 )
 from .test_integration import TEN_MB, writeClientConfig
 
@@ -245,14 +245,7 @@ class SignallingTests(ReverseTestCase):
             pass
         exposer.transport.signalProcess("KILL")
         yield exposer.proto.done
-        for _ in range(50):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            except ConnectionRefusedError:
-                break
-            yield deferLater(0.1)
-        else:
-            self.fail(f"public port {port} still open after the exposer died")
+        yield waitUntilRefused(port, "the exposer died")
 
     @defer.inlineCallbacks
     def test_restartedTPComesBack(self) -> Any:

@@ -994,3 +994,17 @@ class ReverseHelloTests(SynchronousTestCase):
         self.assertRaises(WireError, parseEvent, {"event": "incoming", "session": "s" * 20, "identity": 5})
         self.assertRaises(WireError, parseEvent, {"nope": 1})
         self.assertEqual(parseEvent({"event": "future"})[0], "future")
+
+
+class FeedFrameTests(SynchronousTestCase):
+    def test_feedFrame(self) -> None:
+        """
+        C{feedFrame} feeds and returns the next complete frame, or L{None},
+        and raises like C{nextFrame} on a bad frame.
+        """
+        decoder = FrameDecoder()
+        frame = ClientHello.connect("example.org", 22).toFrame()
+        self.assertIsNone(decoder.feedFrame(frame[:5]))
+        self.assertEqual(decoder.feedFrame(frame[5:] + b"rest")["host"], "example.org")
+        self.assertEqual(decoder.takeRest(), b"rest")
+        self.assertRaises(WireError, FrameDecoder().feedFrame, b"\x00\x00\x00\x00")
