@@ -75,8 +75,8 @@ class ServerConfig:
 
     path: str
     listen: tuple[str, ...]
-    certificate: str
-    key: str
+    certificate: str | None
+    key: str | None
     clientCAs: tuple[str, ...]
     crl: str | None
     handshakeTimeout: float
@@ -91,6 +91,87 @@ class ServerConfig:
     e2eCA: tuple[str, str] | None = None
     e2eFiles: dict[str, tuple[str, str]] = field(default_factory=dict)
     quic: tuple[tuple[str, int], ...] = ()
+    acme: AcmeConfig | None = None
+
+
+@dataclass(frozen=True)
+class AcmeConfig:
+    """
+    The C{[acme]} table: where TP gets certificates from an ACME CA.
+    """
+
+    directory: str
+    store: str
+    accountKey: str
+    contact: tuple[str, ...] = ()
+    caBundle: str | None = None
+    names: tuple[str, ...] = ()
+    challenges: tuple[str, ...] = ("tls-alpn-01",)
+    http01Listen: str | None = None
+    onDemand: bool = True
+    renewFraction: float = 2 / 3
+    checkInterval: float = 86400.0
+
+
+_ACME_KEYS = {
+    "directory", "email", "account_key", "store", "ca_bundle", "names", "challenges", "http01_listen", "e2e",
+    "renew_at", "check_interval",
+}
+_DNS_NAME = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$")
+
+
+def parseAcme(acme: Any, base: Path) -> AcmeConfig | None:
+    """
+    Validate C{[acme]}; C{None} if absent.
+    """
+    if acme is None:
+        return None
+    if not isinstance(acme, dict):
+        raise ConfigError("acme: expected a table")
+    _checkKeys(acme, _ACME_KEYS, "acme")
+    directory = acme.get("directory")
+    if not isinstance(directory, str) or not directory.startswith(("https://", "http://")):
+        raise ConfigError("acme.directory: expected the CA's directory URL, e.g. \"https://acme-v02.api.letsencrypt.org/directory\"")
+    store = _resolvePath(base, acme.get("store", "acme"), "acme.store", mustExist=False)
+    accountKey = _resolvePath(base, acme.get("account_key", str(Path(store) / "account.key")), "acme.account_key", mustExist=False)
+    email = acme.get("email")
+    if email is not None and (not isinstance(email, str) or "@" not in email):
+        raise ConfigError("acme.email: expected an email address")
+    names = acme.get("names", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError("acme.names: expected a list of DNS names")
+    names = [n.lower().rstrip(".") for n in names]
+    for name in names:
+        if not _DNS_NAME.match(name):
+            raise ConfigError(f"acme.names: {name!r} is not a DNS name")
+    http01 = acme.get("http01_listen")
+    if http01 is not None and (not isinstance(http01, str) or not http01):
+        raise ConfigError("acme.http01_listen: expected an endpoint description such as \"tcp:80\"")
+    default = ["tls-alpn-01"] + (["http-01"] if http01 else [])
+    challenges = acme.get("challenges", default)
+    if not isinstance(challenges, list) or not challenges or not all(c in ("tls-alpn-01", "http-01") for c in challenges):
+        raise ConfigError("acme.challenges: expected a non-empty list of \"tls-alpn-01\" and/or \"http-01\"")
+    if "http-01" in challenges and http01 is None:
+        raise ConfigError("acme.challenges: http-01 needs acme.http01_listen (the port 80 endpoint of the responder)")
+    renew = acme.get("renew_at", 2 / 3)
+    if isinstance(renew, bool) or not isinstance(renew, (int, float)) or not 0 < renew < 1:
+        raise ConfigError("acme.renew_at: expected the fraction of a certificate's lifetime after which to renew, e.g. 0.67")
+    onDemand = acme.get("e2e", True)
+    if not isinstance(onDemand, bool):
+        raise ConfigError("acme.e2e: expected true or false")
+    return AcmeConfig(
+        directory=directory,
+        store=store,
+        accountKey=accountKey,
+        contact=(f"mailto:{email}",) if email else (),
+        caBundle=_resolvePath(base, acme["ca_bundle"], "acme.ca_bundle") if "ca_bundle" in acme else None,
+        names=tuple(names),
+        challenges=tuple(challenges),
+        http01Listen=http01,
+        onDemand=onDemand,
+        renewFraction=float(renew),
+        checkInterval=_seconds(acme, "check_interval", 86400, "acme"),
+    )
 
 
 _SERVER_KEYS = {
@@ -136,7 +217,7 @@ def _quicAddresses(value: Any, listen: list[str]) -> tuple[tuple[str, int], ...]
 
 
 def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") -> ServerConfig:
-    _checkKeys(data, {"server", "deny", "groups", "rules", "exposures", "reverse", "e2e"}, "")
+    _checkKeys(data, {"server", "deny", "groups", "rules", "exposures", "reverse", "e2e", "acme"}, "")
     server = data.get("server")
     if not isinstance(server, dict):
         raise ConfigError("server: missing [server] table")
@@ -146,11 +227,16 @@ def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") 
         listen = [listen]
     if not isinstance(listen, list) or not listen or not all(isinstance(x, str) and x for x in listen):
         raise ConfigError("server.listen: expected an endpoint description such as \"tcp:443\", or a list of them")
-    for required in ("certificate", "key", "client_ca"):
-        if required not in server:
-            raise ConfigError(f"server.{required}: missing")
-    certificate = _resolvePath(base, server["certificate"], "server.certificate")
-    key = _resolvePath(base, server["key"], "server.key")
+    acme = parseAcme(data.get("acme"), base)
+    fromACME = acme is not None and bool(acme.names)
+    required = ("client_ca",) if fromACME else ("certificate", "key", "client_ca")
+    for name in required:
+        if name not in server:
+            raise ConfigError(f"server.{name}: missing" + ("" if name == "client_ca" else " (or set acme.names to get it from an ACME CA)"))
+    if ("certificate" in server) != ("key" in server):
+        raise ConfigError("server.certificate and server.key: give both or neither")
+    certificate = _resolvePath(base, server["certificate"], "server.certificate") if "certificate" in server else None
+    key = _resolvePath(base, server["key"], "server.key") if "key" in server else None
     clientCAs = _pathList(base, server["client_ca"], "server.client_ca")
     crl = _resolvePath(base, server["crl"], "server.crl") if "crl" in server else None
 
@@ -223,6 +309,7 @@ def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") 
         e2eCA=e2eCA,
         e2eFiles=files,
         quic=_quicAddresses(server.get("quic", True), listen),
+        acme=acme,
     )
     checkServerFiles(config)
     return config
@@ -235,14 +322,20 @@ def checkServerFiles(config: ServerConfig) -> None:
     """
     from .tls import loadCertificates, loadKey
 
-    try:
-        loadCertificates(config.certificate)
-    except ValueError as e:
-        raise ConfigError(f"server.certificate: {config.certificate}: not a PEM certificate ({e})") from None
-    try:
-        loadKey(config.key)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"server.key: {config.key}: not an unencrypted PEM private key ({e})") from None
+    if config.certificate is not None and config.key is not None:
+        try:
+            loadCertificates(config.certificate)
+        except ValueError as e:
+            raise ConfigError(f"server.certificate: {config.certificate}: not a PEM certificate ({e})") from None
+        try:
+            loadKey(config.key)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"server.key: {config.key}: not an unencrypted PEM private key ({e})") from None
+    if config.acme is not None and config.acme.caBundle is not None:
+        try:
+            loadCertificates(config.acme.caBundle)
+        except ValueError as e:
+            raise ConfigError(f"acme.ca_bundle: {config.acme.caBundle}: not a PEM certificate ({e})") from None
     cas = []
     for path in config.clientCAs:
         try:

@@ -12,6 +12,8 @@ write coalescing under TP's control.
 
 from __future__ import annotations
 
+import dataclasses
+
 import datetime
 from typing import Any, Callable
 
@@ -662,6 +664,15 @@ class QuicListener(DatagramProtocol):
         self.verifier = verifier
         self.factory = factory
         self.sessions: dict[bytes, ServerSession] = {}
+
+    def setCertificate(self, chain: list[x509.Certificate], key: Any) -> None:
+        """
+        Serve C{chain} to connections made from now on; live connections
+        keep the configuration they started with.
+        """
+        self.configuration = dataclasses.replace(
+            self.configuration, certificate=chain[0], certificate_chain=chain[1:], private_key=key
+        )
 
     def startProtocol(self) -> None:
         _bigBuffers(self.transport)

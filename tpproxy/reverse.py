@@ -202,7 +202,7 @@ class Registry:
         except CertificateUnavailable as e:
             if self.byName.get(name) is exposure:
                 del self.byName[name]
-            raise ReverseError(ErrorCode.INTERNAL, f"no certificate for {name}: {e}") from None
+            raise ReverseError(ErrorCode.NO_CERTIFICATE, f"no certificate for {name}: {e}") from None
         if self.byName.get(name) is not exposure:
             raise ReverseError(ErrorCode.NAME_TAKEN, f"E2E name {name} was taken meanwhile")
         self.serverTLS.addName(name, chain, key, lambda ident: self.policy.mayDialName(ident, name))

@@ -5,13 +5,16 @@ Composing a running TP server from a L{ServerConfig}.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from twisted.application import service, strports
 from twisted.logger import Logger
 
+from .acmeclient import TLSALPN01, AcmeClient
 from .certsource import DevCACertificates, FileCertificates, FirstAvailable, ICertificateSource
 from .config import ServerConfig, loadCRL
+from .issuing import CertificateStore, HTTP01Responder, IssuingService, TLSALPN01Responder, loadOrCreateKey, temporaryCertificate
 from .pki import CertificateAuthority
 from .reverse import Registry
 from .protocols.server import TPServerFactory
@@ -21,38 +24,91 @@ from .tls import ClientCertChecker, ServerTLS, TLSFactory, loadCertificates, loa
 log = Logger()
 
 
+def serverCertificate(config: ServerConfig) -> tuple[list[Any], Any]:
+    """
+    TP's own certificate at start: the configured files; else, with
+    C{acme.names}, the stored ACME certificate; else a temporary
+    self-signed one until the CA issues (L{IssuingService} then swaps it in).
+    """
+    if config.certificate is not None and config.key is not None:
+        return loadCertificates(config.certificate), loadKey(config.key)
+    assert config.acme is not None and config.acme.names
+    stored = CertificateStore(Path(config.acme.store)).load(config.acme.names[0])
+    if stored is not None:
+        return stored
+    log.warn(
+        "No certificate for {names} yet: serving a temporary self-signed one until the ACME CA issues",
+        names=", ".join(config.acme.names),
+    )
+    return temporaryCertificate(config.acme.names)
+
+
 def makeServerTLS(config: ServerConfig) -> ServerTLS:
     cas = [ca for path in config.clientCAs for ca in loadCertificates(path)]
     crls = (loadCRL(config.crl, cas),) if config.crl else ()
     checker = ClientCertChecker(config.deniedIdentities, config.deniedSerials, crls)
-    return ServerTLS(loadCertificates(config.certificate), loadKey(config.key), cas, checker)
+    chain, key = serverCertificate(config)
+    return ServerTLS(chain, key, cas, checker)
 
 
-def certificateSource(config: ServerConfig, reactor: Any) -> ICertificateSource:
+def makeIssuing(config: ServerConfig, reactor: Any, serverTLS: ServerTLS, clock: Any = None) -> IssuingService:
     """
-    Certificates for E2E names: configured files first, then the dev CA if
-    one is configured.
+    The ACME issuing service of C{config.acme}, answering tls-alpn-01 on
+    C{serverTLS}'s listener; its http-01 responder is
+    C{issuing.http01}, to be served by the caller.
+    """
+    acme = config.acme
+    assert acme is not None
+    trust = loadCertificates(acme.caBundle) if acme.caBundle else None
+    client = AcmeClient(acme.directory, loadOrCreateKey(Path(acme.accountKey)), reactor, trust, acme.contact)
+    http01 = HTTP01Responder()
+    responders: list[Any] = []
+    for challenge in acme.challenges:
+        responders.append(TLSALPN01Responder(serverTLS) if challenge == TLSALPN01 else http01)
+    issuing = IssuingService(
+        client,
+        CertificateStore(Path(acme.store)),
+        responders,
+        clock if clock is not None else reactor,
+        ownNames=acme.names,
+        inUse=lambda name: name in serverTLS.names,
+        renewFraction=acme.renewFraction,
+        checkInterval=acme.checkInterval,
+        onDemand=acme.onDemand,
+    )
+    issuing.http01 = http01  # type: ignore[attr-defined]
+    return issuing
+
+
+def certificateSource(config: ServerConfig, reactor: Any, issuing: IssuingService | None = None) -> ICertificateSource:
+    """
+    Certificates for E2E names: configured files first, then ACME, then
+    the dev CA if one is configured.
     """
     sources: list[ICertificateSource] = [FileCertificates(config.e2eFiles)]
+    if issuing is not None and issuing.onDemand:
+        sources.append(issuing)
     if config.e2eCA is not None:
-        from pathlib import Path
-
         sources.append(DevCACertificates(CertificateAuthority.load(Path(config.e2eCA[0]), Path(config.e2eCA[1])), reactor))
     return FirstAvailable(*sources)
 
 
-def makeServerFactory(config: ServerConfig, reactor: Any) -> TLSFactory:
+def makeServerFactory(config: ServerConfig, reactor: Any, clock: Any = None) -> TLSFactory:
     """
     The listening factory: TLS with client certificates around the TP
     protocol, with the registry of reverse tunnels.  Its C{wrappedFactory}
-    is the L{TPServerFactory} the QUIC listener shares.
+    is the L{TPServerFactory} the QUIC listener shares; with C{[acme]}, its
+    C{issuing} is the L{IssuingService} (else C{None}).
     """
     serverTLS = makeServerTLS(config)
+    issuing = makeIssuing(config, reactor, serverTLS, clock) if config.acme is not None else None
     registry = Registry(
-        reactor, config.policy, serverTLS, certificateSource(config, reactor), config.publicInterface, config.acceptTimeout
+        reactor, config.policy, serverTLS, certificateSource(config, reactor, issuing), config.publicInterface, config.acceptTimeout
     )
     factory = TPServerFactory(config, reactor, serverTLS=serverTLS, registry=registry)
-    return TLSFactory(serverTLS, False, factory, clock=reactor)
+    tlsFactory = TLSFactory(serverTLS, False, factory, clock=reactor)
+    tlsFactory.issuing = issuing  # type: ignore[attr-defined]
+    return tlsFactory
 
 
 def makeQuicListener(config: ServerConfig, reactor: Any, factory: TPServerFactory) -> QuicListener:
@@ -62,7 +118,7 @@ def makeQuicListener(config: ServerConfig, reactor: Any, factory: TPServerFactor
     """
     tlsContext = factory.serverTLS
     verifier = ClientVerifier(tlsContext.clientCAs, tlsContext.checker, reactor)
-    configuration = serverConfiguration(loadCertificates(config.certificate), loadKey(config.key))
+    configuration = serverConfiguration(tlsContext.chain, tlsContext.key)
     return QuicListener(reactor, configuration, verifier, factory)
 
 
@@ -99,22 +155,54 @@ class UDPListenerService(service.Service):
         return None
 
 
-def makeService(config: ServerConfig, reactor: Any = None) -> service.MultiService:
+def makeService(config: ServerConfig, reactor: Any = None, clock: Any = None) -> service.MultiService:
+    """
+    TP's services: the TLS listeners, a QUIC listener per address, and with
+    C{[acme]} the issuing service and its http-01 responder.
+
+    @param clock: the time source of ACME renewal (default: C{reactor}).
+    """
     if reactor is None:
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
     top = service.MultiService()
-    factory = makeServerFactory(config, reactor)
+    factory = makeServerFactory(config, reactor, clock)
     for description in config.listen:
         listener = strports.service(description, factory, reactor=reactor)
         listener.setName(f"tls:{description}")
         listener.setServiceParent(top)
+    quicListeners = []
     for address in config.quic:
         # One listener per socket: a DatagramProtocol has one transport.
-        udp = UDPListenerService(reactor, address, makeQuicListener(config, reactor, factory.wrappedFactory))
+        quic = makeQuicListener(config, reactor, factory.wrappedFactory)
+        quicListeners.append(quic)
+        udp = UDPListenerService(reactor, address, quic)
         udp.setName(f"quic:{address[0]}:{address[1]}")
         udp.setServiceParent(top)
+    issuing = factory.issuing  # type: ignore[attr-defined]
+    if issuing is not None:
+        serverTLS = factory.wrappedFactory.serverTLS
+
+        def installed(name: str, chain: list[Any], key: Any) -> None:
+            if issuing.ownNames and name == issuing.ownNames[0]:
+                serverTLS.setCertificate(chain, key)
+                for quic in quicListeners:
+                    quic.setCertificate(chain, key)
+                log.info("Now serving the new certificate of {name} to new connections", name=name)
+            elif serverTLS.replaceName(name, chain, key):
+                log.info("Now serving the new certificate of E2E name {name} to new connections", name=name)
+
+        issuing.onCertificate = installed
+        issuing.setName("acme")
+        issuing.setServiceParent(top)
+        assert config.acme is not None
+        if config.acme.http01Listen:
+            from twisted.web.server import Site
+
+            responder = strports.service(config.acme.http01Listen, Site(issuing.http01), reactor=reactor)
+            responder.setName(f"acme-http01:{config.acme.http01Listen}")
+            responder.setServiceParent(top)
     log.info(
         "TP serving TLS (ALPN tp/1) on {listen} and QUIC on {quic}, with {rules} policy rule(s), config {path}",
         listen=", ".join(config.listen),

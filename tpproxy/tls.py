@@ -29,6 +29,9 @@ from zope.interface import implementer
 from .pki import identityOf, normalizeSerial, serialHex
 from .wire import ALPN
 
+#: RFC 8737: the ALPN protocol of ACME tls-alpn-01 validation.
+ACME_TLS_ALPN = b"acme-tls/1"
+
 log = Logger()
 
 #: Application bytes gathered from the TLS layer before one dataReceived.
@@ -285,24 +288,59 @@ class ServerTLS:
         self.clientCAs = clientCAs
         self.names: dict[str, SSL.Context] = {}
         self.nameVerify: dict[str, Any] = {}
-        self.ownNames = _certificateNames(chain[0])
-        ctx = _serverContext(chain, key, clientCAs, self._verify)
-        offered = tuple(alpn)
+        self.offered = tuple(alpn)
+        #: tls-alpn-01 (RFC 8737) certificates by name, while a challenge
+        #: is pending; see L{tpproxy.issuing.TLSALPN01Responder}.
+        self.challengeCertificates: dict[str, tuple[x509.Certificate, Any]] = {}
+        self.setCertificate(chain, key)
+
+    def _context(self, chain: list[x509.Certificate], key: object, verify: Any, offered: tuple[bytes, ...]) -> SSL.Context:
+        ctx = _serverContext(chain, key, self.clientCAs, verify)
 
         def selectALPN(conn: SSL.Connection, protos: list[bytes]) -> bytes | object:
-            proto = conn.get_app_data()
-            if proto is not None:
-                # pyOpenSSL cannot fail the handshake on no overlap; the
-                # TP protocol refuses such a peer after it (see server.py).
-                proto.tpALPNOffered = list(protos)
-            for p in offered:
-                if p in protos:
-                    return p
-            return SSL.NO_OVERLAPPING_PROTOCOLS
+            return self._selectALPN(conn, protos, offered)
 
         ctx.set_alpn_select_callback(selectALPN)
         ctx.set_tlsext_servername_callback(self._selectName)
-        self.context = ctx
+        return ctx
+
+    def _selectALPN(self, conn: SSL.Connection, protos: list[bytes], offered: tuple[bytes, ...]) -> bytes | object:
+        proto = conn.get_app_data()
+        if protos == [ACME_TLS_ALPN]:
+            # RFC 8737: a validator offers acme-tls/1 alone.  OpenSSL picks
+            # the certificate after this callback, so the challenge
+            # certificate set here is the one sent; the validator has no
+            # client certificate, and the TP protocol closes such a
+            # connection without serving anything (server.py).
+            raw = conn.get_servername()
+            name = raw.decode("ascii", "replace").lower().rstrip(".") if raw else ""
+            pair = self.challengeCertificates.get(name)
+            if pair is None:
+                return SSL.NO_OVERLAPPING_PROTOCOLS
+            conn.use_certificate(pair[0])
+            conn.use_privatekey(pair[1])
+            conn.set_verify(SSL.VERIFY_NONE, None)
+            if proto is not None:
+                proto.tpACMEChallenge = name
+            return ACME_TLS_ALPN
+        if proto is not None:
+            # pyOpenSSL cannot fail the handshake on no overlap; the
+            # TP protocol refuses such a peer after it (see server.py).
+            proto.tpALPNOffered = list(protos)
+        for p in offered:
+            if p in protos:
+                return p
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+    def setCertificate(self, chain: list[x509.Certificate], key: object) -> None:
+        """
+        Serve TP's own names with C{chain} from now on: connections made
+        before keep the context they started with.
+        """
+        self.context = self._context(chain, key, self._verify, self.offered)
+        self.ownNames = _certificateNames(chain[0])
+        self.chain = chain
+        self.key = key
 
     def _checkLeaf(self, conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int) -> x509.Certificate | None:
         if not ok:
@@ -351,8 +389,21 @@ class ServerTLS:
                     return _refuse(conn, f"not allowed to dial {name}: {decision.reason}")
             return True
 
-        self.names[name] = _serverContext(chain, key, self.clientCAs, verify)
+        self.names[name] = self._context(chain, key, verify, ())
         self.nameVerify[name] = verify
+
+    def replaceName(self, name: str, chain: list[x509.Certificate], key: object) -> bool:
+        """
+        Serve the E2E name C{name}, if served now, with a renewed C{chain}
+        from now on, with the same checks of dialers.
+
+        @return: whether C{name} was served.
+        """
+        verify = self.nameVerify.get(name)
+        if verify is None:
+            return False
+        self.names[name] = self._context(chain, key, verify, ())
+        return True
 
     def removeName(self, name: str) -> None:
         self.names.pop(name, None)

@@ -53,6 +53,7 @@ class ErrorCode(str, enum.Enum):
     PORT_UNAVAILABLE = "port_unavailable"
     BAD_SESSION = "bad_session"
     NOT_ACCEPTED = "not_accepted"
+    NO_CERTIFICATE = "no_certificate"
 
 
 class WireError(Exception):

@@ -92,6 +92,16 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
             self._refuse(ErrorCode.BAD_REQUEST, "unexpected renegotiation")
             return
         self.state = "hello"
+        challenge = getattr(self.transport, "tpACMEChallenge", None)
+        if challenge is not None:
+            # An ACME validator fetched the tls-alpn-01 certificate: it has
+            # no client certificate and gets nothing but the handshake.
+            self.state = "refused"
+            self.result = "acme_challenge"
+            self.detail = f"tls-alpn-01 challenge for {challenge}"
+            log.info("Served the tls-alpn-01 challenge for {name} to {peer}", name=challenge, peer=self.peerAddress)
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
         cert = self.transport.getPeerCertificate()  # type: ignore[union-attr]
         try:
             self.identity = identityOf(cert.to_cryptography())

@@ -1,0 +1,378 @@
+# -*- test-case-name: tpproxy.test.test_acme -*-
+"""
+TP's certificates from an ACME CA: a directory store, the two challenge
+responders, and the service that issues and renews.
+
+The shape is txacme's: an issuing service over a certificate store, a
+periodic check (daily by default), renewal ahead of expiry (at 2/3 of the
+lifetime by default) and structured log events; the protocol is RFC 8555
+(L{tpproxy.acmeclient}).
+
+What is managed:
+  - TP's own names (C{acme.names}): one certificate, renewed forever, swapped
+    into the TLS and QUIC listeners for new connections when renewed.
+  - E2E exposure names, on demand: L{IssuingService.certificateFor} is an
+    L{ICertificateSource}; a name is renewed while TP serves it.
+
+A CA that is down or refuses does not stop TP: it keeps serving what the
+store holds, logs the failure, and retries with backoff (1 minute doubling
+to 1 hour) until the CA answers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource
+from zope.interface import implementer
+
+from .acmeclient import HTTP01, TLSALPN01, AcmeClient, AcmeError, tlsALPNCertificate
+from .certsource import CertificateUnavailable, ICertificateSource
+from .pki import certPEM, keyPEM, writePrivate
+
+log = Logger()
+
+#: A DNS name as a store file name: letters, digits, hyphens, dots; a
+#: leading "*." (wildcard) is stored as "_.".
+_NAME = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
+
+Chain = list[x509.Certificate]
+
+
+def loadOrCreateKey(path: Path) -> Any:
+    """
+    The ACME account key at C{path}, made (EC P-256, mode 0600) if absent.
+    """
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey) and not hasattr(key, "sign"):
+            raise ValueError(f"{path}: not a private key")
+        return key
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = ec.generate_private_key(ec.SECP256R1())
+    writePrivate(path, keyPEM(key))
+    log.info("Made a new ACME account key at {path}", path=str(path))
+    return key
+
+
+class CertificateStore:
+    """
+    Certificates by name in a directory: C{NAME.crt} (the chain, leaf
+    first) and C{NAME.key} (mode 0600).  Writes go to a temporary file and
+    are renamed into place, so a crash never leaves half a certificate.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _files(self, name: str) -> tuple[Path, Path]:
+        if not _NAME.match(name):
+            raise ValueError(f"not a DNS name: {name!r}")
+        stem = name.replace("*", "_")
+        return self.path / f"{stem}.crt", self.path / f"{stem}.key"
+
+    def load(self, name: str) -> tuple[Chain, Any] | None:
+        certPath, keyPath = self._files(name)
+        try:
+            chain = x509.load_pem_x509_certificates(certPath.read_bytes())
+            key = serialization.load_pem_private_key(keyPath.read_bytes(), None)
+        except FileNotFoundError:
+            return None
+        except ValueError as e:
+            log.warn("Ignoring the stored certificate of {name}: {error}", name=name, error=str(e))
+            return None
+        return chain, key
+
+    def save(self, name: str, chain: Chain, key: Any) -> None:
+        certPath, keyPath = self._files(name)
+        for path, data in ((keyPath, keyPEM(key)), (certPath, b"".join(certPEM(c) for c in chain))):
+            temporary = path.with_name(path.name + ".new")
+            writePrivate(temporary, data)
+            os.replace(temporary, path)
+
+
+def renewalTime(leaf: x509.Certificate, fraction: float) -> float:
+    """
+    When to renew C{leaf}: after C{fraction} of its lifetime.
+    """
+    start = leaf.not_valid_before_utc.timestamp()
+    end = leaf.not_valid_after_utc.timestamp()
+    return start + fraction * (end - start)
+
+
+def temporaryCertificate(names: tuple[str, ...]) -> tuple[Chain, Any]:
+    """
+    A self-signed certificate for C{names}, served until the CA issues the
+    real one (no client will trust it: it only lets the listener start,
+    and tls-alpn-01 does not need it).
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return [cert], key
+
+
+class HTTP01Responder(resource.Resource):
+    """
+    RFC 8555 section 8.3: answers C{GET /.well-known/acme-challenge/TOKEN}
+    with the key authorization while the challenge is pending; 404 for
+    anything else.  Serve it with C{twisted.web.server.Site} on port 80.
+    """
+
+    isLeaf = True
+    challengeType = HTTP01
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens: dict[str, str] = {}
+
+    def start(self, name: str, token: str, keyAuthorization: str) -> None:
+        self.tokens[token] = keyAuthorization
+
+    def stop(self, name: str, token: str) -> None:
+        self.tokens.pop(token, None)
+
+    def render_GET(self, request: Any) -> bytes:
+        path = request.path.decode("ascii", "replace")
+        prefix = "/.well-known/acme-challenge/"
+        answer = self.tokens.get(path[len(prefix) :]) if path.startswith(prefix) else None
+        if answer is None:
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"text/plain")
+            return b"not found\n"
+        log.info("Answered the http-01 challenge {path} for {peer}", path=path, peer=str(request.getClientAddress()))
+        request.setHeader(b"content-type", b"text/plain")
+        return answer.encode("ascii")
+
+
+class TLSALPN01Responder:
+    """
+    RFC 8737: serves the challenge certificate on TP's own TLS listener to
+    a client that offers ALPN C{acme-tls/1} alone with the name's SNI (see
+    L{tpproxy.tls.ServerTLS._selectALPN}).
+    """
+
+    challengeType = TLSALPN01
+
+    def __init__(self, serverTLS: Any) -> None:
+        self.serverTLS = serverTLS
+
+    def start(self, name: str, token: str, keyAuthorization: str) -> None:
+        self.serverTLS.challengeCertificates[name] = tlsALPNCertificate(name, keyAuthorization)
+
+    def stop(self, name: str, token: str) -> None:
+        self.serverTLS.challengeCertificates.pop(name, None)
+
+
+@implementer(ICertificateSource)
+class IssuingService(service.Service):
+    """
+    Issues and renews certificates through an L{AcmeClient}.
+
+    @param client: the ACME client.
+    @param store: where certificates live.
+    @param responders: challenge responders, in order of preference.
+    @param clock: the time source for renewal decisions and scheduling (a
+        L{task.Clock} in tests; the ACME requests themselves use the
+        client's reactor).
+    @param ownNames: TP's own names, one certificate for all, stored under
+        the first; empty if TP's certificate is not from ACME.
+    @param onCertificate: called with C{(name, chain, key)} whenever a
+        certificate is issued, C{name} being the name it is stored under.
+    @param inUse: whether an E2E name is still served; only such names are
+        renewed.
+    @param renewFraction: renew after this fraction of the lifetime.
+    @param checkInterval: seconds between checks.
+    @param onDemand: whether E2E names may be obtained on demand.
+    """
+
+    retryDelays = (60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+    def __init__(
+        self,
+        client: AcmeClient,
+        store: CertificateStore,
+        responders: list[Any],
+        clock: Any,
+        ownNames: tuple[str, ...] = (),
+        onCertificate: Callable[[str, Chain, Any], None] = lambda name, chain, key: None,
+        inUse: Callable[[str], bool] = lambda name: False,
+        renewFraction: float = 2 / 3,
+        checkInterval: float = 86400.0,
+        onDemand: bool = True,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.responders = {r.challengeType: r for r in responders}
+        self.clock = clock
+        self.ownNames = ownNames
+        self.onCertificate = onCertificate
+        self.inUse = inUse
+        self.renewFraction = renewFraction
+        self.checkInterval = checkInterval
+        self.onDemand = onDemand
+        #: E2E names this run obtained or served from the store.
+        self.e2eNames: set[str] = set()
+        self._pending: dict[str, defer.Deferred[tuple[Chain, Any]]] = {}
+        self._waiters: dict[str, list[defer.Deferred[tuple[Chain, Any]]]] = {}
+        self._failures: dict[str, int] = {}
+        self._retries: dict[str, Any] = {}
+        self._loop: task.LoopingCall | None = None
+
+    # -- service ------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = task.LoopingCall(self.check)
+        self._loop.clock = self.clock
+        self._loop.start(self.checkInterval, now=True)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        for call in self._retries.values():
+            if call.active():
+                call.cancel()
+        self._retries.clear()
+        for pending in list(self._pending.values()):
+            pending.cancel()
+        return None
+
+    # -- decisions --------------------------------------------------------
+
+    def _fresh(self, stored: tuple[Chain, Any] | None) -> bool:
+        if stored is None:
+            return False
+        return self.clock.seconds() < renewalTime(stored[0][0], self.renewFraction)
+
+    def check(self) -> defer.Deferred[None]:
+        """
+        Renew what is due: TP's own certificate, and E2E names still served.
+        Failures are logged and retried with backoff; this never fails.
+        """
+        units = []
+        if self.ownNames:
+            units.append(self.ownNames)
+        units.extend((name,) for name in sorted(self.e2eNames) if self.inUse(name))
+        work = []
+        for names in units:
+            if names[0] in self._pending or names[0] in self._retries:
+                continue
+            if not self._fresh(self.store.load(names[0])):
+                work.append(self._renew(names))
+        return defer.gatherResults(work).addCallback(lambda _: None)
+
+    def _renew(self, names: tuple[str, ...]) -> defer.Deferred[None]:
+        def failed(reason: Failure) -> None:
+            if reason.check(defer.CancelledError):
+                return
+            count = self._failures.get(names[0], 0)
+            self._failures[names[0]] = count + 1
+            delay = self.retryDelays[min(count, len(self.retryDelays) - 1)]
+            log.warn(
+                "Could not renew the certificate of {names}, retrying in {delay:.0f} s: {error}",
+                names=", ".join(names),
+                delay=delay,
+                error=reason.getErrorMessage(),
+            )
+            self._retries[names[0]] = self.clock.callLater(delay, retry)
+
+        def retry() -> None:
+            del self._retries[names[0]]
+            self._renew(names)
+
+        return self.obtain(names).addCallbacks(lambda _: None, failed)
+
+    # -- issuing ----------------------------------------------------------
+
+    def obtain(self, names: tuple[str, ...]) -> defer.Deferred[tuple[Chain, Any]]:
+        """
+        Issue a certificate for C{names} now, store it and announce it.
+        There is one order at a time per name: callers asking meanwhile
+        wait for the same result.
+        """
+        key = names[0]
+        waiter: defer.Deferred[tuple[Chain, Any]] = defer.Deferred()
+        if key in self._waiters:
+            self._waiters[key].append(waiter)
+            return waiter
+        self._waiters[key] = [waiter]
+        issuing = self._issue(names)
+        self._pending[key] = issuing
+
+        def done(result: Any) -> None:
+            del self._pending[key]
+            for each in self._waiters.pop(key):
+                if isinstance(result, Failure):
+                    each.errback(result)
+                else:
+                    each.callback(result)
+
+        issuing.addBoth(done)
+        return waiter
+
+    @defer.inlineCallbacks
+    def _issue(self, names: tuple[str, ...]) -> Any:
+        log.info("Requesting a certificate for {names} from {directory}", names=", ".join(names), directory=self.client.directoryURL)
+        key = ec.generate_private_key(ec.SECP256R1())
+        chain = yield self.client.issue(list(names), key, list(self.responders.values()))
+        self.store.save(names[0], chain, key)
+        self._failures.pop(names[0], None)
+        log.info(
+            "Got a certificate for {names}, serial {serial:x}, valid until {notAfter}",
+            names=", ".join(names),
+            serial=chain[0].serial_number,
+            notAfter=chain[0].not_valid_after_utc.isoformat(),
+        )
+        self.onCertificate(names[0], chain, key)
+        return chain, key
+
+    # -- ICertificateSource -------------------------------------------------
+
+    @defer.inlineCallbacks
+    def certificateFor(self, name: str) -> Any:
+        """
+        The certificate of an E2E name: from the store while fresh, else
+        from the CA now.
+        """
+        if not self.onDemand:
+            raise CertificateUnavailable("ACME certificates for E2E names are turned off (acme.e2e = false)")
+        if not _NAME.match(name) or name.startswith("*."):
+            raise CertificateUnavailable(f"{name!r} is not a name an ACME CA can certify")
+        stored = self.store.load(name)
+        if not self._fresh(stored):
+            try:
+                stored = yield self.obtain((name,))
+            except (AcmeError, OSError) as e:
+                raise CertificateUnavailable(f"the ACME CA did not certify {name}: {e}") from None
+            except Exception as e:  # connection errors from treq/twisted
+                if isinstance(e, defer.CancelledError):
+                    raise
+                raise CertificateUnavailable(f"the ACME CA is unreachable for {name}: {e}") from None
+        self.e2eNames.add(name)
+        return stored
