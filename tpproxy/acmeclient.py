@@ -29,7 +29,7 @@ import json
 from typing import Any
 
 import josepy as jose
-import treq
+
 from acme import jws, messages
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from treq.client import HTTPClient
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from zope.interface import Attribute, Interface
 
@@ -88,7 +89,7 @@ def keyAuthorization(token: str, accountKey: Any) -> str:
     """
     RFC 8555 section 8.1: C{token || '.' || base64url(JWK thumbprint)}.
     """
-    thumbprint = accountJWK(accountKey).public_key().thumbprint(hashes.SHA256())
+    thumbprint = accountJWK(accountKey).public_key().thumbprint(hashes.SHA256)
     return f"{token}.{_b64(thumbprint)}"
 
 
@@ -207,7 +208,7 @@ class AcmeClient:
             )
         else:
             policy = BrowserLikePolicyForHTTPS()
-        self.http = treq.HTTPClient(Agent(reactor, contextFactory=policy))
+        self.http = HTTPClient(Agent(reactor, contextFactory=policy))
         self.directory: dict[str, Any] | None = None
         self.accountURL: str | None = None
         self._nonces: list[str] = []
@@ -365,7 +366,7 @@ class AcmeClient:
         usable = [t for t in responders if t in offered]
         if not usable:
             raise AcmeError(
-                f"the CA offers {sorted(t for t in offered if t)} for {name}; TP answers {list(responders)}", "unsupportedChallenge"
+                f"the CA offers {sorted(t for t in offered if t)} for {name}; TP is set to answer {list(responders)}", "unsupportedChallenge"
             )
         challenge = offered[usable[0]]
         responder = responders[usable[0]]

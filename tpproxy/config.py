@@ -120,6 +120,12 @@ _ACME_KEYS = {
 _DNS_NAME = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$")
 
 
+def _interval(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 60 <= value <= 7 * 86400:
+        raise ConfigError(f"acme.check_interval: expected a number of seconds between 60 and 604800, got {value!r}")
+    return float(value)
+
+
 def parseAcme(acme: Any, base: Path) -> AcmeConfig | None:
     """
     Validate C{[acme]}; C{None} if absent.
@@ -170,7 +176,7 @@ def parseAcme(acme: Any, base: Path) -> AcmeConfig | None:
         http01Listen=http01,
         onDemand=onDemand,
         renewFraction=float(renew),
-        checkInterval=_seconds(acme, "check_interval", 86400, "acme"),
+        checkInterval=_interval(acme.get("check_interval", 86400)),
     )
 
 

@@ -340,7 +340,7 @@ class IssuingService(service.Service):
     def _issue(self, names: tuple[str, ...]) -> Any:
         log.info("Requesting a certificate for {names} from {directory}", names=", ".join(names), directory=self.client.directoryURL)
         key = ec.generate_private_key(ec.SECP256R1())
-        chain = yield self.client.issue(list(names), key, list(self.responders.values()))
+        chain = yield self.client.issue(list(names), key, self.responders)
         self.store.save(names[0], chain, key)
         self._failures.pop(names[0], None)
         log.info(

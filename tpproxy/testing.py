@@ -63,10 +63,11 @@ class TestPKI:
     def serverConfig(self, rules: list[dict[str, Any]] | None = None, **server: Any) -> ServerConfig:
         """
         A validated L{ServerConfig} using this PKI.  C{server} keys go into
-        the C{[server]} table, except C{deny}, C{groups}, C{exposures},
-        C{reverse} and C{e2e}, which are tables of their own.
+        the C{[server]} table (C{None} drops a default), except C{deny},
+        C{groups}, C{exposures}, C{reverse}, C{e2e} and C{acme}, which are
+        tables of their own.
         """
-        extra = {name: server.pop(name) for name in ("deny", "groups", "exposures", "reverse", "e2e") if name in server}
+        extra = {name: server.pop(name) for name in ("deny", "groups", "exposures", "reverse", "e2e", "acme") if name in server}
         table: dict[str, Any] = {
             "listen": "tcp:0:interface=127.0.0.1",
             "certificate": "server.pem",
@@ -74,6 +75,8 @@ class TestPKI:
             "client_ca": "ca.pem",
         }
         table.update(server)
+        # None removes a default (e.g. certificate=None with [acme]).
+        table = {k: v for k, v in table.items() if v is not None}
         data: dict[str, Any] = {"server": table, "rules": rules if rules is not None else LOOPBACK_RULES}
         data.update(extra)
         return parseServerConfig(data, self.directory, str(self.directory / "test.toml"))
