@@ -92,6 +92,77 @@ class ServerConfig:
     e2eFiles: dict[str, tuple[str, str]] = field(default_factory=dict)
     quic: tuple[tuple[str, int], ...] = ()
     acme: AcmeConfig | None = None
+    router: RouterConfig | None = None
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """
+    The C{[router]} table: TP shares its TLS port with a web site.
+    Connections for TP (ALPN C{tp/1}, or an SNI TP serves) get TP; others
+    go to C{backend} untouched, or, for C{terminateNames}, have their TLS
+    ended by TP and their plaintext sent to C{terminateBackend}.
+    """
+
+    backend: str | None = None
+    proxyProtocol: bool = False
+    helloTimeout: float = 10.0
+    terminateNames: tuple[str, ...] = ()
+    terminateCertificate: str | None = None
+    terminateKey: str | None = None
+    terminateBackend: str | None = None
+    terminateProxyProtocol: bool = False
+
+
+def _endpoint(value: Any, key: str) -> str:
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(f"{key}: expected a client endpoint description such as \"tcp:127.0.0.1:8443\"")
+    return value
+
+
+def _bool(table: dict[str, Any], name: str, default: bool, key: str) -> bool:
+    value = table.get(name, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}.{name}: expected true or false")
+    return value
+
+
+def parseRouter(router: Any, base: Path) -> RouterConfig | None:
+    """
+    Validate C{[router]}; C{None} if absent.
+    """
+    if router is None:
+        return None
+    if not isinstance(router, dict):
+        raise ConfigError("router: expected a table")
+    _checkKeys(router, {"backend", "proxy_protocol", "hello_timeout", "terminate"}, "router")
+    backend = _endpoint(router["backend"], "router.backend") if "backend" in router else None
+    terminate = router.get("terminate", {})
+    if not isinstance(terminate, dict):
+        raise ConfigError("router.terminate: expected a table")
+    _checkKeys(terminate, {"names", "certificate", "key", "backend", "proxy_protocol"}, "router.terminate")
+    names: tuple[str, ...] = ()
+    certificate = key = terminateBackend = None
+    if terminate:
+        raw = terminate.get("names")
+        if not isinstance(raw, list) or not raw or not all(isinstance(n, str) and _DNS_NAME.match(n.lower().rstrip(".")) for n in raw):
+            raise ConfigError("router.terminate.names: expected a list of DNS names")
+        names = tuple(n.lower().rstrip(".") for n in raw)
+        certificate = _resolvePath(base, terminate.get("certificate"), "router.terminate.certificate")
+        key = _resolvePath(base, terminate.get("key"), "router.terminate.key")
+        terminateBackend = _endpoint(terminate.get("backend"), "router.terminate.backend")
+    if backend is None and not names:
+        raise ConfigError("router: give a backend (passthrough) and/or a [router.terminate] table; without either there is nothing to share the port with")
+    return RouterConfig(
+        backend=backend,
+        proxyProtocol=_bool(router, "proxy_protocol", False, "router"),
+        helloTimeout=_seconds(router, "hello_timeout", 10, "router"),
+        terminateNames=names,
+        terminateCertificate=certificate,
+        terminateKey=key,
+        terminateBackend=terminateBackend,
+        terminateProxyProtocol=_bool(terminate, "proxy_protocol", False, "router.terminate"),
+    )
 
 
 @dataclass(frozen=True)
@@ -223,7 +294,7 @@ def _quicAddresses(value: Any, listen: list[str]) -> tuple[tuple[str, int], ...]
 
 
 def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") -> ServerConfig:
-    _checkKeys(data, {"server", "deny", "groups", "rules", "exposures", "reverse", "e2e", "acme"}, "")
+    _checkKeys(data, {"server", "deny", "groups", "rules", "exposures", "reverse", "e2e", "acme", "router"}, "")
     server = data.get("server")
     if not isinstance(server, dict):
         raise ConfigError("server: missing [server] table")
@@ -316,6 +387,7 @@ def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") 
         e2eFiles=files,
         quic=_quicAddresses(server.get("quic", True), listen),
         acme=acme,
+        router=parseRouter(data.get("router"), base),
     )
     checkServerFiles(config)
     return config

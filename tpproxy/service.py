@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from OpenSSL import crypto
 from twisted.application import service, strports
 from twisted.logger import Logger
 
@@ -16,6 +17,7 @@ from .certsource import DevCACertificates, FileCertificates, FirstAvailable, ICe
 from .config import ServerConfig, loadCRL
 from .issuing import CertificateStore, HTTP01Responder, IssuingService, TLSALPN01Responder, loadOrCreateKey, temporaryCertificate
 from .pki import CertificateAuthority
+from . import router
 from .reverse import Registry
 from .protocols.server import TPServerFactory
 from .quic import ClientVerifier, QuicListener, serverConfiguration
@@ -155,6 +157,65 @@ class UDPListenerService(service.Service):
         return None
 
 
+class SharedPortRoute:
+    """
+    Where a connection on a shared port goes, by its ClientHello: ALPN
+    C{tp/1}, an SNI TP serves (its own names, E2E names, names with a
+    pending tls-alpn-01 challenge) → TP; an SNI of C{terminate} → TLS ended
+    here, plaintext to the web backend; anything else → the passthrough
+    backend, or TP when there is none (which refuses it in the handshake).
+    """
+
+    def __init__(self, serverTLS: ServerTLS, tp: Any, backend: Any = None, terminate: Any = None, terminateNames: tuple[str, ...] = ()) -> None:
+        self.serverTLS = serverTLS
+        self.tp = router.ToFactory(tp, "tp")
+        self.backend = backend
+        self.terminate = terminate
+        self.terminateNames = frozenset(terminateNames)
+        self.factories = [r.factory for r in (self.tp, backend, terminate) if isinstance(r, router.ToFactory)]
+
+    def isTPName(self, name: str) -> bool:
+        tls = self.serverTLS
+        return tls.servesOwnName(name) or name in tls.names or name in tls.challengeCertificates
+
+    def __call__(self, info: Any) -> Any:
+        if router.TP_ALPN in info.alpn:
+            return self.tp
+        name = info.serverName
+        if name is not None:
+            if self.isTPName(name):
+                return self.tp
+            if name in self.terminateNames and self.terminate is not None:
+                return self.terminate
+        return self.backend if self.backend is not None else self.tp
+
+
+def makeRouterFactory(config: ServerConfig, reactor: Any, tpFactory: TLSFactory) -> router.RouterFactory:
+    """
+    The listening factory of a port TP shares with a web site (C{[router]}).
+    """
+    from twisted.internet.endpoints import clientFromString
+    from twisted.internet.ssl import CertificateOptions
+
+    shared = config.router
+    assert shared is not None
+    backend = terminate = None
+    if shared.backend is not None:
+        backend = router.toBackend(clientFromString(reactor, shared.backend), shared.proxyProtocol, "web backend")
+    if shared.terminateNames:
+        assert shared.terminateCertificate and shared.terminateKey and shared.terminateBackend
+        chain = loadCertificates(shared.terminateCertificate)
+        options = CertificateOptions(
+            privateKey=crypto.PKey.from_cryptography_key(loadKey(shared.terminateKey)),
+            certificate=crypto.X509.from_cryptography(chain[0]),
+            extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
+            acceptableProtocols=[b"http/1.1"],
+        )
+        terminate = router.terminateTLS(options, clientFromString(reactor, shared.terminateBackend), shared.terminateProxyProtocol, "web (TLS ended by TP)")
+    route = SharedPortRoute(tpFactory.wrappedFactory.serverTLS, tpFactory, backend, terminate, shared.terminateNames)
+    return router.RouterFactory(route, reactor, timeout=shared.helloTimeout)
+
+
 def makeService(config: ServerConfig, reactor: Any = None, clock: Any = None) -> service.MultiService:
     """
     TP's services: the TLS listeners, a QUIC listener per address, and with
@@ -168,8 +229,9 @@ def makeService(config: ServerConfig, reactor: Any = None, clock: Any = None) ->
         reactor = _reactor
     top = service.MultiService()
     factory = makeServerFactory(config, reactor, clock)
+    listening: Any = factory if config.router is None else makeRouterFactory(config, reactor, factory)
     for description in config.listen:
-        listener = strports.service(description, factory, reactor=reactor)
+        listener = strports.service(description, listening, reactor=reactor)
         listener.setName(f"tls:{description}")
         listener.setServiceParent(top)
     quicListeners = []
@@ -203,6 +265,13 @@ def makeService(config: ServerConfig, reactor: Any = None, clock: Any = None) ->
             responder = strports.service(config.acme.http01Listen, Site(issuing.http01), reactor=reactor)
             responder.setName(f"acme-http01:{config.acme.http01Listen}")
             responder.setServiceParent(top)
+    if config.router is not None:
+        log.info(
+            "Sharing {listen} with a web site: TP's clients get TP, others go to {backend}{terminate}",
+            listen=", ".join(config.listen),
+            backend=config.router.backend or "TP (no backend)",
+            terminate=f"; TLS for {', '.join(config.router.terminateNames)} ends here, plaintext to {config.router.terminateBackend}" if config.router.terminateNames else "",
+        )
     log.info(
         "TP serving TLS (ALPN tp/1) on {listen} and QUIC on {quic}, with {rules} policy rule(s), config {path}",
         listen=", ".join(config.listen),
