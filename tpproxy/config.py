@@ -112,6 +112,41 @@ class RouterConfig:
     terminateKey: str | None = None
     terminateBackend: str | None = None
     terminateProxyProtocol: bool = False
+    h3: Any = None
+
+
+def parseH3(table: Any, base: Path) -> Any:
+    """
+    C{[router.h3]}: the built-in HTTP/3 answer for browsers on TP's QUIC
+    port (see quic.md, "Sharing UDP/443"); C{None} if absent.
+    """
+    from .h3 import H3Response
+
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ConfigError("router.h3: expected a table")
+    _checkKeys(table, {"redirect", "page", "status", "content_type", "headers"}, "router.h3")
+    if ("redirect" in table) == ("page" in table):
+        raise ConfigError("router.h3: give exactly one of redirect (a URL) or page (a file)")
+    if "redirect" in table and "content_type" in table:
+        raise ConfigError("router.h3.content_type: only for page")
+    headers = table.get("headers", {})
+    if not isinstance(headers, dict):
+        raise ConfigError("router.h3.headers: expected a table of strings")
+    try:
+        if "redirect" in table:
+            response = H3Response.redirect(table["redirect"], status=table.get("status", 308))
+        else:
+            path = _resolvePath(base, table["page"], "router.h3.page")
+            response = H3Response.page(
+                Path(path).read_bytes(), contentType=table.get("content_type", "text/html; charset=utf-8"), status=table.get("status", 200)
+            )
+        if headers:
+            response = H3Response(response.status, response.headers + tuple(headers.items()), response.body)
+    except (ValueError, OSError, TypeError) as e:
+        raise ConfigError(f"router.h3: {e}") from None
+    return response
 
 
 def _endpoint(value: Any, key: str) -> str:
@@ -135,7 +170,7 @@ def parseRouter(router: Any, base: Path) -> RouterConfig | None:
         return None
     if not isinstance(router, dict):
         raise ConfigError("router: expected a table")
-    _checkKeys(router, {"backend", "proxy_protocol", "hello_timeout", "terminate"}, "router")
+    _checkKeys(router, {"backend", "proxy_protocol", "hello_timeout", "terminate", "h3"}, "router")
     backend = _endpoint(router["backend"], "router.backend") if "backend" in router else None
     terminate = router.get("terminate", {})
     if not isinstance(terminate, dict):
@@ -162,6 +197,7 @@ def parseRouter(router: Any, base: Path) -> RouterConfig | None:
         terminateKey=key,
         terminateBackend=terminateBackend,
         terminateProxyProtocol=_bool(terminate, "proxy_protocol", False, "router.terminate"),
+        h3=parseH3(router.get("h3"), base),
     )
 
 
@@ -389,6 +425,8 @@ def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") 
         acme=acme,
         router=parseRouter(data.get("router"), base),
     )
+    if config.router is not None and config.router.h3 is not None and not config.quic:
+        raise ConfigError("router.h3: an HTTP/3 answer needs QUIC (server.quic is false)")
     checkServerFiles(config)
     return config
 

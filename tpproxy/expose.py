@@ -22,6 +22,10 @@ from .tls import describeTLSFailure
 from .wire import VERSION, ClientHello, FrameDecoder, ServerHello, WireError, encodeEvent, parseEvent
 
 
+#: Seconds to wait for TP's answer to an E2E registration once connected.
+E2E_ANSWER_TIMEOUT = 150.0
+
+
 @implementer(IHandshakeListener)
 class ControlProtocol(Protocol):
     """
@@ -54,6 +58,10 @@ class ControlProtocol(Protocol):
 
     def handshakeCompleted(self) -> None:
         self.handshakeDone = True
+        if self.exposer.hello.mode == "e2e" and self._deadline is not None and self._deadline.active():
+            # TP may first have to get the name's certificate from its ACME
+            # CA (its own bound is 120 s): wait for that answer longer.
+            self._deadline.reset(max(self.exposer.settings.connectTimeout, E2E_ANSWER_TIMEOUT))
 
     def dataReceived(self, data: bytes) -> None:
         self.decoder.feed(data)

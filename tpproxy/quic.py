@@ -38,11 +38,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .h3 import H3_ALPN, H3Responder, H3Response
 from .pki import identityOf
 from .tls import ClientCertChecker
 from .wire import ALPN
 
 log = Logger(namespace="tpproxy.quic")
+
+#: TP's ALPN protocol ID as aioquic spells it.
+TP_ALPN = ALPN.decode()
 
 #: Receive window per stream: TP credits the peer with what it has handed
 #: on plus this much, so a stalled destination stalls its stream only.
@@ -97,18 +101,28 @@ class ClientVerifier:
 
 class TPQuicConnection(QuicConnection):
     """
-    aioquic's connection with TP's two changes: the server requests and
-    verifies client certificates inside the TLS handshake, and stream
-    receive windows follow what TP has consumed.
+    aioquic's connection with TP's changes: the server requests and
+    verifies client certificates inside the TLS handshake (for every ALPN
+    protocol but those in C{tpAnonymousAlpn}, i.e. the h3 responder's), and
+    stream receive windows follow what TP has consumed.
 
     Relies on aioquic internals (pinned in setup.cfg; the tests in
-    tpproxy/test/test_quic.py exercise each one): C{tls.Context.
-    _request_client_certificate}, C{_server_handle_certificate},
-    C{_peer_certificate(_chain)}, and C{_write_stream_limits}.
+    tpproxy/test/test_quic.py and test_h3.py exercise each one): C{tls.
+    Context._request_client_certificate}, C{_server_handle_certificate},
+    C{_peer_certificate(_chain)}, C{QuicConnection._alpn_handler} (called by
+    C{tls.Context._server_handle_hello} between ALPN negotiation and the
+    CertificateRequest), C{_write_stream_limits}, and
+    C{_write_connection_limits} with C{_local_max_data}.
     """
 
     tpVerifier: ClientVerifier | None = None
     tpRefusal: str | None = None
+    #: ALPN protocols the server serves without a client certificate (set by
+    #: the listener when the h3 responder is on).
+    tpAnonymousAlpn: frozenset[str] = frozenset()
+    #: Whether one of those was negotiated: no client certificate was
+    #: requested, and the connection's receive budget (MAX_DATA) is fixed.
+    tpAnonymous = False
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
@@ -134,6 +148,37 @@ class TPQuicConnection(QuicConnection):
                 raise tls.AlertBadCertificate(reason)
 
         self.tls._server_handle_certificate = handleCertificate
+
+    def _alpn_handler(self, alpn_protocol: str) -> None:
+        """
+        aioquic calls this from C{tls.Context._server_handle_hello} once the
+        ALPN protocol is chosen, before that method writes the server's
+        flight, CertificateRequest included if C{_request_client_certificate}
+        is set.  So the request (set in L{_initialize}: it stays on if this
+        is never reached) is dropped here only for an anonymous protocol.
+        """
+        super()._alpn_handler(alpn_protocol)
+        if self._is_client or self.tpVerifier is None:
+            return
+        self.tpAnonymous = alpn_protocol in self.tpAnonymousAlpn
+        self.tls._request_client_certificate = not self.tpAnonymous
+
+    def _write_connection_limits(self, builder: Any, space: Any) -> None:
+        """
+        aioquic doubles MAX_DATA whenever half of it is used.  An anonymous
+        (h3) connection keeps its first one: whatever it sends, in order or
+        not, TP never receives more than C{max_data} bytes of stream data on
+        it.
+        """
+        if not self.tpAnonymous:
+            return super()._write_connection_limits(builder, space)
+        limit = self._local_max_data
+        used = limit.used
+        limit.used = min(used, limit.value // 2)
+        try:
+            super()._write_connection_limits(builder, space)
+        finally:
+            limit.used = used
 
     def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
         consumed = self.tpConsumed.get(stream.stream_id)
@@ -567,12 +612,22 @@ def serverConfiguration(chain: list[x509.Certificate], key: Any, idleTimeout: fl
     return config
 
 
+#: The QUIC events of an h3 connection that go to its H3 responder, and
+#: never to TP's stream logic.
+_H3_EVENTS = (events.StreamDataReceived, events.StreamReset, events.StopSendingReceived, events.DatagramFrameReceived)
+
+
 class ServerSession(QuicSession):
     """
-    A client's QUIC connection to TP.  Each bidirectional stream the client
-    opens gets its own TP server protocol, exactly as a TLS connection
-    would, with the connection's client certificate as its identity.
+    A client's QUIC connection to TP.  With ALPN tp/1, each bidirectional
+    stream the client opens gets its own TP server protocol, exactly as a
+    TLS connection would, with the connection's client certificate as its
+    identity.  With ALPN h3 (when the listener has an H3 response), the
+    connection's streams and datagrams all go to an L{H3Responder}.
     """
+
+    #: The HTTP/3 responder of an h3 connection, else C{None}.
+    responder: H3Responder | None = None
 
     def __init__(self, listener: QuicListener, conn: TPQuicConnection, peer: Any) -> None:
         super().__init__(conn, listener.sendDatagram, listener.reactor, peer)
@@ -581,7 +636,25 @@ class ServerSession(QuicSession):
         self.identity: str | None = None
         self.started = listener.reactor.seconds()
 
+    def handleEvent(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.ProtocolNegotiated):
+            # Emitted inside the handshake, before any stream can exist.
+            if event.alpn_protocol == H3_ALPN and self.conn.tpAnonymous and self.listener.h3 is not None:
+                self.responder = H3Responder(self.conn, self.listener.h3, str(_address(self.peer)))
+            return
+        if self.responder is not None and isinstance(event, _H3_EVENTS):
+            self.responder.handleEvent(event)
+            return
+        super().handleEvent(event)
+
     def handshakeCompleted(self, event: events.HandshakeCompleted) -> None:
+        if event.alpn_protocol != TP_ALPN:
+            if self.responder is None:
+                # Cannot happen: the listener offers h3 only with a responder.
+                self.close(CLOSE_REFUSED, "no application protocol")
+            else:
+                log.debug("HTTP/3 connection from {peer}", peer=_address(self.peer))
+            return
         if self.peerCertificate is None:
             # Cannot happen: the handshake hook refuses a missing one.
             self.close(CLOSE_REFUSED, "client certificate required")
@@ -590,8 +663,9 @@ class ServerSession(QuicSession):
         log.info("QUIC connection from {peer} as {identity}", peer=_address(self.peer), identity=self.identity)
 
     def newStream(self, streamId: int) -> QuicStreamTransport | None:
-        if self.identity is None or streamId % 4 != 0:
-            # Only client-initiated bidirectional streams, after the handshake.
+        if self.identity is None or streamId % 4 != 0 or self.conn.tls.alpn_negotiated != TP_ALPN:
+            # Only client-initiated bidirectional streams, after the handshake
+            # of a tp/1 connection with a client certificate.
             self.conn.stop_stream(streamId, STREAM_ABORTED)
             return None
         stream = QuicStreamTransport(self, streamId)
@@ -611,7 +685,14 @@ class ServerSession(QuicSession):
     def terminated(self, event: events.ConnectionTerminated) -> None:
         super().terminated(event)
         refusal = self.conn.tpRefusal
-        if refusal is not None or self.identity is None:
+        if self.responder is not None:
+            # A browser's connection: no TP identity, nothing to audit.
+            log.debug(
+                "HTTP/3 connection from {peer} ended: {reason}",
+                peer=_address(self.peer),
+                reason=event.reason_phrase or f"error {event.error_code:#x}",
+            )
+        elif refusal is not None or self.identity is None:
             from .protocols.server import audit
 
             audit.info(
@@ -656,9 +737,21 @@ class QuicListener(DatagramProtocol):
 
     @param factory: builds the TP server protocol for each stream (the same
         L{TPServerFactory} the TLS listener uses).
+    @param h3: with a response, the listener also offers ALPN C{h3} (after
+        C{tp/1}, so a client offering both gets tp/1) and answers HTTP/3
+        requests with it (L{tpproxy.h3}), without asking for a client
+        certificate.  tp/1 connections are as strict as without it.
     """
 
-    def __init__(self, reactor: Any, configuration: QuicConfiguration, verifier: ClientVerifier, factory: Any) -> None:
+    def __init__(
+        self, reactor: Any, configuration: QuicConfiguration, verifier: ClientVerifier, factory: Any, h3: H3Response | None = None
+    ) -> None:
+        protocols = list(configuration.alpn_protocols or [])
+        if h3 is not None and H3_ALPN not in protocols:
+            configuration = dataclasses.replace(configuration, alpn_protocols=protocols + [H3_ALPN])
+        elif h3 is None and H3_ALPN in protocols:
+            raise ValueError("the QUIC configuration offers h3, but there is no H3 response")
+        self.h3 = h3
         self.reactor = reactor
         self.configuration = configuration
         self.verifier = verifier
@@ -714,6 +807,8 @@ class QuicListener(DatagramProtocol):
                 original_destination_connection_id=header.destination_cid,
             )
             conn.tpVerifier = self.verifier
+            if self.h3 is not None:
+                conn.tpAnonymousAlpn = frozenset({H3_ALPN})
             session = ServerSession(self, conn, addr)
             self.sessions[header.destination_cid] = session
             self.sessions[conn.host_cid] = session

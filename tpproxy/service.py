@@ -121,7 +121,8 @@ def makeQuicListener(config: ServerConfig, reactor: Any, factory: TPServerFactor
     tlsContext = factory.serverTLS
     verifier = ClientVerifier(tlsContext.clientCAs, tlsContext.checker, reactor)
     configuration = serverConfiguration(tlsContext.chain, tlsContext.key)
-    return QuicListener(reactor, configuration, verifier, factory)
+    h3 = config.router.h3 if config.router is not None else None
+    return QuicListener(reactor, configuration, verifier, factory, h3=h3)
 
 
 class UDPListenerService(service.Service):
@@ -270,7 +271,12 @@ def makeService(config: ServerConfig, reactor: Any = None, clock: Any = None) ->
             "Sharing {listen} with a web site: TP's clients get TP, others go to {backend}{terminate}",
             listen=", ".join(config.listen),
             backend=config.router.backend or "TP (no backend)",
-            terminate=f"; TLS for {', '.join(config.router.terminateNames)} ends here, plaintext to {config.router.terminateBackend}" if config.router.terminateNames else "",
+            terminate=(
+                f"; TLS for {', '.join(config.router.terminateNames)} ends here, plaintext to {config.router.terminateBackend}"
+                if config.router.terminateNames
+                else ""
+            )
+            + (f"; HTTP/3 clients get {config.router.h3.status}" if config.router.h3 is not None else ""),
         )
     log.info(
         "TP serving TLS (ALPN tp/1) on {listen} and QUIC on {quic}, with {rules} policy rule(s), config {path}",

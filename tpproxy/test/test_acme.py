@@ -682,3 +682,27 @@ class PebbleRenewalTests(PebbleTestCase):
         _, second = yield self.issued.get()
         self.assertNotEqual(second[0].serial_number, first[0].serial_number)
         yield self.assertServedAndVerifies(second)
+
+
+class QuicCertificateSwapTests(SynchronousTestCase):
+    def test_newConnectionsOnly(self) -> None:
+        """
+        The QUIC listener's new configuration carries the new certificate;
+        the one live connections were made with is left as it was.
+        """
+        from tpproxy.quic import ClientVerifier, QuicListener, serverConfiguration
+
+        pki = TestPKI.create(self.mktemp())
+        d = pki.directory
+        chain, key = loadCertificates(str(d / "server.pem")), loadKey(str(d / "server.key"))
+        verifier = ClientVerifier([pki.ca.cert], ClientCertChecker(frozenset(), frozenset(), ()), task.Clock())
+        listener = QuicListener(task.Clock(), serverConfiguration(chain, key), verifier, None)
+        old = listener.configuration
+        renewed = pki.ca.issue("localhost", dns=("localhost",), server=True)
+        listener.setCertificate([renewed.cert, pki.ca.cert], renewed.key)
+        self.assertEqual(listener.configuration.certificate, renewed.cert)
+        self.assertEqual(listener.configuration.certificate_chain, [pki.ca.cert])
+        self.assertIs(listener.configuration.private_key, renewed.key)
+        self.assertEqual(old.certificate, chain[0])
+        self.assertIs(old.private_key, key)
+        self.assertEqual(listener.configuration.alpn_protocols, old.alpn_protocols)

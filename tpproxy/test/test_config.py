@@ -541,3 +541,55 @@ class ClientConfigTests(ServerConfigMixin, SynchronousTestCase):
         env["HOME"] = "/home/someone"
         self.patch(os, "environ", env)
         self.assertEqual(defaultClientConfigPath(), Path("/home/someone/.config/tp/client.toml"))
+
+
+class RouterConfigTests(SynchronousTestCase):
+    """
+    C{[router]}: sharing the port with a web site.
+    """
+
+    def setUp(self) -> None:
+        self.pki = TestPKI.create(self.mktemp())
+
+    def config(self, **router: Any) -> Any:
+        return self.pki.serverConfig(quic=["127.0.0.1:4433"], router=router)
+
+    def test_passthrough(self) -> None:
+        config = self.config(backend="tcp:127.0.0.1:8443", proxy_protocol=True)
+        self.assertEqual(config.router.backend, "tcp:127.0.0.1:8443")
+        self.assertTrue(config.router.proxyProtocol)
+        self.assertEqual(config.router.helloTimeout, 10)
+        self.assertEqual(config.router.terminateNames, ())
+        self.assertIsNone(config.router.h3)
+
+    def test_terminateAndH3(self) -> None:
+        config = self.config(
+            terminate={"names": ["WWW.Example.org."], "certificate": "server.pem", "key": "server.key", "backend": "tcp:127.0.0.1:8080"},
+            h3={"redirect": "https://www.example.org/", "headers": {"cache-control": "no-store"}},
+        )
+        self.assertEqual(config.router.terminateNames, ("www.example.org",))
+        self.assertEqual(config.router.terminateCertificate, str(self.pki.directory / "server.pem"))
+        self.assertEqual(config.router.h3.status, 308)
+        self.assertIn(("location", "https://www.example.org/"), config.router.h3.headers)
+        self.assertIn(("cache-control", "no-store"), config.router.h3.headers)
+
+    def test_errorsNameTheirKey(self) -> None:
+        for router, key in [
+            ({}, "router: give a backend"),
+            ({"backend": "nowhere"}, "router.backend"),
+            ({"backend": "tcp:127.0.0.1:1", "proxy_protocol": "yes"}, "router.proxy_protocol"),
+            ({"backend": "tcp:127.0.0.1:1", "hello_timeout": 0}, "router.hello_timeout"),
+            ({"backend": "tcp:127.0.0.1:1", "colour": 1}, "router: unknown key(s) colour"),
+            ({"terminate": {"names": ["www.example.org"], "certificate": "absent.pem", "key": "server.key", "backend": "tcp:h:1"}}, "router.terminate.certificate"),
+            ({"terminate": {"names": ["bad name"]}}, "router.terminate.names"),
+            ({"backend": "tcp:127.0.0.1:1", "h3": {}}, "router.h3: give exactly one"),
+            ({"backend": "tcp:127.0.0.1:1", "h3": {"redirect": "https://x.example/", "status": 200}}, "router.h3"),
+        ]:
+            with self.assertRaises(ConfigError) as caught:
+                self.config(**router)
+            self.assertIn(key, str(caught.exception))
+
+    def test_h3NeedsQuic(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            self.pki.serverConfig(quic=False, router={"backend": "tcp:127.0.0.1:1", "h3": {"redirect": "https://x.example/"}})
+        self.assertIn("needs QUIC", str(caught.exception))
