@@ -157,6 +157,10 @@ class _BackendEnd(RelayEnd):
         self.early += data
 
 
+_BACKEND_ENDS = Factory.forProtocol(_BackendEnd)
+_BACKEND_ENDS.noisy = False
+
+
 @implementer(IHalfCloseableProtocol)
 class BackendRelay(RelayEnd):
     """
@@ -177,7 +181,7 @@ class BackendRelay(RelayEnd):
         # Hold the client until the backend is there: what it sends meanwhile
         # waits in the kernel, not here.
         self.transport.pauseProducing()  # type: ignore[union-attr]
-        d = self.connecting = self.factory.endpoint.connect(Factory.forProtocol(_BackendEnd))
+        d = self.connecting = self.factory.endpoint.connect(_BACKEND_ENDS)
         d.addCallbacks(self._connected, self._failed)
         d.addErrback(self._bug)
 
@@ -429,8 +433,15 @@ class RouterProtocol(Protocol):
     def readConnectionLost(self) -> None:
         inner = self.inner
         if inner is None:
-            if not self.refused:
-                self.refuse(f"EOF after {self.received} bytes, before a complete ClientHello", None)
+            if self.refused:
+                return
+            if self.received == 0:
+                # A health check or port probe: not worth a log line.
+                self.refused = True
+                log.debug("{peer} closed without sending anything", peer=describeAddress(self.peer))
+                self.transport.loseConnection()  # type: ignore[union-attr]
+                return
+            self.refuse(f"EOF after {self.received} bytes, before a complete ClientHello", None)
             return
         halfCloseable = IHalfCloseableProtocol(inner, None)
         if halfCloseable is not None:

@@ -122,6 +122,7 @@ class ConstantsTests(SynchronousTestCase):
                 "port_unavailable",
                 "bad_session",
                 "not_accepted",
+                "no_certificate",
             },
         )
         self.assertEqual(ErrorCode.FORBIDDEN, "forbidden")
