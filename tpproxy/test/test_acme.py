@@ -706,3 +706,58 @@ class QuicCertificateSwapTests(SynchronousTestCase):
         self.assertEqual(old.certificate, chain[0])
         self.assertIs(old.private_key, key)
         self.assertEqual(listener.configuration.alpn_protocols, old.alpn_protocols)
+
+
+class TwistWithACMETests(PebbleTestCase):
+    @defer.inlineCallbacks
+    def test_twistProcess(self) -> Any:
+        """
+        C{twist tp --config FILE} with an C{[acme]} table and no server
+        certificate: the real process gets its certificate from Pebble by
+        tls-alpn-01, stores it, and serves it.
+        """
+        from .support import Background, twistCommand, waitForPort
+
+        self.pebble = yield Pebble.start(self, self.httpPort, self.tlsPort)
+        store = Path(self.mktemp()).absolute()
+        path = self.pki.directory / "acme.toml"
+        path.write_text(
+            f"""
+[server]
+listen = "tcp:{self.tlsPort}:interface=127.0.0.1"
+client_ca = "ca.pem"
+quic = false
+
+[[rules]]
+identities = "*"
+hosts = ["127.0.0.0/8"]
+ports = "*"
+
+[acme]
+directory = "{self.pebble.directory}"
+ca_bundle = "{self.pebble.caBundle}"
+names = ["tp.test"]
+store = "{store}"
+"""
+        )
+        server = Background(self, twistCommand() + ["tp", "--config", str(path)])
+        yield waitForPort(self.tlsPort)
+        for _ in range(300):
+            if (store / "tp.test.crt").exists():
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertTrue((store / "tp.test.crt").exists(), server.stderr.decode(errors="replace")[-3000:])
+        chain = x509.load_pem_x509_certificates((store / "tp.test.crt").read_bytes())
+        yield self.assertServedAndVerifies(chain)
+        roots = yield self.pebble.roots()
+        echoPort, _ = listenLocal(self, Echo)
+        for _ in range(100):
+            # The store is written just before the listener swaps contexts.
+            end, sink = yield self.tunnel(roots, echoPort)
+            if peerCertificate(end) == chain[0]:
+                break
+            end.transport.abortConnection()
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(peerCertificate(end), chain[0])
+        yield self.roundTrip(end, sink, b"through twist tp with ACME")
+        self.assertEqual(stat.S_IMODE(os.stat(store / "account.key").st_mode), 0o600)
