@@ -41,6 +41,8 @@ from treq.client import HTTPClient
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from zope.interface import Attribute, Interface
 
+from .pki import newKey, selfSignedBuilder
+
 log = Logger()
 
 #: RFC 8737: the certificate extension carrying the key authorization digest.
@@ -98,18 +100,10 @@ def tlsALPNCertificate(name: str, keyAuthz: str) -> tuple[x509.Certificate, Any]
     RFC 8737 section 3: a self-signed certificate for C{name} with the
     critical acmeIdentifier extension holding SHA-256(key authorization).
     """
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = newKey()
     digest = hashlib.sha256(keyAuthz.encode("ascii")).digest()
-    now = datetime.datetime.now(datetime.timezone.utc)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ACME tls-alpn-01 challenge")])
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=7))
+        selfSignedBuilder("ACME tls-alpn-01 challenge", key, datetime.timedelta(days=7))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
         # DER OCTET STRING of the 32-byte digest.
         .add_extension(x509.UnrecognizedExtension(ID_PE_ACME_IDENTIFIER, b"\x04\x20" + digest), critical=True)

@@ -30,7 +30,6 @@ from typing import Any, Callable
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -40,7 +39,7 @@ from zope.interface import implementer
 
 from .acmeclient import HTTP01, TLSALPN01, AcmeClient, AcmeError, tlsALPNCertificate
 from .certsource import CertificateUnavailable, ICertificateSource
-from .pki import certPEM, keyPEM, writePrivate
+from .pki import certPEM, keyPEM, newKey, selfSignedBuilder, writePrivate
 
 log = Logger()
 
@@ -119,17 +118,9 @@ def temporaryCertificate(names: tuple[str, ...]) -> tuple[Chain, Any]:
     real one (no client will trust it: it only lets the listener start,
     and tls-alpn-01 does not need it).
     """
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    key = newKey()
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
+        selfSignedBuilder(names[0], key, datetime.timedelta(days=2))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
         .sign(key, hashes.SHA256())
     )

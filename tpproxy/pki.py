@@ -135,6 +135,25 @@ def writePrivate(path: Path, data: bytes) -> None:
     os.chmod(path, 0o600)
 
 
+def selfSignedBuilder(commonName: str, key: ec.EllipticCurvePrivateKey, lifetime: datetime.timedelta) -> x509.CertificateBuilder:
+    """
+    A certificate builder for a self-signed certificate of C{key}, valid
+    from 5 minutes ago (clock skew) for C{lifetime}; the caller adds
+    extensions and signs with C{key}.
+    """
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, commonName)])
+    now = _now()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + lifetime)
+    )
+
+
 class CertificateAuthority:
     """
     A minimal CA for development and tests.
@@ -147,16 +166,8 @@ class CertificateAuthority:
     @classmethod
     def create(cls, name: str = "TP dev CA", days: int = 3650) -> CertificateAuthority:
         key = newKey()
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = _now()
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=days))
+            selfSignedBuilder(name, key, datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(

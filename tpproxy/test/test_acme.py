@@ -23,7 +23,6 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
-from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 
 from tpproxy.acmeclient import ID_PE_ACME_IDENTIFIER, AcmeError, keyAuthorization, retryAfter, tlsALPNCertificate
