@@ -60,7 +60,7 @@ from .clienthello import (
     ClientHelloInfo,
     ClientHelloParser,
 )
-from .protocols.relay import RelayEnd, noDelay, splice
+from .protocols.relay import RelayEnd, describeAddress, noDelay, splice
 from .proxyproto import proxyV2Header
 from .tls import TLSFactory
 
@@ -77,14 +77,6 @@ def alertRecord(description: int) -> bytes:
     A TLS record holding one fatal alert (level 2) with C{description}.
     """
     return b"\x15\x03\x03\x00\x02\x02" + bytes([description])
-
-
-def describeAddress(address: Any) -> str:
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None:
-        return str(address)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # --- routes ---------------------------------------------------------------

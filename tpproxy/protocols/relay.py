@@ -12,12 +12,23 @@ connections are closed.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+
+def describeAddress(address: Any) -> str:
+    """
+    C{host:port} (C{[host]:port} for IPv6) of a Twisted address.
+    """
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None:
+        return str(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def noDelay(transport: object) -> None:

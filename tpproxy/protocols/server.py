@@ -22,6 +22,7 @@ from ..reverse import Exposure, ReverseError
 from ..tls import NameTLS, TLSFactory, describeTLSFailure
 from ..wire import ALPN, ClientHello, ErrorCode, FrameDecoder, ServerHello, WireError, encodeEvent, parseEvent
 from .relay import RelayEnd, noDelay, splice
+from .relay import describeAddress as _addr
 
 log = Logger(namespace="tpproxy.server")
 audit = Logger(namespace="tpproxy.audit")
@@ -496,14 +497,6 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
             ),
             duration=round(self.factory.reactor.seconds() - self.started, 3),
         )
-
-
-def _addr(address: Any) -> str:
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None:
-        return str(address)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class TPServerFactory(Factory):
