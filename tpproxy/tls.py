@@ -287,6 +287,7 @@ class ServerTLS:
         self.checker = checker
         self.clientCAs = clientCAs
         self.names: dict[str, SSL.Context] = {}
+        self.innerNames: dict[str, SSL.Context] = {}
         self.nameVerify: dict[str, Any] = {}
         self.offered = tuple(alpn)
         #: tls-alpn-01 (RFC 8737) certificates by name, while a challenge
@@ -294,14 +295,29 @@ class ServerTLS:
         self.challengeCertificates: dict[str, tuple[x509.Certificate, Any]] = {}
         self.setCertificate(chain, key)
 
-    def _context(self, chain: list[x509.Certificate], key: object, verify: Any, offered: tuple[bytes, ...]) -> SSL.Context:
+    def _context(self, chain: list[x509.Certificate], key: object, verify: Any, role: str) -> SSL.Context:
+        """
+        A server context of one of three roles:
+          - C{"listener"}: TP's own names; SNI may switch to an E2E name's
+            context, ALPN C{tp/1}, tls-alpn-01 answered;
+          - C{"name"}: an E2E name chosen by SNI on the listener; only
+            tls-alpn-01 (its renewal) in ALPN, no further SNI switch;
+          - C{"inner"}: an E2E name inside a TP tunnel (L{NameTLS}): no SNI
+            switch and no ALPN at all, so the name the tunnel was opened
+            for is the only one whose certificate and dialer check apply,
+            and no handshake without a client certificate can complete.
+        """
         ctx = _serverContext(chain, key, self.clientCAs, verify)
+        if role == "inner":
+            return ctx
+        offered = self.offered if role == "listener" else ()
 
         def selectALPN(conn: SSL.Connection, protos: list[bytes]) -> bytes | object:
             return self._selectALPN(conn, protos, offered)
 
         ctx.set_alpn_select_callback(selectALPN)
-        ctx.set_tlsext_servername_callback(self._selectName)
+        if role == "listener":
+            ctx.set_tlsext_servername_callback(self._selectName)
         return ctx
 
     def _selectALPN(self, conn: SSL.Connection, protos: list[bytes], offered: tuple[bytes, ...]) -> bytes | object:
@@ -337,7 +353,7 @@ class ServerTLS:
         Serve TP's own names with C{chain} from now on: connections made
         before keep the context they started with.
         """
-        self.context = self._context(chain, key, self._verify, self.offered)
+        self.context = self._context(chain, key, self._verify, "listener")
         self.ownNames = _certificateNames(chain[0])
         self.chain = chain
         self.key = key
@@ -389,7 +405,8 @@ class ServerTLS:
                     return _refuse(conn, f"not allowed to dial {name}: {decision.reason}")
             return True
 
-        self.names[name] = self._context(chain, key, verify, ())
+        self.names[name] = self._context(chain, key, verify, "name")
+        self.innerNames[name] = self._context(chain, key, verify, "inner")
         self.nameVerify[name] = verify
 
     def replaceName(self, name: str, chain: list[x509.Certificate], key: object) -> bool:
@@ -402,11 +419,13 @@ class ServerTLS:
         verify = self.nameVerify.get(name)
         if verify is None:
             return False
-        self.names[name] = self._context(chain, key, verify, ())
+        self.names[name] = self._context(chain, key, verify, "name")
+        self.innerNames[name] = self._context(chain, key, verify, "inner")
         return True
 
     def removeName(self, name: str) -> None:
         self.names.pop(name, None)
+        self.innerNames.pop(name, None)
         self.nameVerify.pop(name, None)
 
     def servesOwnName(self, name: str) -> bool:
@@ -433,7 +452,7 @@ class NameTLS:
     """
 
     def __init__(self, serverTLS: ServerTLS, name: str) -> None:
-        self.context = serverTLS.names[name]
+        self.context = serverTLS.innerNames[name]
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         conn = SSL.Connection(self.context, None)

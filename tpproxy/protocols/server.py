@@ -360,6 +360,10 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
             self._refuse(ErrorCode.FORBIDDEN, decision.reason)
             return
         exposure = self.factory.registry.nameExposure(name)
+        if name not in self.factory.serverTLS.innerNames:
+            # Exposed, but its certificate is still being obtained.
+            self._refuse(ErrorCode.NOT_ACCEPTED, f"{name} is not ready yet (TP is getting its certificate); try again shortly")
+            return
         self.state = "e2e"
         self.result = "e2e_handshake"
         self.address = f"E2E {name}"
@@ -554,10 +558,19 @@ class E2EDialer(RelayEnd):
         self.outer.setTimeout(None)  # the registry bounds the wait for an accept
         self.outer.innerEnd = self
         cert = self.transport.getPeerCertificate()  # type: ignore[union-attr]
+        if cert is None:
+            # Cannot happen with the inner context (it requires one); a
+            # check of its own all the same, since an identity is needed.
+            self.sessionFailed(ErrorCode.FORBIDDEN, "a client certificate is required")
+            return
         identity = identityOf(cert.to_cryptography()).name
         self.outer.detail = f"inner identity {identity}"
         self.outer.result = "aborted"
         self.transport.pauseProducing()  # type: ignore[union-attr]
+        decision = self.outer.factory.config.policy.mayDialName(identity, self.exposure.name)
+        if not decision.allowed:
+            self.sessionFailed(ErrorCode.FORBIDDEN, f"not allowed to dial {self.exposure.name}: {decision.reason}")
+            return
         registry = self.outer.factory.registry
         if registry.nameExposure(self.exposure.name) is not self.exposure:
             self.sessionFailed(ErrorCode.NOT_ACCEPTED, f"{self.exposure.name} is no longer exposed")
