@@ -338,7 +338,7 @@ class RouterProtocol(Protocol):
     def connectionMade(self) -> None:
         self.peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.parser = ClientHelloParser(self.factory.limit)
-        self.buffered: list[bytes] = []
+        self.buffered = bytearray()
         self.received = 0
         self._timer = self.factory.reactor.callLater(self.factory.timeout, self._timedOut)
 
@@ -356,7 +356,7 @@ class RouterProtocol(Protocol):
             return
         if self.refused:
             return
-        self.buffered.append(data)
+        self.buffered += data
         self.received += len(data)
         try:
             info = self.parser.feed(data)
@@ -379,7 +379,7 @@ class RouterProtocol(Protocol):
         """
         self._cancelTimer()
         self.refused = True
-        self.buffered = []
+        self.buffered = bytearray()
         info = self.info
         log.info(
             "Refusing {peer}: {reason}",
@@ -416,7 +416,7 @@ class RouterProtocol(Protocol):
         )
         self.route = route
         self.inner = inner
-        buffered, self.buffered = b"".join(self.buffered), []
+        buffered, self.buffered = bytes(self.buffered), bytearray()
         inner.makeConnection(self.transport)
         inner.dataReceived(buffered)
 
@@ -439,8 +439,9 @@ class RouterProtocol(Protocol):
         if halfCloseable is not None:
             halfCloseable.readConnectionLost()
         else:
-            # What the reactor does for a protocol without half-close.
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            # What the reactor does for a protocol without half-close: the
+            # connection is lost at once (not after pending writes drain).
+            self.transport.abortConnection()  # type: ignore[union-attr]
 
     def writeConnectionLost(self) -> None:
         halfCloseable = IHalfCloseableProtocol(self.inner, None) if self.inner is not None else None
