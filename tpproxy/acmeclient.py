@@ -26,6 +26,7 @@ import datetime
 import email.utils
 import hashlib
 import json
+import math
 from typing import Any
 
 import josepy as jose
@@ -161,7 +162,10 @@ def retryAfter(headers: Any, default: float, now: float, limit: float = 300) -> 
         except (TypeError, ValueError):
             return default
         delay = when.timestamp() - now
-    return max(0.0, min(delay, limit))
+    if not math.isfinite(delay):
+        return default
+    # A floor keeps a CA answering "Retry-After: 0" from a busy loop.
+    return max(0.5, min(delay, limit))
 
 
 class AcmeClient:
@@ -216,8 +220,8 @@ class AcmeClient:
     @defer.inlineCallbacks
     def _getDirectory(self) -> Any:
         if self.directory is None:
-            response = yield self.http.get(self.directoryURL, timeout=self.timeout)
-            body = yield response.content()
+            response = yield self.http.get(self.directoryURL, timeout=self.timeout, reactor=self.reactor, unbuffered=True)
+            body = yield self._body(response)
             if response.code != 200:
                 raise AcmeError(f"ACME directory {self.directoryURL} answered HTTP {response.code}")
             try:
@@ -234,8 +238,8 @@ class AcmeClient:
     def _nonce(self) -> Any:
         if not self._nonces:
             directory = yield self._getDirectory()
-            response = yield self.http.head(directory["newNonce"], timeout=self.timeout)
-            yield response.content()
+            response = yield self.http.head(directory["newNonce"], timeout=self.timeout, reactor=self.reactor, unbuffered=True)
+            yield self._body(response)
             self._keepNonce(response)
             if not self._nonces:
                 raise AcmeError("the CA gave no Replay-Nonce")
@@ -260,8 +264,10 @@ class AcmeClient:
                 data=signed.json_dumps().encode(),
                 headers={b"Content-Type": [JOSE_JSON], b"Accept": [accept]},
                 timeout=self.timeout,
+                reactor=self.reactor,
+                unbuffered=True,
             )
-            content = yield response.content()
+            content = yield self._body(response)
             self._keepNonce(response)
             if response.code < 400:
                 return response, content
@@ -271,6 +277,28 @@ class AcmeClient:
                 continue
             raise error
         raise AssertionError("unreachable")
+
+    def _body(self, response: Any) -> defer.Deferred[bytes]:
+        """
+        The body of C{response}, within the request timeout (treq's own
+        timeout ends at the headers): a CA that stalls mid-body is cut off.
+        """
+        reading = response.content()
+
+        def stalled(failure: Any) -> Any:
+            if failure.check(defer.TimeoutError, defer.CancelledError):
+                # Twisted's Response holds a TransportProxyProducer around
+                # the connection: abort the connection itself.
+                proxy = getattr(response.original, "_transport", None)
+                transport = getattr(proxy, "_producer", None) or proxy
+                if hasattr(transport, "abortConnection"):
+                    transport.abortConnection()
+                elif transport is not None:
+                    transport.stopProducing()
+                raise AcmeError(f"the CA's answer stalled for {self.timeout:g} s")
+            return failure
+
+        return reading.addTimeout(self.timeout, self.reactor).addErrback(stalled)
 
     @staticmethod
     def _problem(response: Any, content: bytes) -> AcmeError:
@@ -393,9 +421,8 @@ class AcmeClient:
         except AcmeError as e:
             if e.code not in ("accountDoesNotExist", "unauthorized"):
                 raise
-            # The CA forgot the account (a test CA restarted, or it was
-            # deactivated): register again, once.
-            self.accountURL = None
+            # The CA forgot the account (a test CA restarted): register
+            # again, once.  (A deactivated account's key stays refused.)
             yield self.register()
             response, content = yield self._post(
                 directory["newOrder"], {"identifiers": [{"type": "dns", "value": n} for n in names]}
@@ -422,4 +449,13 @@ class AcmeClient:
         ourKey = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         if leafKey != ourKey:
             raise AcmeError("the CA's certificate is not for the key TP sent")
+        try:
+            san = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            certified = {n.lower() for n in san.get_values_for_type(x509.DNSName)}
+        except x509.ExtensionNotFound:
+            certified = set()
+        if not set(names) <= certified:
+            raise AcmeError(f"the CA's certificate is for {sorted(certified)}, not {names}")
+        if chain[0].not_valid_after_utc.timestamp() <= self.reactor.seconds():
+            raise AcmeError("the CA's certificate has already expired")
         return chain

@@ -180,7 +180,7 @@ def parseRouter(router: Any, base: Path) -> RouterConfig | None:
     certificate = key = terminateBackend = None
     if terminate:
         raw = terminate.get("names")
-        if not isinstance(raw, list) or not raw or not all(isinstance(n, str) and _DNS_NAME.match(n.lower().rstrip(".")) for n in raw):
+        if not isinstance(raw, list) or not raw or not all(isinstance(n, str) and _DNS_NAME.fullmatch(n.lower().rstrip(".")) for n in raw):
             raise ConfigError("router.terminate.names: expected a list of DNS names")
         names = tuple(n.lower().rstrip(".") for n in raw)
         certificate = _resolvePath(base, terminate.get("certificate"), "router.terminate.certificate")
@@ -245,6 +245,12 @@ def parseAcme(acme: Any, base: Path) -> AcmeConfig | None:
     directory = acme.get("directory")
     if not isinstance(directory, str) or not directory.startswith(("https://", "http://")):
         raise ConfigError("acme.directory: expected the CA's directory URL, e.g. \"https://acme-v02.api.letsencrypt.org/directory\"")
+    if directory.startswith("http://"):
+        from urllib.parse import urlsplit
+
+        host = urlsplit(directory).hostname or ""
+        if host not in ("localhost", "127.0.0.1", "::1"):
+            raise ConfigError("acme.directory: must be https:// (plain http:// is allowed for a CA on loopback only)")
     store = _resolvePath(base, acme.get("store", "acme"), "acme.store", mustExist=False)
     accountKey = _resolvePath(base, acme.get("account_key", str(Path(store) / "account.key")), "acme.account_key", mustExist=False)
     email = acme.get("email")
@@ -253,10 +259,12 @@ def parseAcme(acme: Any, base: Path) -> AcmeConfig | None:
     names = acme.get("names", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ConfigError("acme.names: expected a list of DNS names")
-    names = [n.lower().rstrip(".") for n in names]
+    names = list(dict.fromkeys(n.lower().rstrip(".") for n in names))
     for name in names:
-        if not _DNS_NAME.match(name):
+        if not _DNS_NAME.fullmatch(name):
             raise ConfigError(f"acme.names: {name!r} is not a DNS name")
+        if name.startswith("*."):
+            raise ConfigError(f"acme.names: {name!r}: wildcards need the dns-01 challenge, which TP does not answer")
     http01 = acme.get("http01_listen")
     if http01 is not None and (not isinstance(http01, str) or not http01):
         raise ConfigError("acme.http01_listen: expected an endpoint description such as \"tcp:80\"")

@@ -28,16 +28,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource
 from zope.interface import implementer
 
-from .acmeclient import HTTP01, TLSALPN01, AcmeClient, AcmeError, tlsALPNCertificate
+from .acmeclient import HTTP01, TLSALPN01, AcmeClient, tlsALPNCertificate
 from .certsource import CertificateUnavailable, ICertificateSource
 from .pki import certPEM, keyPEM, newKey, selfSignedBuilder, writePrivate
 
@@ -45,7 +46,7 @@ log = Logger()
 
 #: A DNS name as a store file name: letters, digits, hyphens, dots; a
 #: leading "*." (wildcard) is stored as "_.".
-_NAME = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
+_NAME = re.compile(r"(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+")
 
 Chain = list[x509.Certificate]
 
@@ -68,39 +69,66 @@ def loadOrCreateKey(path: Path) -> Any:
 
 class CertificateStore:
     """
-    Certificates by name in a directory: C{NAME.crt} (the chain, leaf
-    first) and C{NAME.key} (mode 0600).  Writes go to a temporary file and
-    are renamed into place, so a crash never leaves half a certificate.
+    Certificates by name in a directory (mode 0700): C{NAME.pem} holds the
+    private key and the chain (leaf first), mode 0600.  One file, written
+    to a temporary name, synced and renamed into place: a crash leaves the
+    old pair or the new one, never a key beside another key's certificate.
+    A file that does not load, or whose key is not the leaf's, is ignored
+    (logged) as if absent, so TP starts and gets a new one.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)
 
-    def _files(self, name: str) -> tuple[Path, Path]:
-        if not _NAME.match(name):
+    def _file(self, name: str) -> Path:
+        if not _NAME.fullmatch(name):
             raise ValueError(f"not a DNS name: {name!r}")
-        stem = name.replace("*", "_")
-        return self.path / f"{stem}.crt", self.path / f"{stem}.key"
+        return self.path / f"{name.replace('*', '_')}.pem"
 
     def load(self, name: str) -> tuple[Chain, Any] | None:
-        certPath, keyPath = self._files(name)
+        path = self._file(name)
         try:
-            chain = x509.load_pem_x509_certificates(certPath.read_bytes())
-            key = serialization.load_pem_private_key(keyPath.read_bytes(), None)
+            data = path.read_bytes()
+            chain = x509.load_pem_x509_certificates(data)
+            key = serialization.load_pem_private_key(data, None)
+            if _spki(chain[0].public_key()) != _spki(key.public_key()):  # type: ignore[union-attr]
+                raise ValueError("the key is not the certificate's")
         except FileNotFoundError:
             return None
-        except ValueError as e:
-            log.warn("Ignoring the stored certificate of {name}: {error}", name=name, error=str(e))
+        except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as e:
+            log.warn("Ignoring the stored certificate of {name} ({path}): {error}", name=name, path=str(path), error=str(e))
             return None
         return chain, key
 
     def save(self, name: str, chain: Chain, key: Any) -> None:
-        certPath, keyPath = self._files(name)
-        for path, data in ((keyPath, keyPEM(key)), (certPath, b"".join(certPEM(c) for c in chain))):
-            temporary = path.with_name(path.name + ".new")
-            writePrivate(temporary, data)
-            os.replace(temporary, path)
+        path = self._file(name)
+        temporary = path.with_name(path.name + ".new")
+        writePrivate(temporary, keyPEM(key) + b"".join(certPEM(c) for c in chain))
+        fd = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _spki(publicKey: Any) -> bytes:
+    return publicKey.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _dnsNames(leaf: x509.Certificate) -> set[str]:
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return {n.lower() for n in san.get_values_for_type(x509.DNSName)}
 
 
 def renewalTime(leaf: x509.Certificate, fraction: float) -> float:
@@ -232,20 +260,23 @@ class IssuingService(service.Service):
         self._waiters: dict[str, list[defer.Deferred[tuple[Chain, Any]]]] = {}
         self._failures: dict[str, int] = {}
         self._retries: dict[str, Any] = {}
-        self._loop: task.LoopingCall | None = None
+        self._nextCheck: Any = None
+        #: E2E names refused by the CA: no new order for them before this time.
+        self._notBefore: dict[str, float] = {}
+        #: When recent on-demand orders were placed (the budget's window).
+        self._onDemandOrders: list[float] = []
 
     # -- service ------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        self._loop = task.LoopingCall(self.check)
-        self._loop.clock = self.clock
-        self._loop.start(self.checkInterval, now=True)
+        self._scheduledCheck()
 
     def stopService(self) -> Any:
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        if self._nextCheck is not None and self._nextCheck.active():
+            self._nextCheck.cancel()
+        self._nextCheck = None
         for call in self._retries.values():
             if call.active():
                 call.cancel()
@@ -254,29 +285,58 @@ class IssuingService(service.Service):
             pending.cancel()
         return None
 
+    def _scheduledCheck(self) -> None:
+        """
+        Check now, then again after C{checkInterval}, or sooner when a
+        certificate falls due before that (short-lived certificates).
+        """
+        self._nextCheck = None
+        try:
+            self.check()
+            due = [renewalTime(s[0][0], self.renewFraction) for s in map(self.store.load, self._units()) if s is not None]
+        except Exception:
+            log.failure("The certificate check failed; trying again at the next check")
+            due = []
+        now = self.clock.seconds()
+        delay = min([self.checkInterval] + [max(60.0, when - now) for when in due])
+        if self.running:
+            self._nextCheck = self.clock.callLater(delay, self._scheduledCheck)
+
     # -- decisions --------------------------------------------------------
 
-    def _fresh(self, stored: tuple[Chain, Any] | None) -> bool:
+    def _fresh(self, stored: tuple[Chain, Any] | None, names: tuple[str, ...]) -> bool:
+        """
+        Is C{stored} good for C{names} until its renewal time?  A
+        certificate for other names (C{acme.names} changed) is not.
+        """
         if stored is None:
             return False
-        return self.clock.seconds() < renewalTime(stored[0][0], self.renewFraction)
+        leaf = stored[0][0]
+        if _dnsNames(leaf) != set(names):
+            return False
+        return self.clock.seconds() < renewalTime(leaf, self.renewFraction)
 
-    def check(self) -> defer.Deferred[None]:
-        """
-        Renew what is due: TP's own certificate, and E2E names still served.
-        Failures are logged and retried with backoff; this never fails.
-        """
+    def _units(self) -> list[str]:
+        return [u[0] for u in self._unitNames()]
+
+    def _unitNames(self) -> list[tuple[str, ...]]:
         units = []
         if self.ownNames:
             units.append(self.ownNames)
         units.extend((name,) for name in sorted(self.e2eNames) if self.inUse(name))
-        work = []
-        for names in units:
+        return units
+
+    def check(self) -> None:
+        """
+        Start renewing what is due: TP's own certificate, and E2E names
+        still served.  Renewals run on; failures are logged and retried
+        with backoff.
+        """
+        for names in self._unitNames():
             if names[0] in self._pending or names[0] in self._retries:
                 continue
-            if not self._fresh(self.store.load(names[0])):
-                work.append(self._renew(names))
-        return defer.gatherResults(work).addCallback(lambda _: None)
+            if not self._fresh(self.store.load(names[0]), names):
+                self._renew(names)
 
     def _renew(self, names: tuple[str, ...]) -> defer.Deferred[None]:
         def failed(reason: Failure) -> None:
@@ -295,6 +355,10 @@ class IssuingService(service.Service):
 
         def retry() -> None:
             del self._retries[names[0]]
+            if names != self.ownNames and not self.inUse(names[0]):
+                # An E2E name nobody exposes any more: stop trying.
+                self._failures.pop(names[0], None)
+                return
             self._renew(names)
 
         return self.obtain(names).addCallbacks(lambda _: None, failed)
@@ -331,7 +395,11 @@ class IssuingService(service.Service):
     def _issue(self, names: tuple[str, ...]) -> Any:
         log.info("Requesting a certificate for {names} from {directory}", names=", ".join(names), directory=self.client.directoryURL)
         key = ec.generate_private_key(ec.SECP256R1())
-        chain = yield self.client.issue(list(names), key, self.responders)
+        # Every request has its own timeout; this bounds the whole order
+        # too, so a stalled CA cannot keep a name pending for ever.
+        ordering = self.client.issue(list(names), key, self.responders)
+        ordering.addTimeout(self.client.orderTimeout + 4 * self.client.timeout, self.client.reactor)
+        chain = yield ordering
         self.store.save(names[0], chain, key)
         self._failures.pop(names[0], None)
         log.info(
@@ -345,25 +413,48 @@ class IssuingService(service.Service):
 
     # -- ICertificateSource -------------------------------------------------
 
+    #: At most this many on-demand (E2E) orders per hour, so that exposers
+    #: cannot spend the account's rate limits (TP's own renewal needs them).
+    onDemandPerHour = 20
+
     @defer.inlineCallbacks
     def certificateFor(self, name: str) -> Any:
         """
         The certificate of an E2E name: from the store while fresh, else
-        from the CA now.
+        from the CA now.  While the CA fails, a stored certificate valid for
+        another hour is still served; a name the CA refused waits out its
+        backoff before the next order.
         """
         if not self.onDemand:
             raise CertificateUnavailable("ACME certificates for E2E names are turned off (acme.e2e = false)")
-        if not _NAME.match(name) or name.startswith("*."):
+        if not _NAME.fullmatch(name) or name.startswith("*."):
             raise CertificateUnavailable(f"{name!r} is not a name an ACME CA can certify")
+        names = (name,)
         stored = self.store.load(name)
-        if not self._fresh(stored):
+        if not self._fresh(stored, names):
+            now = self.clock.seconds()
+            usable = stored is not None and name in _dnsNames(stored[0][0]) and stored[0][0].not_valid_after_utc.timestamp() > now + 3600
             try:
-                stored = yield self.obtain((name,))
-            except (AcmeError, OSError) as e:
-                raise CertificateUnavailable(f"the ACME CA did not certify {name}: {e}") from None
-            except Exception as e:  # connection errors from treq/twisted
-                if isinstance(e, defer.CancelledError):
+                if now < self._notBefore.get(name, 0):
+                    raise CertificateUnavailable(f"the ACME CA refused {name} recently; TP tries again after {self._notBefore[name] - now:.0f} s")
+                if name not in self._pending:
+                    self._onDemandOrders = [t for t in self._onDemandOrders if t > now - 3600]
+                    if len(self._onDemandOrders) >= self.onDemandPerHour:
+                        raise CertificateUnavailable(f"TP placed {self.onDemandPerHour} on-demand ACME orders in the last hour; try {name} later")
+                    self._onDemandOrders.append(now)
+                try:
+                    stored = yield self.obtain(names)
+                except defer.CancelledError:
                     raise
-                raise CertificateUnavailable(f"the ACME CA is unreachable for {name}: {e}") from None
+                except Exception as e:
+                    count = self._failures.get(name, 0)
+                    self._failures[name] = count + 1
+                    self._notBefore[name] = self.clock.seconds() + self.retryDelays[min(count, len(self.retryDelays) - 1)]
+                    raise CertificateUnavailable(f"the ACME CA did not certify {name}: {e}") from None
+                self._notBefore.pop(name, None)
+            except CertificateUnavailable as e:
+                if not usable:
+                    raise
+                log.warn("Serving the stored certificate of {name}, due for renewal: {error}", name=name, error=str(e))
         self.e2eNames.add(name)
         return stored

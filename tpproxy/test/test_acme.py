@@ -97,7 +97,7 @@ class StoreTests(SynchronousTestCase):
         chain, key = store.load("svc.example")  # type: ignore[misc]
         self.assertEqual(chain, [issued.cert, pki.ca.cert])
         self.assertEqual(key.private_numbers(), issued.key.private_numbers())
-        mode = stat.S_IMODE(os.stat(store.path / "svc.example.key").st_mode)
+        mode = stat.S_IMODE(os.stat(store.path / "svc.example.pem").st_mode)
         self.assertEqual(mode, 0o600)
         self.assertEqual(stat.S_IMODE(os.stat(store.path).st_mode), 0o700)
 
@@ -106,8 +106,23 @@ class StoreTests(SynchronousTestCase):
         A name is a file name only when it is a DNS name: no path tricks.
         """
         store = CertificateStore(Path(self.mktemp()))
-        for bad in ("../etc/passwd", "a/b", "", "x..y", "-a.b"):
+        for bad in ("../etc/passwd", "a/b", "", "x..y", "-a.b", "account", "a.example\n"):
             self.assertRaises(ValueError, store.load, bad)
+
+    def test_mismatchedOrBrokenIgnored(self) -> None:
+        """
+        A stored file whose key is not its certificate's, or that does not
+        parse, is ignored as if absent (TP then orders a new one) rather
+        than stopping TP at start.
+        """
+        pki = TestPKI.create(self.mktemp())
+        issued = pki.ca.issue("svc.example", dns=("svc.example",), server=True)
+        store = CertificateStore(Path(self.mktemp()))
+        store.save("svc.example", [issued.cert], newKey())
+        self.assertIsNone(store.load("svc.example"))
+        (store.path / "svc.example.pem").write_bytes(b"garbage")
+        self.assertIsNone(store.load("svc.example"))
+        self.flushLoggedErrors()
 
     def test_renewalTime(self) -> None:
         pki = TestPKI.create(self.mktemp())
@@ -253,8 +268,11 @@ class FakeACME:
     """
 
     directoryURL = "https://ca.invalid/dir"
+    orderTimeout = 120.0
+    timeout = 30.0
 
-    def __init__(self, pki: TestPKI, hours: float) -> None:
+    def __init__(self, pki: TestPKI, hours: float, clock: Any = None) -> None:
+        self.reactor = clock
         self.pki = pki
         self.hours = hours
         self.down = False
@@ -274,6 +292,7 @@ class FakeACME:
             .serial_number(issued.cert.serial_number)
             .not_valid_before(issued.cert.not_valid_before_utc)
             .not_valid_after(issued.cert.not_valid_after_utc)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
             .sign(self.pki.ca.key, __import__("cryptography.hazmat.primitives.hashes", fromlist=["SHA256"]).SHA256())
         )
         return defer.succeed([cert, self.pki.ca.cert])
@@ -288,7 +307,7 @@ class IssuingScheduleTests(SynchronousTestCase):
         self.pki = TestPKI.create(self.mktemp())
         self.clock = task.Clock()
         self.clock.advance(time.time())
-        self.ca = FakeACME(self.pki, hours=30)
+        self.ca = FakeACME(self.pki, hours=30, clock=self.clock)
         self.announced: list[tuple[str, int]] = []
         self.service = IssuingService(
             self.ca,  # type: ignore[arg-type]
@@ -323,10 +342,73 @@ class IssuingScheduleTests(SynchronousTestCase):
     def test_storedFreshCertificateNotReordered(self) -> None:
         self.service.startService()
         self.service.stopService()
-        again = IssuingService(self.ca, self.service.store, [], self.clock, ownNames=("tp.example",))  # type: ignore[arg-type]
+        again = IssuingService(self.ca, self.service.store, [], self.clock, ownNames=("tp.example", "alt.example"))  # type: ignore[arg-type]
         again.startService()
         again.stopService()
         self.assertEqual(len(self.ca.orders), 1)
+
+    def test_namesChangedReordered(self) -> None:
+        """
+        A stored certificate for other names than C{acme.names} now says is
+        replaced at once, not at its renewal time.
+        """
+        self.service.startService()
+        self.service.stopService()
+        again = IssuingService(self.ca, self.service.store, [], self.clock, ownNames=("tp.example", "new.example"))  # type: ignore[arg-type]
+        again.startService()
+        again.stopService()
+        self.assertEqual(self.ca.orders[-1], ["tp.example", "new.example"])
+
+    def test_shortLivedCertificateCheckedInTime(self) -> None:
+        """
+        With a daily check and a 6-hour certificate, the check comes when
+        the certificate falls due, not a day later.
+        """
+        self.ca.hours = 6
+        self.service.checkInterval = 86400
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        self.clock.advance(4 * 3600 + 120)
+        self.assertEqual(len(self.ca.orders), 2)
+
+    def test_checkSurvivesStoreErrors(self) -> None:
+        """
+        A store that cannot be read is logged, and checks go on.
+        """
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        self.service.store.load = lambda name: 1 / 0  # type: ignore[assignment,method-assign]
+        self.clock.advance(3600)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertTrue(self.service._nextCheck.active())
+
+    def test_e2eStoredServedWhileCADown(self) -> None:
+        """
+        An E2E certificate due for renewal but valid for hours more is
+        still served while the CA fails; an order refused waits out its
+        backoff before the next.
+        """
+        self.successResultOf(self.service.certificateFor("svc.example"))
+        self.clock.advance(21 * 3600)
+        self.ca.down = True
+        chain, key = self.successResultOf(self.service.certificateFor("svc.example"))
+        self.assertIn("svc.example", {n.value for n in chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value})
+        orders = len(self.ca.orders)
+        self.successResultOf(self.service.certificateFor("svc.example"))
+        self.assertEqual(len(self.ca.orders), orders)
+
+    def test_onDemandBudget(self) -> None:
+        """
+        Exposers cannot place more than C{onDemandPerHour} orders an hour.
+        """
+        self.service.onDemandPerHour = 3
+        for i in range(3):
+            self.successResultOf(self.service.certificateFor(f"n{i}.example"))
+        failure = self.failureResultOf(self.service.certificateFor("n3.example"), CertificateUnavailable)
+        self.assertIn("on-demand ACME orders in the last hour", str(failure.value))
+        self.assertEqual(len(self.ca.orders), 3)
+        self.clock.advance(3601)
+        self.successResultOf(self.service.certificateFor("n3.example"))
 
     def test_backoffWhileCADown(self) -> None:
         """
@@ -393,6 +475,8 @@ class AcmeConfigTests(SynchronousTestCase):
     def test_errorsNameTheirKey(self) -> None:
         for acme, key in [
             ({"directory": "ftp://x"}, "acme.directory"),
+            ({"directory": "http://ca.example/dir"}, "must be https://"),
+            ({"names": ["*.example.org"]}, "wildcards need the dns-01 challenge"),
             ({"names": ["not a name"]}, "acme.names"),
             ({"challenges": ["dns-01"]}, "acme.challenges"),
             ({"challenges": ["http-01"]}, "acme.challenges"),
@@ -404,6 +488,10 @@ class AcmeConfigTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 self.config(**acme)
             self.assertIn(key, str(caught.exception))
+
+    def test_loopbackHTTPAndDuplicates(self) -> None:
+        config = self.config(directory="http://127.0.0.1:14000/dir", names=["tp.example", "TP.example."])
+        self.assertEqual(config.acme.names, ("tp.example",))
 
     def test_certificateRequiredWithoutACMENames(self) -> None:
         with self.assertRaises(ConfigError) as caught:
@@ -530,7 +618,7 @@ class PebbleIssuanceTests(PebbleTestCase):
         end, sink = yield self.tunnel(roots, echoPort)
         self.assertEqual(peerCertificate(end), chain[0])
         yield self.roundTrip(end, sink, b"hello through an ACME certificate")
-        keyFile = Path(self.config.acme.store) / "tp.test.key"
+        keyFile = Path(self.config.acme.store) / "tp.test.pem"
         self.assertEqual(stat.S_IMODE(os.stat(keyFile).st_mode), 0o600)
         return chain
 
@@ -742,11 +830,11 @@ store = "{store}"
         server = Background(self, twistCommand() + ["tp", "--config", str(path)])
         yield waitForPort(self.tlsPort)
         for _ in range(300):
-            if (store / "tp.test.crt").exists():
+            if (store / "tp.test.pem").exists():
                 break
             yield task.deferLater(reactor, 0.05, lambda: None)
-        self.assertTrue((store / "tp.test.crt").exists(), server.stderr.decode(errors="replace")[-3000:])
-        chain = x509.load_pem_x509_certificates((store / "tp.test.crt").read_bytes())
+        self.assertTrue((store / "tp.test.pem").exists(), server.stderr.decode(errors="replace")[-3000:])
+        chain = x509.load_pem_x509_certificates((store / "tp.test.pem").read_bytes())
         yield self.assertServedAndVerifies(chain)
         roots = yield self.pebble.roots()
         echoPort, _ = listenLocal(self, Echo)
@@ -760,3 +848,29 @@ store = "{store}"
         self.assertEqual(peerCertificate(end), chain[0])
         yield self.roundTrip(end, sink, b"through twist tp with ACME")
         self.assertEqual(stat.S_IMODE(os.stat(store / "account.key").st_mode), 0o600)
+
+
+class StallTests(TestCase):
+    @defer.inlineCallbacks
+    def test_stalledBodyCutOff(self) -> Any:
+        """
+        A CA that sends its headers and then stalls mid-body is cut off
+        after the request timeout, with a clear error.
+        """
+        from twisted.internet.protocol import Factory, Protocol
+
+        from tpproxy.acmeclient import AcmeClient
+
+        class Staller(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                if b"\r\n\r\n" in data:
+                    self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Staller), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = AcmeClient(f"http://127.0.0.1:{port.getHost().port}/dir", newKey(), reactor)
+        client.timeout = 0.5
+        started = time.monotonic()
+        failure = yield self.assertFailure(client.register(), AcmeError)
+        self.assertIn("stalled", str(failure))
+        self.assertLess(time.monotonic() - started, 5)
