@@ -1,0 +1,119 @@
+"""
+The ceiling TP's QUIC transport works under: one stream of bulk data
+between two plain aioquic endpoints (aioquic's own asyncio layer, no TP,
+no relay), client and server in separate processes on loopback.
+
+    python benchmarks/aioquic_baseline.py [--size MB] [--repeat N]
+
+TP over QUIC is compared with this in benchmarks/README.md: if TP is close
+to it, the QUIC engine, not TP, bounds the throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from aioquic.asyncio import connect, serve
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import StreamDataReceived
+
+from tpproxy.pki import CertificateAuthority
+from tpproxy.tls import loadCertificates, loadKey
+
+CHUNK = 65536
+
+
+class Sink(QuicConnectionProtocol):
+    def __init__(self, *a, **kw) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*a, **kw)
+        self.received = 0
+        self.started = 0.0
+
+    def quic_event_received(self, event: object) -> None:
+        if isinstance(event, StreamDataReceived):
+            if not self.started:
+                self.started = time.perf_counter()
+            self.received += len(event.data)
+            if event.end_stream:
+                elapsed = time.perf_counter() - self.started
+                print(f"{self.received} {elapsed}", flush=True)
+
+
+async def server(port: int, cert: str, key: str) -> None:
+    config = QuicConfiguration(is_client=False, alpn_protocols=["bench"])
+    config.certificate, *config.certificate_chain = loadCertificates(cert)
+    config.private_key = loadKey(key)
+    srv = await serve("127.0.0.1", port, configuration=config, create_protocol=Sink)
+    # asyncio's UDP transport reads 256 KiB per datagram otherwise.
+    srv._transport.max_size = 65536  # type: ignore[attr-defined]
+    print("ready", flush=True)
+    await asyncio.sleep(3600)
+
+
+async def client(port: int, size: int) -> None:
+    config = QuicConfiguration(is_client=True, alpn_protocols=["bench"], verify_mode=ssl.CERT_NONE)
+    async with connect("127.0.0.1", port, configuration=config) as proto:
+        proto._transport.max_size = 65536  # type: ignore[attr-defined]
+        quic = proto._quic
+        stream = quic.get_next_available_stream_id()
+        chunk = b"\0" * CHUNK
+        sent = 0
+        while sent < size:
+            quic.send_stream_data(stream, chunk, end_stream=sent + CHUNK >= size)
+            sent += CHUNK
+            proto.transmit()
+            # Keep about 1 MiB queued, like a producer with back-pressure.
+            while len(quic._streams[stream].sender._buffer) > 1 << 20:
+                await asyncio.sleep(0.0005)
+        while not quic._streams[stream].sender.is_finished:
+            await asyncio.sleep(0.005)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=100, help="MB per transfer (default 100)")
+    parser.add_argument("--repeat", type=int, default=3, help="transfers, median reported (default 3)")
+    parser.add_argument("--serve", nargs=3, metavar=("PORT", "CERT", "KEY"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(server(int(args.serve[0]), args.serve[1], args.serve[2]))
+        return
+    rates = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ca = CertificateAuthority.create("bench CA")
+        issued = ca.issue("localhost", dns=("localhost",), server=True)
+        issued.write(Path(tmp) / "cert.pem", Path(tmp) / "key.pem")
+        for _ in range(args.repeat):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "--serve", str(port), f"{tmp}/cert.pem", f"{tmp}/key.pem"],
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+            )
+            try:
+                assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+                asyncio.run(client(port, args.size * 1_000_000))
+                received, elapsed = proc.stdout.readline().split()
+                rates.append(int(received) / 1e6 / float(elapsed))
+            finally:
+                proc.kill()
+                proc.wait()
+    print(f"aioquic alone, one stream, {args.size} MB: " + ", ".join(f"{r:.1f}" for r in rates) + f" MB/s; median {statistics.median(rates):.1f} MB/s")
+
+
+if __name__ == "__main__":
+    main()
