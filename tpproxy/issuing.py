@@ -22,6 +22,7 @@ to 1 hour) until the CA answers.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
 from pathlib import Path
@@ -102,7 +103,21 @@ class CertificateStore:
             return None
         return chain, key
 
-    def save(self, name: str, chain: Chain, key: Any) -> None:
+    def directoryOf(self, name: str) -> str | None:
+        """
+        The ACME directory C{name}'s certificate came from, if recorded.
+        """
+        try:
+            return json.loads(self._file(name).with_suffix(".json").read_text()).get("directory")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def save(self, name: str, chain: Chain, key: Any, directory: str | None = None) -> None:
+        """
+        Store C{chain} and C{key} for C{name}, and which ACME C{directory}
+        issued them (a sidecar C{NAME.json}, written after the pair: a
+        crash in between makes the pair look foreign, so it is renewed).
+        """
         path = self._file(name)
         temporary = path.with_name(path.name + ".new")
         writePrivate(temporary, keyPEM(key) + b"".join(certPEM(c) for c in chain))
@@ -112,6 +127,11 @@ class CertificateStore:
         finally:
             os.close(fd)
         os.replace(temporary, path)
+        if directory is not None:
+            meta = path.with_suffix(".json")
+            temporary = meta.with_name(meta.name + ".new")
+            temporary.write_text(json.dumps({"directory": directory}))
+            os.replace(temporary, meta)
         fd = os.open(self.path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -314,6 +334,9 @@ class IssuingService(service.Service):
         leaf = stored[0][0]
         if _dnsNames(leaf) != set(names):
             return False
+        if self.store.directoryOf(names[0]) not in (None, self.client.directoryURL):
+            # acme.directory changed (staging to production, say).
+            return False
         return self.clock.seconds() < renewalTime(leaf, self.renewFraction)
 
     def _units(self) -> list[str]:
@@ -400,7 +423,7 @@ class IssuingService(service.Service):
         ordering = self.client.issue(list(names), key, self.responders)
         ordering.addTimeout(self.client.orderTimeout + 4 * self.client.timeout, self.client.reactor)
         chain = yield ordering
-        self.store.save(names[0], chain, key)
+        self.store.save(names[0], chain, key, self.client.directoryURL)
         self._failures.pop(names[0], None)
         log.info(
             "Got a certificate for {names}, serial {serial:x}, valid until {notAfter}",

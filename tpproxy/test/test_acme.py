@@ -359,6 +359,22 @@ class IssuingScheduleTests(SynchronousTestCase):
         again.stopService()
         self.assertEqual(self.ca.orders[-1], ["tp.example", "new.example"])
 
+    def test_directoryChangedReordered(self) -> None:
+        """
+        A certificate from another ACME directory (staging, before the
+        switch to production) is replaced at once.
+        """
+        self.service.startService()
+        self.service.stopService()
+        self.assertEqual(self.service.store.directoryOf("tp.example"), FakeACME.directoryURL)
+        production = FakeACME(self.pki, hours=30, clock=self.clock)
+        production.directoryURL = "https://production.invalid/dir"
+        again = IssuingService(production, self.service.store, [], self.clock, ownNames=("tp.example", "alt.example"))  # type: ignore[arg-type]
+        again.startService()
+        again.stopService()
+        self.assertEqual(len(production.orders), 1)
+        self.assertEqual(self.service.store.directoryOf("tp.example"), "https://production.invalid/dir")
+
     def test_shortLivedCertificateCheckedInTime(self) -> None:
         """
         With a daily check and a 6-hour certificate, the check comes when
