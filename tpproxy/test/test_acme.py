@@ -811,6 +811,52 @@ class QuicCertificateSwapTests(SynchronousTestCase):
         self.assertEqual(listener.configuration.alpn_protocols, old.alpn_protocols)
 
 
+class PebbleMidOrderTests(PebbleTestCase):
+    timeout = 180
+
+    @defer.inlineCallbacks
+    def test_caStopsMidOrder(self) -> Any:
+        """
+        Pebble dies while a renewal order is in flight (as its validator
+        is about to fetch the challenge): the order fails, TP keeps serving
+        the certificate it has, and the retry after pebble's restart (a new
+        pebble that forgot TP's account) renews.
+        """
+        clock = task.Clock()
+        clock.advance(time.time())
+        yield self.startTP(["http-01"], clock)
+        _, first = yield self.issued.get()
+        roots = yield self.pebble.roots()
+        responder = self.issuing.http01
+        original = responder.start
+        stopping: list[Any] = []
+
+        def startThenDie(name: str, token: str, keyAuthz: str) -> None:
+            original(name, token, keyAuthz)
+            if not stopping:
+                stopping.append(self.pebble.stop())
+
+        responder.start = startThenDie
+        clock.advance(renewalTime(first[0], 2 / 3) - clock.seconds() + 1)
+        for _ in range(500):
+            if any("Could not renew the certificate of tp.test" in w for w in self.warnings):
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(len(stopping), 1)
+        self.assertTrue(any("Could not renew the certificate of tp.test" in w for w in self.warnings), self.warnings)
+        self.assertEqual(responder.tokens, {})
+        echoPort, _ = listenLocal(self, Echo)
+        end, sink = yield self.tunnel(roots, echoPort)
+        self.assertEqual(peerCertificate(end), first[0])
+        yield self.roundTrip(end, sink, b"served while the CA died mid-order")
+        yield stopping[0]
+        yield self.pebble.restart()
+        clock.advance(60)
+        _, second = yield self.issued.get()
+        self.assertNotEqual(second[0].serial_number, first[0].serial_number)
+        yield self.assertServedAndVerifies(second)
+
+
 class TwistWithACMETests(PebbleTestCase):
     @defer.inlineCallbacks
     def test_twistProcess(self) -> Any:
