@@ -115,8 +115,9 @@ class CertificateStore:
     def save(self, name: str, chain: Chain, key: Any, directory: str | None = None) -> None:
         """
         Store C{chain} and C{key} for C{name}, and which ACME C{directory}
-        issued them (a sidecar C{NAME.json}, written after the pair: a
-        crash in between makes the pair look foreign, so it is renewed).
+        issued them (a sidecar C{NAME.json}, written after the pair; after
+        a crash in between the sidecar still names the previous directory,
+        which only matters if that differs).
         """
         path = self._file(name)
         temporary = path.with_name(path.name + ".new")
@@ -130,7 +131,10 @@ class CertificateStore:
         if directory is not None:
             meta = path.with_suffix(".json")
             temporary = meta.with_name(meta.name + ".new")
-            temporary.write_text(json.dumps({"directory": directory}))
+            with open(temporary, "w") as f:
+                f.write(json.dumps({"directory": directory}))
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(temporary, meta)
         fd = os.open(self.path, os.O_RDONLY)
         try:
@@ -305,6 +309,15 @@ class IssuingService(service.Service):
             pending.cancel()
         return None
 
+    def _checkBy(self, when: float) -> None:
+        """
+        Make sure a check runs by C{when} (a new certificate may fall due
+        before the next scheduled check).
+        """
+        call = self._nextCheck
+        if call is not None and call.active() and call.getTime() > when:
+            call.reset(max(60.0, when - self.clock.seconds()))
+
     def _scheduledCheck(self) -> None:
         """
         Check now, then again after C{checkInterval}, or sooner when a
@@ -332,7 +345,9 @@ class IssuingService(service.Service):
         if stored is None:
             return False
         leaf = stored[0][0]
-        if _dnsNames(leaf) != set(names):
+        if not set(names) <= _dnsNames(leaf):
+            # acme.names changed.  (A CA may add names, e.g. www.: more is
+            # fine, as AcmeClient.issue accepts.)
             return False
         if self.store.directoryOf(names[0]) not in (None, self.client.directoryURL):
             # acme.directory changed (staging to production, say).
@@ -355,19 +370,23 @@ class IssuingService(service.Service):
         still served.  Renewals run on; failures are logged and retried
         with backoff.
         """
+        now = self.clock.seconds()
         for names in self._unitNames():
-            if names[0] in self._pending or names[0] in self._retries:
+            if names[0] in self._pending or names[0] in self._retries or now < self._notBefore.get(names[0], 0):
                 continue
-            if not self._fresh(self.store.load(names[0]), names):
+            try:
+                due = not self._fresh(self.store.load(names[0]), names)
+            except Exception:
+                log.failure("Cannot read the stored certificate of {name}; renewing it", name=names[0])
+                due = True
+            if due:
                 self._renew(names)
 
     def _renew(self, names: tuple[str, ...]) -> defer.Deferred[None]:
         def failed(reason: Failure) -> None:
             if reason.check(defer.CancelledError):
                 return
-            count = self._failures.get(names[0], 0)
-            self._failures[names[0]] = count + 1
-            delay = self.retryDelays[min(count, len(self.retryDelays) - 1)]
+            delay = self._backoff(names[0])
             log.warn(
                 "Could not renew the certificate of {names}, retrying in {delay:.0f} s: {error}",
                 names=", ".join(names),
@@ -382,9 +401,19 @@ class IssuingService(service.Service):
                 # An E2E name nobody exposes any more: stop trying.
                 self._failures.pop(names[0], None)
                 return
+            if self._fresh(self.store.load(names[0]), names):
+                return  # renewed meanwhile (on demand)
             self._renew(names)
 
         return self.obtain(names).addCallbacks(lambda _: None, failed)
+
+    def _backoff(self, name: str) -> float:
+        """
+        Seconds to wait before the next order for C{name}, by how many
+        orders in a row failed.
+        """
+        count = max(1, self._failures.get(name, 1))
+        return self.retryDelays[min(count - 1, len(self.retryDelays) - 1)]
 
     # -- issuing ----------------------------------------------------------
 
@@ -405,6 +434,9 @@ class IssuingService(service.Service):
 
         def done(result: Any) -> None:
             del self._pending[key]
+            if isinstance(result, Failure) and not result.check(defer.CancelledError):
+                # One failure per order, however many callers waited on it.
+                self._failures[key] = self._failures.get(key, 0) + 1
             for each in self._waiters.pop(key):
                 if isinstance(result, Failure):
                     each.errback(result)
@@ -424,7 +456,22 @@ class IssuingService(service.Service):
         ordering.addTimeout(self.client.orderTimeout + 4 * self.client.timeout, self.client.reactor)
         chain = yield ordering
         self.store.save(names[0], chain, key, self.client.directoryURL)
-        self._failures.pop(names[0], None)
+        due = renewalTime(chain[0], self.renewFraction)
+        if self.clock.seconds() >= due:
+            # Already due by TP's clock (skew, or a CA issuing very short
+            # lifetimes): keep it, but do not order again at every check.
+            self._failures[names[0]] = self._failures.get(names[0], 0) + 1
+            delay = self._backoff(names[0])
+            self._notBefore[names[0]] = self.clock.seconds() + delay
+            log.warn(
+                "The new certificate of {names} is already due for renewal by TP's clock (clock skew?); next order in {delay:.0f} s at the earliest",
+                names=", ".join(names),
+                delay=delay,
+            )
+        else:
+            self._failures.pop(names[0], None)
+            self._notBefore.pop(names[0], None)
+            self._checkBy(due)
         log.info(
             "Got a certificate for {names}, serial {serial:x}, valid until {notAfter}",
             names=", ".join(names),
@@ -456,7 +503,12 @@ class IssuingService(service.Service):
         stored = self.store.load(name)
         if not self._fresh(stored, names):
             now = self.clock.seconds()
-            usable = stored is not None and name in _dnsNames(stored[0][0]) and stored[0][0].not_valid_after_utc.timestamp() > now + 3600
+            usable = (
+                stored is not None
+                and name in _dnsNames(stored[0][0])
+                and stored[0][0].not_valid_after_utc.timestamp() > now + 3600
+                and self.store.directoryOf(name) in (None, self.client.directoryURL)
+            )
             try:
                 if now < self._notBefore.get(name, 0):
                     raise CertificateUnavailable(f"the ACME CA refused {name} recently; TP tries again after {self._notBefore[name] - now:.0f} s")
@@ -470,9 +522,7 @@ class IssuingService(service.Service):
                 except defer.CancelledError:
                     raise
                 except Exception as e:
-                    count = self._failures.get(name, 0)
-                    self._failures[name] = count + 1
-                    self._notBefore[name] = self.clock.seconds() + self.retryDelays[min(count, len(self.retryDelays) - 1)]
+                    self._notBefore[name] = self.clock.seconds() + self._backoff(name)
                     raise CertificateUnavailable(f"the ACME CA did not certify {name}: {e}") from None
                 self._notBefore.pop(name, None)
             except CertificateUnavailable as e:

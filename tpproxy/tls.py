@@ -301,7 +301,9 @@ class ServerTLS:
           - C{"listener"}: TP's own names; SNI may switch to an E2E name's
             context, ALPN C{tp/1}, tls-alpn-01 answered;
           - C{"name"}: an E2E name chosen by SNI on the listener; only
-            tls-alpn-01 (its renewal) in ALPN, no further SNI switch;
+            tls-alpn-01 (its renewal) in ALPN.  (After a HelloRetryRequest
+            OpenSSL runs the listener's SNI callback again; context, dialer
+            check and C{tpSNIName} then change together, so that is safe.)
           - C{"inner"}: an E2E name inside a TP tunnel (L{NameTLS}): no SNI
             switch and no ALPN at all, so the name the tunnel was opened
             for is the only one whose certificate and dialer check apply,
