@@ -180,7 +180,7 @@ def parseRouter(router: Any, base: Path) -> RouterConfig | None:
     certificate = key = terminateBackend = None
     if terminate:
         raw = terminate.get("names")
-        if not isinstance(raw, list) or not raw or not all(isinstance(n, str) and _DNS_NAME.fullmatch(n.lower().rstrip(".")) for n in raw):
+        if not isinstance(raw, list) or not raw or not all(isinstance(n, str) and DNS_NAME.fullmatch(n.lower().rstrip(".")) for n in raw):
             raise ConfigError("router.terminate.names: expected a list of DNS names")
         names = tuple(n.lower().rstrip(".") for n in raw)
         certificate = _resolvePath(base, terminate.get("certificate"), "router.terminate.certificate")
@@ -224,7 +224,7 @@ _ACME_KEYS = {
     "directory", "email", "account_key", "store", "ca_bundle", "names", "challenges", "http01_listen", "e2e",
     "renew_at", "check_interval",
 }
-_DNS_NAME = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$")
+DNS_NAME = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$")
 
 
 def _interval(value: Any) -> float:
@@ -261,7 +261,7 @@ def parseAcme(acme: Any, base: Path) -> AcmeConfig | None:
         raise ConfigError("acme.names: expected a list of DNS names")
     names = list(dict.fromkeys(n.lower().rstrip(".") for n in names))
     for name in names:
-        if not _DNS_NAME.fullmatch(name):
+        if not DNS_NAME.fullmatch(name):
             raise ConfigError(f"acme.names: {name!r} is not a DNS name")
         if name.startswith("*."):
             raise ConfigError(f"acme.names: {name!r}: wildcards need the dns-01 challenge, which TP does not answer")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,13 +40,13 @@ from zope.interface import implementer
 
 from .acmeclient import HTTP01, TLSALPN01, AcmeClient, tlsALPNCertificate
 from .certsource import CertificateUnavailable, ICertificateSource
+from .config import DNS_NAME
 from .pki import certPEM, keyPEM, newKey, selfSignedBuilder, writePrivate
 
 log = Logger()
 
-#: A DNS name as a store file name: letters, digits, hyphens, dots; a
-#: leading "*." (wildcard) is stored as "_.".
-_NAME = re.compile(r"(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+")
+#: A DNS name (a leading "*." is stored as "_.").
+_NAME = DNS_NAME
 
 Chain = list[x509.Certificate]
 
