@@ -11,9 +11,10 @@ C{route(info) -> Route}, where the connection goes:
   - L{ToFactory}: to a protocol built by an in-process factory.  The
     protocol is connected to the router's own transport, so it writes to
     the socket directly, and it gets every buffered byte, exactly once and
-    in order, as if it had read them itself.  The router stays the
-    transport's protocol and forwards to it what the transport reports:
-    C{dataReceived}, C{connectionLost}, and half-close
+    in order, as if it had read them itself.  On a reactor transport the
+    protocol then becomes the transport's protocol, so the router is off
+    the data path; on other transports (tests) the router forwards what the
+    transport reports: C{dataReceived}, C{connectionLost}, and half-close
     (C{readConnectionLost}, C{writeConnectionLost}; to a protocol that does
     not do half-close, an EOF read closes the connection, as the reactor
     itself would).  Which factory is used makes the mode:
@@ -267,8 +268,9 @@ def terminateTLS(
 class DefaultRoute:
     """
     The usual rule: a client that offers ALPN C{tp/1}, or names one of TP's
-    names in SNI, goes to TP; any other to C{backend}, or to TP if there is
-    no backend (TP refuses it in the handshake).
+    names in SNI, goes to TP; an SNI of C{terminateNames} to C{terminate}
+    (TLS ended here); any other to C{backend}, or to TP if there is no
+    backend (TP refuses it in the handshake).
 
     @ivar factories: the factories of the routes, for L{RouterFactory} to
         start and stop.
@@ -279,6 +281,8 @@ class DefaultRoute:
         tpNames: Callable[[str], bool] | Collection[str],
         tpFactory: IProtocolFactory,
         backend: Route | None = None,
+        terminate: Route | None = None,
+        terminateNames: Collection[str] = (),
     ) -> None:
         if callable(tpNames):
             self.isTPName: Callable[[str], bool] = tpNames
@@ -287,20 +291,28 @@ class DefaultRoute:
             self.isTPName = names.__contains__
         self.tp = ToFactory(tpFactory, "tp")
         self.backend = backend
-        self.factories: list[IProtocolFactory] = [tpFactory]
-        if isinstance(backend, ToFactory):
-            self.factories.append(backend.factory)
+        self.terminate = terminate
+        self.terminateNames = frozenset(n.lower().rstrip(".") for n in terminateNames)
+        self.factories: list[IProtocolFactory] = [r.factory for r in (self.tp, backend, terminate) if isinstance(r, ToFactory)]
 
     def __call__(self, info: ClientHelloInfo) -> Route:
         if TP_ALPN in info.alpn:
             return self.tp
-        if info.serverName is not None and self.isTPName(info.serverName):
-            return self.tp
+        name = info.serverName
+        if name is not None:
+            if self.isTPName(name):
+                return self.tp
+            if self.terminate is not None and name in self.terminateNames:
+                return self.terminate
         return self.backend if self.backend is not None else self.tp
 
 
 def defaultRoute(
-    tpNames: Callable[[str], bool] | Collection[str], tpFactory: IProtocolFactory, backend: Route | None = None
+    tpNames: Callable[[str], bool] | Collection[str],
+    tpFactory: IProtocolFactory,
+    backend: Route | None = None,
+    terminate: Route | None = None,
+    terminateNames: Collection[str] = (),
 ) -> DefaultRoute:
     """
     The usual rule (see L{DefaultRoute}).
@@ -309,10 +321,10 @@ def defaultRoute(
         lowercased name without a trailing dot.
     @param tpFactory: TP's listening factory (see
         L{tpproxy.service.makeServerFactory}).
-    @param backend: where the rest goes (L{toBackend}, L{terminateTLS}), if
-        anywhere.
+    @param backend: where the rest goes (L{toBackend}), if anywhere.
+    @param terminate: the route for C{terminateNames} (L{terminateTLS}).
     """
-    return DefaultRoute(tpNames, tpFactory, backend)
+    return DefaultRoute(tpNames, tpFactory, backend, terminate, terminateNames)
 
 
 # --- the router -----------------------------------------------------------
@@ -418,6 +430,12 @@ class RouterProtocol(Protocol):
         self.inner = inner
         buffered, self.buffered = bytes(self.buffered), bytearray()
         inner.makeConnection(self.transport)
+        if hasattr(self.transport, "protocol"):
+            # A reactor transport: let it deliver to the inner protocol
+            # directly, so the router is off the data path (and EOF and
+            # half-close reach the inner protocol as from a listener).  The
+            # forwarding methods below serve other transports.
+            self.transport.protocol = inner  # type: ignore[union-attr]
         inner.dataReceived(buffered)
 
     # --- the transport's other events -------------------------------------------

@@ -158,37 +158,16 @@ class UDPListenerService(service.Service):
         return None
 
 
-class SharedPortRoute:
+def _servesName(serverTLS: ServerTLS) -> Any:
     """
-    Where a connection on a shared port goes, by its ClientHello: ALPN
-    C{tp/1}, an SNI TP serves (its own names, E2E names, names with a
-    pending tls-alpn-01 challenge) → TP; an SNI of C{terminate} → TLS ended
-    here, plaintext to the web backend; anything else → the passthrough
-    backend, or TP when there is none (which refuses it in the handshake).
+    The names a shared port routes to TP: TP's own, E2E names, and names
+    with a pending tls-alpn-01 challenge.
     """
 
-    def __init__(self, serverTLS: ServerTLS, tp: Any, backend: Any = None, terminate: Any = None, terminateNames: tuple[str, ...] = ()) -> None:
-        self.serverTLS = serverTLS
-        self.tp = router.ToFactory(tp, "tp")
-        self.backend = backend
-        self.terminate = terminate
-        self.terminateNames = frozenset(terminateNames)
-        self.factories = [r.factory for r in (self.tp, backend, terminate) if isinstance(r, router.ToFactory)]
+    def serves(name: str) -> bool:
+        return serverTLS.servesOwnName(name) or name in serverTLS.names or name in serverTLS.challengeCertificates
 
-    def isTPName(self, name: str) -> bool:
-        tls = self.serverTLS
-        return tls.servesOwnName(name) or name in tls.names or name in tls.challengeCertificates
-
-    def __call__(self, info: Any) -> Any:
-        if router.TP_ALPN in info.alpn:
-            return self.tp
-        name = info.serverName
-        if name is not None:
-            if self.isTPName(name):
-                return self.tp
-            if name in self.terminateNames and self.terminate is not None:
-                return self.terminate
-        return self.backend if self.backend is not None else self.tp
+    return serves
 
 
 def makeRouterFactory(config: ServerConfig, reactor: Any, tpFactory: TLSFactory) -> router.RouterFactory:
@@ -213,7 +192,7 @@ def makeRouterFactory(config: ServerConfig, reactor: Any, tpFactory: TLSFactory)
             acceptableProtocols=[b"http/1.1"],
         )
         terminate = router.terminateTLS(options, clientFromString(reactor, shared.terminateBackend), shared.terminateProxyProtocol, "web (TLS ended by TP)")
-    route = SharedPortRoute(tpFactory.wrappedFactory.serverTLS, tpFactory, backend, terminate, shared.terminateNames)
+    route = router.defaultRoute(_servesName(tpFactory.wrappedFactory.serverTLS), tpFactory, backend, terminate, shared.terminateNames)
     return router.RouterFactory(route, reactor, timeout=shared.helloTimeout)
 
 
