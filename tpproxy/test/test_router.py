@@ -328,6 +328,28 @@ class RoutingTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertIn("EOF after 2 bytes", routerLog(self.observer)[0])
 
+    def test_offTheDataPath(self) -> None:
+        """
+        After the handover, a reactor transport delivers to the chosen
+        protocol directly: the router is no longer between them.
+        """
+        proto, transport = self.connect()
+        transport.protocol = proto  # type: ignore[attr-defined]  # as a reactor's transport has
+        proto.dataReceived(realClientHello(b"site.test", [b"tp/1"]))
+        [inner] = self.tp.built
+        self.assertIs(transport.protocol, inner)  # type: ignore[attr-defined]
+
+    def test_emptyConnectionSilent(self) -> None:
+        """
+        A connection that closes without sending anything (a health check,
+        a port probe) is closed without a log line above debug.
+        """
+        proto, transport = self.connect()
+        proto.readConnectionLost()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(routerLog(self.observer), [])
+        self.assertEqual(transport.value(), b"")
+
     def test_refuseRoute(self) -> None:
         proto, transport = self.connect()
         proto.dataReceived(realClientHello(b"refused.test", None))
