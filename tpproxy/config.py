@@ -93,6 +93,63 @@ class ServerConfig:
     quic: tuple[tuple[str, int], ...] = ()
     acme: AcmeConfig | None = None
     router: RouterConfig | None = None
+    limits: LimitsConfig = field(default_factory=lambda: LimitsConfig())
+    #: TP's own state (the QUIC stateless-reset secret, ...): C{server.state_dir}.
+    stateDir: str | None = None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """
+    C{[limits]}: what TP lets unauthenticated peers hold (docs/hardening.md).
+
+    A connection is I{half-open} from its first byte (TLS) or its first
+    Initial packet (QUIC) until its handshake has completed with an
+    accepted client certificate.
+    """
+
+    #: Half-open TLS connections at once, over all listeners; more are
+    #: closed at accept, before any TLS.
+    handshakes: int = 2048
+    #: Half-open TLS connections at once from one source prefix (/32 IPv4, /64 IPv6).
+    handshakesPerSource: int = 64
+    #: Half-open QUIC connections at once, per QUIC listener.
+    quicHandshakes: int = 2048
+    #: Half-open QUIC connections at once from one source prefix.
+    quicHandshakesPerSource: int = 64
+    #: Half-open QUIC connections above which a new client must first prove
+    #: its address with a stateless Retry (0: always).
+    quicRetryAbove: int = 64
+    #: The listen(2) backlog of TCP listeners TP makes from C{tcp:} descriptions.
+    backlog: int = 1024
+
+
+_LIMIT_KEYS = {
+    "handshakes": "handshakes",
+    "handshakes_per_source": "handshakesPerSource",
+    "quic_handshakes": "quicHandshakes",
+    "quic_handshakes_per_source": "quicHandshakesPerSource",
+    "quic_retry_above": "quicRetryAbove",
+    "backlog": "backlog",
+}
+
+
+def parseLimits(table: Any) -> LimitsConfig:
+    if table is None:
+        return LimitsConfig()
+    if not isinstance(table, dict):
+        raise ConfigError("limits: expected a table")
+    _checkKeys(table, set(_LIMIT_KEYS), "limits")
+    values: dict[str, int] = {}
+    for key, attr in _LIMIT_KEYS.items():
+        if key not in table:
+            continue
+        value = table[key]
+        low = 0 if key == "quic_retry_above" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 1_000_000:
+            raise ConfigError(f"limits.{key}: expected a whole number from {low} to 1000000, got {value!r}")
+        values[attr] = value
+    return LimitsConfig(**values)
 
 
 @dataclass(frozen=True)
@@ -297,6 +354,7 @@ def parseAcme(acme: Any, base: Path) -> AcmeConfig | None:
 
 _SERVER_KEYS = {
     "listen", "certificate", "key", "client_ca", "crl", "handshake_timeout", "hello_timeout", "connect_timeout", "quic",
+    "state_dir",
 }
 
 _TCP_LISTEN = re.compile(r"tcp6?:(\d+)(?::interface=([^:]*(?:\\:[^:]*)*))?$")
@@ -338,7 +396,7 @@ def _quicAddresses(value: Any, listen: list[str]) -> tuple[tuple[str, int], ...]
 
 
 def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") -> ServerConfig:
-    _checkKeys(data, {"server", "deny", "groups", "rules", "exposures", "reverse", "e2e", "acme", "router"}, "")
+    _checkKeys(data, {"server", "deny", "groups", "rules", "exposures", "reverse", "e2e", "acme", "router", "limits"}, "")
     server = data.get("server")
     if not isinstance(server, dict):
         raise ConfigError("server: missing [server] table")
@@ -432,6 +490,8 @@ def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") 
         quic=_quicAddresses(server.get("quic", True), listen),
         acme=acme,
         router=parseRouter(data.get("router"), base),
+        limits=parseLimits(data.get("limits")),
+        stateDir=_resolvePath(base, server.get("state_dir", "state"), "server.state_dir", mustExist=False),
     )
     if config.router is not None and config.router.h3 is not None and not config.quic:
         raise ConfigError("router.h3: an HTTP/3 answer needs QUIC (server.quic is false)")

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from twisted.trial.unittest import SynchronousTestCase
 
 from tpproxy.config import (
+    LimitsConfig,
     ClientConfig,
     ConfigError,
     ServerConfig,
@@ -593,3 +594,58 @@ class RouterConfigTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             self.pki.serverConfig(quic=False, router={"backend": "tcp:127.0.0.1:1", "h3": {"redirect": "https://x.example/"}})
         self.assertIn("needs QUIC", str(caught.exception))
+
+
+class LimitsConfigTests(ServerConfigMixin, SynchronousTestCase):
+    """
+    C{[limits]} and C{server.state_dir}.
+    """
+
+    def test_defaults(self) -> None:
+        """
+        Without C{[limits]} the documented defaults apply, and the state
+        directory is C{state} beside the config file.
+        """
+        config = self.parse()
+        self.assertEqual(config.limits, LimitsConfig())
+        self.assertEqual(
+            (config.limits.handshakes, config.limits.handshakesPerSource, config.limits.quicRetryAbove, config.limits.backlog),
+            (2048, 64, 64, 1024),
+        )
+        self.assertEqual(config.stateDir, str((self.directory / "state").resolve()))
+
+    def test_values(self) -> None:
+        """
+        Each key sets its field; C{quic_retry_above} may be 0 (always Retry).
+        """
+        data = {
+            "server": self.table(state_dir="var/tp"),
+            "limits": {
+                "handshakes": 10,
+                "handshakes_per_source": 2,
+                "quic_handshakes": 11,
+                "quic_handshakes_per_source": 3,
+                "quic_retry_above": 0,
+                "backlog": 4096,
+            },
+        }
+        config = self.parse(data)
+        self.assertEqual(config.limits, LimitsConfig(10, 2, 11, 3, 0, 4096))
+        self.assertEqual(config.stateDir, str((self.directory / "var/tp").resolve()))
+
+    def test_errors(self) -> None:
+        """
+        Unknown keys, non-integers, booleans and out-of-range numbers are
+        refused, naming the key.
+        """
+        for table, message in (
+            ({"handshake": 1}, "limits: unknown key(s) handshake"),
+            ({"backlog": 0}, "limits.backlog: expected a whole number from 1 to 1000000, got 0"),
+            ({"handshakes": True}, "limits.handshakes: expected a whole number from 1 to 1000000, got True"),
+            ({"handshakes_per_source": 1.5}, "limits.handshakes_per_source: expected a whole number"),
+            ({"quic_retry_above": -1}, "limits.quic_retry_above: expected a whole number from 0 to 1000000, got -1"),
+            ({"quic_handshakes": 10**7}, "limits.quic_handshakes: expected a whole number from 1 to 1000000"),
+        ):
+            self.assertConfigError(message, self.parse, {"server": self.table(), "limits": table})
+        self.assertConfigError("limits: expected a table", self.parse, {"server": self.table(), "limits": 3})
+        self.assertConfigError("server.state_dir: expected a file path", self.parse, state_dir="")
