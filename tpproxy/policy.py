@@ -199,17 +199,19 @@ class Policy:
                 return Decision(True, f"allowed by {rule.describe()}", rule.index)
         return Decision(False, f"no exposure rule lets {identity} expose the name {name}")
 
-    def mayDialName(self, identity: str, name: str) -> Decision:
+    def mayDialExposure(self, rule: int, identity: str, name: str) -> Decision:
         """
-        May C{identity} reach the E2E exposure C{name}?  The first exposure
-        rule whose C{names} match decides, by its C{dialers}.
+        May C{identity} reach the E2E exposure C{name} that exposure rule
+        number C{rule} (an index into C{exposures}) let its exposer make?
+        The dialers of an exposure are those of the rule that authorized
+        its exposer for its name (L{mayExposeName}'s decision), never of
+        another rule that happens to match the name: each exposer's rule
+        speaks for its own exposures only (docs/policy.md).
         """
-        for rule in self.exposures:
-            if any(fnmatchcase(name, n) for n in rule.names):
-                if _anyIdentity(rule.dialers, identity):
-                    return Decision(True, f"allowed by {rule.describe()}", rule.index)
-                return Decision(False, f"{identity} is not among the dialers of {name} ({rule.describe()})", rule.index)
-        return Decision(False, f"no exposure rule covers {name}")
+        granting = self.exposures[rule]
+        if _anyIdentity(granting.dialers, identity):
+            return Decision(True, f"allowed by {granting.describe()}", rule)
+        return Decision(False, f"{identity} is not among the dialers of {name} ({granting.describe()})", rule)
 
     def precheck(self, identity: str, host: str, port: int, transport: str) -> Decision:
         """

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .certsource import CertificateUnavailable, ICertificateSource
-from .policy import Policy
+from .policy import Decision, Policy
 from .protocols.relay import RelayEnd, noDelay, splice
 from .wire import ErrorCode
 
@@ -71,6 +71,9 @@ class Exposure:
     name: str | None = None
     listening: Any = None
     sessions: set[str] = field(default_factory=set)
+    #: The index of the exposure rule that let C{owner} expose C{name}:
+    #: its dialers, and no other rule's, may dial this exposure.
+    rule: int | None = None
 
     def describe(self) -> str:
         return f"public port {self.port}" if self.mode == "public" else f"E2E name {self.name}"
@@ -194,7 +197,8 @@ class Registry:
         if self.serverTLS.servesOwnName(name):
             raise ReverseError(ErrorCode.FORBIDDEN, f"{name} is a name of TP itself and cannot be exposed")
         self._takeOver(self.byName.get(name), identity, f"E2E name {name}", ErrorCode.NAME_TAKEN)
-        exposure = Exposure(owner=identity, mode="e2e", control=control, name=name)
+        assert decision.rule is not None
+        exposure = Exposure(owner=identity, mode="e2e", control=control, name=name, rule=decision.rule)
         # Hold the name while the certificate is fetched.
         self.byName[name] = exposure
         try:
@@ -205,7 +209,7 @@ class Registry:
             raise ReverseError(ErrorCode.NO_CERTIFICATE, f"no certificate for {name}: {e}") from None
         if self.byName.get(name) is not exposure:
             raise ReverseError(ErrorCode.NAME_TAKEN, f"E2E name {name} was taken meanwhile")
-        self.serverTLS.addName(name, chain, key, lambda ident: self.policy.mayDialName(ident, name))
+        self.serverTLS.addName(name, chain, key, lambda ident: self.mayDial(exposure, ident))
         return exposure
 
     def remove(self, exposure: Exposure) -> None:
@@ -228,6 +232,17 @@ class Registry:
                 self._spend(sid, "exposure closed")
                 pending.dialer.sessionFailed(ErrorCode.NOT_ACCEPTED, f"the {exposure.describe()} went away")
         exposure.sessions.clear()
+
+    def mayDial(self, exposure: Exposure, identity: str) -> Decision:
+        """
+        May C{identity} dial the E2E C{exposure}?  Asked by every path to
+        it (the handshake of a direct SNI dialer, the inner handshake in a
+        TP tunnel, and again before the exposer is asked), always of the
+        rule that authorized this exposure's owner for its name.
+        """
+        if exposure.rule is None or exposure.name is None:
+            return Decision(False, f"the {exposure.describe()} has no dialers")
+        return self.policy.mayDialExposure(exposure.rule, identity, exposure.name)
 
     def nameExposure(self, name: str) -> Exposure | None:
         return self.byName.get(name.lower().rstrip("."))

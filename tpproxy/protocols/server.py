@@ -410,7 +410,7 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
         assert self.identity is not None
         # The handshake already ran the name's dialers check; checking again
         # here keeps a context mix-up from ever letting a dialer through.
-        decision = self.factory.config.policy.mayDialName(self.identity.name, name)
+        decision = self.factory.registry.mayDial(exposure, self.identity.name)
         if not decision.allowed:
             self._closeWith("forbidden", decision.reason)
             return True
@@ -567,7 +567,7 @@ class E2EDialer(RelayEnd):
         self.outer.detail = f"inner identity {identity}"
         self.outer.result = "aborted"
         self.transport.pauseProducing()  # type: ignore[union-attr]
-        decision = self.outer.factory.config.policy.mayDialName(identity, self.exposure.name)
+        decision = self.outer.factory.registry.mayDial(self.exposure, identity)
         if not decision.allowed:
             self.sessionFailed(ErrorCode.FORBIDDEN, f"not allowed to dial {self.exposure.name}: {decision.reason}")
             return

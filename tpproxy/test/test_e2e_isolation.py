@@ -21,7 +21,6 @@ from tpproxy.testing import REVERSE_RULES
 from tpproxy.tls import clientTLS, loadCertificates, loadKey
 from tpproxy.wire import ClientHello
 
-from .support import deferLater
 from .test_reverse import ControlClient, ReverseTestCase
 
 
@@ -89,6 +88,25 @@ class InnerTLSTests(ReverseTestCase):
         )
 
     @defer.inlineCallbacks
+    def assertOnlyAliceArrives(self, control: Any, name: str) -> Any:
+        """
+        alice, an allowed dialer, dials C{name}: her incoming event must be
+        the first and only one its exposer hears, so an event caused by an
+        earlier refused attempt would show up here.
+        """
+        openTunnel(
+            reactor,
+            ServerAddress("localhost", self.port),
+            self.opts("alice", "localhost"),
+            ClientHello.connect(name, 443),
+            innerTLS=lambda inner: self.opts("alice", inner),
+            timeout=5,
+        ).addErrback(lambda f: None)
+        event = yield control.incoming.get()
+        self.assertEqual(event.get("identity"), "alice")
+        self.assertEqual(control.incoming.pending, [])
+
+    @defer.inlineCallbacks
     def test_innerSNICannotPickAnotherName(self) -> Any:
         """
         Mallory may dial open.localhost but not secret.localhost.  A tunnel
@@ -101,9 +119,8 @@ class InnerTLSTests(ReverseTestCase):
         opened = yield self.register("open.localhost")
         self.assertTrue((yield opened.answer).ok)
         yield self.assertFailure(self.tunnel("secret.localhost", lambda name: self.opts("mallory", "open.localhost")), TunnelError)
-        yield deferLater(0.3)
-        self.assertEqual(secret.incoming.pending, [])
-        self.assertEqual(opened.incoming.pending, [])
+        yield self.assertOnlyAliceArrives(secret, "secret.localhost")
+        yield self.assertOnlyAliceArrives(opened, "open.localhost")
 
     @defer.inlineCallbacks
     def test_innerSameNameStillChecked(self) -> Any:
@@ -113,8 +130,7 @@ class InnerTLSTests(ReverseTestCase):
         secret = yield self.register("secret.localhost")
         self.assertTrue((yield secret.answer).ok)
         yield self.assertFailure(self.tunnel("secret.localhost", lambda name: self.opts("mallory", name)), TunnelError)
-        yield deferLater(0.3)
-        self.assertEqual(secret.incoming.pending, [])
+        yield self.assertOnlyAliceArrives(secret, "secret.localhost")
 
     @defer.inlineCallbacks
     def test_noACMEChallengeInsideATunnel(self) -> Any:
@@ -128,8 +144,7 @@ class InnerTLSTests(ReverseTestCase):
         self.factory.wrappedFactory.serverTLS.challengeCertificates["localhost"] = tlsALPNCertificate("localhost", "tok.thumb")
         failure = yield self.assertFailure(self.tunnel("open.localhost", lambda name: ValidatorLike(b"localhost")), TunnelError)
         self.assertIn("certificate required", str(failure))
-        yield deferLater(0.3)
-        self.assertEqual(opened.incoming.pending, [])
+        yield self.assertOnlyAliceArrives(opened, "open.localhost")
         self.assertEqual(self.flushLoggedErrors(), [])
 
     @defer.inlineCallbacks
