@@ -75,3 +75,53 @@ class HalfOpenCounter:
         else:
             del self.bySource[prefix]
         self.count -= 1
+
+
+class TokenBucket:
+    """
+    At most C{rate} events a second on average, C{burst} at once: for
+    answers TP sends to packets it cannot authenticate (QUIC stateless
+    resets), so that TP is no reflector.  The caller passes the time.
+    """
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.last: float | None = None
+
+    def take(self, now: float) -> bool:
+        """
+        Spend one token if there is one.
+        """
+        if self.last is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class RateLimitedLog:
+    """
+    One log line per C{interval} for a kind of event that a flood makes
+    by the thousand: the first at once, then a count of the rest.
+    """
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self.suppressed = 0
+        self.last: float | None = None
+
+    def due(self, now: float) -> int | None:
+        """
+        Record one event: return how many events to report now (this one
+        and those suppressed since the last report), or C{None} to stay
+        quiet.
+        """
+        if self.last is not None and now - self.last < self.interval:
+            self.suppressed += 1
+            return None
+        count, self.suppressed, self.last = self.suppressed + 1, 0, now
+        return count

@@ -13,12 +13,16 @@ write coalescing under TP's control.
 from __future__ import annotations
 
 import dataclasses
-
 import datetime
+import hashlib
+import hmac
+import ipaddress
+import os
+from pathlib import Path
 from typing import Any, Callable
 
 from aioquic import tls
-from aioquic.buffer import Buffer
+from aioquic.buffer import Buffer, BufferReadError
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import (
@@ -26,9 +30,11 @@ from aioquic.quic.connection import (
     QuicConnection,
     QuicFrameType,
 )
-from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation, pull_quic_header
+from aioquic.quic.packet import QuicPacketType, encode_quic_retry, encode_quic_version_negotiation, pull_quic_header
 from cryptography import x509
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -38,7 +44,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .config import LimitsConfig
 from .h3 import H3_ALPN, H3Responder, H3Response
+from .limits import HalfOpenCounter, RateLimitedLog, TokenBucket, sourcePrefix
 from .pki import identityOf
 from .tls import ClientCertChecker
 from .wire import ALPN
@@ -99,6 +107,103 @@ class ClientVerifier:
         return self.checker.refusal(leaf)
 
 
+#: How long a Retry token is good for: a client answers a Retry at once.
+RETRY_TOKEN_LIFETIME = 10.0
+#: Stateless resets TP sends, a second on average and at once.
+RESET_RATE = 100.0
+RESET_BURST = 200.0
+#: The file, in TP's state directory, of the stateless-reset secret.
+RESET_SECRET_FILE = "quic-reset.key"
+
+
+def resetToken(secret: bytes, cid: bytes) -> bytes:
+    """
+    The stateless reset token (RFC 9000 §10.3) of connection ID C{cid}:
+    derived from TP's secret, so that TP can still compute it after a
+    restart that forgot the connection.
+    """
+    return hmac.new(secret, b"tp stateless reset\0" + cid, hashlib.sha256).digest()[:16]
+
+
+def loadResetSecret(stateDir: str | None) -> bytes:
+    """
+    The 32-byte stateless-reset secret kept in C{stateDir} (made 0700, the
+    file 0600, on first use).  Without a state directory, or if it cannot
+    be written, a secret for this process only: resets then work until TP
+    restarts, and a warning says so.
+    """
+    if stateDir is None:
+        return os.urandom(32)
+    path = Path(stateDir) / RESET_SECRET_FILE
+    try:
+        data = path.read_bytes()
+        if len(data) == 32:
+            return data
+        log.warn("Ignoring {path}: not a 32-byte secret; making a new one", path=str(path))
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warn("Cannot read {path} ({error}): QUIC stateless resets will not survive a restart", path=str(path), error=e)
+        return os.urandom(32)
+    secret = os.urandom(32)
+    try:
+        Path(stateDir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".new")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secret)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except OSError as e:
+        log.warn("Cannot write {path} ({error}): QUIC stateless resets will not survive a restart", path=str(path), error=e)
+    return secret
+
+
+def _packedAddress(addr: Any) -> bytes:
+    return ipaddress.ip_address(addr[0].split("%", 1)[0]).packed + int(addr[1]).to_bytes(2, "big")
+
+
+class RetryTokens:
+    """
+    Address-validation tokens of TP's stateless Retry (RFC 9000 §8.1.2):
+    AES-GCM under a key of this listener, binding the client's address and
+    port, the original and the Retry connection IDs, and the time of issue.
+    """
+
+    def __init__(self, lifetime: float = RETRY_TOKEN_LIFETIME) -> None:
+        self.lifetime = lifetime
+        self._aead = AESGCM(AESGCM.generate_key(bit_length=128))
+
+    def create(self, addr: Any, originalCID: bytes, retryCID: bytes, now: float) -> bytes:
+        plain = bytes([len(originalCID)]) + originalCID + bytes([len(retryCID)]) + retryCID + int(now * 1000).to_bytes(8, "big")
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, plain, _packedAddress(addr))
+
+    def validate(self, addr: Any, destinationCID: bytes, token: bytes, now: float) -> bytes:
+        """
+        Return the original destination connection ID the token carries, or
+        raise L{ValueError} if it is forged, for another address, for
+        another Retry connection ID, or expired.
+        """
+        if len(token) < 12 + 16:
+            raise ValueError("token too short")
+        try:
+            plain = self._aead.decrypt(token[:12], token[12:], _packedAddress(addr))
+        except (InvalidTag, ValueError):
+            raise ValueError("token not valid for this address") from None
+        n = plain[0]
+        original = plain[1 : 1 + n]
+        m = plain[1 + n]
+        retryCID = plain[2 + n : 2 + n + m]
+        issued = int.from_bytes(plain[2 + n + m : 10 + n + m], "big") / 1000
+        if retryCID != destinationCID:
+            raise ValueError("token not for this connection ID")
+        if not 0 <= now - issued <= self.lifetime:
+            raise ValueError("token expired")
+        return original
+
+
 class TPQuicConnection(QuicConnection):
     """
     aioquic's connection with TP's changes: the server requests and
@@ -124,9 +229,39 @@ class TPQuicConnection(QuicConnection):
     #: requested, and the connection's receive budget (MAX_DATA) is fixed.
     tpAnonymous = False
 
-    def __init__(self, *a: Any, **kw: Any) -> None:
+    #: The listener's stateless-reset secret: the server's connection IDs
+    #: get tokens derived from it (L{resetToken}) instead of random ones.
+    tpResetSecret: bytes | None = None
+
+    def __init__(self, *a: Any, resetSecret: bytes | None = None, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self.tpConsumed: dict[int, int] = {}
+        if resetSecret is not None and not self._is_client:
+            self.tpResetSecret = resetSecret
+            self._deriveResetTokens()
+
+    def _deriveResetTokens(self) -> None:
+        secret = self.tpResetSecret
+        assert secret is not None
+        for cid in self._host_cids:
+            cid.stateless_reset_token = resetToken(secret, cid.cid)
+
+    def _replenish_connection_ids(self) -> None:
+        super()._replenish_connection_ids()
+        if self.tpResetSecret is not None:
+            self._deriveResetTokens()
+
+    def isStatelessReset(self, data: bytes) -> bool:
+        """
+        Client side: is C{data} a stateless reset from the server, i.e. a
+        short-header datagram ending with the reset token the server gave
+        for one of the connection IDs we may send to?
+        """
+        if len(data) < 21 or data[0] & 0x80:
+            return False
+        tail = data[-16:]
+        peers = [getattr(self, "_peer_cid", None)] + list(getattr(self, "_peer_cid_available", []))
+        return any(c is not None and c.stateless_reset_token and hmac.compare_digest(c.stateless_reset_token, tail) for c in peers)
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
@@ -629,12 +764,77 @@ class ServerSession(QuicSession):
     #: The HTTP/3 responder of an h3 connection, else C{None}.
     responder: H3Responder | None = None
 
-    def __init__(self, listener: QuicListener, conn: TPQuicConnection, peer: Any) -> None:
+    def __init__(self, listener: QuicListener, conn: TPQuicConnection, peer: Any, prefix: str = "") -> None:
         super().__init__(conn, listener.sendDatagram, listener.reactor, peer)
         self.listener = listener
         self.localAddress = listener.transport.getHost() if listener.transport else None
         self.identity: str | None = None
         self.started = listener.reactor.seconds()
+        #: The source prefix this connection counts against while half-open.
+        self.prefix = prefix
+        #: Until the handshake completes: a place in the listener's count
+        #: of half-open connections, and a deadline.
+        self.halfOpen = False
+        self.deadline: Any = None
+        #: The connection IDs under which the listener knows this session.
+        self.cids: set[bytes] = set()
+
+    def firstDatagram(self, data: bytes, addr: Any) -> bool:
+        """
+        Feed the datagram that made this session.  C{False} if nothing came
+        of it (it did not decrypt, or held nothing to answer): the listener
+        then drops the session, which has sent nothing and set no timer.
+        """
+        now = self.clock.seconds()
+        self.conn.receive_datagram(data, addr, now=now)
+        out = self.conn.datagrams_to_send(now=now)
+        if not out:
+            return False
+        for datagram, to in out:
+            self.send(datagram, to)
+        self.process()
+        return not self.closed
+
+    def startDeadline(self, timeout: float) -> None:
+        self.halfOpen = True
+        self.deadline = self.clock.callLater(timeout, self.handshakeExpired, timeout)
+
+    def handshakeExpired(self, timeout: float) -> None:
+        """
+        The handshake did not complete in time: close, and forget at once
+        (no draining period for a connection that never authenticated).
+        """
+        self.deadline = None
+        self._auditFailure(f"no QUIC handshake within {timeout:g} s")
+        self.close(CLOSE_REFUSED, "handshake timeout")
+        self.listener.forget(self)
+        self.abandon()
+
+    def _auditFailure(self, detail: str) -> None:
+        from .protocols.server import audit
+
+        audit.info(
+            "{identity} {destination}: {result}{detail_sep}{detail}",
+            event="quic",
+            peer=str(_address(self.peer)),
+            identity=None,
+            serial=None,
+            destination=None,
+            transport="quic",
+            address=None,
+            result="handshake_failed",
+            detail=detail,
+            detail_sep=" - ",
+            bytes_up=0,
+            bytes_down=0,
+            duration=round(self.listener.reactor.seconds() - self.started, 3),
+        )
+
+    def abandon(self) -> None:
+        super().abandon()
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+        self.deadline = None
 
     def handleEvent(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.ProtocolNegotiated):
@@ -648,6 +848,7 @@ class ServerSession(QuicSession):
         super().handleEvent(event)
 
     def handshakeCompleted(self, event: events.HandshakeCompleted) -> None:
+        self.listener.handshakeDone(self)
         if event.alpn_protocol != TP_ALPN:
             if self.responder is None:
                 # Cannot happen: the listener offers h3 only with a responder.
@@ -676,11 +877,10 @@ class ServerSession(QuicSession):
         return stream
 
     def connectionIdIssued(self, cid: bytes) -> None:
-        self.listener.sessions[cid] = self
+        self.listener.register(self, cid)
 
     def connectionIdRetired(self, cid: bytes) -> None:
-        if self.listener.sessions.get(cid) is self:
-            del self.listener.sessions[cid]
+        self.listener.unregister(self, cid)
 
     def terminated(self, event: events.ConnectionTerminated) -> None:
         super().terminated(event)
@@ -693,24 +893,7 @@ class ServerSession(QuicSession):
                 reason=event.reason_phrase or f"error {event.error_code:#x}",
             )
         elif refusal is not None or self.identity is None:
-            from .protocols.server import audit
-
-            audit.info(
-                "{identity} {destination}: {result}{detail_sep}{detail}",
-                event="quic",
-                peer=str(_address(self.peer)),
-                identity=None,
-                serial=None,
-                destination=None,
-                transport="quic",
-                address=None,
-                result="handshake_failed",
-                detail=refusal or f"QUIC handshake failed: {event.reason_phrase or event.error_code}",
-                detail_sep=" - ",
-                bytes_up=0,
-                bytes_down=0,
-                duration=round(self.listener.reactor.seconds() - self.started, 3),
-            )
+            self._auditFailure(refusal or f"QUIC handshake failed: {event.reason_phrase or event.error_code}")
         self.listener.forget(self)
         self.abandon()
 
@@ -744,7 +927,15 @@ class QuicListener(DatagramProtocol):
     """
 
     def __init__(
-        self, reactor: Any, configuration: QuicConfiguration, verifier: ClientVerifier, factory: Any, h3: H3Response | None = None
+        self,
+        reactor: Any,
+        configuration: QuicConfiguration,
+        verifier: ClientVerifier,
+        factory: Any,
+        h3: H3Response | None = None,
+        limits: LimitsConfig | None = None,
+        handshakeTimeout: float = 10.0,
+        resetSecret: bytes | None = None,
     ) -> None:
         protocols = list(configuration.alpn_protocols or [])
         if h3 is not None and H3_ALPN not in protocols:
@@ -757,6 +948,16 @@ class QuicListener(DatagramProtocol):
         self.verifier = verifier
         self.factory = factory
         self.sessions: dict[bytes, ServerSession] = {}
+        self.limits = limits if limits is not None else LimitsConfig()
+        self.handshakeTimeout = handshakeTimeout
+        #: Half-open connections (docs/hardening.md), against the caps.
+        self.halfOpen = HalfOpenCounter(self.limits.quicHandshakes, self.limits.quicHandshakesPerSource)
+        self.retryTokens = RetryTokens()
+        self.resetSecret = resetSecret if resetSecret is not None else os.urandom(32)
+        self.resets = TokenBucket(RESET_RATE, RESET_BURST)
+        self._refusals = RateLimitedLog()
+        #: What the listener turned away, by kind (for logs and benchmarks).
+        self.dropped: dict[str, int] = {}
 
     def setCertificate(self, chain: list[x509.Certificate], key: Any) -> None:
         """
@@ -799,31 +1000,137 @@ class QuicListener(DatagramProtocol):
             )
             return
         session = self.sessions.get(header.destination_cid)
-        if session is None:
-            if len(data) < 1200 or header.packet_type != QuicPacketType.INITIAL:
+        if session is not None:
+            session.datagramReceived(data, addr)
+            return
+        if not data[0] & 0x80:
+            self._statelessReset(header.destination_cid, len(data), addr)
+            return
+        if len(data) < 1200 or header.packet_type != QuicPacketType.INITIAL:
+            return
+        self._newConnection(header, data, addr)
+
+    def _drop(self, kind: str) -> None:
+        self.dropped[kind] = self.dropped.get(kind, 0) + 1
+
+    def _newConnection(self, header: Any, data: bytes, addr: Any) -> None:
+        """
+        An Initial for no known connection: validate the address (Retry)
+        when many handshakes are open, take a half-open place, and keep a
+        session only if the datagram decrypts and gets an answer.
+        """
+        now = self.reactor.seconds()
+        originalCID = header.destination_cid
+        retryCID = None
+        if header.token:
+            try:
+                originalCID = self.retryTokens.validate(addr, header.destination_cid, header.token, now)
+            except ValueError as e:
+                # Forged, replayed from elsewhere, or late: no state, no
+                # answer (an answer would serve a spoofed source).
+                self._drop("bad_token")
+                log.debug("QUIC Initial from {addr} with a bad token: {why}", addr=addr, why=e)
                 return
-            conn = TPQuicConnection(
-                configuration=self.configuration,
-                original_destination_connection_id=header.destination_cid,
+            retryCID = header.destination_cid
+        elif self.halfOpen.count >= self.limits.quicRetryAbove:
+            self._drop("retry")
+            newCID = os.urandom(self.configuration.connection_id_length)
+            self.sendDatagram(
+                encode_quic_retry(
+                    version=header.version,
+                    source_cid=newCID,
+                    destination_cid=header.source_cid,
+                    original_destination_cid=header.destination_cid,
+                    retry_token=self.retryTokens.create(addr, header.destination_cid, newCID, now),
+                ),
+                addr,
             )
-            conn.tpVerifier = self.verifier
-            if self.h3 is not None:
-                conn.tpAnonymousAlpn = frozenset({H3_ALPN})
-            session = ServerSession(self, conn, addr)
-            self.sessions[header.destination_cid] = session
-            self.sessions[conn.host_cid] = session
-        session.datagramReceived(data, addr)
+            return
+        prefix = sourcePrefix(addr[0])
+        refusal = self.halfOpen.admit(prefix)
+        if refusal is not None:
+            self._drop("cap")
+            count = self._refusals.due(now)
+            if count is not None:
+                log.warn("QUIC: turned away {count} new connection(s): {reason}", count=count, reason=refusal)
+            return
+        conn = TPQuicConnection(
+            configuration=self.configuration,
+            original_destination_connection_id=originalCID,
+            retry_source_connection_id=retryCID,
+            resetSecret=self.resetSecret,
+        )
+        conn.tpVerifier = self.verifier
+        if self.h3 is not None:
+            conn.tpAnonymousAlpn = frozenset({H3_ALPN})
+        session = ServerSession(self, conn, addr, prefix)
+        session.startDeadline(self.handshakeTimeout)
+        self.register(session, header.destination_cid)
+        self.register(session, conn.host_cid)
+        try:
+            kept = session.firstDatagram(data, addr)
+        except (ValueError, BufferReadError, AssertionError) as e:
+            log.debug("QUIC Initial from {addr} broke the engine: {error}", addr=addr, error=e)
+            kept = False
+        if not kept:
+            self._drop("undecryptable")
+            self.forget(session)
+            session.abandon()
+
+    def register(self, session: ServerSession, cid: bytes) -> None:
+        self.sessions[cid] = session
+        session.cids.add(cid)
+
+    def unregister(self, session: ServerSession, cid: bytes) -> None:
+        if self.sessions.get(cid) is session:
+            del self.sessions[cid]
+        session.cids.discard(cid)
+
+    def handshakeDone(self, session: ServerSession) -> None:
+        """
+        C{session} finished its handshake: it is half-open no more.
+        """
+        if session.halfOpen:
+            session.halfOpen = False
+            self.halfOpen.release(session.prefix)
+        if session.deadline is not None and session.deadline.active():
+            session.deadline.cancel()
+        session.deadline = None
 
     def forget(self, session: ServerSession) -> None:
-        for cid, s in list(self.sessions.items()):
-            if s is session:
+        """
+        C{session} has ended: drop its connection IDs (O(1) in the number
+        of sessions) and its half-open place.
+        """
+        for cid in session.cids:
+            if self.sessions.get(cid) is session:
                 del self.sessions[cid]
+        session.cids = set()
+        self.handshakeDone(session)
+
+    def _statelessReset(self, cid: bytes, size: int, addr: Any) -> None:
+        """
+        A short-header packet for a connection TP does not know (after a
+        restart, say): answer with a stateless reset (RFC 9000 §10.3), so
+        the peer gives up at once instead of at its idle timeout.  Smaller
+        than the packet that caused it (no loops, no amplification), at
+        least 21 bytes, and rate-limited.
+        """
+        if len(cid) != self.configuration.connection_id_length or size <= 21:
+            return
+        if not self.resets.take(self.reactor.seconds()):
+            self._drop("reset_limited")
+            return
+        length = min(size - 1, 43)
+        first = 0x40 | (os.urandom(1)[0] & 0x3F)
+        self.sendDatagram(bytes([first]) + os.urandom(length - 17) + resetToken(self.resetSecret, cid), addr)
 
     def stopProtocol(self) -> None:
         reason = Failure(ConnectionLost("the QUIC listener stopped"))
         for session in set(self.sessions.values()):
             session.close(0, "server shutting down")
             session.abandon()
+            self.handshakeDone(session)
             for stream in list(session.streams.values()):
                 stream._lose(reason)
         self.sessions.clear()
@@ -870,6 +1177,18 @@ class ClientSession(QuicSession):
     def handshakeCompleted(self, event: events.HandshakeCompleted) -> None:
         if not self.ready.called:
             self.ready.callback(self)
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        if not self.abandoned and self.conn.isStatelessReset(data):
+            # TP no longer knows this connection (it restarted): end now,
+            # not at the idle timeout, so that a reconnect can follow.
+            self.terminated(
+                events.ConnectionTerminated(
+                    error_code=0, frame_type=None, reason_phrase="stateless reset: TP no longer knows this connection (restarted?)"
+                )
+            )
+            return
+        super().datagramReceived(data, addr)
 
     def terminated(self, event: events.ConnectionTerminated) -> None:
         super().terminated(event)

@@ -20,7 +20,7 @@ from .pki import CertificateAuthority
 from . import router
 from .reverse import Registry
 from .protocols.server import TPServerFactory
-from .quic import ClientVerifier, QuicListener, serverConfiguration
+from .quic import ClientVerifier, QuicListener, loadResetSecret, serverConfiguration
 from .tls import ClientCertChecker, ServerTLS, TLSFactory, loadCertificates, loadKey
 
 log = Logger()
@@ -113,16 +113,22 @@ def makeServerFactory(config: ServerConfig, reactor: Any, clock: Any = None) -> 
     return tlsFactory
 
 
-def makeQuicListener(config: ServerConfig, reactor: Any, factory: TPServerFactory) -> QuicListener:
+def makeQuicListener(config: ServerConfig, reactor: Any, factory: TPServerFactory, resetSecret: bytes | None = None) -> QuicListener:
     """
     A QUIC listener serving streams with C{factory}, verifying client
-    certificates with the same CAs, CRL and deny list as the TLS listener.
+    certificates with the same CAs, CRL and deny list as the TLS listener,
+    with the half-open limits and handshake timeout of C{config}, and the
+    stateless-reset secret of its state directory (unless given).
     """
     tlsContext = factory.serverTLS
     verifier = ClientVerifier(tlsContext.clientCAs, tlsContext.checker, reactor)
     configuration = serverConfiguration(tlsContext.chain, tlsContext.key)
     h3 = config.router.h3 if config.router is not None else None
-    return QuicListener(reactor, configuration, verifier, factory, h3=h3)
+    if resetSecret is None:
+        resetSecret = loadResetSecret(config.stateDir)
+    return QuicListener(
+        reactor, configuration, verifier, factory, h3=h3, limits=config.limits, handshakeTimeout=config.handshakeTimeout, resetSecret=resetSecret
+    )
 
 
 class UDPListenerService(service.Service):
@@ -215,9 +221,10 @@ def makeService(config: ServerConfig, reactor: Any = None, clock: Any = None) ->
         listener.setName(f"tls:{description}")
         listener.setServiceParent(top)
     quicListeners = []
+    resetSecret = loadResetSecret(config.stateDir) if config.quic else None
     for address in config.quic:
         # One listener per socket: a DatagramProtocol has one transport.
-        quic = makeQuicListener(config, reactor, factory.wrappedFactory)
+        quic = makeQuicListener(config, reactor, factory.wrappedFactory, resetSecret)
         quicListeners.append(quic)
         udp = UDPListenerService(reactor, address, quic)
         udp.setName(f"quic:{address[0]}:{address[1]}")

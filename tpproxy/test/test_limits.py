@@ -62,3 +62,33 @@ class HalfOpenCounterTests(SynchronousTestCase):
         counter = HalfOpenCounter(total=2, perSource=2)
         self.assertRaises(ValueError, counter.release, "a")
         self.assertEqual(counter.count, 0)
+
+
+class TokenBucketTests(SynchronousTestCase):
+    def test_burstThenRate(self) -> None:
+        """
+        A full bucket allows C{burst} at once, then C{rate} a second.
+        """
+        from tpproxy.limits import TokenBucket
+
+        bucket = TokenBucket(rate=2, burst=3)
+        self.assertEqual([bucket.take(100.0) for _ in range(4)], [True, True, True, False])
+        self.assertFalse(bucket.take(100.4))
+        self.assertTrue(bucket.take(100.5))
+        self.assertFalse(bucket.take(100.5))
+        self.assertEqual(sum(bucket.take(1000.0) for _ in range(10)), 3)
+
+
+class RateLimitedLogTests(SynchronousTestCase):
+    def test_countsSuppressed(self) -> None:
+        """
+        The first event is reported at once; those within the interval are
+        counted into the next report.
+        """
+        from tpproxy.limits import RateLimitedLog
+
+        limited = RateLimitedLog(interval=10)
+        self.assertEqual(limited.due(0.0), 1)
+        self.assertEqual([limited.due(t) for t in (1.0, 2.0, 9.9)], [None, None, None])
+        self.assertEqual(limited.due(10.0), 4)
+        self.assertIsNone(limited.due(15.0))
