@@ -968,15 +968,23 @@ class QuicListener(DatagramProtocol):
             self.configuration, certificate=chain[0], certificate_chain=chain[1:], private_key=key
         )
 
+    #: The UDP port, kept past C{transport}: Twisted's DatagramProtocol
+    #: drops C{transport} just before L{stopProtocol}, while the socket is
+    #: still open, and the goodbyes of a stopping server go out then.
+    _port: Any = None
+
     def startProtocol(self) -> None:
+        self._port = self.transport
         _bigBuffers(self.transport)
 
     def sendDatagram(self, data: bytes, addr: Any) -> None:
-        if self.transport is None:
+        port = self.transport if self.transport is not None else self._port
+        if port is None:
             return
         try:
-            self.transport.write(data, addr)
-        except OSError as e:
+            port.write(data, addr)
+        except (OSError, AttributeError) as e:
+            # AttributeError: the port's socket is already gone.
             log.debug("QUIC send to {addr} failed: {error}", addr=addr, error=e)
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
@@ -1126,6 +1134,11 @@ class QuicListener(DatagramProtocol):
         self.sendDatagram(bytes([first]) + os.urandom(length - 17) + resetToken(self.resetSecret, cid), addr)
 
     def stopProtocol(self) -> None:
+        """
+        The listener stops (TP shuts down or restarts): every connection
+        is told at once with CONNECTION_CLOSE, so that exposers and clients
+        reconnect without waiting for their idle timeout.
+        """
         reason = Failure(ConnectionLost("the QUIC listener stopped"))
         for session in set(self.sessions.values()):
             session.close(0, "server shutting down")
@@ -1134,6 +1147,7 @@ class QuicListener(DatagramProtocol):
             for stream in list(session.streams.values()):
                 stream._lose(reason)
         self.sessions.clear()
+        self._port = None
 
 
 # --- the client ---------------------------------------------------------------
@@ -1227,6 +1241,14 @@ class ClientSession(QuicSession):
             if not self.done.called:
                 self.done.callback(None)
 
+    def socketLost(self, socket: ClientSocket) -> None:
+        if socket is not self.socket or self.closed:
+            return
+        if not self.ready.called:
+            self.unreachable("UDP port unreachable (no QUIC listener, or UDP blocked)")
+        else:
+            self.rebind()
+
     def newStream(self, streamId: int) -> QuicStreamTransport | None:
         """
         A stream TP opened: an incoming session of a reverse tunnel whose
@@ -1282,6 +1304,22 @@ class ClientSocket(DatagramProtocol):
     def connectionRefused(self) -> None:
         if self.session is not None:
             self.session.unreachable("UDP port unreachable (no QUIC listener, or UDP blocked)")
+
+    def stopProtocol(self) -> None:
+        """
+        The UDP port closed without L{stop}: Twisted's epoll reactor closes
+        a connected UDP socket when an ICMP "port unreachable" comes back
+        (it sees only the error event), instead of calling
+        C{connectionRefused}.  Before the handshake that is a refusal; after
+        it (TP restarting, say), carry on from a new socket, so that the
+        connection ends by a stateless reset or CONNECTION_CLOSE from TP,
+        never by a forged ICMP.
+        """
+        if self.port is None or self.session is None:
+            return
+        self.port = None
+        session = self.session
+        session.reactor.callLater(0, session.socketLost, self)
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         if self.session is not None:
