@@ -215,7 +215,9 @@ class ClientHello:
     """
     The first message of a client.
 
-    - C{connect}: go to C{host}:C{port} over C{transport}.
+    - C{connect}: open a TCP tunnel to C{host}:C{port}; C{transport} may
+      only be C{tcp} (a C{udp} one is refused with C{bad_request}).
+    - C{udp}: open a UDP flow to C{host}:C{port} (see L{tpproxy.udp}).
     - C{listen}: expose something, in C{mode} C{public} (TP listens on
       C{port}, 0 = TP picks) or C{e2e} (TP serves C{name}).  The connection
       then carries events (L{encodeEvent}).
@@ -283,6 +285,10 @@ class ClientHello:
         transport = obj.get("transport", "tcp")
         if not isinstance(transport, str) or transport not in TRANSPORTS:
             raise _bad("field 'transport' must be 'tcp' or 'udp'")
+        if transport != "tcp":
+            # One meaning per request: C{connect} is a TCP tunnel, and a UDP
+            # flow is the C{udp} operation (its own framing and rules).
+            raise _bad("operation 'connect' is TCP only: a UDP flow is operation 'udp'")
         return cls(op=op, host=host, port=port, transport=transport, version=VERSION)
 
     @classmethod

@@ -941,6 +941,21 @@ class BadHelloTests(ServerTestMixin, SynchronousTestCase):
         server, pump = self.connectClient(client)
         self.assertRefused(client, server, "forbidden", "udp")
 
+    def test_connectOverUDP(self) -> None:
+        """
+        A C{connect} with C{transport} C{udp} is refused with
+        C{bad_request} naming the C{udp} operation, nothing is dialled, and
+        the audit event says so.
+
+        Regression (was a bug in tpproxy/wire.py, ClientHello.fromObject):
+        it was answered C{ok} after a TCP rule check and relayed over TCP.
+        """
+        self.refusedFor(
+            encodeFrame({"v": 1, "op": "connect", "host": "192.0.2.10", "port": 80, "transport": "udp"}),
+            "bad_request",
+            "a UDP flow is operation 'udp'",
+        )
+
     def test_badPort(self) -> None:
         self.refusedFor(encodeFrame({"v": 1, "op": "connect", "host": "192.0.2.10", "port": 0}), "bad_request", "'port'")
 
