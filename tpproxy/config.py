@@ -112,11 +112,11 @@ class LimitsConfig:
     #: closed at accept, before any TLS.
     handshakes: int = 2048
     #: Half-open TLS connections at once from one source prefix (/32 IPv4, /64 IPv6).
-    handshakesPerSource: int = 64
+    handshakesPerSource: int = 256
     #: Half-open QUIC connections at once, per QUIC listener.
     quicHandshakes: int = 2048
     #: Half-open QUIC connections at once from one source prefix.
-    quicHandshakesPerSource: int = 64
+    quicHandshakesPerSource: int = 256
     #: Half-open QUIC connections above which a new client must first prove
     #: its address with a stateless Retry (0: always).
     quicRetryAbove: int = 64

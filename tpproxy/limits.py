@@ -8,6 +8,7 @@ and QUIC listeners.  Sans-IO: no reactor, no sockets.
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 
 def sourcePrefix(host: str) -> str:
@@ -125,3 +126,114 @@ class RateLimitedLog:
             return None
         count, self.suppressed, self.last = self.suppressed + 1, 0, now
         return count
+
+
+class HalfOpenPlace:
+    """
+    One connection's place in a L{HalfOpenCounter}: given back once, by
+    whichever comes first of its handshake completing and its end.
+    """
+
+    __slots__ = ("counter", "prefix", "held")
+
+    def __init__(self, counter: HalfOpenCounter, prefix: str) -> None:
+        self.counter = counter
+        self.prefix = prefix
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.counter.release(self.prefix)
+
+
+def holdPlace(protocol: Any, place: HalfOpenPlace) -> None:
+    """
+    Tie C{place} to C{protocol}, the protocol a TCP transport delivers to:
+    it is released when the connection ends (and, for TP's TLS protocol,
+    when its handshake completes: L{tpproxy.tls.HalfCloseTLSProtocol}).
+    """
+    protocol.tpHalfOpen = place
+    lost = protocol.connectionLost
+
+    def connectionLost(reason: Any) -> None:
+        place.release()
+        lost(reason)
+
+    protocol.connectionLost = connectionLost
+
+
+class HalfOpenGate:
+    """
+    Wraps a listening factory: a connection from a source prefix (or over
+    all) that has as many connections still in their handshake as the caps
+    allow is closed at accept, before any TLS state is made.
+
+    @param wrappedFactory: the factory of the port (TP's TLS factory, or
+        its router when the port is shared).
+    """
+
+    def __init__(self, wrappedFactory: Any, counter: HalfOpenCounter, clock: Any, logger: Any) -> None:
+        self.wrappedFactory = wrappedFactory
+        self.counter = counter
+        self.clock = clock
+        self.log = logger
+        self.refused = 0
+        self._refusals = RateLimitedLog()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrappedFactory, name)
+
+    def doStart(self) -> None:
+        self.wrappedFactory.doStart()
+
+    def doStop(self) -> None:
+        self.wrappedFactory.doStop()
+
+    def startFactory(self) -> None:
+        self.wrappedFactory.startFactory()
+
+    def stopFactory(self) -> None:
+        self.wrappedFactory.stopFactory()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        prefix = sourcePrefix(getattr(addr, "host", str(addr)))
+        reason = self.counter.admit(prefix)
+        if reason is not None:
+            self.refused += 1
+            count = self._refusals.due(self.clock.seconds())
+            if count is not None:
+                self.log.warn("Turned away {count} new connection(s) at accept: {reason}", count=count, reason=reason)
+            return None
+        place = HalfOpenPlace(self.counter, prefix)
+        try:
+            protocol = self.wrappedFactory.buildProtocol(addr)
+        except BaseException:
+            place.release()
+            raise
+        if protocol is None:
+            place.release()
+            return None
+        holdPlace(protocol, place)
+        return protocol
+
+
+def raiseFileLimit() -> tuple[int, int, int]:
+    """
+    Raise the soft limit of open files to the hard limit (a TLS tunnel
+    takes two descriptors, a flood of unfinished handshakes one each).
+
+    @return: the soft limit before, after, and the hard limit.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            target = soft
+    else:
+        target = soft
+    return soft, target, hard

@@ -63,7 +63,8 @@ from .clienthello import (
 )
 from .protocols.relay import RelayEnd, describeAddress, noDelay, splice
 from .proxyproto import proxyV2Header
-from .tls import TLSFactory
+from .limits import holdPlace
+from .tls import HalfCloseTLSProtocol, TLSFactory
 
 log = Logger(namespace="tpproxy.router")
 
@@ -428,6 +429,15 @@ class RouterProtocol(Protocol):
         )
         self.route = route
         self.inner = inner
+        place = getattr(self, "tpHalfOpen", None)
+        if place is not None:
+            # The half-open place (tpproxy.limits.HalfOpenGate) follows the
+            # connection to TP's TLS, until its handshake completes; a
+            # connection handed to a web route is no longer TP's handshake.
+            if isinstance(inner, HalfCloseTLSProtocol):
+                holdPlace(inner, place)
+            else:
+                place.release()
         buffered, self.buffered = bytes(self.buffered), bytearray()
         inner.makeConnection(self.transport)
         if hasattr(self.transport, "protocol"):

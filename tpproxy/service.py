@@ -5,6 +5,7 @@ Composing a running TP server from a L{ServerConfig}.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from twisted.logger import Logger
 from .acmeclient import TLSALPN01, AcmeClient
 from .certsource import DevCACertificates, FileCertificates, FirstAvailable, ICertificateSource
 from .config import ServerConfig, loadCRL
+from .limits import HalfOpenCounter, HalfOpenGate, raiseFileLimit
 from .issuing import CertificateStore, HTTP01Responder, IssuingService, TLSALPN01Responder, loadOrCreateKey, temporaryCertificate
 from .pki import CertificateAuthority
 from . import router
@@ -202,6 +204,17 @@ def makeRouterFactory(config: ServerConfig, reactor: Any, tpFactory: TLSFactory)
     return router.RouterFactory(route, reactor, timeout=shared.helloTimeout)
 
 
+def withBacklog(description: str, backlog: int) -> str:
+    """
+    C{description} with C{backlog=} added if it is a plain TCP endpoint that
+    does not set one (Twisted's default of 50 drops SYNs under a burst).
+    """
+    kind = description.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6") or re.search(r"(^|:)backlog=", description):
+        return description
+    return f"{description}:backlog={backlog}"
+
+
 def makeService(config: ServerConfig, reactor: Any = None, clock: Any = None) -> service.MultiService:
     """
     TP's services: the TLS listeners, a QUIC listener per address, and with
@@ -214,10 +227,15 @@ def makeService(config: ServerConfig, reactor: Any = None, clock: Any = None) ->
 
         reactor = _reactor
     top = service.MultiService()
+    before, after, hard = raiseFileLimit()
+    log.info("Open files limit: {before} raised to {after} (hard limit {hard})" if after != before else "Open files limit: {after} (hard limit {hard})",
+             before=before, after=after, hard=hard)
     factory = makeServerFactory(config, reactor, clock)
     listening: Any = factory if config.router is None else makeRouterFactory(config, reactor, factory)
+    limits = config.limits
+    listening = HalfOpenGate(listening, HalfOpenCounter(limits.handshakes, limits.handshakesPerSource), reactor, log)
     for description in config.listen:
-        listener = strports.service(description, listening, reactor=reactor)
+        listener = strports.service(withBacklog(description, limits.backlog), listening, reactor=reactor)
         listener.setName(f"tls:{description}")
         listener.setServiceParent(top)
     quicListeners = []

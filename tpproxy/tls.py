@@ -141,6 +141,11 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
 
     def _checkHandshakeStatus(self) -> None:
         super()._checkHandshakeStatus()
+        if self._handshakeDone:
+            # Half-open no more (tpproxy.limits.HalfOpenGate).
+            place = getattr(self, "tpHalfOpen", None)
+            if place is not None:
+                place.release()
         if self._writeEOFPending and self._handshakeDone and not self._appSendBuffer and not self._lostTLSConnection:
             self._sendCloseNotify()
 
