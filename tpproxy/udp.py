@@ -13,6 +13,11 @@ stream.  Its packets then travel:
 
 The stream lives as long as the flow: closing it ends the flow.  Both ends
 expire a flow that has been idle for L{IDLE_TIMEOUT} seconds.
+
+A packet that a UDP socket cannot send (too large for its address family:
+the stream framing carries up to 65,535 bytes, IPv4 at most 65,507) is
+dropped, as a network would, and the flow goes on: the server counts drops
+in the flow's audit event, C{tp up -u} says so once per flow.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import struct
 from typing import Any, Callable
 
 from aioquic.buffer import Buffer, BufferReadError, size_uint_var
+from twisted.internet.error import MessageLengthError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
@@ -28,6 +34,9 @@ log = Logger(namespace="tpproxy.udp")
 
 IDLE_TIMEOUT = 60.0
 MAX_PACKET = 65507
+#: Receive buffer of TP's UDP sockets: larger than any UDP payload (65,527
+#: bytes over IPv6), so that no datagram is cut short silently.
+RECEIVE_SIZE = 65536
 #: Larger packets do not fit a QUIC DATAGRAM frame in a 1200-byte packet:
 #: they go on the flow's stream, framed, which always works.
 MAX_DATAGRAM_PAYLOAD = 1100
@@ -84,6 +93,23 @@ def sendPacket(quic: Any, quarterId: int | None, transport: Any, data: bytes) ->
         transport.write(StreamFramer.frame(data))
 
 
+def writeDatagram(transport: Any, data: bytes, addr: Any = None) -> bool:
+    """
+    Write one datagram on a UDP port; C{False} if it was too large to send.
+
+    L{twisted.internet.udp.Port.write} raises L{MessageLengthError} for a
+    datagram over the size the socket's family allows; callers drop it.
+    """
+    try:
+        if addr is None:
+            transport.write(data)
+        else:
+            transport.write(data, addr)
+    except MessageLengthError:
+        return False
+    return True
+
+
 class IdleTimer:
     def __init__(self, clock: Any, timeout: float, expired: Callable[[], None]) -> None:
         self.call = clock.callLater(timeout, expired)
@@ -107,6 +133,9 @@ class DestinationSocket(DatagramProtocol):
         self.deliver = deliver
         self.packetsIn = 0
         self.bytesIn = 0
+        #: Packets too large for this socket, dropped, and the largest.
+        self.dropped = 0
+        self.largestDropped = 0
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.packetsIn += 1
@@ -118,12 +147,21 @@ class DestinationSocket(DatagramProtocol):
         # give; the flow stays until idle.
         pass
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes) -> bool:
+        """
+        Send C{data} to the destination.
+
+        @return: C{False} if it was dropped as too large for the socket.
+        """
         if self.transport is not None:
             try:
-                self.transport.write(data)
+                if not writeDatagram(self.transport, data):
+                    self.dropped += 1
+                    self.largestDropped = max(self.largestDropped, len(data))
+                    return False
             except OSError as e:
                 log.debug("UDP send failed: {error}", error=e)
+        return True
 
 
 class ServerFlow:
@@ -143,7 +181,7 @@ class ServerFlow:
         self.framer = StreamFramer(self.send)
         self.socket = DestinationSocket(self.received)
         interface = "::" if ":" in address else "0.0.0.0"
-        self.port = reactor.listenUDP(0, self.socket, interface=interface, maxPacketSize=MAX_PACKET + 1)
+        self.port = reactor.listenUDP(0, self.socket, interface=interface, maxPacketSize=RECEIVE_SIZE)
         self.socket.transport.connect(address, port)
         self.idle = IdleTimer(reactor, IDLE_TIMEOUT, self.expire)
         self.packetsOut = 0
@@ -167,9 +205,30 @@ class ServerFlow:
         A packet from the client: to the destination.
         """
         self.idle.touch()
+        if not self.socket.send(data):
+            self.tooLarge(len(data))
+            return
         self.packetsOut += 1
         self.bytesOut += len(data)
-        self.socket.send(data)
+
+    def tooLarge(self, size: int) -> None:
+        """
+        A packet of C{size} bytes from the client could not be sent to the
+        destination: say so in the flow's audit event (its C{detail}), and
+        once in the log.
+        """
+        dropped, largest = self.socket.dropped, self.socket.largestDropped
+        self.tunnel.detail = (
+            f"{dropped} UDP packet{'s' if dropped > 1 else ''} from the client dropped as too large "
+            f"for the destination (largest {largest} bytes)"
+        )
+        if dropped == 1:
+            log.warn(
+                "UDP packet of {size} bytes from {identity} to {address} dropped: too large to send",
+                size=size,
+                identity=getattr(self.tunnel.identity, "name", None),
+                address=self.tunnel.address,
+            )
 
     def streamData(self, data: bytes) -> None:
         self.framer.feed(data)
@@ -195,6 +254,8 @@ class ClientFlow:
 
     readClosed = False
     closed = False
+    #: Packets from the destination too large for the local socket.
+    dropped = 0
 
     def __init__(self, forwarder: UDPForwarder, source: Any) -> None:
         self.forwarder = forwarder
@@ -248,7 +309,13 @@ class ClientFlow:
         A packet from the destination: back to the local source.
         """
         self.idle.touch()
-        self.forwarder.transport.write(data, self.source)  # type: ignore[union-attr]
+        if not writeDatagram(self.forwarder.transport, data, self.source):
+            self.dropped += 1
+            if self.dropped == 1:
+                self.forwarder.say(
+                    f"UDP flow from {self.source[0]}:{self.source[1]}: a packet of {len(data)} bytes from the "
+                    "destination was dropped, too large to deliver here"
+                )
 
     # The tunnel's splice-peer interface: stream bytes are framed packets.
     def write(self, data: bytes) -> None:

@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from tpproxy.udp import StreamFramer, decodeFlowDatagram, encodeFlowDatagram
 
-from .support import Background, tpCommand, waitForAudits
+from .support import Background, deferLater, tpCommand, waitForAudits
 from .test_quic import QuicTestCase
 
 
@@ -164,3 +164,133 @@ class DNSThroughTPTests(QuicTestCase):
         events = yield waitForAudits(self.observer, 1)
         self.assertEqual(events[-1]["result"], "forbidden")
         self.assertEqual(events[-1]["transport"], "udp")
+
+
+class BigAnswer(protocol.DatagramProtocol):
+    """
+    A UDP server that answers C{big} with a packet of L{size} bytes, then
+    C{after}.
+    """
+
+    size = 65527  # the largest UDP payload over IPv6
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        if data == b"big":
+            self.transport.write(b"y" * self.size, addr)  # type: ignore[union-attr]
+            self.transport.write(b"after", addr)  # type: ignore[union-attr]
+
+
+class OversizePacketTests(QuicTestCase):
+    """
+    A packet too large for the UDP socket it must leave by is dropped and
+    the flow goes on, with a note in the audit event (server) or one line
+    (C{tp up -u}); never an unhandled error.
+    """
+
+    @defer.inlineCallbacks
+    def flowTo(self, transport: str, host: str, port: int) -> Any:
+        """
+        An in-process C{tp up -u} (L{UDPForwarder}) to C{host}:C{port} over
+        C{transport}, and a local UDP socket to send from.
+
+        @return: the forwarder's port, the sender's port, a queue of what
+            the sender receives, and the lines the forwarder said.
+        """
+        from tpproxy.cli import buildParser, resolveSettings
+        from tpproxy.connector import Connector
+        from tpproxy.udp import UDPForwarder
+        from tpproxy.wire import ClientHello
+
+        self.startTP(quic=True)
+        args = buildParser().parse_args(["--config", self.clientConfig(), "--transport", transport, "up", "-u", f"{host}:{port}", "0"])
+        connector = Connector(reactor, resolveSettings(args))
+        said: list[str] = []
+        forwarder = UDPForwarder(reactor, connector, ClientHello("udp", host=host, port=port, transport="udp"), said.append)
+        listening = reactor.listenUDP(0, forwarder, interface="127.0.0.1", maxPacketSize=65536)
+        self.addCleanup(listening.stopListening)
+        self.addCleanup(connector.close)
+        self.addCleanup(lambda: [flow.close() for flow in list(forwarder.flows.values())])
+        received: defer.DeferredQueue[bytes] = defer.DeferredQueue()
+
+        class Sender(protocol.DatagramProtocol):
+            def datagramReceived(self, data: bytes, addr: Any) -> None:
+                received.put(data)
+
+        sender = reactor.listenUDP(0, Sender(), interface="127.0.0.1", maxPacketSize=65536)
+        self.addCleanup(sender.stopListening)
+        yield connector.choose()
+        return forwarder, listening, sender, received, said
+
+    def assertNoCritical(self) -> None:
+        from twisted.logger import LogLevel
+
+        critical = [e for e in self.observer if e["log_level"] >= LogLevel.error]
+        self.assertEqual(critical, [])
+
+    @defer.inlineCallbacks
+    def test_tooLargeForDestination(self) -> Any:
+        """
+        A 65,535-byte packet from the client over the TLS fallback (the
+        largest the stream framing carries; IPv4 allows 65,507) is dropped
+        by the server, the next packet of the flow still goes through, and
+        the flow's audit event says what was dropped.
+
+        Regression (was a bug in tpproxy/udp.py, DestinationSocket.send):
+        Twisted raised L{MessageLengthError}, logged at level critical, and
+        the tunnel died without a clean close.
+        """
+        echo = reactor.listenUDP(0, UDPEcho(), interface="127.0.0.1", maxPacketSize=65536)
+        self.addCleanup(echo.stopListening)
+        forwarder, listening, sender, received, said = yield self.flowTo("tls", "127.0.0.1", echo.getHost().port)
+        source = ("127.0.0.1", sender.getHost().port)
+        # A local socket cannot hand over more than 65,507 bytes: another
+        # client could, so the packet goes in where the socket's would.
+        forwarder.datagramReceived(b"x" * 65535, source)
+        sender.write(b"after", ("127.0.0.1", listening.getHost().port))
+        got = yield received.get().addTimeout(10, reactor)
+        self.assertEqual(got, b"after")
+        self.assertEqual(list(forwarder.flows), [source])
+        forwarder.flows[source].close()
+        [event] = yield waitForAudits(self.observer, 1)
+        self.assertEqual((event["result"], event["transport"], event["via"]), ("ok", "udp", "tls"))
+        self.assertEqual(event["detail"], "1 UDP packet from the client dropped as too large for the destination (largest 65535 bytes)")
+        self.assertEqual(event["bytes_up"], len(b"after"))
+        self.assertNoCritical()
+
+    @defer.inlineCallbacks
+    def tooLargeForClient(self, transport: str) -> Any:
+        destination = reactor.listenUDP(0, BigAnswer(), interface="::1", maxPacketSize=65536)
+        self.addCleanup(destination.stopListening)
+        forwarder, listening, sender, received, said = yield self.flowTo(transport, "::1", destination.getHost().port)
+        sender.write(b"big", ("127.0.0.1", listening.getHost().port))
+        got = yield received.get().addTimeout(10, reactor)
+        self.assertEqual(got, b"after")
+        # Over QUIC the small packet is a DATAGRAM frame and may overtake
+        # the big one, framed on the stream: wait for the drop.
+        deadline = reactor.seconds() + 10
+        while not said and reactor.seconds() < deadline:
+            yield deferLater(0.02)
+        self.assertEqual(len(said), 1)
+        self.assertIn(f"a packet of {BigAnswer.size} bytes from the destination was dropped, too large to deliver here", said[0])
+        self.assertEqual(len(forwarder.flows), 1)
+        self.assertNoCritical()
+
+    def test_tooLargeForClientOverTLS(self) -> Any:
+        """
+        A 65,527-byte packet from an IPv6 destination cannot be delivered
+        to an IPv4 source: C{tp up -u} drops it, says so once, and the next
+        packet arrives.
+
+        Regression (was a bug in tpproxy/udp.py, ClientFlow.fromPeer, and
+        ServerFlow's receive size of 65,508 bytes, which cut the packet
+        short): L{MessageLengthError} escaped from the tunnel's data
+        handler and the tunnel died.
+        """
+        return self.tooLargeForClient("tls")
+
+    def test_tooLargeForClientOverQuic(self) -> Any:
+        """
+        The same over QUIC, where a packet that large goes framed on the
+        flow's stream.
+        """
+        return self.tooLargeForClient("quic")
