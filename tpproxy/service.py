@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from .acmeclient import TLSALPN01, AcmeClient
 from .certsource import DevCACertificates, FileCertificates, FirstAvailable, ICertificateSource
 from .config import ServerConfig, loadCRL
+from .memory import MemoryTrimmer
 from .limits import HalfOpenCounter, HalfOpenGate, raiseFileLimit
 from .issuing import CertificateStore, HTTP01Responder, IssuingService, TLSALPN01Responder, loadOrCreateKey, temporaryCertificate
 from .pki import CertificateAuthority
@@ -247,6 +248,9 @@ def makeService(config: ServerConfig, reactor: Any = None, clock: Any = None) ->
         udp = UDPListenerService(reactor, address, quic)
         udp.setName(f"quic:{address[0]}:{address[1]}")
         udp.setServiceParent(top)
+    trimmer = MemoryTrimmer(reactor, lambda: len(factory.protocols))
+    trimmer.setName("memory")
+    trimmer.setServiceParent(top)
     issuing = factory.issuing  # type: ignore[attr-defined]
     if issuing is not None:
         serverTLS = factory.wrappedFactory.serverTLS

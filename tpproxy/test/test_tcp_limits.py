@@ -125,7 +125,7 @@ class ListenerTests(TestCase):
         self.service = makeService(config, reactor)
         self.service.startService()
         self.addCleanup(self.service.stopService)
-        [tls] = list(self.service)
+        tls = self.service.getServiceNamed(f"tls:tcp:{self.port}:interface=127.0.0.1")
         self.gate = tls.factory
         # A TCP endpoint listens at once; its port is the Deferred's result
         # (left there: the service stops the port through it).
