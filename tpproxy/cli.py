@@ -409,6 +409,9 @@ def _run(reactor: Any, args: argparse.Namespace, stderr: Any) -> defer.Deferred[
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from . import logbridge
+
+    logbridge.install()  # aioquic's log lines must not reach stderr
     parser = buildParser()
     args = parser.parse_args(argv)
     stderr = sys.stderr

@@ -42,7 +42,10 @@ class Options(usage.Options):
 
 
 def makeService(options: Options, reactor: Any = None) -> service.IService:
+    from . import logbridge
     from .service import makeService as _make
+
+    logbridge.install()  # aioquic's log lines go to the log, not to [stderr#error]
 
     svc = _make(options["serverConfig"], reactor)
     home = options.get("devHome")
