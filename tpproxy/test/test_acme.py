@@ -730,7 +730,7 @@ class PebbleIssuanceTests(PebbleTestCase):
         self.addCleanup(again.stopService)
         self.assertEqual(orders, [])
         self.assertEqual(issuing.store.load("tp.test")[0], chain)
-        self.assertEqual(again.getServiceNamed(f"tls:tcp:{self.tlsPort}:interface=127.0.0.1").factory.wrappedFactory.serverTLS.chain, chain)
+        self.assertEqual(again.getServiceNamed(f"tls:tcp:{self.tlsPort}:interface=127.0.0.1").factory.wrappedFactory.wrappedFactory.serverTLS.chain, chain)
 
     @defer.inlineCallbacks
     def test_e2eNameOnDemand(self) -> Any:
