@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tpproxy import h3
 from tpproxy.h3 import H3Response
-from tpproxy.protocols.client import TPClientProtocol
+from tpproxy.protocols.client import TPClientProtocol, TunnelError
 from tpproxy.quic import (
     ClientSession,
     ClientSocket,
@@ -36,6 +36,7 @@ from tpproxy.tls import loadCertificates, loadKey
 from tpproxy.wire import ALPN, ClientHello
 
 from .support import HashSink, auditObserver, audits, deferLater, listenLocal, waitForAudits
+from .test_quic import waitUntil
 
 REDIRECT = H3Response.redirect("https://www.example.org/")
 PAGE = H3Response.page("<h1>Nothing to see</h1>\n", status=200)
@@ -322,7 +323,7 @@ class BrowserTests(H3ListenerTests):
         session.transmit()
         response = yield done.addTimeout(5, reactor)
         self.assertEqual(response["headers"][b":status"], b"308")
-        yield deferLater(0.1)
+        yield waitUntil(lambda: streamId in session.stops, "STOP_SENDING for the request stream")
         self.assertEqual(session.stops.get(streamId), ErrorCode.H3_NO_ERROR)
 
     @defer.inlineCallbacks
@@ -409,8 +410,8 @@ class IsolationTests(H3ListenerTests):
         self.addCleanup(self.close, session)
         try:
             yield session.ready
-        except Exception:
-            pass
+        except TunnelError:
+            pass  # the refusal came before the client's handshake ended
         yield session.done.addTimeout(10, reactor)
         self.assertIsNotNone(session.conn.tls._certificate_request)
         [event] = yield waitForAudits(self.observer, 1)
@@ -472,7 +473,10 @@ class LimitTests(H3ListenerTests):
         yield defer.gatherResults([d.addTimeout(5, reactor) for d in dones])
         server = self.serverSession()
         self.assertGreater(server.conn._local_max_data.used * 2, initial)
-        yield deferLater(0.1)
+        # Once all the client sent is acknowledged, TP has sent packets
+        # since it got the data, and the client has read them: a MAX_DATA
+        # would have come with them.
+        yield waitUntil(lambda: session.conn._loss.bytes_in_flight == 0, "the client's data acknowledged")
         self.assertEqual(server.conn._local_max_data.value, initial)
         self.assertEqual(session.conn._remote_max_data, initial)
 
@@ -491,7 +495,10 @@ class LimitTests(H3ListenerTests):
         self.assertEqual(rejected, [ErrorCode.H3_REQUEST_REJECTED] * 4)
         # Once the client has acknowledged the responses, requests are
         # answered again.
-        yield deferLater(0.2)
+        server = self.serverSession()
+        yield waitUntil(
+            lambda: not any(server.conn.sendBuffered(s) for s in server.responder.pending), "the responses acknowledged"
+        )
         response = yield session.request()
         self.assertEqual(response["headers"][b":status"], b"308")
 
