@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 from tpproxy.udp import StreamFramer, decodeFlowDatagram, encodeFlowDatagram
 
 from .support import Background, deferLater, tpCommand, waitForAudits
-from .test_quic import QuicTestCase
+from .test_quic import QuicTestCase, waitUntil
 
 
 class FixedAnswerDNS(protocol.DatagramProtocol):
@@ -228,7 +228,31 @@ class OversizePacketTests(QuicTestCase):
         self.assertEqual(critical, [])
 
     @defer.inlineCallbacks
-    def test_tooLargeForDestination(self) -> Any:
+    def tooLargeForDestination(self, transport: str) -> Any:
+        echo = reactor.listenUDP(0, UDPEcho(), interface="127.0.0.1", maxPacketSize=65536)
+        self.addCleanup(echo.stopListening)
+        forwarder, listening, sender, received, said = yield self.flowTo(transport, "127.0.0.1", echo.getHost().port)
+        source = ("127.0.0.1", sender.getHost().port)
+        # A local socket cannot hand over more than 65,507 bytes: another
+        # client could, so the packet goes in where the socket's would.
+        forwarder.datagramReceived(b"x" * 65535, source)
+        sender.write(b"after", ("127.0.0.1", listening.getHost().port))
+        got = yield received.get().addTimeout(10, reactor)
+        self.assertEqual(got, b"after")
+        self.assertEqual(list(forwarder.flows), [source])
+        if transport == "quic":
+            # The small packet went as a DATAGRAM frame, the big one framed
+            # on the stream: it may be dropped after the echo came back.
+            sessions = self.listener.sessions.values()
+            yield waitUntil(lambda: any(f.socket.dropped for s in sessions for f in s.flows.values()), "the drop")
+        forwarder.flows[source].close()
+        [event] = yield waitForAudits(self.observer, 1)
+        self.assertEqual((event["result"], event["transport"], event["via"]), ("ok", "udp", transport))
+        self.assertEqual(event["detail"], "1 UDP packet from the client dropped as too large for the destination (largest 65535 bytes)")
+        self.assertEqual(event["bytes_up"], len(b"after"))
+        self.assertNoCritical()
+
+    def test_tooLargeForDestinationOverTLS(self) -> Any:
         """
         A 65,535-byte packet from the client over the TLS fallback (the
         largest the stream framing carries; IPv4 allows 65,507) is dropped
@@ -239,23 +263,15 @@ class OversizePacketTests(QuicTestCase):
         Twisted raised L{MessageLengthError}, logged at level critical, and
         the tunnel died without a clean close.
         """
-        echo = reactor.listenUDP(0, UDPEcho(), interface="127.0.0.1", maxPacketSize=65536)
-        self.addCleanup(echo.stopListening)
-        forwarder, listening, sender, received, said = yield self.flowTo("tls", "127.0.0.1", echo.getHost().port)
-        source = ("127.0.0.1", sender.getHost().port)
-        # A local socket cannot hand over more than 65,507 bytes: another
-        # client could, so the packet goes in where the socket's would.
-        forwarder.datagramReceived(b"x" * 65535, source)
-        sender.write(b"after", ("127.0.0.1", listening.getHost().port))
-        got = yield received.get().addTimeout(10, reactor)
-        self.assertEqual(got, b"after")
-        self.assertEqual(list(forwarder.flows), [source])
-        forwarder.flows[source].close()
-        [event] = yield waitForAudits(self.observer, 1)
-        self.assertEqual((event["result"], event["transport"], event["via"]), ("ok", "udp", "tls"))
-        self.assertEqual(event["detail"], "1 UDP packet from the client dropped as too large for the destination (largest 65535 bytes)")
-        self.assertEqual(event["bytes_up"], len(b"after"))
-        self.assertNoCritical()
+        return self.tooLargeForDestination("tls")
+
+    def test_tooLargeForDestinationOverQuic(self) -> Any:
+        """
+        The same over QUIC, where a packet that large goes framed on the
+        flow's stream.  (A QUIC DATAGRAM frame cannot carry more than an
+        IPv4 packet holds: the frame itself travels in one UDP packet.)
+        """
+        return self.tooLargeForDestination("quic")
 
     @defer.inlineCallbacks
     def tooLargeForClient(self, transport: str) -> Any:
