@@ -33,7 +33,6 @@ from twisted.logger import Logger
 log = Logger(namespace="tpproxy.udp")
 
 IDLE_TIMEOUT = 60.0
-MAX_PACKET = 65507
 #: Receive buffer of TP's UDP sockets: larger than any UDP payload (65,527
 #: bytes over IPv6), so that no datagram is cut short silently.
 RECEIVE_SIZE = 65536

@@ -27,8 +27,7 @@ HEADER = struct.Struct("!I")
 #: Longest human-readable message a ServerHello carries.
 MAX_MESSAGE = 1024
 
-#: Operations this version of the protocol defines; C{udp} is a reserved
-#: name until UDP forwarding is served.
+#: Operations this version of the protocol defines.
 OPERATIONS = frozenset({"connect", "listen", "accept", "udp"})
 RESERVED_OPERATIONS: frozenset[str] = frozenset()
 TRANSPORTS = frozenset({"tcp", "udp"})
@@ -234,8 +233,11 @@ class ClientHello:
     version: int = VERSION
 
     @classmethod
-    def connect(cls, host: str, port: int, transport: str = "tcp") -> ClientHello:
-        return cls("connect", host=host, port=port, transport=transport)
+    def connect(cls, host: str, port: int) -> ClientHello:
+        """
+        A C{connect} (always TCP) to C{host}:C{port}.
+        """
+        return cls("connect", host=host, port=port)
 
     def toFrame(self) -> bytes:
         obj: dict[str, Any] = {"v": self.version, "op": self.op}
