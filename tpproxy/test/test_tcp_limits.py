@@ -7,6 +7,7 @@ open-files limit is raised at start.
 
 from __future__ import annotations
 
+import os
 import resource
 import socket
 import ssl as stdlib_ssl
@@ -210,3 +211,84 @@ class ListenerTests(TestCase):
         The configured backlog reaches the listening port.
         """
         self.assertEqual(self.listening.backlog, 77)
+
+
+class DescriptorExhaustionTests(TestCase):
+    """
+    A real C{twist tp} whose hard open-files limit is 64 (so it cannot
+    raise it): connections past the limit are refused cleanly (Twisted's
+    reserve descriptor: accept, close), TP does not spin, and it serves
+    again once descriptors come back.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_refusedCleanly(self) -> Any:
+        import shutil
+
+        from .support import Background, twistCommand, waitForPort
+
+        prlimit = shutil.which("prlimit")
+        if prlimit is None:
+            self.fail("prlimit (util-linux) is needed")
+        pki = TestPKI.create(self.mktemp())
+        pki.client("alice")
+        port = freePort()
+        path = pki.directory / "server.toml"
+        path.write_text(
+            f'[server]\nlisten = "tcp:{port}:interface=127.0.0.1"\nquic = false\n'
+            'certificate = "server.pem"\nkey = "server.key"\nclient_ca = "ca.pem"\nhandshake_timeout = 60\n'
+        )
+        server = Background(self, [prlimit, "--nofile=64:64", "--"] + twistCommand() + ["tp", "--config", str(path)])
+        yield waitForPort(port)
+        held = []
+        for _ in range(80):
+            s = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
+            self.addCleanup(s.close)
+            held.append(s)
+
+        def closedAtOnce(s: socket.socket) -> bool:
+            s.settimeout(5)
+            try:
+                return s.recv(10) == b""
+            except ConnectionResetError:
+                return True
+            except TimeoutError:
+                return False
+
+        # The last ones found no descriptor: TP accepted and closed them.
+        last = yield deferToThread(closedAtOnce, held[-1])
+        self.assertTrue(last)
+        # TP is not spinning on the listening socket meanwhile.
+        pid = server.transport.pid
+
+        def cpu() -> float:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        before = cpu()
+        yield deferLater(2.0)
+        self.assertLess(cpu() - before, 1.0)
+        for s in held:
+            s.close()
+        # Descriptors are back: a real client is served.
+
+        def handshake() -> str:
+            ctx = stdlib_ssl.create_default_context(cafile=pki.caPath)
+            ctx.load_cert_chain(str(pki.directory / "alice.pem"), str(pki.directory / "alice.key"))
+            ctx.set_alpn_protocols(["tp/1"])
+            for _ in range(50):
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                            return str(tls.version())
+                except (OSError, stdlib_ssl.SSLError):
+                    import time
+
+                    time.sleep(0.1)
+            return "never"
+
+        version = yield deferToThread(handshake)
+        self.assertEqual(version, "TLSv1.3")
