@@ -199,19 +199,19 @@ class Policy:
                 return Decision(True, f"allowed by {rule.describe()}", rule.index)
         return Decision(False, f"no exposure rule lets {identity} expose the name {name}")
 
-    def mayDialExposure(self, rule: int, identity: str, name: str) -> Decision:
+    def mayDialExposure(self, grantedBy: ExposureRule, identity: str, name: str) -> Decision:
         """
-        May C{identity} reach the E2E exposure C{name} that exposure rule
-        number C{rule} (an index into C{exposures}) let its exposer make?
-        The dialers of an exposure are those of the rule that authorized
-        its exposer for its name (L{mayExposeName}'s decision), never of
-        another rule that happens to match the name: each exposer's rule
-        speaks for its own exposures only (docs/policy.md).
+        May C{identity} reach the E2E exposure C{name} that the exposure
+        rule C{grantedBy} let its exposer make?  The dialers of an exposure
+        are those of the rule that authorized its exposer for its name (the
+        rule of L{mayExposeName}'s decision: the first rule in file order
+        that lists the exposer and matches the name), never those of
+        another rule that merely matches the name: each rule speaks only
+        for the exposures it authorized (docs/policy.md).
         """
-        granting = self.exposures[rule]
-        if _anyIdentity(granting.dialers, identity):
-            return Decision(True, f"allowed by {granting.describe()}", rule)
-        return Decision(False, f"{identity} is not among the dialers of {name} ({granting.describe()})", rule)
+        if _anyIdentity(grantedBy.dialers, identity):
+            return Decision(True, f"allowed by {grantedBy.describe()}", grantedBy.index)
+        return Decision(False, f"{identity} is not among the dialers of {name} ({grantedBy.describe()})", grantedBy.index)
 
     def precheck(self, identity: str, host: str, port: int, transport: str) -> Decision:
         """

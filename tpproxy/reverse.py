@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .certsource import CertificateUnavailable, ICertificateSource
-from .policy import Decision, Policy
+from .policy import Decision, ExposureRule, Policy
 from .protocols.relay import RelayEnd, noDelay, splice
 from .wire import ErrorCode
 
@@ -71,9 +71,10 @@ class Exposure:
     name: str | None = None
     listening: Any = None
     sessions: set[str] = field(default_factory=set)
-    #: The index of the exposure rule that let C{owner} expose C{name}:
-    #: its dialers, and no other rule's, may dial this exposure.
-    rule: int | None = None
+    #: The exposure rule that let C{owner} expose C{name}, recorded when
+    #: the name was registered: its dialers, and no other rule's, may dial
+    #: this exposure.  C{None} for a public port (which has no dialers).
+    grantedBy: ExposureRule | None = None
 
     def describe(self) -> str:
         return f"public port {self.port}" if self.mode == "public" else f"E2E name {self.name}"
@@ -198,7 +199,8 @@ class Registry:
             raise ReverseError(ErrorCode.FORBIDDEN, f"{name} is a name of TP itself and cannot be exposed")
         self._takeOver(self.byName.get(name), identity, f"E2E name {name}", ErrorCode.NAME_TAKEN)
         assert decision.rule is not None
-        exposure = Exposure(owner=identity, mode="e2e", control=control, name=name, rule=decision.rule)
+        grantedBy = self.policy.exposures[decision.rule]
+        exposure = Exposure(owner=identity, mode="e2e", control=control, name=name, grantedBy=grantedBy)
         # Hold the name while the certificate is fetched.
         self.byName[name] = exposure
         try:
@@ -238,11 +240,12 @@ class Registry:
         May C{identity} dial the E2E C{exposure}?  Asked by every path to
         it (the handshake of a direct SNI dialer, the inner handshake in a
         TP tunnel, and again before the exposer is asked), always of the
-        rule that authorized this exposure's owner for its name.
+        rule that authorized this exposure's owner for its name (recorded
+        at registration), never of a fresh lookup by the name.
         """
-        if exposure.rule is None or exposure.name is None:
+        if exposure.grantedBy is None or exposure.name is None:
             return Decision(False, f"the {exposure.describe()} has no dialers")
-        return self.policy.mayDialExposure(exposure.rule, identity, exposure.name)
+        return self.policy.mayDialExposure(exposure.grantedBy, identity, exposure.name)
 
     def nameExposure(self, name: str) -> Exposure | None:
         return self.byName.get(name.lower().rstrip("."))

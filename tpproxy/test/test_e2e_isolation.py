@@ -12,6 +12,7 @@ from typing import Any
 from OpenSSL import SSL
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tpproxy.acmeclient import tlsALPNCertificate
@@ -92,8 +93,17 @@ class InnerTLSTests(ReverseTestCase):
         """
         alice, an allowed dialer, dials C{name}: her incoming event must be
         the first and only one its exposer hears, so an event caused by an
-        earlier refused attempt would show up here.
+        earlier refused attempt would show up here.  Her dial failing
+        fails the test at once.
         """
+        arrived: defer.Deferred[Any] = defer.Deferred()
+
+        def settle(outcome: Any) -> None:
+            # The first of alice's event and her dial's failure decides.
+            if not arrived.called:
+                (arrived.errback if isinstance(outcome, Failure) else arrived.callback)(outcome)
+
+        control.incoming.get().addCallback(settle)
         openTunnel(
             reactor,
             ServerAddress("localhost", self.port),
@@ -101,8 +111,8 @@ class InnerTLSTests(ReverseTestCase):
             ClientHello.connect(name, 443),
             innerTLS=lambda inner: self.opts("alice", inner),
             timeout=5,
-        ).addErrback(lambda f: None)
-        event = yield control.incoming.get()
+        ).addErrback(settle)
+        event = yield arrived
         self.assertEqual(event.get("identity"), "alice")
         self.assertEqual(control.incoming.pending, [])
 

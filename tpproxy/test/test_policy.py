@@ -698,3 +698,82 @@ class StrictnessTests(SynchronousTestCase):
             ConfigError, parsePolicy, [{"identities": "*", "hosts": "::ffff:10.0.0.0/104", "ports": 22}], None
         )
         self.assertIn("write the IPv4 form", str(error))
+
+
+#: Exposure rules of issue 10: the dev group may expose any *.localhost name
+#: to dev; bob may expose bob.localhost to alice only.  alice is in both
+#: dialer lists (as a dev member and by name).
+EXPOSURE_GROUPS = {"dev": ["alice", "mallory"]}
+EXPOSE_DEV = {"identities": ["group:dev"], "names": "*.localhost", "dialers": ["group:dev"]}
+EXPOSE_BOB = {"identities": ["bob"], "names": "bob.localhost", "dialers": ["alice"]}
+
+
+class ExposureDialerTests(SynchronousTestCase):
+    """
+    L{Policy.mayExposeName} names the rule that authorized the exposer, and
+    L{Policy.mayDialExposure} answers by that rule's dialers only, never by
+    another rule that merely matches the name.
+    """
+
+    def grantedBy(self, policy: Policy, identity: str, name: str) -> Any:
+        decision = policy.mayExposeName(identity, name)
+        self.assertTrue(decision.allowed, decision)
+        assert decision.rule is not None
+        return policy.exposures[decision.rule]
+
+    def checkBothExposers(self, exposures: list[dict[str, Any]]) -> None:
+        policy = parsePolicy([], EXPOSURE_GROUPS, exposures)
+        bobs = self.grantedBy(policy, "bob", "bob.localhost")
+        self.assertEqual(bobs.identities, ("bob",))
+        self.assertTrue(policy.mayDialExposure(bobs, "alice", "bob.localhost").allowed)
+        refused = policy.mayDialExposure(bobs, "mallory", "bob.localhost")
+        self.assertFalse(refused.allowed)
+        self.assertIn("mallory is not among the dialers of bob.localhost", refused.reason)
+        self.assertEqual(refused.rule, bobs.index)
+        self.assertFalse(policy.mayDialExposure(bobs, "bob", "bob.localhost").allowed)
+        # The same name exposed by a dev member is governed by the dev rule.
+        alices = self.grantedBy(policy, "alice", "bob.localhost")
+        self.assertEqual(alices.names, ("*.localhost",))
+        self.assertTrue(policy.mayDialExposure(alices, "mallory", "bob.localhost").allowed)
+        self.assertTrue(policy.mayDialExposure(alices, "alice", "bob.localhost").allowed)
+        self.assertFalse(policy.mayDialExposure(alices, "bob", "bob.localhost").allowed)
+
+    def test_wideRuleFirst(self) -> None:
+        """
+        The dev rule, which matches bob.localhost by its names but does not
+        list bob, comes first: bob's exposure still has bob's dialers.
+        """
+        self.checkBothExposers([EXPOSE_DEV, EXPOSE_BOB])
+
+    def test_exposerRuleFirst(self) -> None:
+        """
+        bob's rule first: the same answers.
+        """
+        self.checkBothExposers([EXPOSE_BOB, EXPOSE_DEV])
+
+    def test_firstGrantingRuleDecides(self) -> None:
+        """
+        When several rules let the same exposer expose the name, the first
+        of them in file order gives the dialers (the first match decides,
+        as everywhere in the policy); the later one adds none.
+        """
+        wide = {"identities": ["bob"], "names": "*.localhost", "dialers": ["mallory"]}
+        policy = parsePolicy([], EXPOSURE_GROUPS, [EXPOSE_BOB, wide])
+        first = self.grantedBy(policy, "bob", "bob.localhost")
+        self.assertEqual(first.index, 0)
+        self.assertTrue(policy.mayDialExposure(first, "alice", "bob.localhost").allowed)
+        self.assertFalse(policy.mayDialExposure(first, "mallory", "bob.localhost").allowed)
+        policy = parsePolicy([], EXPOSURE_GROUPS, [wide, EXPOSE_BOB])
+        first = self.grantedBy(policy, "bob", "bob.localhost")
+        self.assertEqual(first.index, 0)
+        self.assertTrue(policy.mayDialExposure(first, "mallory", "bob.localhost").allowed)
+        self.assertFalse(policy.mayDialExposure(first, "alice", "bob.localhost").allowed)
+
+    def test_groupDialers(self) -> None:
+        """
+        A C{group:NAME} dialer entry admits the group's members only.
+        """
+        policy = parsePolicy([], EXPOSURE_GROUPS, [EXPOSE_BOB, EXPOSE_DEV])
+        devs = self.grantedBy(policy, "mallory", "m.localhost")
+        self.assertTrue(policy.mayDialExposure(devs, "alice", "m.localhost").allowed)
+        self.assertFalse(policy.mayDialExposure(devs, "bob", "m.localhost").allowed)
