@@ -15,7 +15,7 @@ from typing import Any
 from twisted.internet import defer
 
 from .dial import resolveHost
-from .protocols.client import TPClientProtocol, TunnelError, openTunnel
+from .protocols.client import TPClientProtocol, TunnelError, certificateRefusal, openTunnel
 from .quic import ClientSession, clientConfiguration, connectQuic
 from .wire import ClientHello
 
@@ -26,6 +26,22 @@ REMEMBER_TLS = 600.0
 #: Client PING interval on QUIC connections (keeps NAT bindings and the
 #: idle timeout from closing a quiet ssh session).
 QUIC_KEEPALIVE = 15.0
+
+
+#: QUIC's CONNECTION_CLOSE codes for TLS alerts (RFC 9001 §4.8).
+CRYPTO_ERROR = 0x100
+
+
+def quicRefusal(session: ClientSession) -> TunnelError | None:
+    """
+    If TP closed C{session} with a TLS alert about the client certificate
+    (CRYPTO_ERROR + alert), the error saying so in one line; else L{None}.
+    """
+    event = getattr(session.conn, "_close_event", None)
+    code = getattr(event, "error_code", None)
+    if not isinstance(code, int) or not CRYPTO_ERROR <= code < CRYPTO_ERROR + 0x100:
+        return None
+    return certificateRefusal(code - CRYPTO_ERROR)
 
 
 def memoryPath() -> Path:
@@ -140,6 +156,11 @@ class Connector:
             session.close(0, "gave up")
             session.socket.stop()
             raise TunnelError(f"no QUIC answer from {server} within {timeout:g} s") from None
+        except TunnelError:
+            refused = quicRefusal(session)
+            if refused is not None:
+                raise refused from None
+            raise
         session.startKeepalive(QUIC_KEEPALIVE)
         self.session = session
         return session
@@ -178,6 +199,11 @@ class Connector:
             if f.check(defer.TimeoutError):
                 stream.abortConnection()
                 raise TunnelError(f"no answer from TP at {self.settings.server} within {self.settings.connectTimeout:g} s")
+            # TLS 1.3: the client's handshake ends before TP has checked
+            # its certificate, so a refusal can end the first stream.
+            refused = quicRefusal(session) if session.closed else None
+            if refused is not None:
+                raise refused
             return f
 
         return (yield ready.addErrback(timedOut))

@@ -13,7 +13,6 @@ write coalescing under TP's control.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import hmac
 import ipaddress
@@ -35,7 +34,6 @@ from cryptography import x509
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
@@ -48,7 +46,7 @@ from .config import LimitsConfig
 from .h3 import H3_ALPN, H3Responder, H3Response
 from .limits import HalfOpenCounter, RateLimitedLog, TokenBucket, sourcePrefix
 from .pki import identityOf
-from .tls import ClientCertChecker
+from .verify import AlertRefused, ClientVerifier  # noqa: F401 (ClientVerifier: importable from here)
 from .wire import ALPN
 
 log = Logger(namespace="tpproxy.quic")
@@ -68,43 +66,12 @@ CLOSE_REFUSED = 0x101
 
 
 class AlertCertificateRequired(tls.Alert):
+    """
+    No client certificate: TLS 1.3's C{certificate_required}, what
+    OpenSSL sends on TP's TLS listener too.
+    """
+
     description = tls.AlertDescription.certificate_required
-
-
-#: The web PKI defaults for a client certificate, except that a SAN is not
-#: required: TP takes the identity from the CN when there is no SAN
-#: (docs/identity.md), and the TLS listener accepts such certificates too.
-_LEAF_POLICY = ExtensionPolicy.webpki_defaults_ee().may_be_present(
-    x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
-)
-
-
-class ClientVerifier:
-    """
-    The client-certificate check of TP's QUIC listener: the chain (with
-    cryptography's X.509 verification: CA, validity, client-auth EKU) and
-    the same CRL and deny list as the TLS listener (L{ClientCertChecker}).
-    """
-
-    def __init__(self, cas: list[x509.Certificate], checker: ClientCertChecker, clock: Any) -> None:
-        self.store = Store(cas)
-        self.checker = checker
-        self.clock = clock
-
-    def refusal(self, leaf: x509.Certificate, chain: list[x509.Certificate]) -> str | None:
-        now = datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
-        verifier = (
-            PolicyBuilder()
-            .store(self.store)
-            .time(now)
-            .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_LEAF_POLICY)
-            .build_client_verifier()
-        )
-        try:
-            verifier.verify(leaf, chain)
-        except VerificationError as e:
-            return f"certificate not accepted: {e}"
-        return self.checker.refusal(leaf)
 
 
 #: How long a Retry token is good for: a client answers a Retry at once.
@@ -277,10 +244,12 @@ class TPQuicConnection(QuicConnection):
             if leaf is None:
                 self.tpRefusal = "no client certificate"
                 raise AlertCertificateRequired("a client certificate is required")
-            reason = verifier.refusal(leaf, list(self.tls._peer_certificate_chain))
-            if reason is not None:
-                self.tpRefusal = reason
-                raise tls.AlertBadCertificate(reason)
+            # The verdict of TP's TLS listener (tpproxy.verify), and the
+            # alert OpenSSL would send there.
+            refused = verifier.check(leaf, list(self.tls._peer_certificate_chain))
+            if refused is not None:
+                self.tpRefusal = refused.reason
+                raise AlertRefused(refused)
 
         self.tls._server_handle_certificate = handleCertificate
 

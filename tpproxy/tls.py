@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from aioquic.tls import AlertDescription
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
@@ -26,7 +27,19 @@ from twisted.python.failure import Failure
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from .pki import identityOf, normalizeSerial, serialHex
+from .pki import identityOf
+from .verify import (  # noqa: F401 (ClientCertChecker, verifyErrorText: importable from here)
+    VERIFY_MODE as _VERIFY_MODE,
+    ClientCertChecker,
+    Refusal,
+    X509_V_ERR_APPLICATION_VERIFICATION,
+    clientStore,
+    leafRefusal,
+    setConnectionVerify,
+    setContextVerify,
+    verifyCallback,
+    verifyErrorText,
+)
 from .wire import ALPN
 
 #: RFC 8737: the ALPN protocol of ACME tls-alpn-01 validation.
@@ -38,26 +51,6 @@ log = Logger()
 #: OpenSSL returns at most one record (16 KiB) per read; handing the
 #: application larger chunks saves a write call downstream per record.
 RECEIVE_CHUNK = 2**18
-
-# OpenSSL X509_V_ERR_* codes that a peer is likely to trip over.
-_VERIFY_ERRORS = {
-    2: "unable to get issuer certificate",
-    7: "certificate signature failure",
-    9: "certificate is not yet valid",
-    10: "certificate has expired",
-    18: "self-signed certificate",
-    19: "self-signed certificate in chain",
-    20: "unknown issuer (not signed by a trusted client CA)",
-    21: "unable to verify the first certificate",
-    23: "certificate revoked",
-    24: "invalid CA certificate",
-    26: "certificate not allowed for client authentication (extended key usage)",
-}
-
-
-def verifyErrorText(errnum: int) -> str:
-    return _VERIFY_ERRORS.get(errnum, f"certificate verification error {errnum}")
-
 
 class HalfCloseTLSProtocol(BufferingTLSTransport):
     """
@@ -185,49 +178,6 @@ def loadKey(path: str):  # type: ignore[no-untyped-def]
         return serialization.load_pem_private_key(f.read(), None)
 
 
-class ClientCertChecker:
-    """
-    The checks TP adds to the CA chain check for a client certificate: the
-    deny list of identities and serials, and the CRLs.  Shared by every
-    transport that takes client certificates.
-    """
-
-    def __init__(
-        self,
-        deniedIdentities: frozenset[str] = frozenset(),
-        deniedSerials: frozenset[str] = frozenset(),
-        crls: tuple[x509.CertificateRevocationList, ...] = (),
-    ) -> None:
-        self.deniedIdentities = deniedIdentities
-        self.deniedSerials = frozenset(normalizeSerial(s) for s in deniedSerials)
-        self._revoked: dict[bytes, frozenset[int]] = {}
-        for crl in crls:
-            key = crl.issuer.public_bytes()
-            serials = frozenset(r.serial_number for r in crl)
-            self._revoked[key] = self._revoked.get(key, frozenset()) | serials
-
-    def refusal(self, cert: x509.Certificate) -> str | None:
-        """
-        Return why C{cert} (whose chain is already verified) is refused, or
-        L{None} if it is acceptable.
-        """
-        if cert.serial_number in self._revoked.get(cert.issuer.public_bytes(), frozenset()):
-            return f"certificate serial {serialHex(cert.serial_number)} is revoked (CRL)"
-        serial = serialHex(cert.serial_number)
-        if serial in self.deniedSerials:
-            return f"certificate serial {serial} is on the deny list"
-        try:
-            identity = identityOf(cert)
-        except ValueError as e:
-            return str(e)
-        if identity.name in self.deniedIdentities:
-            return f"identity {identity.name} is on the deny list"
-        return None
-
-
-_VERIFY_MODE = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE
-
-
 def _certificateNames(cert: x509.Certificate) -> frozenset[str]:
     names = {str(a.value).lower() for a in cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)}
     try:
@@ -252,23 +202,15 @@ def _serverContext(chain: list[x509.Certificate], key: object, clientCAs: list[x
     ctx.check_privatekey()
     store = ctx.get_cert_store()
     assert store is not None
-    for ca in clientCAs:
-        store.add_cert(crypto.X509.from_cryptography(ca))
+    clientStore(clientCAs, store)
     ctx.set_client_ca_list([crypto.X509.from_cryptography(ca).get_subject() for ca in clientCAs])
-    ctx.set_verify(_VERIFY_MODE, verify)
+    setContextVerify(ctx, verify)
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     # Free the ~34 KiB of record buffers of an idle connection: most
     # tunnels are idle most of the time (docs/hardening.md).
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     return ctx
-
-
-def _refuse(conn: SSL.Connection, reason: str) -> bool:
-    proto = conn.get_app_data()
-    if proto is not None and getattr(proto, "tpRefusal", None) is None:
-        proto.tpRefusal = reason
-    return False
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -301,6 +243,9 @@ class ServerTLS:
         #: tls-alpn-01 (RFC 8737) certificates by name, while a challenge
         #: is pending; see L{tpproxy.issuing.TLSALPN01Responder}.
         self.challengeCertificates: dict[str, tuple[x509.Certificate, Any]] = {}
+        #: The OpenSSL verify callback of TP's own names (kept alive here
+        #: and by each context).
+        self._verifyCallback = verifyCallback(self._decide)
         self.setCertificate(chain, key)
 
     def _context(self, chain: list[x509.Certificate], key: object, verify: Any, role: str) -> SSL.Context:
@@ -363,25 +308,17 @@ class ServerTLS:
         Serve TP's own names with C{chain} from now on: connections made
         before keep the context they started with.
         """
-        self.context = self._context(chain, key, self._verify, "listener")
+        self.context = self._context(chain, key, self._verifyCallback, "listener")
         self.ownNames = _certificateNames(chain[0])
         self.chain = chain
         self.key = key
 
-    def _checkLeaf(self, conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int) -> x509.Certificate | None:
-        if not ok:
-            _refuse(conn, verifyErrorText(errnum))
-            return None
-        leaf = cert.to_cryptography()
-        if depth == 0:
-            reason = self.checker.refusal(leaf)
-            if reason is not None:
-                _refuse(conn, reason)
-                return None
-        return leaf
-
-    def _verify(self, conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:
-        return self._checkLeaf(conn, cert, errnum, depth, ok) is not None
+    def _decide(self, conn: SSL.Connection, leaf: x509.Certificate) -> Refusal | None:
+        """
+        TP's checks of a client certificate whose chain OpenSSL verified
+        (L{tpproxy.verify.leafRefusal}, the same as on QUIC).
+        """
+        return leafRefusal(self.checker, leaf)
 
     def _selectName(self, conn: SSL.Connection) -> None:
         raw = conn.get_servername()
@@ -393,7 +330,7 @@ class ServerTLS:
                 # SSL_set_SSL_CTX swaps the certificate but keeps the verify
                 # callback the connection started with: set the name's own,
                 # which also asks whether the identity may dial the name.
-                conn.set_verify(_VERIFY_MODE, self.nameVerify[name])
+                setConnectionVerify(conn, self.nameVerify[name])
                 proto = conn.get_app_data()
                 if proto is not None:
                     proto.tpSNIName = name
@@ -405,16 +342,18 @@ class ServerTLS:
         C{mayDial(identity)} allows.
         """
 
-        def verify(conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:
-            leaf = self._checkLeaf(conn, cert, errnum, depth, ok)
-            if leaf is None:
-                return False
-            if depth == 0:
-                decision = mayDial(identityOf(leaf).name)
-                if not decision.allowed:
-                    return _refuse(conn, f"not allowed to dial {name}: {decision.reason}")
-            return True
+        def decide(conn: SSL.Connection, leaf: x509.Certificate) -> Refusal | None:
+            refused = leafRefusal(self.checker, leaf)
+            if refused is not None:
+                return refused
+            decision = mayDial(identityOf(leaf).name)
+            if not decision.allowed:
+                # OpenSSL sends handshake_failure for this code: no
+                # X509_V_ERR_* code leads to access_denied.
+                return Refusal(f"not allowed to dial {name}: {decision.reason}", X509_V_ERR_APPLICATION_VERIFICATION)
+            return None
 
+        verify = verifyCallback(decide)
         self.names[name] = self._context(chain, key, verify, "name")
         self.innerNames[name] = self._context(chain, key, verify, "inner")
         self.nameVerify[name] = verify
@@ -493,6 +432,25 @@ def clientTLS(serverName: str, caCerts: list[x509.Certificate], chain: list[x509
             "extraCertChain": extra,
         },
     )
+
+
+def receivedAlert(reason: object) -> int | None:
+    """
+    The TLS alert the peer sent, if C{reason} (a Failure or its value) is
+    OpenSSL's error for a received alert (C{"tls alert certificate
+    revoked"}, C{"tlsv1 alert unknown ca"}, ...); else L{None}.
+    """
+    value = getattr(reason, "value", reason)
+    if not (isinstance(value, SSL.Error) and value.args and isinstance(value.args[0], list)):
+        return None
+    for item in value.args[0]:
+        if isinstance(item, tuple) and len(item) == 3:
+            head, sep, tail = str(item[2]).partition("alert ")
+            if sep and head.strip() in ("ssl", "sslv3", "tls", "tlsv1", "tlsv13"):
+                member = AlertDescription.__members__.get(tail.strip().replace(" ", "_"))
+                if member is not None:
+                    return int(member)
+    return None
 
 
 def describeTLSFailure(reason: object) -> str:

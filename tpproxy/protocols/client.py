@@ -18,7 +18,8 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..tls import TLSFactory, describeTLSFailure
+from ..tls import TLSFactory, describeTLSFailure, receivedAlert
+from ..verify import humanReason
 from ..wire import ClientHello, FrameDecoder, ServerHello, WireError
 from .relay import RelayEnd, noDelay
 
@@ -27,7 +28,27 @@ class TunnelError(Exception):
     """
     The tunnel could not be opened: TP unreachable, TLS refused, or a
     broken answer.  Exit status 1 in the CLI.
+
+    @ivar alert: the TLS alert TP refused the client certificate with, if
+        that is why (its one-line reason is the message).
     """
+
+    alert: int | None = None
+
+
+def certificateRefusal(alert: int | None) -> TunnelError | None:
+    """
+    The error for TP's refusal of the client certificate with the TLS alert
+    C{alert} (on TLS or QUIC): its message is one line a person can act on
+    (L{tpproxy.verify.HUMAN_REASONS}); L{None} if C{alert} is not about
+    the certificate.
+    """
+    line = humanReason(alert) if alert is not None else None
+    if line is None:
+        return None
+    error = TunnelError(line)
+    error.alert = alert
+    return error
 
 
 class Refused(TunnelError):
@@ -141,15 +162,19 @@ class TPClientProtocol(RelayEnd):
             if self.inner.connected:
                 self.inner.connectionLost(reason)
         elif not self.ready.called:
-            if self.handshakeDone:
-                what = "TP closed the connection before answering"
-                detail = describeTLSFailure(reason)
-                if "alert" in detail:
-                    what = "TP refused the TLS connection (client certificate not accepted?)"
+            refused = certificateRefusal(receivedAlert(reason))
+            if refused is not None:
+                self._fail(refused)
             else:
-                what = "TLS handshake with TP failed"
-                detail = describeTLSFailure(reason)
-            self._fail(TunnelError(f"{what}: {detail}"))
+                if self.handshakeDone:
+                    what = "TP closed the connection before answering"
+                    detail = describeTLSFailure(reason)
+                    if "alert" in detail:
+                        what = "TP refused the TLS connection"
+                else:
+                    what = "TLS handshake with TP failed"
+                    detail = describeTLSFailure(reason)
+                self._fail(TunnelError(f"{what}: {detail}"))
         super().connectionLost(reason)
 
 

@@ -1,0 +1,303 @@
+"""
+Tests for L{tpproxy.verify}: TP's TLS and QUIC listeners give every client
+certificate the same verdict, with the same TLS alert, and C{tp} turns each
+refusal into one readable line.
+
+The corpus is made at test time; each certificate is tried in a real TLS
+handshake against L{tpproxy.tls.ServerTLS} and in a real aioquic handshake
+against TP's QUIC listener, both on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tpproxy.pki import certPEM, serialHex
+from tpproxy.protocols.client import ServerAddress, TunnelError, openTunnel
+from tpproxy.quic import clientConfiguration, connectQuic
+from tpproxy.service import makeQuicListener, makeServerFactory
+from tpproxy.test.support import HashSink, auditObserver, deferLater, listenLocal
+from tpproxy.testing import TestPKI
+from tpproxy.tls import clientTLS, loadCertificates
+from tpproxy.verify import HUMAN_REASONS, quictls
+from tpproxy.wire import ClientHello
+
+A = quictls.AlertDescription
+NOW = datetime.datetime.now(datetime.timezone.utc)
+
+
+def _cert(
+    subject: str,
+    issuer: x509.Name,
+    issuerKey: Any,
+    key: Any,
+    *,
+    ca: bool = False,
+    pathlen: int | None = None,
+    eku: tuple[Any, ...] | None = (ExtendedKeyUsageOID.CLIENT_AUTH,),
+    aki: bool = True,
+    notBefore: datetime.datetime | None = None,
+    notAfter: datetime.datetime | None = None,
+) -> x509.Certificate:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(notBefore or NOW - datetime.timedelta(minutes=5))
+        .not_valid_after(notAfter or NOW + datetime.timedelta(hours=12))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=pathlen if ca else None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if aki:
+        builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuerKey.public_key()), critical=False)
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+        )
+    if eku is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
+    return builder.sign(issuerKey, hashes.SHA256())
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+#: Each case: its expected verdict (None: accepted; else the alert).
+EXPECTED: dict[str, Any] = {
+    "valid": None,
+    "noAKI": None,
+    "intermediateAllowed": None,
+    "caLeaf": A.bad_certificate,
+    "serverAuthOnly": A.unsupported_certificate,
+    "expired": A.certificate_expired,
+    "notYetValid": A.bad_certificate,
+    "selfSigned": A.unknown_ca,
+    "sameNameOtherKey": A.unknown_ca,
+    "revoked": A.certificate_revoked,
+    "deniedSerial": A.certificate_revoked,
+    "deniedIdentity": A.certificate_revoked,
+    "pathlenForbidden": A.unknown_ca,
+}
+
+
+def makeCorpus(pki: TestPKI) -> tuple[dict[str, tuple[list[x509.Certificate], Any]], list[x509.Certificate], dict[str, Any]]:
+    """
+    The certificates of L{EXPECTED} (chain, key), the extra client CA
+    they need, and the server tables (CRL, deny list) that refuse some.
+    """
+    root, rootKey = pki.ca.cert, pki.ca.key  # pathlen 0: no intermediates
+    corpus: dict[str, tuple[list[x509.Certificate], Any]] = {}
+
+    def leaf(name: str, **kw: Any) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        corpus[name] = ([_cert(name, root.subject, rootKey, key, **kw)], key)
+
+    leaf("valid")
+    leaf("noAKI", aki=False)
+    leaf("caLeaf", ca=True, pathlen=0)
+    leaf("serverAuthOnly", eku=(ExtendedKeyUsageOID.SERVER_AUTH,))
+    leaf("expired", notBefore=NOW - datetime.timedelta(days=2), notAfter=NOW - datetime.timedelta(days=1))
+    leaf("notYetValid", notBefore=NOW + datetime.timedelta(days=1), notAfter=NOW + datetime.timedelta(days=2))
+    leaf("revoked")
+    leaf("deniedSerial")
+    leaf("deniedIdentity")
+    key = ec.generate_private_key(ec.SECP256R1())
+    corpus["selfSigned"] = ([_cert("selfSigned", _name("selfSigned"), key, key)], key)
+    impostorKey = ec.generate_private_key(ec.SECP256R1())
+    key = ec.generate_private_key(ec.SECP256R1())
+    corpus["sameNameOtherKey"] = ([_cert("sameNameOtherKey", root.subject, impostorKey, key)], key)
+    # An intermediate under the pathlen-0 root: refused.
+    interKey = ec.generate_private_key(ec.SECP256R1())
+    inter = _cert("TP forbidden intermediate", root.subject, rootKey, interKey, ca=True, pathlen=0, eku=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    corpus["pathlenForbidden"] = ([_cert("pathlenForbidden", inter.subject, interKey, key), inter], key)
+    # A device CA as they come: a root that allows one intermediate.
+    openKey = ec.generate_private_key(ec.SECP256R1())
+    openRoot = _cert("TP device root", _name("TP device root"), openKey, openKey, ca=True, pathlen=1, eku=None)
+    issuingKey = ec.generate_private_key(ec.SECP256R1())
+    issuing = _cert("TP device issuing CA", openRoot.subject, openKey, issuingKey, ca=True, pathlen=0, eku=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    corpus["intermediateAllowed"] = ([_cert("intermediateAllowed", issuing.subject, issuingKey, key), issuing], key)
+
+    crl = pki.ca.crl([corpus["revoked"][0][0].serial_number])
+    (pki.directory / "crl.pem").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    tables = {
+        "crl": "crl.pem",
+        "deny": {"serials": [serialHex(corpus["deniedSerial"][0][0].serial_number)], "identities": ["deniedIdentity"]},
+    }
+    return corpus, [openRoot], tables
+
+
+class VerdictTests(TestCase):
+    """
+    The same verdict over TLS and QUIC for each certificate of the corpus.
+    """
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.pki = TestPKI.create(self.mktemp())
+        self.corpus, extraCAs, tables = makeCorpus(self.pki)
+        cas = self.pki.directory / "client-cas.pem"
+        cas.write_bytes(self.pki.ca.certPEM + b"".join(certPEM(c) for c in extraCAs))
+        self.config = self.pki.serverConfig(client_ca=str(cas), **tables)
+        factory = makeServerFactory(self.config, reactor)
+        tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(tcp.stopListening)
+        self.port = tcp.getHost().port
+        listener = makeQuicListener(self.config, reactor, factory.wrappedFactory)
+        udp = reactor.listenUDP(self.port, listener, interface="127.0.0.1")
+        self.addCleanup(udp.stopListening)
+        self.serverCAs = loadCertificates(self.pki.caPath)
+        self.sinkPort, self.sink = listenLocal(self, HashSink)
+        self.observer = auditObserver(self)
+
+    def details(self, quic: bool) -> list[str]:
+        """
+        The reasons of the refused handshakes TP logged, on QUIC or TLS.
+        """
+        return sorted(
+            e.get("detail", "")
+            for e in self.observer
+            if e.get("log_namespace") == "tpproxy.audit" and e.get("result") == "handshake_failed" and (e.get("event") == "quic") == quic
+        )
+
+    @defer.inlineCallbacks
+    def tlsVerdict(self, chain: list[x509.Certificate], key: Any) -> Any:
+        """
+        Open a tunnel over TLS; return None if it opened, else the alert TP
+        refused the certificate with (or the error's text).
+        """
+        options = clientTLS("localhost", self.serverCAs, chain, key)
+        try:
+            end = yield openTunnel(reactor, ServerAddress("127.0.0.1", self.port), options, ClientHello.connect("127.0.0.1", self.sinkPort), 10)
+        except TunnelError as e:
+            return e.alert if e.alert is not None else str(e)
+        end.transport.abortConnection()
+        return None
+
+    @defer.inlineCallbacks
+    def quicVerdict(self, chain: list[x509.Certificate], key: Any) -> Any:
+        """
+        Open a tunnel over QUIC; return None if it opened, else the alert
+        TP closed the connection with (or the error's text).
+        """
+        from tpproxy.connector import quicRefusal
+        from tpproxy.protocols.client import TPClientProtocol
+
+        session = connectQuic(reactor, ("127.0.0.1", self.port), clientConfiguration("localhost", self.serverCAs, chain, key))
+
+        def close() -> None:
+            if not session.closed:
+                session.close(0, "test done")
+            session.socket.stop()
+            session.abandon()
+
+        self.addCleanup(close)
+        try:
+            yield session.ready.addTimeout(10, reactor)
+            ready: defer.Deferred[Any] = defer.Deferred()
+            session.openStream(TPClientProtocol(ClientHello.connect("127.0.0.1", self.sinkPort), ready))
+            end = yield ready.addTimeout(10, reactor)
+        except (TunnelError, ConnectionError, Exception) as e:
+            yield session.done.addTimeout(10, reactor)
+            refused = quicRefusal(session)
+            return refused.alert if refused is not None else str(e)
+        end.transport.abortConnection()
+        return None
+
+    @defer.inlineCallbacks
+    def test_sameVerdict(self) -> Any:
+        """
+        For each certificate of the corpus, TLS and QUIC accept both or
+        refuse both with the same alert and the same logged reason, and
+        that verdict is the expected one.
+        """
+        self.assertEqual(set(self.corpus), set(EXPECTED))
+        seen: dict[str, tuple[Any, Any]] = {}
+        for name, (chain, key) in sorted(self.corpus.items()):
+            tls = yield self.tlsVerdict(chain, key)
+            quic = yield self.quicVerdict(chain, key)
+            seen[name] = (tls, quic)
+        differ = {n: v for n, v in seen.items() if v[0] != v[1]}
+        self.assertEqual(differ, {}, f"TLS and QUIC disagree (tls, quic): {differ}")
+        self.assertEqual({n: v[0] for n, v in seen.items()}, EXPECTED)
+        # The logged reasons are the same too (one verifier).
+        # QUIC's server logs a refusal when its closing period ends: wait
+        # for all of them (bounded).
+        refusals = len([e for e in EXPECTED.values() if e is not None])
+        deadline = reactor.seconds() + 15
+        while len(self.details(True)) < refusals and reactor.seconds() < deadline:
+            yield deferLater(0.05)
+        tlsReasons, quicReasons = self.details(False), self.details(True)
+        self.assertEqual(len(tlsReasons), len([e for e in EXPECTED.values() if e is not None]))
+        self.assertEqual(tlsReasons, quicReasons, f"{tlsReasons}\n{quicReasons}")
+
+    @defer.inlineCallbacks
+    def test_noCertificate(self) -> Any:
+        """
+        No client certificate: C{certificate_required} on both.
+        """
+        from twisted.internet import ssl
+
+        from tpproxy.connector import quicRefusal
+        from tpproxy.quic import QuicConfiguration
+
+        trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(certPEM(c)) for c in self.serverCAs])
+        options = ssl.optionsForClientTLS("localhost", trustRoot=trust, acceptableProtocols=[b"tp/1"])
+        try:
+            yield openTunnel(reactor, ServerAddress("127.0.0.1", self.port), options, ClientHello.connect("127.0.0.1", self.sinkPort), 10)
+        except TunnelError as e:
+            tls = e.alert
+        else:
+            self.fail("TLS accepted no certificate")
+        config = QuicConfiguration(is_client=True, alpn_protocols=["tp/1"], server_name="localhost")
+        config.cadata = b"".join(certPEM(c) for c in self.serverCAs)
+        session = connectQuic(reactor, ("127.0.0.1", self.port), config)
+        self.addCleanup(lambda: (session.socket.stop(), session.abandon()))
+        yield session.done.addTimeout(10, reactor)
+        refused = quicRefusal(session)
+        self.assertEqual((tls, refused.alert if refused else None), (A.certificate_required, A.certificate_required))
+
+
+class HumanReasonTests(SynchronousTestCase):
+    """
+    The lines C{tp} prints for a refused certificate.
+    """
+
+    def test_openSSLAlerts(self) -> None:
+        """
+        OpenSSL's error for a received alert becomes the alert's line, with
+        no OpenSSL text in it.
+        """
+        from OpenSSL import SSL
+
+        from tpproxy.protocols.client import certificateRefusal
+        from tpproxy.tls import receivedAlert
+
+        for text, alert in [
+            ("tls alert certificate revoked", A.certificate_revoked),
+            ("tls alert certificate expired", A.certificate_expired),
+            ("tlsv1 alert unknown ca", A.unknown_ca),
+            ("tls alert bad certificate", A.bad_certificate),
+            ("tlsv13 alert certificate required", A.certificate_required),
+            ("tlsv1 alert access denied", A.access_denied),
+        ]:
+            error = certificateRefusal(receivedAlert(SSL.Error([("SSL routines", "", text)])))
+            assert error is not None, text
+            self.assertEqual((error.alert, str(error)), (alert, HUMAN_REASONS[alert]))
+            self.assertNotIn("alert", str(error))
+            self.assertNotIn("\n", str(error))
+        self.assertIsNone(receivedAlert(SSL.Error([("SSL routines", "", "certificate verify failed")])))
+        self.assertIsNone(certificateRefusal(int(A.close_notify)))
