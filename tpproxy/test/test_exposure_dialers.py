@@ -9,6 +9,7 @@ the inner handshake, and a direct SNI connection).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet import defer, protocol, reactor
@@ -17,11 +18,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from tpproxy.policy import parsePolicy
 from tpproxy.protocols.client import ServerAddress, TLSClientEndpoint, TunnelError, openTunnel
 from tpproxy.reverse import Exposure, Registry
-from tpproxy.service import makeServerFactory
+from tpproxy.service import makeQuicListener, makeServerFactory
 from tpproxy.testing import REVERSE_RULES
 from tpproxy.tls import clientTLS, loadCertificates, loadKey
 from tpproxy.wire import ClientHello
 
+from .support import Background, HashSink, listenLocal, run, sha256, tpCommand
+from .test_integration import writeClientConfig
+from .test_quic import QuicTestCase
 from .test_reverse import ControlClient, ReverseTestCase
 
 #: dev (alice and mallory) may expose any *.localhost name to dev; bob may
@@ -226,3 +230,53 @@ class DialerRuleOtherOrderTests(DialerRuleTests):
     """
 
     exposures = [RULE_BOB, RULE_DEV]
+
+
+class QuicDialerRuleTests(QuicTestCase):
+    """
+    The same hole over QUIC, with the real C{tp} client: bob exposes
+    bob.localhost over QUIC; C{tp connect --transport quic} as mallory (a
+    dev member, whose rule matches the name) is refused, and alice's gets
+    through.  Each dial over QUIC is a stream TP serves with the same
+    server protocol as over TLS.
+    """
+
+    def startTP(self, quic: bool = True, **server: Any) -> int:
+        self.pki.client("mallory")
+        self.config = self.pki.serverConfig(
+            REVERSE_RULES,
+            groups=GROUPS,
+            exposures=[RULE_DEV, RULE_BOB],
+            reverse={"public_interface": "127.0.0.1"},
+            e2e={"ca_certificate": "ca.pem", "ca_key": "ca.key"},
+        )
+        factory = makeServerFactory(self.config, reactor)
+        self.tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.port = self.tcp.getHost().port
+        self.addCleanup(self.tcp.stopListening)
+        self.listener = makeQuicListener(self.config, reactor, factory.wrappedFactory)
+        self.udp = reactor.listenUDP(self.port, self.listener, interface="127.0.0.1")
+        self.addCleanup(self.udp.stopListening)
+        for name in ("alice", "bob", "mallory"):
+            d = self.pki.directory
+            writeClientConfig(self.pki, self.port, cert=str(d / f"{name}.pem"), key=str(d / f"{name}.key"), name=f"{name}.toml")
+        return self.port
+
+    @defer.inlineCallbacks
+    def test_quicTunnelPath(self) -> Any:
+        sinkPort, sink = listenLocal(self, HashSink)
+        self.startTP()
+        exposer = Background(
+            self, tpCommand() + ["--config", self.clientConfig("bob"), "--transport", "quic", "expose", f"127.0.0.1:{sinkPort}", "--e2e", "bob.localhost"]
+        )
+        yield exposer.waitForStderr(b"; Ctrl-C stops")
+        connect = ["--transport", "quic", "connect", "bob.localhost:9"]
+        refused = yield run(tpCommand() + ["--config", self.clientConfig("mallory"), *connect], stdin=b"from mallory")
+        self.assertNotEqual(refused.status, 0, refused)
+        self.assertIn(b"bob.localhost", refused.err)
+        data = os.urandom(4096)
+        result = yield run(tpCommand() + ["--config", self.clientConfig("alice"), *connect], stdin=data)
+        self.assertEqual(result.status, 0, result)
+        self.assertEqual(result.out.decode(), f"{len(data)} {sha256(data)}\n")
+        # mallory's session, had it been let through, would have come first.
+        self.assertEqual(sink.accepted, 1)
