@@ -163,21 +163,57 @@ def holdPlace(protocol: Any, place: HalfOpenPlace) -> None:
     protocol.connectionLost = connectionLost
 
 
+class Held:
+    """
+    The protocol of a connection over a half-open cap: TP reads nothing from
+    it, makes no TLS state for it, and closes it after C{holdFor} seconds,
+    as it would close an unfinished handshake.  Holding, rather than closing
+    at once, keeps a flooder that re-opens whatever TP closes from turning
+    the cap into a connect/close storm that fills the listen queue ahead of
+    real clients.
+    """
+
+    def __init__(self, gate: HalfOpenGate) -> None:
+        self.gate = gate
+        self.transport: Any = None
+        self.timer: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        transport.pauseProducing()
+        self.timer = self.gate.clock.callLater(self.gate.holdFor, transport.abortConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Any) -> None:
+        self.gate.held -= 1
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+
 class HalfOpenGate:
     """
     Wraps a listening factory: a connection from a source prefix (or over
     all) that has as many connections still in their handshake as the caps
-    allow is closed at accept, before any TLS state is made.
+    allow gets no TLS state.  It is held, unread, for C{holdFor} seconds
+    (L{Held}) while fewer than C{maxHeld} are held, else closed at accept.
 
     @param wrappedFactory: the factory of the port (TP's TLS factory, or
         its router when the port is shared).
     """
 
-    def __init__(self, wrappedFactory: Any, counter: HalfOpenCounter, clock: Any, logger: Any) -> None:
+    def __init__(
+        self, wrappedFactory: Any, counter: HalfOpenCounter, clock: Any, logger: Any, holdFor: float = 10.0, maxHeld: int = 0
+    ) -> None:
         self.wrappedFactory = wrappedFactory
         self.counter = counter
         self.clock = clock
         self.log = logger
+        self.holdFor = holdFor
+        self.maxHeld = maxHeld
+        self.held = 0
         self.refused = 0
         self._refusals = RateLimitedLog()
 
@@ -201,10 +237,19 @@ class HalfOpenGate:
         reason = self.counter.admit(prefix)
         if reason is not None:
             self.refused += 1
+            hold = self.held < self.maxHeld
             count = self._refusals.due(self.clock.seconds())
             if count is not None:
-                self.log.warn("Turned away {count} new connection(s) at accept: {reason}", count=count, reason=reason)
-            return None
+                self.log.warn(
+                    "{count} new connection(s) got no TLS: {reason}; {what}",
+                    count=count,
+                    reason=reason,
+                    what=f"held unread for {self.holdFor:g} s ({self.held + 1} held)" if hold else "closed at accept (too many held)",
+                )
+            if not hold:
+                return None
+            self.held += 1
+            return Held(self)
         place = HalfOpenPlace(self.counter, prefix)
         try:
             protocol = self.wrappedFactory.buildProtocol(addr)

@@ -234,7 +234,16 @@ def makeService(config: ServerConfig, reactor: Any = None, clock: Any = None) ->
     factory = makeServerFactory(config, reactor, clock)
     listening: Any = factory if config.router is None else makeRouterFactory(config, reactor, factory)
     limits = config.limits
-    listening = HalfOpenGate(listening, HalfOpenCounter(limits.handshakes, limits.handshakesPerSource), reactor, log)
+    # Connections over a cap are held unread (no TLS) for the handshake
+    # timeout, as long as that leaves 4096 descriptors for real work.
+    listening = HalfOpenGate(
+        listening,
+        HalfOpenCounter(limits.handshakes, limits.handshakesPerSource),
+        reactor,
+        log,
+        holdFor=config.handshakeTimeout,
+        maxHeld=max(0, after - limits.handshakes - 4096),
+    )
     for description in config.listen:
         listener = strports.service(withBacklog(description, limits.backlog), listening, reactor=reactor)
         listener.setName(f"tls:{description}")

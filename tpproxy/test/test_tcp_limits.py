@@ -69,6 +69,34 @@ class GateTests(SynchronousTestCase):
         b.tpHalfOpen.release()
         self.assertEqual((gate.counter.count, b.lost), (0, 1))
 
+    def test_heldUnreadThenClosed(self) -> None:
+        """
+        Over a cap, while fewer than C{maxHeld} are held, a connection is
+        held: not read, no protocol of TP's, closed at C{holdFor}.  Past
+        C{maxHeld} the next is closed at accept.
+        """
+        from twisted.internet.testing import StringTransport
+
+        from tpproxy.limits import Held
+
+        clock = task.Clock()
+        gate = HalfOpenGate(protocol.Factory.forProtocol(Built), HalfOpenCounter(1, 1), clock, Logger(), holdFor=5, maxHeld=1)
+        self.assertIsInstance(gate.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1)), Built)
+        held = gate.buildProtocol(IPv4Address("TCP", "192.0.2.1", 2))
+        self.assertIsInstance(held, Held)
+        transport = StringTransport()
+        held.makeConnection(transport)
+        self.assertEqual(transport.producerState, "paused")
+        self.assertIsNone(gate.buildProtocol(IPv4Address("TCP", "192.0.2.1", 3)))
+        self.assertEqual((gate.held, gate.refused), (1, 2))
+        clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        held.connectionLost(Failure(Exception("aborted")))
+        self.assertEqual((gate.held, clock.getDelayedCalls()), (0, []))
+        self.assertEqual(gate.counter.count, 1)
+
     def test_noProtocolNoPlace(self) -> None:
         """
         If the wrapped factory builds nothing, no place is kept.
@@ -121,7 +149,7 @@ class ListenerTests(TestCase):
         self.pki.client("alice")
         self.port = freePort()
         config = self.pki.serverConfig(
-            listen=f"tcp:{self.port}:interface=127.0.0.1", quic=False, limits={"handshakes_per_source": 3, "backlog": 77}, handshake_timeout=30
+            listen=f"tcp:{self.port}:interface=127.0.0.1", quic=False, limits={"handshakes_per_source": 3, "backlog": 77}, handshake_timeout=2
         )
         self.service = makeService(config, reactor)
         self.service.startService()
@@ -165,19 +193,35 @@ class ListenerTests(TestCase):
     @defer.inlineCallbacks
     def test_perSourceCap(self) -> Any:
         """
-        Three silent connections from 127.0.0.2 fill its place; a fourth is
-        closed at once, while a client from 127.0.0.1 still completes its
-        handshake.  When the silent ones go, 127.0.0.2 is served again.
+        Three silent connections from 127.0.0.2 fill its places; a fourth
+        gets no TLS (held unread until the handshake timeout), while a
+        client from 127.0.0.1 completes its handshake.  When the silent
+        ones go, 127.0.0.2 is served again.
         """
         held = [self.silent("127.0.0.2") for _ in range(3)]
         yield self.waitForCount(3)
         fourth = self.silent("127.0.0.2")
-        fourth.settimeout(10)
-        data = yield deferToThread(fourth.recv, 10)
-        self.assertEqual(data, b"")
-        self.assertEqual(self.gate.refused, 1)
         version = yield self.handshake("127.0.0.1")
         self.assertEqual(version, "TLSv1.3")
+        self.assertEqual((self.gate.refused, self.gate.held), (1, 1))
+        # Held unread, with no TLS: a ClientHello gets no answer, and the
+        # connection ends at the handshake timeout (2 s here).
+        fourth.sendall(bytes.fromhex("160301") + b"\x00\x05hello")
+        fourth.settimeout(20)
+
+        def ended() -> bytes:
+            try:
+                return fourth.recv(10)
+            except ConnectionResetError:
+                return b""  # aborted with our unread bytes: a reset
+
+        data = yield deferToThread(ended)
+        self.assertEqual(data, b"")
+        for _ in range(100):
+            if self.gate.held == 0:
+                break
+            yield deferLater(0.02)
+        self.assertEqual(self.gate.held, 0)
         for s in held:
             s.close()
         yield self.waitForCount(0)
