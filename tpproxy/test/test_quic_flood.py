@@ -518,3 +518,34 @@ class RestartTests(TestCase):
         """
         exposer = yield self.restartedExposer("KILL")
         self.assertIn(b"stateless reset", exposer.stderr)
+
+
+class RetryUnderFloodTests(ListenerTestCase):
+    def test_manyInitialsMeanRetry(self) -> None:
+        """
+        More than RETRY_RATE new-connection Initials in a second make TP
+        answer new clients with a Retry (cheap) instead of building a
+        connection for each (the garbage is not even decrypted), even with
+        no connection half-open; a quiet second later, it stops.
+        """
+        from tpproxy.quic import RETRY_RATE
+
+        listener, wire = self.listener()
+        for port in range(RETRY_RATE):
+            listener.datagramReceived(garbageInitial(), ("127.0.0.2", port))
+        self.assertEqual(listener.dropped, {"undecryptable": RETRY_RATE})
+        listener.datagramReceived(garbageInitial(), ("127.0.0.2", 60000))
+        self.assertEqual(listener.dropped, {"undecryptable": RETRY_RATE, "retry": 1})
+        self.assertEqual(listener.halfOpen.count, 0)
+        self.assertEqual(listener.sessions, {})
+        # A real client then gets a Retry, follows it, and connects.
+        conn = self.client()
+        self.pump(listener, wire, {("127.0.0.1", 7777): conn})
+        self.assertTrue(self.completed(conn))
+        self.assertEqual(listener.dropped["retry"], 2)
+        self.clock.advance(2.5)
+        wire.sent.clear()
+        conn = self.client()
+        self.pump(listener, wire, {("127.0.0.1", 7778): conn})
+        self.assertTrue(self.completed(conn))
+        self.assertEqual(listener.dropped["retry"], 2)
