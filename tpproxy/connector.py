@@ -41,7 +41,7 @@ def quicRefusal(session: ClientSession) -> TunnelError | None:
     code = getattr(event, "error_code", None)
     if not isinstance(code, int) or not CRYPTO_ERROR <= code < CRYPTO_ERROR + 0x100:
         return None
-    return certificateRefusal(code - CRYPTO_ERROR)
+    return certificateRefusal(code - CRYPTO_ERROR, "QUIC")
 
 
 def memoryPath() -> Path:

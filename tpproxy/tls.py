@@ -35,6 +35,7 @@ from .verify import (  # noqa: F401 (ClientCertChecker, verifyErrorText: importa
     X509_V_ERR_APPLICATION_VERIFICATION,
     clientStore,
     leafRefusal,
+    selfCheck,
     setConnectionVerify,
     setContextVerify,
     verifyCallback,
@@ -234,6 +235,7 @@ class ServerTLS:
         checker: ClientCertChecker,
         alpn: tuple[bytes, ...] = (ALPN,),
     ) -> None:
+        selfCheck()  # fail closed: refusals must reach the peer as alerts
         self.checker = checker
         self.clientCAs = clientCAs
         self.names: dict[str, SSL.Context] = {}

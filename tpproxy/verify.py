@@ -63,8 +63,10 @@ def _checkBindings() -> None:
         missing.append("SSL.Connection._reverse_mapping")
     if not hasattr(crypto.X509, "_from_raw_x509_ptr"):
         missing.append("crypto.X509._from_raw_x509_ptr")
-    if not hasattr(crypto.X509Store, "__init__") or not hasattr(crypto.X509Store(), "_store"):
+    if not hasattr(crypto.X509Store(), "_store"):
         missing.append("crypto.X509Store._store")
+    if not hasattr(SSL.Context(SSL.TLS_METHOD), "_context"):
+        missing.append("SSL.Context._context")
     if missing:
         raise ImportError("TP cannot verify client certificates with this pyOpenSSL: missing " + ", ".join(missing))
 
@@ -285,7 +287,10 @@ class AlertRefused(quictls.Alert):
     """
 
     def __init__(self, refusal: Refusal) -> None:
-        super().__init__(refusal.reason)
+        # aioquic sends this text as the CONNECTION_CLOSE reason: the
+        # peer learns what a TLS peer learns from the alert, no more (the
+        # detailed reason is logged, as on TLS).
+        super().__init__(HUMAN_REASONS.get(refusal.alert, "the client certificate is not accepted"))
         self.description = refusal.alert
         self.refusal = refusal
 
@@ -359,29 +364,83 @@ def setConnectionVerify(conn: SSL.Connection, callback: Any) -> None:
     _lib.SSL_set_verify(conn._ssl, VERIFY_MODE, callback)
 
 
-#: A line a person can act on, for each alert TP sends when it refuses a
-#: client certificate (shown by C{tp}, docs/client.md).
+#: Why TP refused, for each alert TP sends about a client certificate: the
+#: end of the one line C{tp} prints (docs/client.md), after "TP refused the
+#: TLS connection: " (or QUIC).
 HUMAN_REASONS: dict[quictls.AlertDescription, str] = {
-    quictls.AlertDescription.certificate_required: "TP requires a client certificate and none was sent (check cert and key in the client config)",
-    quictls.AlertDescription.certificate_revoked: "TP refused the client certificate: it is revoked or on TP's deny list",
-    quictls.AlertDescription.certificate_expired: "TP refused the client certificate: it has expired",
-    quictls.AlertDescription.unknown_ca: "TP refused the client certificate: it is not issued by a CA TP trusts (or its chain is incomplete or not allowed)",
-    quictls.AlertDescription.bad_certificate: "TP refused the client certificate: it is not valid yet, is a CA certificate, or names no identity",
-    quictls.AlertDescription.unsupported_certificate: "TP refused the client certificate: it is not for client authentication (extended key usage)",
-    quictls.AlertDescription.decrypt_error: "TP refused the client certificate: a signature in its chain does not verify",
-    quictls.AlertDescription.handshake_failure: "TP refused the handshake: this certificate may not dial that name (or no common TLS parameters)",
-    quictls.AlertDescription.access_denied: "TP refused access to this certificate",
-    quictls.AlertDescription.certificate_unknown: "TP refused the client certificate",
+    quictls.AlertDescription.certificate_required: "it requires a client certificate and none was sent (check cert and key in the client config)",
+    quictls.AlertDescription.certificate_revoked: "the client certificate is revoked or on TP's deny list",
+    quictls.AlertDescription.certificate_expired: "the client certificate has expired",
+    quictls.AlertDescription.unknown_ca: "the client certificate is not from a CA that TP trusts, or its chain is incomplete or not allowed",
+    quictls.AlertDescription.bad_certificate: "the client certificate is not valid yet, is a CA certificate, or names no identity",
+    quictls.AlertDescription.unsupported_certificate: "the client certificate is not for client authentication (extended key usage)",
+    quictls.AlertDescription.decrypt_error: "a signature in the client certificate's chain does not verify",
+    quictls.AlertDescription.handshake_failure: "this client certificate may not dial that name (or there are no common TLS parameters)",
+    quictls.AlertDescription.access_denied: "this client certificate is denied access",
+    quictls.AlertDescription.certificate_unknown: "the client certificate is not accepted",
     quictls.AlertDescription.internal_error: "TP failed while checking the client certificate (see TP's log)",
 }
 
 
-def humanReason(alert: int) -> str | None:
+def humanReason(alert: int, transport: str = "TLS") -> str | None:
     """
-    The line for the TLS alert C{alert} TP sent, or L{None} for an alert
-    that is not about the client certificate.
+    The line for the TLS alert C{alert} TP sent on C{transport} (C{"TLS"}
+    or C{"QUIC"}), or L{None} for an alert that is not about the client
+    certificate.
     """
     try:
-        return HUMAN_REASONS.get(quictls.AlertDescription(alert))
+        why = HUMAN_REASONS.get(quictls.AlertDescription(alert))
     except ValueError:
         return None
+    return None if why is None else f"TP refused the {transport} connection: {why}"
+
+
+_selfChecked = False
+
+
+def selfCheck() -> None:
+    """
+    Prove, once per process, that a refusal reaches the peer as its alert:
+    an in-memory TLS 1.3 handshake whose client certificate TP's callback
+    refuses as revoked must end with C{certificate_revoked} at the client.
+    Raise L{RuntimeError} otherwise (TP then refuses to start): the private
+    bindings behave differently in this pyOpenSSL or OpenSSL.
+    """
+    global _selfChecked
+    if _selfChecked:
+        return
+    from .pki import CertificateAuthority
+
+    ca = CertificateAuthority.create("TP self-check CA", days=1)
+    server, client = ca.issue("localhost", dns=("localhost",), server=True), ca.issue("self-check", client=True)
+    serverContext = SSL.Context(SSL.TLS_METHOD)
+    serverContext.set_min_proto_version(SSL.TLS1_3_VERSION)
+    serverContext.use_certificate(crypto.X509.from_cryptography(server.cert))
+    serverContext.use_privatekey(crypto.PKey.from_cryptography_key(server.key))
+    clientStore([ca.cert], serverContext.get_cert_store())
+    setContextVerify(serverContext, verifyCallback(lambda conn, leaf: Refusal("self-check", X509_V_ERR_CERT_REVOKED)))
+    clientContext = SSL.Context(SSL.TLS_METHOD)
+    clientContext.use_certificate(crypto.X509.from_cryptography(client.cert))
+    clientContext.use_privatekey(crypto.PKey.from_cryptography_key(client.key))
+    serverConn, clientConn = SSL.Connection(serverContext, None), SSL.Connection(clientContext, None)
+    serverConn.set_accept_state()
+    clientConn.set_connect_state()
+    received = ""
+    for _ in range(8):
+        for a, b in ((clientConn, serverConn), (serverConn, clientConn)):
+            try:
+                a.do_handshake()
+                if a is clientConn:
+                    a.recv(1)
+            except SSL.WantReadError:
+                pass
+            except SSL.Error as e:
+                if a is clientConn:
+                    received = received or str(e)
+            try:
+                b.bio_write(a.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+    if "certificate revoked" not in received:
+        raise RuntimeError(f"TP cannot report client-certificate refusals with this pyOpenSSL/OpenSSL (self-check got {received!r})")
+    _selfChecked = True

@@ -36,14 +36,14 @@ class TunnelError(Exception):
     alert: int | None = None
 
 
-def certificateRefusal(alert: int | None) -> TunnelError | None:
+def certificateRefusal(alert: int | None, transport: str = "TLS") -> TunnelError | None:
     """
     The error for TP's refusal of the client certificate with the TLS alert
-    C{alert} (on TLS or QUIC): its message is one line a person can act on
-    (L{tpproxy.verify.HUMAN_REASONS}); L{None} if C{alert} is not about
-    the certificate.
+    C{alert} on C{transport} (C{"TLS"} or C{"QUIC"}): its message is one
+    line a person can act on (L{tpproxy.verify.HUMAN_REASONS}); L{None} if
+    C{alert} is not about the certificate.
     """
-    line = humanReason(alert) if alert is not None else None
+    line = humanReason(alert, transport) if alert is not None else None
     if line is None:
         return None
     error = TunnelError(line)

@@ -139,9 +139,10 @@ def makeCorpus(pki: TestPKI) -> tuple[dict[str, tuple[list[x509.Certificate], An
     return corpus, [openRoot], tables
 
 
-class VerdictTests(TestCase):
+class CorpusTestCase(TestCase):
     """
-    The same verdict over TLS and QUIC for each certificate of the corpus.
+    TP on TLS and QUIC (same port number of 127.0.0.1) with the client CAs,
+    CRL and deny list of the corpus (L{makeCorpus}).
     """
 
     timeout = 120
@@ -162,6 +163,12 @@ class VerdictTests(TestCase):
         self.serverCAs = loadCertificates(self.pki.caPath)
         self.sinkPort, self.sink = listenLocal(self, HashSink)
         self.observer = auditObserver(self)
+
+
+class VerdictTests(CorpusTestCase):
+    """
+    The same verdict over TLS and QUIC for each certificate of the corpus.
+    """
 
     def details(self, quic: bool) -> list[str]:
         """
@@ -296,8 +303,60 @@ class HumanReasonTests(SynchronousTestCase):
         ]:
             error = certificateRefusal(receivedAlert(SSL.Error([("SSL routines", "", text)])))
             assert error is not None, text
-            self.assertEqual((error.alert, str(error)), (alert, HUMAN_REASONS[alert]))
+            self.assertEqual((error.alert, str(error)), (alert, "TP refused the TLS connection: " + HUMAN_REASONS[alert]))
             self.assertNotIn("alert", str(error))
             self.assertNotIn("\n", str(error))
         self.assertIsNone(receivedAlert(SSL.Error([("SSL routines", "", "certificate verify failed")])))
         self.assertIsNone(certificateRefusal(int(A.close_notify)))
+
+
+class ClientMessageTests(CorpusTestCase):
+    """
+    C{tp connect} prints one line a person can act on for each refusal, on
+    TLS and on QUIC, with no OpenSSL, cryptography or aioquic text.
+    """
+
+    @defer.inlineCallbacks
+    def test_printedReasons(self) -> Any:
+        """
+        A real C{tp connect} (its own process) with a deny-listed, revoked,
+        expired, pathlen-forbidden or CA:TRUE certificate ends with the
+        line of its alert, over C{--transport tls} and C{quic} alike.
+        """
+        from tpproxy.test.support import run, tpCommand
+        from tpproxy.test.test_integration import writeClientConfig
+
+        expected = {
+            "deniedIdentity": "the client certificate is revoked or on TP's deny list",
+            "revoked": "the client certificate is revoked or on TP's deny list",
+            "expired": "the client certificate has expired",
+            "pathlenForbidden": "the client certificate is not from a CA that TP trusts, or its chain is incomplete or not allowed",
+            "caLeaf": "the client certificate is not valid yet, is a CA certificate, or names no identity",
+        }
+        printed: dict[tuple[str, str], str] = {}
+        for name in expected:
+            chain, key = self.corpus[name]
+            certPath, keyPath = self.pki.directory / f"{name}.pem", self.pki.directory / f"{name}.key"
+            certPath.write_bytes(b"".join(certPEM(c) for c in chain))
+            keyPath.write_bytes(
+                key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            )
+            config = writeClientConfig(self.pki, self.port, str(certPath), str(keyPath), name=f"{name}.toml")
+            for transport in ("tls", "quic"):
+                result = yield run(
+                    tpCommand() + ["--config", config, "--transport", transport, "connect", f"127.0.0.1:{self.sinkPort}"], stdin=b"x"
+                )
+                self.assertEqual(result.status, 1, result)
+                lines = result.err.decode().splitlines()
+                for banned in ("alert", "OpenSSL", "SSL routines", "Error:", "validation failed", "Traceback"):
+                    self.assertNotIn(banned, result.err.decode(), (name, transport, lines))
+                printed[(name, transport)] = lines[-1]
+        self.assertEqual(
+            printed,
+            {
+                (name, transport): f"tp: TP refused the {transport.upper()} connection: {why}"
+                for name, why in expected.items()
+                for transport in ("tls", "quic")
+            },
+        )
+        self.assertEqual(self.sink.accepted, 0)
