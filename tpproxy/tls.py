@@ -29,7 +29,6 @@ from zope.interface import implementer
 
 from .pki import identityOf
 from .verify import (  # noqa: F401 (ClientCertChecker, verifyErrorText: importable from here)
-    VERIFY_MODE as _VERIFY_MODE,
     ClientCertChecker,
     Refusal,
     X509_V_ERR_APPLICATION_VERIFICATION,

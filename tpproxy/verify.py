@@ -109,7 +109,7 @@ def verifyErrorText(errnum: int) -> str:
 # OpenSSL's ssl_x509err2alert, for the codes a client certificate can get
 # (checked against OpenSSL by test_verdicts, which compares the alert of
 # each refusal over TLS and QUIC).
-_UNKNOWN_CA = frozenset({2, 3, 18, 19, 20, 21, 22, 24, 25, 33, 79})
+_UNKNOWN_CA = frozenset({2, 3, 18, 19, 20, 21, 22, 25, 33, 79})
 _BAD_CERTIFICATE = frozenset({4, 5, 6, 9, 11, 13, 14, 15, 16, 27, 28, *range(62, 69), 94})
 
 
@@ -251,7 +251,7 @@ class ClientVerifier:
     """
 
     def __init__(self, cas: list[x509.Certificate], checker: ClientCertChecker, clock: IReactorTime) -> None:
-        self.cas = list(cas)
+        self.store = clientStore(cas)
         self.checker = checker
         self.clock = clock
 
@@ -260,7 +260,7 @@ class ClientVerifier:
         Verify C{leaf}, sent with C{intermediates}; return the refusal or
         L{None}.
         """
-        store = clientStore(self.cas)
+        store = self.store
         store.set_time(datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc).replace(tzinfo=None))
         context = crypto.X509StoreContext(
             store, crypto.X509.from_cryptography(leaf), [crypto.X509.from_cryptography(c) for c in intermediates]
@@ -398,17 +398,12 @@ def humanReason(alert: int, transport: str = "TLS") -> str | None:
 _selfChecked = False
 
 
-def selfCheck() -> None:
+def refusedHandshake(code: int) -> str:
     """
-    Prove, once per process, that a refusal reaches the peer as its alert:
-    an in-memory TLS 1.3 handshake whose client certificate TP's callback
-    refuses as revoked must end with C{certificate_revoked} at the client.
-    Raise L{RuntimeError} otherwise (TP then refuses to start): the private
-    bindings behave differently in this pyOpenSSL or OpenSSL.
+    Run an in-memory TLS 1.3 handshake whose client certificate TP's
+    verify callback refuses with C{X509_V_ERR_*} code C{code}; return the
+    error text the client got (OpenSSL names the alert it received).
     """
-    global _selfChecked
-    if _selfChecked:
-        return
     from .pki import CertificateAuthority
 
     ca = CertificateAuthority.create("TP self-check CA", days=1)
@@ -418,7 +413,7 @@ def selfCheck() -> None:
     serverContext.use_certificate(crypto.X509.from_cryptography(server.cert))
     serverContext.use_privatekey(crypto.PKey.from_cryptography_key(server.key))
     clientStore([ca.cert], serverContext.get_cert_store())
-    setContextVerify(serverContext, verifyCallback(lambda conn, leaf: Refusal("self-check", X509_V_ERR_CERT_REVOKED)))
+    setContextVerify(serverContext, verifyCallback(lambda conn, leaf: Refusal("self-check", code)))
     clientContext = SSL.Context(SSL.TLS_METHOD)
     clientContext.use_certificate(crypto.X509.from_cryptography(client.cert))
     clientContext.use_privatekey(crypto.PKey.from_cryptography_key(client.key))
@@ -441,6 +436,21 @@ def selfCheck() -> None:
                 b.bio_write(a.bio_read(65536))
             except SSL.WantReadError:
                 pass
+    return received
+
+
+def selfCheck() -> None:
+    """
+    Prove, once per process, that a refusal reaches the peer as its alert:
+    an in-memory handshake refused as revoked (L{refusedHandshake}) must
+    end with C{certificate_revoked} at the client.  Raise L{RuntimeError}
+    otherwise (TP then refuses to start): the private bindings behave
+    differently in this pyOpenSSL or OpenSSL.
+    """
+    global _selfChecked
+    if _selfChecked:
+        return
+    received = refusedHandshake(X509_V_ERR_CERT_REVOKED)
     if "certificate revoked" not in received:
         raise RuntimeError(f"TP cannot report client-certificate refusals with this pyOpenSSL/OpenSSL (self-check got {received!r})")
     _selfChecked = True

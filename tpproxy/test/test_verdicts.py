@@ -11,9 +11,11 @@ against TP's QUIC listener, both on 127.0.0.1.
 from __future__ import annotations
 
 import datetime
+import re
 from typing import Any
 
 from cryptography import x509
+from OpenSSL import SSL
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -288,8 +290,6 @@ class HumanReasonTests(SynchronousTestCase):
         OpenSSL's error for a received alert becomes the alert's line, with
         no OpenSSL text in it.
         """
-        from OpenSSL import SSL
-
         from tpproxy.protocols.client import certificateRefusal
         from tpproxy.tls import receivedAlert
 
@@ -360,3 +360,61 @@ class ClientMessageTests(CorpusTestCase):
             },
         )
         self.assertEqual(self.sink.accepted, 0)
+
+
+class AlertTableTests(SynchronousTestCase):
+    """
+    QUIC sends the alert OpenSSL sends on TLS for the same refusal code.
+    """
+
+    def test_alertForMatchesOpenSSL(self) -> None:
+        """
+        For every C{X509_V_ERR_*} code from 1 to 99, L{alertFor} names the
+        alert a real (in-memory) TLS handshake refused with that code ends
+        with at the client.
+        """
+        from tpproxy.verify import alertFor, refusedHandshake
+
+        differ = {}
+        for code in range(1, 100):
+            received = refusedHandshake(code)
+            match = re.search(r"alert ([a-z ]+)'", received)
+            alert = A.__members__.get(match.group(1).replace(" ", "_")) if match else None
+            if alert != alertFor(code):
+                differ[code] = (received, alertFor(code))
+        self.assertEqual(differ, {})
+
+
+class FailClosedTests(SynchronousTestCase):
+    """
+    TP refuses to serve if its private-binding hooks would not work.
+    """
+
+    def test_missingBinding(self) -> None:
+        """
+        A binding TP needs that this pyOpenSSL lacks stops the import check.
+        """
+        from tpproxy import verify
+
+        self.patch(verify, "_REQUIRED_LIB", verify._REQUIRED_LIB + ("X509_no_such_function",))
+        e = self.assertRaises(ImportError, verify._checkBindings)
+        self.assertIn("X509_no_such_function", str(e))
+
+    def test_selfCheckObservesTheAlert(self) -> None:
+        """
+        The self-check fails when the refusal does not reach the client as
+        C{certificate_revoked} (here: the code of another alert), and
+        L{ServerTLS} then cannot be made.
+        """
+        from tpproxy import verify
+        from tpproxy.tls import ServerTLS
+
+        self.patch(verify, "_selfChecked", False)
+        self.patch(verify, "X509_V_ERR_CERT_REVOKED", verify.X509_V_ERR_CERT_REJECTED)
+        e = self.assertRaises(RuntimeError, verify.selfCheck)
+        self.assertIn("bad certificate", str(e))
+        pki = TestPKI.create(self.mktemp())
+        self.assertRaises(RuntimeError, ServerTLS, [pki.ca.cert], pki.ca.key, [pki.ca.cert], verify.ClientCertChecker())
+        self.patch(verify, "X509_V_ERR_CERT_REVOKED", 23)
+        verify.selfCheck()
+        self.assertTrue(verify._selfChecked)
