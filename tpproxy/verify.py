@@ -368,7 +368,7 @@ def setConnectionVerify(conn: SSL.Connection, callback: Any) -> None:
 #: end of the one line C{tp} prints (docs/client.md), after "TP refused the
 #: TLS connection: " (or QUIC).
 HUMAN_REASONS: dict[quictls.AlertDescription, str] = {
-    quictls.AlertDescription.certificate_required: "it requires a client certificate and none was sent (check cert and key in the client config)",
+    quictls.AlertDescription.certificate_required: "client certificate required, and none was sent (check cert and key in the client config)",
     quictls.AlertDescription.certificate_revoked: "the client certificate is revoked or on TP's deny list",
     quictls.AlertDescription.certificate_expired: "the client certificate has expired",
     quictls.AlertDescription.unknown_ca: "the client certificate is not from a CA that TP trusts, or its chain is incomplete or not allowed",
@@ -382,17 +382,21 @@ HUMAN_REASONS: dict[quictls.AlertDescription, str] = {
 }
 
 
-def humanReason(alert: int, transport: str = "TLS") -> str | None:
+def humanReason(alert: int, transport: str = "TLS", name: str | None = None) -> str | None:
     """
-    The line for the TLS alert C{alert} TP sent on C{transport} (C{"TLS"}
-    or C{"QUIC"}), or L{None} for an alert that is not about the client
+    The line for the TLS alert C{alert} TP sent on C{transport} (C{"TLS"},
+    C{"QUIC"}, or C{"E2E TLS"} for the inner handshake with the E2E name
+    C{name}), or L{None} for an alert that is not about the client
     certificate.
     """
     try:
         why = HUMAN_REASONS.get(quictls.AlertDescription(alert))
     except ValueError:
         return None
-    return None if why is None else f"TP refused the {transport} connection: {why}"
+    if why is None:
+        return None
+    to = f" to {name}" if name else ""
+    return f"TP refused the {transport} connection{to}: {why}"
 
 
 _selfChecked = False

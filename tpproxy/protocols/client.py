@@ -36,14 +36,15 @@ class TunnelError(Exception):
     alert: int | None = None
 
 
-def certificateRefusal(alert: int | None, transport: str = "TLS") -> TunnelError | None:
+def certificateRefusal(alert: int | None, transport: str = "TLS", name: str | None = None) -> TunnelError | None:
     """
     The error for TP's refusal of the client certificate with the TLS alert
-    C{alert} on C{transport} (C{"TLS"} or C{"QUIC"}): its message is one
-    line a person can act on (L{tpproxy.verify.HUMAN_REASONS}); L{None} if
-    C{alert} is not about the certificate.
+    C{alert} on C{transport} (C{"TLS"}, C{"QUIC"}, or C{"E2E TLS"} to the
+    E2E name C{name}): its message is one line a person can act on
+    (L{tpproxy.verify.HUMAN_REASONS}); L{None} if C{alert} is not about
+    the certificate.
     """
-    line = humanReason(alert, transport) if alert is not None else None
+    line = humanReason(alert, transport, name) if alert is not None else None
     if line is None:
         return None
     error = TunnelError(line)
@@ -224,7 +225,12 @@ class InnerClient(RelayEnd):
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure) -> None:
-        if not self.ready.called:
+        refused = certificateRefusal(receivedAlert(reason), "E2E TLS", self.name) if not self.ready.called else None
+        if refused is not None:
+            # TP checks the inner handshake's certificate and dialer
+            # (NameTLS): say why in one line.
+            self.ready.errback(refused)
+        elif not self.ready.called:
             detail = describeTLSFailure(reason)
             if self.handshakeDone:
                 self.ready.errback(TunnelError(f"the E2E exposure {self.name} refused this client certificate or closed: {detail}"))

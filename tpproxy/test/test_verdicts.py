@@ -19,16 +19,17 @@ from OpenSSL import SSL
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tpproxy.pki import certPEM, serialHex
-from tpproxy.protocols.client import ServerAddress, TunnelError, openTunnel
+from tpproxy.protocols.client import ServerAddress, TLSClientEndpoint, TunnelError, openTunnel
 from tpproxy.quic import clientConfiguration, connectQuic
 from tpproxy.service import makeQuicListener, makeServerFactory
 from tpproxy.test.support import HashSink, auditObserver, deferLater, listenLocal
-from tpproxy.testing import TestPKI
-from tpproxy.tls import clientTLS, loadCertificates
+from tpproxy.test.test_reverse import ControlClient, ReverseTestCase
+from tpproxy.testing import REVERSE_RULES, TestPKI
+from tpproxy.tls import clientTLS, loadCertificates, loadKey
 from tpproxy.verify import HUMAN_REASONS, quictls
 from tpproxy.wire import ClientHello
 
@@ -418,3 +419,56 @@ class FailClosedTests(SynchronousTestCase):
         self.patch(verify, "X509_V_ERR_CERT_REVOKED", 23)
         verify.selfCheck()
         self.assertTrue(verify._selfChecked)
+
+
+class DialRefusalTests(ReverseTestCase):
+    """
+    An identity that may not dial an E2E name is refused in the inner
+    handshake with C{handshake_failure}, and C{tp} says so in one line.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        tables = {
+            "exposures": [{"identities": ["alice"], "names": "secret.localhost", "dialers": ["alice"]}],
+            "reverse": {"public_interface": "127.0.0.1"},
+            "e2e": {"ca_certificate": "ca.pem", "ca_key": "ca.key"},
+        }
+        self.config = self.pki.serverConfig(REVERSE_RULES, **tables)
+        self.factory = makeServerFactory(self.config, reactor)
+        self.server = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.port = self.server.getHost().port
+        self.addCleanup(self.stopTP)
+
+    def opts(self, who: str, sni: str) -> Any:
+        d = self.pki.directory
+        return clientTLS(sni, loadCertificates(str(d / "ca.pem")), loadCertificates(str(d / f"{who}.pem")), loadKey(str(d / f"{who}.key")))
+
+    @defer.inlineCallbacks
+    def test_notADialer(self) -> Any:
+        """
+        mallory's tunnel to alice's C{secret.localhost} fails with the line
+        of C{handshake_failure} (was: OpenSSL's C{internal error} text), and
+        TP logs the dialer refusal.
+        """
+        factory = protocol.Factory.forProtocol(lambda: ControlClient(ClientHello("listen", mode="e2e", name="secret.localhost")))
+        endpoint = TLSClientEndpoint(reactor, ServerAddress("localhost", self.port), self.opts("alice", "localhost"))
+        control = yield endpoint.connect(factory)
+        self.addCleanup(lambda: control.lost.called or control.transport.abortConnection())
+        self.assertTrue((yield control.answer).ok)
+        tunnel = openTunnel(
+            reactor,
+            ServerAddress("localhost", self.port),
+            self.opts("mallory", "localhost"),
+            ClientHello.connect("secret.localhost", 443),
+            innerTLS=lambda name: self.opts("mallory", name),
+            timeout=5,
+        )
+        error = yield self.assertFailure(tunnel, TunnelError)
+        self.assertEqual(
+            (error.alert, str(error)), (A.handshake_failure, "TP refused the E2E TLS connection to secret.localhost: " + HUMAN_REASONS[A.handshake_failure])
+        )
+        deadline = reactor.seconds() + 10
+        while not any("not allowed to dial secret.localhost" in (e.get("detail") or "") for e in self.observer):
+            self.assertLess(reactor.seconds(), deadline, "no audit event of the dialer refusal")
+            yield deferLater(0.05)
