@@ -96,6 +96,9 @@ _VERIFY_ERRORS = {
     25: "path length constraint exceeded (an intermediate CA the issuing CA may not have)",
     26: "certificate not allowed for client authentication (extended key usage)",
     28: "certificate rejected",
+    66: "the certificate's key is too weak (TP requires at least RSA-2048 or P-256)",
+    67: "a CA key in the chain is too weak",
+    68: "a signature in the chain uses too weak a digest",
 }
 
 
@@ -243,11 +246,64 @@ def clientStore(cas: list[x509.Certificate], store: crypto.X509Store | None = No
     return store
 
 
+#: The security bits OpenSSL's TLS server requires of every key and
+#: signature in a client's chain: its default security level 2 (TP sets no
+#: other).  C{X509StoreContext} has no security level, so L{ClientVerifier}
+#: applies the same rule itself (L{securityRefusal}); test_verdicts checks
+#: that an RSA-1024 leaf gets the same verdict on both transports.
+SECURITY_BITS = 112
+
+X509_V_ERR_EE_KEY_TOO_SMALL = 66
+X509_V_ERR_CA_KEY_TOO_SMALL = 67
+X509_V_ERR_CA_MD_TOO_WEAK = 68
+
+_HASH_BITS = {"md5": 39, "sha1": 63, "sha224": 112, "sha256": 128, "sha384": 192, "sha512": 256, "sha3-224": 112, "sha3-256": 128, "sha3-384": 192, "sha3-512": 256}
+
+
+def _keyBits(key: Any) -> int:
+    """
+    OpenSSL's security bits of a public key (C{EVP_PKEY_get_security_bits}).
+    """
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+
+    if isinstance(key, (rsa.RSAPublicKey, dsa.DSAPublicKey)):
+        size = key.key_size
+        for bits, security in ((15360, 256), (7680, 192), (3072, 128), (2048, 112), (1024, 80)):
+            if size >= bits:
+                return security
+        return 0
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return key.curve.key_size // 2
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return 128
+    if isinstance(key, ed448.Ed448PublicKey):
+        return 224
+    return 0
+
+
+def securityRefusal(chain: list[x509.Certificate]) -> Refusal | None:
+    """
+    OpenSSL's security-level checks of a verified C{chain} (leaf first,
+    trust anchor last): every key, and every signature but the anchor's
+    own, must have L{SECURITY_BITS}.
+    """
+    for depth, cert in enumerate(chain):
+        if _keyBits(cert.public_key()) < SECURITY_BITS:
+            code = X509_V_ERR_EE_KEY_TOO_SMALL if depth == 0 else X509_V_ERR_CA_KEY_TOO_SMALL
+            return Refusal(f"certificate not accepted: {verifyErrorText(code)}", code)
+    for cert in chain[:-1]:
+        algorithm = cert.signature_hash_algorithm
+        if algorithm is not None and _HASH_BITS.get(algorithm.name, 0) < SECURITY_BITS:
+            return Refusal(f"certificate not accepted: {verifyErrorText(X509_V_ERR_CA_MD_TOO_WEAK)}", X509_V_ERR_CA_MD_TOO_WEAK)
+    return None
+
+
 class ClientVerifier:
     """
     The client-certificate check of TP's QUIC listener: the same OpenSSL
     verification as the TLS listener (L{clientStore}, at the time of
-    C{clock}), then L{leafRefusal}.
+    C{clock}), OpenSSL's security level (L{securityRefusal}), then
+    L{leafRefusal}.
     """
 
     def __init__(self, cas: list[x509.Certificate], checker: ClientCertChecker, clock: IReactorTime) -> None:
@@ -266,10 +322,13 @@ class ClientVerifier:
             store, crypto.X509.from_cryptography(leaf), [crypto.X509.from_cryptography(c) for c in intermediates]
         )
         try:
-            context.verify_certificate()
+            verified = context.get_verified_chain()
         except crypto.X509StoreContextError as e:
             code = e.errors[0] if e.errors and isinstance(e.errors[0], int) else X509_V_ERR_UNSPECIFIED
             return chainRefusal(code)
+        weak = securityRefusal([c.to_cryptography() for c in verified])
+        if weak is not None:
+            return weak
         return leafRefusal(self.checker, leaf)
 
     def refusal(self, leaf: x509.Certificate, chain: list[x509.Certificate]) -> str | None:

@@ -15,12 +15,14 @@ import re
 from typing import Any
 
 from cryptography import x509
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from tpproxy.pki import certPEM, serialHex
 from tpproxy.protocols.client import ServerAddress, TLSClientEndpoint, TunnelError, openTunnel
@@ -91,6 +93,7 @@ EXPECTED: dict[str, Any] = {
     "deniedSerial": A.certificate_revoked,
     "deniedIdentity": A.certificate_revoked,
     "pathlenForbidden": A.unknown_ca,
+    "weakKey": A.bad_certificate,
 }
 
 
@@ -115,6 +118,8 @@ def makeCorpus(pki: TestPKI) -> tuple[dict[str, tuple[list[x509.Certificate], An
     leaf("revoked")
     leaf("deniedSerial")
     leaf("deniedIdentity")
+    weak = rsa.generate_private_key(65537, 1024)
+    corpus["weakKey"] = ([_cert("weakKey", root.subject, rootKey, weak)], weak)
     key = ec.generate_private_key(ec.SECP256R1())
     corpus["selfSigned"] = ([_cert("selfSigned", _name("selfSigned"), key, key)], key)
     impostorKey = ec.generate_private_key(ec.SECP256R1())
@@ -140,6 +145,34 @@ def makeCorpus(pki: TestPKI) -> tuple[dict[str, tuple[list[x509.Certificate], An
         "deny": {"serials": [serialHex(corpus["deniedSerial"][0][0].serial_number)], "identities": ["deniedIdentity"]},
     }
     return corpus, [openRoot], tables
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class WeakKeyClientTLS:
+    """
+    TLS 1.3 client connections (ALPN C{tp/1}, TP's certificate verified)
+    at OpenSSL security level 0, so that the client may present a key its
+    own OpenSSL would otherwise refuse to use: the server must judge it.
+    """
+
+    def __init__(self, cas: list[x509.Certificate], chain: list[x509.Certificate], key: Any) -> None:
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+        ctx.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+        ctx.use_certificate(crypto.X509.from_cryptography(chain[0]))
+        ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))
+        for ca in cas:
+            ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(ca))
+        ctx.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errnum, depth, ok: bool(ok))
+        ctx.set_alpn_protos([b"tp/1"])
+        self.context = ctx
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        conn = SSL.Connection(self.context, None)
+        conn.set_app_data(tlsProtocol)
+        conn.set_tlsext_host_name(b"localhost")
+        conn.set_connect_state()
+        return conn
 
 
 class CorpusTestCase(TestCase):
@@ -184,12 +217,12 @@ class VerdictTests(CorpusTestCase):
         )
 
     @defer.inlineCallbacks
-    def tlsVerdict(self, chain: list[x509.Certificate], key: Any) -> Any:
+    def tlsVerdict(self, name: str, chain: list[x509.Certificate], key: Any) -> Any:
         """
         Open a tunnel over TLS; return None if it opened, else the alert TP
         refused the certificate with (or the error's text).
         """
-        options = clientTLS("localhost", self.serverCAs, chain, key)
+        options = clientTLS("localhost", self.serverCAs, chain, key) if name != "weakKey" else WeakKeyClientTLS(self.serverCAs, chain, key)
         try:
             end = yield openTunnel(reactor, ServerAddress("127.0.0.1", self.port), options, ClientHello.connect("127.0.0.1", self.sinkPort), 10)
         except TunnelError as e:
@@ -237,7 +270,7 @@ class VerdictTests(CorpusTestCase):
         self.assertEqual(set(self.corpus), set(EXPECTED))
         seen: dict[str, tuple[Any, Any]] = {}
         for name, (chain, key) in sorted(self.corpus.items()):
-            tls = yield self.tlsVerdict(chain, key)
+            tls = yield self.tlsVerdict(name, chain, key)
             quic = yield self.quicVerdict(chain, key)
             seen[name] = (tls, quic)
         differ = {n: v for n, v in seen.items() if v[0] != v[1]}
