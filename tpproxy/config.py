@@ -121,7 +121,7 @@ class LimitsConfig:
     #: its address with a stateless Retry (0: always).
     quicRetryAbove: int = 64
     #: The listen(2) backlog of TCP listeners TP makes from C{tcp:} descriptions.
-    backlog: int = 1024
+    backlog: int = 4096
 
 
 _LIMIT_KEYS = {

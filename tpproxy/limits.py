@@ -8,6 +8,7 @@ and QUIC listeners.  Sans-IO: no reactor, no sockets.
 from __future__ import annotations
 
 import ipaddress
+import random
 from typing import Any
 
 
@@ -167,7 +168,7 @@ class Held:
     """
     The protocol of a connection over a half-open cap: TP reads nothing from
     it, makes no TLS state for it, and closes it after C{holdFor} seconds,
-    as it would close an unfinished handshake.  Holding, rather than closing
+    (up to half as long again), as it would close an unfinished handshake.  Holding, rather than closing
     at once, keeps a flooder that re-opens whatever TP closes from turning
     the cap into a connect/close storm that fills the listen queue ahead of
     real clients.
@@ -181,7 +182,9 @@ class Held:
     def makeConnection(self, transport: Any) -> None:
         self.transport = transport
         transport.pauseProducing()
-        self.timer = self.gate.clock.callLater(self.gate.holdFor, transport.abortConnection)
+        # Spread over half the hold time again: a flood held together
+        # would otherwise be let go together, and come back together.
+        self.timer = self.gate.clock.callLater(self.gate.holdFor * (1 + 0.5 * random.random()), transport.abortConnection)
 
     def dataReceived(self, data: bytes) -> None:
         pass

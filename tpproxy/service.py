@@ -235,14 +235,15 @@ def makeService(config: ServerConfig, reactor: Any = None, clock: Any = None) ->
     listening: Any = factory if config.router is None else makeRouterFactory(config, reactor, factory)
     limits = config.limits
     # Connections over a cap are held unread (no TLS) for the handshake
-    # timeout, as long as that leaves 4096 descriptors for real work.
+    # timeout, as long as that leaves 1024 descriptors besides the
+    # half-open ones for real work.
     listening = HalfOpenGate(
         listening,
         HalfOpenCounter(limits.handshakes, limits.handshakesPerSource),
         reactor,
         log,
         holdFor=config.handshakeTimeout,
-        maxHeld=max(0, after - limits.handshakes - 4096),
+        maxHeld=max(0, after - limits.handshakes - 1024),
     )
     for description in config.listen:
         listener = strports.service(withBacklog(description, limits.backlog), listening, reactor=reactor)

@@ -610,7 +610,7 @@ class LimitsConfigTests(ServerConfigMixin, SynchronousTestCase):
         self.assertEqual(config.limits, LimitsConfig())
         self.assertEqual(
             (config.limits.handshakes, config.limits.handshakesPerSource, config.limits.quicRetryAbove, config.limits.backlog),
-            (2048, 256, 64, 1024),
+            (2048, 256, 64, 4096),
         )
         self.assertEqual(config.stateDir, str((self.directory / "state").resolve()))
 

@@ -73,7 +73,8 @@ class GateTests(SynchronousTestCase):
         """
         Over a cap, while fewer than C{maxHeld} are held, a connection is
         held: not read, no protocol of TP's, closed at C{holdFor}.  Past
-        C{maxHeld} the next is closed at accept.
+        C{maxHeld} the next is closed at accept.  (The hold is spread over
+        up to half as long again, so that a flood is not let go at once.)
         """
         from twisted.internet.testing import StringTransport
 
@@ -91,7 +92,7 @@ class GateTests(SynchronousTestCase):
         self.assertEqual((gate.held, gate.refused), (1, 2))
         clock.advance(4.9)
         self.assertFalse(transport.disconnecting)
-        clock.advance(0.1)
+        clock.advance(2.6)  # held 5 s, spread by up to half as long again
         self.assertTrue(transport.disconnecting)
         held.connectionLost(Failure(Exception("aborted")))
         self.assertEqual((gate.held, clock.getDelayedCalls()), (0, []))
