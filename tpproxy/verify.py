@@ -307,7 +307,7 @@ class ClientVerifier:
     """
 
     def __init__(self, cas: list[x509.Certificate], checker: ClientCertChecker, clock: IReactorTime) -> None:
-        self.store = clientStore(cas)
+        self.cas = list(cas)
         self.checker = checker
         self.clock = clock
 
@@ -316,7 +316,9 @@ class ClientVerifier:
         Verify C{leaf}, sent with C{intermediates}; return the refusal or
         L{None}.
         """
-        store = self.store
+        # A store per check: OpenSSL keeps the first time set on a store's
+        # parameters (a later set_time did not move it back; ClockTests).
+        store = clientStore(self.cas)
         store.set_time(datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc).replace(tzinfo=None))
         context = crypto.X509StoreContext(
             store, crypto.X509.from_cryptography(leaf), [crypto.X509.from_cryptography(c) for c in intermediates]

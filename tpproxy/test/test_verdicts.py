@@ -505,3 +505,35 @@ class DialRefusalTests(ReverseTestCase):
         while not any("not allowed to dial secret.localhost" in (e.get("detail") or "") for e in self.observer):
             self.assertLess(reactor.seconds(), deadline, "no audit event of the dialer refusal")
             yield deferLater(0.05)
+
+
+class ClockTests(SynchronousTestCase):
+    """
+    The QUIC verifier judges validity at its clock's time (tests and fake
+    reactors drive it), as TLS does at the real time.
+    """
+
+    def test_clock(self) -> None:
+        """
+        A certificate valid for 12 hours is accepted at issue time and
+        refused as expired, with OpenSSL's code, two days later on the
+        same verifier.
+        """
+        from twisted.internet.task import Clock
+
+        from tpproxy.verify import ClientCertChecker, ClientVerifier
+
+        pki = TestPKI.create(self.mktemp())
+        issued = pki.ca.issue("alice", client=True)
+        clock = Clock()
+        clock.advance(datetime.datetime.now(datetime.timezone.utc).timestamp())
+        verifier = ClientVerifier([pki.ca.cert], ClientCertChecker(), clock)
+        self.assertIsNone(verifier.check(issued.cert, []))
+        clock.advance(2 * 86400)
+        refused = verifier.check(issued.cert, [])
+        assert refused is not None
+        self.assertEqual((refused.code, refused.alert), (10, A.certificate_expired))
+        clock.advance(-2 * 86400 - 3600)
+        refused = verifier.check(issued.cert, [])
+        assert refused is not None
+        self.assertEqual((refused.code, refused.alert), (9, A.bad_certificate))
