@@ -17,9 +17,6 @@ from zope.interface import implementer
 
 from tpproxy.acmeclient import tlsALPNCertificate
 from tpproxy.protocols.client import Refused, ServerAddress, TLSClientEndpoint, TunnelError, openTunnel
-from tpproxy.service import makeServerFactory
-from tpproxy.testing import REVERSE_RULES
-from tpproxy.tls import clientTLS, loadCertificates, loadKey
 from tpproxy.wire import ClientHello
 
 from .test_reverse import ControlClient, ReverseTestCase
@@ -57,23 +54,15 @@ class Pending:
 class InnerTLSTests(ReverseTestCase):
     def setUp(self) -> None:
         super().setUp()
-        tables = {
-            "exposures": [
+        self.startWithExposures(
+            [
                 {"identities": ["alice"], "names": "secret.localhost", "dialers": ["alice"]},
                 {"identities": ["alice"], "names": "*.localhost", "dialers": ["alice", "mallory"]},
-            ],
-            "reverse": {"public_interface": "127.0.0.1"},
-            "e2e": {"ca_certificate": "ca.pem", "ca_key": "ca.key"},
-        }
-        self.config = self.pki.serverConfig(REVERSE_RULES, **tables)
-        self.factory = makeServerFactory(self.config, reactor)
-        self.server = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
-        self.port = self.server.getHost().port
-        self.addCleanup(self.stopTP)
+            ]
+        )
 
     def opts(self, who: str, sni: str) -> Any:
-        d = self.pki.directory
-        return clientTLS(sni, loadCertificates(str(d / "ca.pem")), loadCertificates(str(d / f"{who}.pem")), loadKey(str(d / f"{who}.key")))
+        return self.tlsOptions(who, sni)
 
     @defer.inlineCallbacks
     def register(self, name: str) -> Any:

@@ -20,7 +20,6 @@ from tpproxy.protocols.client import ServerAddress, TLSClientEndpoint, TunnelErr
 from tpproxy.reverse import Exposure, Registry
 from tpproxy.service import makeQuicListener, makeServerFactory
 from tpproxy.testing import REVERSE_RULES
-from tpproxy.tls import clientTLS, loadCertificates, loadKey
 from tpproxy.wire import ClientHello
 
 from .support import Background, HashSink, listenLocal, run, sha256, tpCommand
@@ -64,21 +63,10 @@ class DialerRuleTests(ReverseTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        tables = {
-            "groups": GROUPS,
-            "exposures": self.exposures,
-            "reverse": {"public_interface": "127.0.0.1"},
-            "e2e": {"ca_certificate": "ca.pem", "ca_key": "ca.key"},
-        }
-        self.config = self.pki.serverConfig(REVERSE_RULES, **tables)
-        self.factory = makeServerFactory(self.config, reactor)
-        self.server = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
-        self.port = self.server.getHost().port
-        self.addCleanup(self.stopTP)
+        self.startWithExposures(self.exposures, groups=GROUPS)
 
     def opts(self, who: str, sni: str = "localhost") -> Any:
-        d = self.pki.directory
-        return clientTLS(sni, loadCertificates(str(d / "ca.pem")), loadCertificates(str(d / f"{who}.pem")), loadKey(str(d / f"{who}.key")))
+        return self.tlsOptions(who, sni)
 
     @defer.inlineCallbacks
     def register(self, name: str, who: str) -> Any:

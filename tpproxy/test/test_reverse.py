@@ -64,6 +64,25 @@ class ReverseTestCase(TestCase):
             )
         return self.port
 
+    def startWithExposures(self, exposures: list[dict[str, Any]], **tables: Any) -> int:
+        """
+        TP on 127.0.0.1 with these C{[[exposures]]} (and other tables, such
+        as C{groups}), E2E certificates from the test CA, public ports on
+        127.0.0.1.
+        """
+        tables = {
+            "exposures": exposures,
+            "reverse": {"public_interface": "127.0.0.1"},
+            "e2e": {"ca_certificate": "ca.pem", "ca_key": "ca.key"},
+            **tables,
+        }
+        self.config = self.pki.serverConfig(REVERSE_RULES, **tables)
+        self.factory = makeServerFactory(self.config, reactor)
+        self.server = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.port = self.server.getHost().port
+        self.addCleanup(self.stopTP)
+        return self.port
+
     def stopTP(self) -> Any:
         if self.server is None:
             return None

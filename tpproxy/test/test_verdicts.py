@@ -30,8 +30,8 @@ from tpproxy.quic import clientConfiguration, connectQuic
 from tpproxy.service import makeQuicListener, makeServerFactory
 from tpproxy.test.support import HashSink, auditObserver, deferLater, listenLocal
 from tpproxy.test.test_reverse import ControlClient, ReverseTestCase
-from tpproxy.testing import REVERSE_RULES, TestPKI
-from tpproxy.tls import clientTLS, loadCertificates, loadKey
+from tpproxy.testing import TestPKI
+from tpproxy.tls import clientTLS, loadCertificates
 from tpproxy.verify import HUMAN_REASONS, quictls
 from tpproxy.wire import ClientHello
 
@@ -462,20 +462,10 @@ class DialRefusalTests(ReverseTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        tables = {
-            "exposures": [{"identities": ["alice"], "names": "secret.localhost", "dialers": ["alice"]}],
-            "reverse": {"public_interface": "127.0.0.1"},
-            "e2e": {"ca_certificate": "ca.pem", "ca_key": "ca.key"},
-        }
-        self.config = self.pki.serverConfig(REVERSE_RULES, **tables)
-        self.factory = makeServerFactory(self.config, reactor)
-        self.server = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
-        self.port = self.server.getHost().port
-        self.addCleanup(self.stopTP)
+        self.startWithExposures([{"identities": ["alice"], "names": "secret.localhost", "dialers": ["alice"]}])
 
     def opts(self, who: str, sni: str) -> Any:
-        d = self.pki.directory
-        return clientTLS(sni, loadCertificates(str(d / "ca.pem")), loadCertificates(str(d / f"{who}.pem")), loadKey(str(d / f"{who}.key")))
+        return self.tlsOptions(who, sni)
 
     @defer.inlineCallbacks
     def test_notADialer(self) -> Any:
