@@ -107,3 +107,25 @@ def reverseTables(
 REVERSE_RULES: list[dict[str, Any]] = LOOPBACK_RULES + [
     {"identities": "*", "hosts": "*.localhost", "ports": "*"},
 ]
+
+
+def loopbackServerTOML(port: int, hosts: str = "127.0.0.0/8", extra: str = "") -> str:
+    """
+    A server config file for C{twist tp} on 127.0.0.1:C{port}, TLS and QUIC,
+    with this PKI's files (beside it), letting anyone reach C{hosts}
+    (C{", "}-separated patterns); C{extra} is TOML appended as is.
+    """
+    patterns = ", ".join(f'"{h.strip()}"' for h in hosts.split(","))
+    return f"""
+[server]
+listen = "tcp:{port}:interface=127.0.0.1"
+certificate = "server.pem"
+key = "server.key"
+client_ca = "ca.pem"
+quic = ["127.0.0.1:{port}"]
+
+[[rules]]
+identities = "*"
+hosts = [{patterns}]
+ports = "*"
+{extra}"""

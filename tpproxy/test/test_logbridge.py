@@ -14,7 +14,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tpproxy import logbridge
-from tpproxy.testing import TestPKI
+from tpproxy.testing import TestPKI, loopbackServerTOML
 
 from .support import Background, deferLater, freePort, run, tpCommand, twistCommand, waitForPort
 
@@ -79,21 +79,6 @@ def waitForOutput(process: Background, marker: bytes, timeout: float = 30) -> An
         yield deferLater(0.05)
 
 
-SERVER_TOML = """
-[server]
-listen = "tcp:{port}:interface=127.0.0.1"
-certificate = "server.pem"
-key = "server.key"
-client_ca = "ca.pem"
-quic = ["127.0.0.1:{port}"]
-
-[[rules]]
-identities = "*"
-hosts = ["127.0.0.0/8"]
-ports = "*"
-"""
-
-
 class RefusedOverQuicTests(TestCase):
     """
     A real C{tp connect} refused in the QUIC handshake by a real C{twist
@@ -113,7 +98,7 @@ class RefusedOverQuicTests(TestCase):
         """
         port = freePort()
         path = self.pki.directory / "server.toml"
-        path.write_text(SERVER_TOML.format(port=port))
+        path.write_text(loopbackServerTOML(port))
         client = self.pki.directory / "client.toml"
         client.write_text(f'server = "localhost:{port}"\ncert = "{cert}"\nkey = "{key}"\nca = "{ca}"\n')
         server = Background(self, twistCommand() + ["--log-format=text", "tp", "--config", str(path)])

@@ -32,7 +32,7 @@ from tpproxy.quic import (
     resetToken,
     serverConfiguration,
 )
-from tpproxy.testing import TestPKI
+from tpproxy.testing import TestPKI, loopbackServerTOML
 from tpproxy.tls import ClientCertChecker
 
 from .support import Background, Echo, auditObserver, audits, freePort, listenLocal, tpCommand, twistCommand, waitForPort
@@ -428,19 +428,7 @@ class ResetSecretTests(SynchronousTestCase):
         self.assertNotEqual(loadResetSecret(None), loadResetSecret(None))
 
 
-SERVER_TOML = """
-[server]
-listen = "tcp:{port}:interface=127.0.0.1"
-certificate = "server.pem"
-key = "server.key"
-client_ca = "ca.pem"
-quic = ["127.0.0.1:{port}"]
-
-[[rules]]
-identities = "*"
-hosts = ["127.0.0.0/8", "*.localhost"]
-ports = "*"
-
+SERVER_TOML_EXTRA = """
 [[exposures]]
 identities = ["alice"]
 names = "*.localhost"
@@ -471,7 +459,7 @@ class RestartTests(TestCase):
         self.pki.client("alice")
         self.port = freePort()
         self.path = self.pki.directory / "server.toml"
-        self.path.write_text(SERVER_TOML.format(port=self.port))
+        self.path.write_text(loopbackServerTOML(self.port, "127.0.0.0/8, *.localhost", SERVER_TOML_EXTRA))
         writeClientConfig(self.pki, self.port, cert=str(self.pki.directory / "alice.pem"), key=str(self.pki.directory / "alice.key"), name="alice.toml")
 
     @defer.inlineCallbacks
