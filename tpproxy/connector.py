@@ -94,6 +94,8 @@ class Connector:
         self.mode = settings.transport
         self.chosen: str | None = "tls" if self.mode == "tls" else None
         self.session: ClientSession | None = None
+        #: PING interval of the QUIC connection.
+        self.quicKeepalive = QUIC_KEEPALIVE
         self._connecting: defer.Deferred[ClientSession] | None = None
         self.tlsOptions = settings.tlsOptions()
         self.lastQuicError: str | None = None
@@ -161,7 +163,7 @@ class Connector:
             if refused is not None:
                 raise refused from None
             raise
-        session.startKeepalive(QUIC_KEEPALIVE)
+        session.startKeepalive(self.quicKeepalive)
         self.session = session
         return session
 

@@ -16,9 +16,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .protocols.client import Refused, TLSClientEndpoint, TunnelError, openTunnel
+from .connector import quicRefusal
+from .protocols.client import Refused, TLSClientEndpoint, TunnelError, certificateRefusal, openTunnel
 from .protocols.relay import RelayEnd, noDelay, splice
-from .tls import describeTLSFailure
+from .tls import describeTLSFailure, receivedAlert
 from .wire import VERSION, ClientHello, FrameDecoder, ServerHello, WireError, encodeEvent, parseEvent
 
 
@@ -123,7 +124,7 @@ class ControlProtocol(Protocol):
             if call is not None and call.active():
                 call.cancel()
         if self.error is not None or not self.answered:
-            self.exposer.refused(self.error or TunnelError(f"TP closed the connection: {describeTLSFailure(reason)}"))
+            self.exposer.refused(self.error or closedBeforeAnswer(reason, self.exposer.connector))
         else:
             self.exposer.lost(reason)
 
@@ -152,6 +153,27 @@ class LocalTarget(RelayEnd):
         self.pending += data
 
 
+def closedBeforeAnswer(reason: Failure, connector: Any) -> TunnelError:
+    """
+    The error for a signalling connection that ended before TP answered:
+    one line a person can act on if TP refused the client certificate (in
+    the TLS handshake, or by closing the QUIC connection with its alert),
+    else what the connection says.
+    """
+    refused = certificateRefusal(receivedAlert(reason))
+    session = getattr(connector, "session", None)
+    if refused is None and session is not None and session.closed:
+        refused = quicRefusal(session)
+    if refused is not None:
+        return refused
+    return TunnelError(f"TP closed the connection: {describeTLSFailure(reason)}")
+
+
+#: QUIC PING interval of an exposer's connection (a PING and its ACK are
+#: under 100 bytes).
+EXPOSER_QUIC_KEEPALIVE = 3.0
+
+
 class Exposer:
     """
     Keeps one exposure registered with TP (reconnecting with backoff) and
@@ -177,6 +199,10 @@ class Exposer:
 
         self.tlsOptions = settings.tlsOptions()
         self.connector = Connector(reactor, settings)
+        # An exposer pings TP more often over QUIC: after a TP crash, its
+        # next packet gets the stateless reset, so this bounds how long it
+        # takes to notice and register again (docs/quic.md).
+        self.connector.quicKeepalive = EXPOSER_QUIC_KEEPALIVE
         endpoint = ChosenEndpoint(self)
         self.service = ClientService(
             endpoint,

@@ -396,6 +396,34 @@ class ClientMessageTests(CorpusTestCase):
         self.assertEqual(self.sink.accepted, 0)
 
 
+class ExposeMessageTests(CorpusTestCase):
+    """
+    C{tp expose} prints the same one line as C{tp connect} when TP refuses
+    its certificate, on TLS and QUIC.
+    """
+
+    @defer.inlineCallbacks
+    def test_refusedExposer(self) -> Any:
+        from tpproxy.test.support import run, tpCommand
+        from tpproxy.test.test_integration import writeClientConfig
+
+        chain, key = self.corpus["revoked"]
+        certPath, keyPath = self.pki.directory / "revoked.pem", self.pki.directory / "revoked.key"
+        certPath.write_bytes(b"".join(certPEM(c) for c in chain))
+        keyPath.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        config = writeClientConfig(self.pki, self.port, str(certPath), str(keyPath), name="revoked-expose.toml")
+        for transport in ("tls", "quic"):
+            result = yield run(tpCommand() + ["--config", config, "--transport", transport, "expose", "127.0.0.1:9", "--e2e", "x.localhost"], stdin=b"")
+            self.assertNotEqual(result.status, 0, result)
+            err = result.err.decode()
+            for banned in ("alert", "OpenSSL", "SSL routines", "Error:", "Traceback"):
+                self.assertNotIn(banned, err, (transport, err))
+            self.assertEqual(
+                err.splitlines()[-1],
+                f"tp: TP refused the {transport.upper()} connection: the client certificate is revoked or on TP's deny list",
+            )
+
+
 class AlertTableTests(SynchronousTestCase):
     """
     QUIC sends the alert OpenSSL sends on TLS for the same refusal code.
