@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -239,21 +239,40 @@ class Prober:
 # --- floods (run as child processes of this script) ----------------------------
 
 
-def floodQuicGarbage(port: int, count: int, rate: float) -> None:
+def udpSockets(firstHost: int) -> list[socket.socket]:
+    """
+    64 UDP sockets on 127.0.0.FIRST .. FIRST+7: many source ports, and
+    several source prefixes.
+    """
     socks = []
     for i in range(64):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind((f"127.0.0.{2 + i % 8}", 0))
+        s.bind((f"127.0.0.{firstHost + i % 8}", 0))
         socks.append(s)
+    return socks
+
+
+def paced(count: int, rate: float, send: Callable[[int], None]) -> None:
+    """
+    Call C{send(n)} for n in range(count), C{rate} times a second.
+    """
     start = time.monotonic()
     for n in range(count):
-        head = bytes([0xC3]) + (1).to_bytes(4, "big") + bytes([8]) + os.urandom(8) + bytes([8]) + os.urandom(8) + b"\x00"
-        left = 1200 - len(head) - 2
-        packet = head + (0x4000 | left).to_bytes(2, "big") + os.urandom(left)
-        socks[n % 64].sendto(packet, ("127.0.0.1", port))
+        send(n)
         lag = start + n / rate - time.monotonic()
         if lag > 0:
             time.sleep(lag)
+
+
+def floodQuicGarbage(port: int, count: int, rate: float) -> None:
+    socks = udpSockets(2)
+
+    def send(n: int) -> None:
+        head = bytes([0xC3]) + (1).to_bytes(4, "big") + bytes([8]) + os.urandom(8) + bytes([8]) + os.urandom(8) + b"\x00"
+        left = 1200 - len(head) - 2
+        socks[n % 64].sendto(head + (0x4000 | left).to_bytes(2, "big") + os.urandom(left), ("127.0.0.1", port))
+
+    paced(count, rate, send)
 
 
 def floodQuicHalfOpen(port: int, count: int, rate: float, pki: str) -> None:
@@ -264,20 +283,15 @@ def floodQuicHalfOpen(port: int, count: int, rate: float, pki: str) -> None:
 
     d = Path(pki)
     config = clientConfiguration("localhost", loadCertificates(str(d / "ca.pem")), loadCertificates(str(d / "client.pem")), loadKey(str(d / "client.key")))
-    socks = []
-    for i in range(64):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind((f"127.0.0.{10 + i % 8}", 0))
-        socks.append(s)
-    start = time.monotonic()
-    for n in range(count):
+    socks = udpSockets(10)
+
+    def send(n: int) -> None:
         conn = QuicConnection(configuration=config)
         conn.connect(("127.0.0.1", port), now=time.time())
         for data, _ in conn.datagrams_to_send(now=time.time()):
             socks[n % 64].sendto(data, ("127.0.0.1", port))
-        lag = start + n / rate - time.monotonic()
-        if lag > 0:
-            time.sleep(lag)
+
+    paced(count, rate, send)
 
 
 def floodTCP(port: int, source: str, hold: int, seconds: float) -> None:
