@@ -217,6 +217,7 @@ class Prober:
 
     def start(self) -> None:
         self.samples = {"tls": [], "quic": []}
+        self.started = time.monotonic()
         self.running = True
         self.reactor.callFromThread(self._tick)
 
@@ -232,6 +233,9 @@ class Prober:
                 "median_ms": round(1000 * statistics.median(times), 1) if times else None,
                 "worst_ms": round(1000 * max(times), 1) if times else None,
                 "over_1s": sum(1 for t in times if t > 1.0),
+                # When the slow or failed probes started, in seconds from
+                # the start of the flood.
+                "slow_at_s": [round(start - self.started, 1) for start, t in samples if t is None or t > 1.0],
             }
         return out
 
