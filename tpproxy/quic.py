@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -30,10 +29,9 @@ from aioquic.quic.connection import (
     QuicFrameType,
 )
 from aioquic.quic.packet import QuicPacketType, encode_quic_retry, encode_quic_version_negotiation, pull_quic_header
+from aioquic.quic.retry import TOKEN_LIFETIME, QuicRetryTokenHandler
 from cryptography import x509
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
@@ -74,8 +72,10 @@ class AlertCertificateRequired(tls.Alert):
     description = tls.AlertDescription.certificate_required
 
 
-#: How long a Retry token is good for: a client answers a Retry at once.
-RETRY_TOKEN_LIFETIME = 10.0
+#: How long a Retry token is good for (aioquic's tokens: AES-GCM under a
+#: key of the listener, binding the client's address and port and both
+#: connection IDs; a client answers a Retry at once).
+RETRY_TOKEN_LIFETIME = TOKEN_LIFETIME
 #: New-connection Initials a second above which every new client must pass
 #: a Retry, however few connections are half-open: trying to decrypt a
 #: flood of garbage Initials costs ~0.5 ms each (a connection object and
@@ -84,6 +84,8 @@ RETRY_RATE = 100
 #: Stateless resets TP sends, a second on average and at once.
 RESET_RATE = 100.0
 RESET_BURST = 200.0
+#: The largest stateless reset TP sends (it never answers with more).
+MAX_RESET = 43
 #: The file, in TP's state directory, of the stateless-reset secret.
 RESET_SECRET_FILE = "quic-reset.key"
 
@@ -132,48 +134,12 @@ def loadResetSecret(stateDir: str | None) -> bytes:
     return secret
 
 
-def _packedAddress(addr: Any) -> bytes:
-    return ipaddress.ip_address(addr[0].split("%", 1)[0]).packed + int(addr[1]).to_bytes(2, "big")
-
-
-class RetryTokens:
+def _bareAddress(addr: Any) -> tuple[str, int]:
     """
-    Address-validation tokens of TP's stateless Retry (RFC 9000 §8.1.2):
-    AES-GCM under a key of this listener, binding the client's address and
-    port, the original and the Retry connection IDs, and the time of issue.
+    C{addr} without an IPv6 zone (C{fe80::1%eth0}), as aioquic's Retry
+    tokens encode addresses with L{ipaddress}.
     """
-
-    def __init__(self, lifetime: float = RETRY_TOKEN_LIFETIME) -> None:
-        self.lifetime = lifetime
-        self._aead = AESGCM(AESGCM.generate_key(bit_length=128))
-
-    def create(self, addr: Any, originalCID: bytes, retryCID: bytes, now: float) -> bytes:
-        plain = bytes([len(originalCID)]) + originalCID + bytes([len(retryCID)]) + retryCID + int(now * 1000).to_bytes(8, "big")
-        nonce = os.urandom(12)
-        return nonce + self._aead.encrypt(nonce, plain, _packedAddress(addr))
-
-    def validate(self, addr: Any, destinationCID: bytes, token: bytes, now: float) -> bytes:
-        """
-        Return the original destination connection ID the token carries, or
-        raise L{ValueError} if it is forged, for another address, for
-        another Retry connection ID, or expired.
-        """
-        if len(token) < 12 + 16:
-            raise ValueError("token too short")
-        try:
-            plain = self._aead.decrypt(token[:12], token[12:], _packedAddress(addr))
-        except (InvalidTag, ValueError):
-            raise ValueError("token not valid for this address") from None
-        n = plain[0]
-        original = plain[1 : 1 + n]
-        m = plain[1 + n]
-        retryCID = plain[2 + n : 2 + n + m]
-        issued = int.from_bytes(plain[2 + n + m : 10 + n + m], "big") / 1000
-        if retryCID != destinationCID:
-            raise ValueError("token not for this connection ID")
-        if not 0 <= now - issued <= self.lifetime:
-            raise ValueError("token expired")
-        return original
+    return addr[0].split("%", 1)[0], int(addr[1])
 
 
 class TPQuicConnection(QuicConnection):
@@ -229,7 +195,9 @@ class TPQuicConnection(QuicConnection):
         short-header datagram ending with the reset token the server gave
         for one of the connection IDs we may send to?
         """
-        if len(data) < 21 or data[0] & 0x80:
+        if not 21 <= len(data) <= MAX_RESET or data[0] & 0x80:
+            # Not a reset TP sends; the data packets of a transfer never
+            # get as far as the token comparison.
             return False
         tail = data[-16:]
         peers = [getattr(self, "_peer_cid", None)] + list(getattr(self, "_peer_cid_available", []))
@@ -926,7 +894,7 @@ class QuicListener(DatagramProtocol):
         self.handshakeTimeout = handshakeTimeout
         #: Half-open connections (docs/hardening.md), against the caps.
         self.halfOpen = HalfOpenCounter(self.limits.quicHandshakes, self.limits.quicHandshakesPerSource)
-        self.retryTokens = RetryTokens()
+        self.retryTokens = QuicRetryTokenHandler()
         self.resetSecret = resetSecret if resetSecret is not None else os.urandom(32)
         self.resets = TokenBucket(RESET_RATE, RESET_BURST)
         self._refusals = RateLimitedLog()
@@ -1024,7 +992,9 @@ class QuicListener(DatagramProtocol):
         retryCID = None
         if header.token:
             try:
-                originalCID = self.retryTokens.validate(addr, header.destination_cid, header.token, now)
+                originalCID = self.retryTokens.validate_token(
+                    address=_bareAddress(addr), destination_cid=header.destination_cid, token=header.token, now=now
+                )
             except ValueError as e:
                 # Forged, replayed from elsewhere, or late: no state, no
                 # answer (an answer would serve a spoofed source).
@@ -1041,7 +1011,12 @@ class QuicListener(DatagramProtocol):
                     source_cid=newCID,
                     destination_cid=header.source_cid,
                     original_destination_cid=header.destination_cid,
-                    retry_token=self.retryTokens.create(addr, header.destination_cid, newCID, now),
+                    retry_token=self.retryTokens.create_token(
+                        address=_bareAddress(addr),
+                        original_destination_connection_id=header.destination_cid,
+                        retry_source_connection_id=newCID,
+                        now=now,
+                    ),
                 ),
                 addr,
             )
@@ -1121,7 +1096,7 @@ class QuicListener(DatagramProtocol):
         if not self.resets.take(self.reactor.seconds()):
             self._drop("reset_limited")
             return
-        length = min(size - 1, 43)
+        length = min(size - 1, MAX_RESET)
         first = 0x40 | (os.urandom(1)[0] & 0x3F)
         self.sendDatagram(bytes([first]) + os.urandom(length - 17) + resetToken(self.resetSecret, cid), addr)
 
