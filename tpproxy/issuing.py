@@ -41,7 +41,7 @@ from zope.interface import implementer
 from .acmeclient import HTTP01, TLSALPN01, AcmeClient, tlsALPNCertificate
 from .certsource import CertificateUnavailable, ICertificateSource
 from .config import DNS_NAME
-from .pki import certPEM, keyPEM, newKey, selfSignedBuilder, writePrivate
+from .pki import certPEM, keyPEM, newKey, replacePrivate, selfSignedBuilder, writePrivate
 
 log = Logger()
 
@@ -119,14 +119,7 @@ class CertificateStore:
         which only matters if that differs).
         """
         path = self._file(name)
-        temporary = path.with_name(path.name + ".new")
-        writePrivate(temporary, keyPEM(key) + b"".join(certPEM(c) for c in chain))
-        fd = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
+        replacePrivate(path, keyPEM(key) + b"".join(certPEM(c) for c in chain))
         if directory is not None:
             meta = path.with_suffix(".json")
             temporary = meta.with_name(meta.name + ".new")

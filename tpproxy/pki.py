@@ -135,6 +135,21 @@ def writePrivate(path: Path, data: bytes) -> None:
     os.chmod(path, 0o600)
 
 
+def replacePrivate(path: Path, data: bytes) -> None:
+    """
+    Replace C{path} with C{data}, readable by its owner only, durably: a
+    crash leaves the old file or the new one, never a part of either.
+    """
+    temporary = path.with_name(path.name + ".new")
+    writePrivate(temporary, data)
+    fd = os.open(temporary, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+
+
 def selfSignedBuilder(commonName: str, key: ec.EllipticCurvePrivateKey, lifetime: datetime.timedelta) -> x509.CertificateBuilder:
     """
     A certificate builder for a self-signed certificate of C{key}, valid

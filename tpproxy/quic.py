@@ -43,7 +43,7 @@ from zope.interface import implementer
 from .config import LimitsConfig
 from .h3 import H3_ALPN, H3Responder, H3Response
 from .limits import HalfOpenCounter, RateLimitedLog, TokenBucket, sourcePrefix
-from .pki import identityOf
+from .pki import identityOf, replacePrivate
 from .verify import AlertRefused, ClientVerifier  # noqa: F401 (ClientVerifier: importable from here)
 from .wire import ALPN
 
@@ -122,13 +122,7 @@ def loadResetSecret(stateDir: str | None) -> bytes:
     secret = os.urandom(32)
     try:
         Path(stateDir).mkdir(mode=0o700, parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".new")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secret)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
+        replacePrivate(path, secret)
     except OSError as e:
         log.warn("Cannot write {path} ({error}): QUIC stateless resets will not survive a restart", path=str(path), error=e)
     return secret

@@ -28,7 +28,7 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from .pki import identityOf
-from .verify import (  # noqa: F401 (ClientCertChecker, verifyErrorText: importable from here)
+from .verify import (  # noqa: F401 (ClientCertChecker: importable from here)
     ClientCertChecker,
     Refusal,
     X509_V_ERR_APPLICATION_VERIFICATION,
@@ -38,7 +38,6 @@ from .verify import (  # noqa: F401 (ClientCertChecker, verifyErrorText: importa
     setConnectionVerify,
     setContextVerify,
     verifyCallback,
-    verifyErrorText,
 )
 from .wire import ALPN
 
