@@ -282,8 +282,8 @@ def floodQuicGarbage(port: int, count: int, rate: float) -> None:
 def floodQuicHalfOpen(port: int, count: int, rate: float, pki: str) -> None:
     from aioquic.quic.connection import QuicConnection
 
-    from tpproxy.quic import clientConfiguration
-    from tpproxy.tls import loadCertificates, loadKey
+    from tpproxy.transports.quic import clientConfiguration
+    from tpproxy.pki import loadCertificates, loadKey
 
     d = Path(pki)
     config = clientConfiguration("localhost", loadCertificates(str(d / "ca.pem")), loadCertificates(str(d / "client.pem")), loadKey(str(d / "client.key")))
@@ -460,7 +460,7 @@ def memory(server: Server, prober: Prober, echoPort: int, counts: list[int]) -> 
     return out
 
 
-def setUp(tree: Path, workdir: Path) -> tuple[Server, Path]:
+def setUp(tree: Path, workdir: Path, backlog: int | None = None) -> tuple[Server, Path]:
     port = freePort()
     pki = workdir / "pki"
     env = dict(os.environ)
@@ -468,6 +468,8 @@ def setUp(tree: Path, workdir: Path) -> tuple[Server, Path]:
     subprocess.run([str(BIN / "tp"), "init-dev", str(pki), "--port", str(port)], check=True, capture_output=True, env=env)
     toml = (pki / "server.toml").read_text()
     toml = re.sub(r"(?m)^listen = \[.*\]$", f'listen = ["tcp:{port}:interface=127.0.0.1"]\nquic = ["127.0.0.1:{port}"]', toml)
+    if backlog is not None:
+        toml += f"\n[limits]\nbacklog = {backlog}\n"
     (pki / "server.toml").write_text(toml)
     return Server(tree, pki, port, workdir), pki
 
@@ -478,6 +480,11 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--only", action="append", help="run only these parts (quic-garbage, quic-halfopen, tcp-flood, burst, restart, memory)")
     parser.add_argument("--tunnels", type=int, action="append", help="tunnel counts for memory (default 2000 and 9000)")
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        help="[limits] backlog for the server (the kernel caps it at net.core.somaxconn, which is reported)",
+    )
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -498,7 +505,9 @@ def main() -> int:
     results: dict[str, Any] = {"tree": str(args.tree), "commit": subprocess.run(["git", "-C", str(args.tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
     with tempfile.TemporaryDirectory(prefix="tp-hardening-") as tmp:
         workdir = Path(tmp)
-        server, pki = setUp(args.tree, workdir)
+        server, pki = setUp(args.tree, workdir, args.backlog)
+        results["somaxconn"] = int(Path("/proc/sys/net/core/somaxconn").read_text())
+        results["backlog"] = args.backlog
         echoPort, _ = echoServer()
         server.start()
         prober = Prober(pki, server.port, echoPort)

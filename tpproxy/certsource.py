@@ -15,8 +15,8 @@ from cryptography import x509
 from twisted.internet import defer
 from zope.interface import Interface, implementer
 
-from .pki import CertificateAuthority
-from .tls import loadCertificates, loadKey
+from tpproxy.pki import CertificateAuthority
+from tpproxy.pki import loadCertificates, loadKey
 
 
 class CertificateUnavailable(Exception):

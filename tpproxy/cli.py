@@ -22,11 +22,11 @@ from twisted.internet.protocol import Factory
 from twisted.internet.stdio import StandardIO
 from twisted.python.failure import Failure
 
-from . import __version__
-from .config import ClientConfig, ConfigError, defaultClientConfigPath, loadClientConfig
-from .protocols.client import Refused, ServerAddress, TPClientProtocol, TunnelError
-from .protocols.relay import RelayEnd, noDelay, splice
-from .wire import VERSION, ClientHello, validHost, validName
+from tpproxy import __version__
+from tpproxy.config import ClientConfig, ConfigError, defaultClientConfigPath, loadClientConfig
+from tpproxy.protocols.client import Refused, ServerAddress, TPClientProtocol, TunnelError
+from tpproxy.protocols.relay import RelayEnd, noDelay, splice
+from tpproxy.wire import VERSION, ClientHello, validHost, validName
 
 EXIT_OK, EXIT_TUNNEL, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
 
@@ -78,7 +78,7 @@ class Settings:
 
         @raise UsageError: naming the option whose file is missing or bad.
         """
-        from .tls import loadCertificates, loadKey
+        from tpproxy.pki import loadCertificates, loadKey
 
         def load(kind: str, path: str, loader: Any) -> Any:
             try:
@@ -95,7 +95,7 @@ class Settings:
         Client TLS options for TP (or, with C{serverName}, for the inner
         handshake with an E2E exposure of that name).
         """
-        from .tls import clientTLS
+        from tpproxy.transports.tls import clientTLS
 
         cas, chain, key = self.materials()
         try:
@@ -233,7 +233,7 @@ class StdioEnd(RelayEnd):
 
 @defer.inlineCallbacks
 def runConnect(reactor: Any, settings: Settings, host: str, port: int, stderr: Any) -> Any:
-    from .connector import Connector
+    from tpproxy.connector import Connector
 
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     connector = Connector(reactor, settings)
@@ -291,7 +291,7 @@ class LocalEnd(RelayEnd):
 
 class Forwarder(Factory):
     def __init__(self, reactor: Any, settings: Settings, hello: ClientHello, stderr: Any) -> None:
-        from .connector import Connector
+        from tpproxy.connector import Connector
 
         self.reactor = reactor
         self.settings = settings
@@ -323,8 +323,8 @@ def runUp(reactor: Any, settings: Settings, host: str, port: int, localPort: int
 
 @defer.inlineCallbacks
 def runUpUDP(reactor: Any, settings: Settings, host: str, port: int, localPort: int, bind: str, stderr: Any) -> Any:
-    from .connector import Connector
-    from .udp import UDPForwarder
+    from tpproxy.connector import Connector
+    from tpproxy.transports.udp import UDPForwarder
 
     connector = Connector(reactor, settings)
     reactor.addSystemEventTrigger("before", "shutdown", connector.close)
@@ -349,7 +349,7 @@ def runUpUDP(reactor: Any, settings: Settings, host: str, port: int, localPort: 
 
 
 def runInitDev(args: argparse.Namespace, stdout: Any) -> int:
-    from .devenv import initDev
+    from tpproxy.devenv import initDev
 
     home = Path(args.directory).expanduser().resolve()
     if (home / "server.toml").exists() and not args.force:
@@ -369,7 +369,7 @@ def runInitDev(args: argparse.Namespace, stdout: Any) -> int:
 
 
 def runIssue(args: argparse.Namespace, stdout: Any) -> int:
-    from .devenv import issueClient
+    from tpproxy.devenv import issueClient
 
     home = Path(args.directory).expanduser().resolve()
     if not (home / "ca.key").exists():
@@ -384,7 +384,7 @@ def runIssue(args: argparse.Namespace, stdout: Any) -> int:
 def _run(reactor: Any, args: argparse.Namespace, stderr: Any) -> defer.Deferred[int]:
     settings = resolveSettings(args)
     if args.command == "expose":
-        from .expose import runExpose
+        from tpproxy.reverse.expose import runExpose
 
         local = parseHostPort(args.local, "LOCALHOST:PORT")
         if args.e2e is not None:
@@ -409,7 +409,7 @@ def _run(reactor: Any, args: argparse.Namespace, stderr: Any) -> defer.Deferred[
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from . import logbridge
+    from tpproxy import logbridge
 
     logbridge.install()  # aioquic's log lines must not reach stderr
     parser = buildParser()

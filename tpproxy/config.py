@@ -16,8 +16,8 @@ from typing import Any
 
 from cryptography import x509
 
-from .pki import normalizeSerial
-from .policy import ConfigError, Policy, parsePolicy
+from tpproxy.pki import normalizeSerial
+from tpproxy.policy import ConfigError, Policy, parsePolicy
 
 __all__ = ["ConfigError", "ServerConfig", "ClientConfig", "loadServerConfig", "loadClientConfig"]
 
@@ -177,7 +177,7 @@ def parseH3(table: Any, base: Path) -> Any:
     C{[router.h3]}: the built-in HTTP/3 answer for browsers on TP's QUIC
     port (see quic.md, "Sharing UDP/443"); C{None} if absent.
     """
-    from .h3 import H3Response
+    from tpproxy.transports.h3 import H3Response
 
     if table is None:
         return None
@@ -504,7 +504,7 @@ def checkServerFiles(config: ServerConfig) -> None:
     Load every certificate, key and CRL once, so that a broken file is
     reported at start with the key that names it.
     """
-    from .tls import loadCertificates, loadKey
+    from tpproxy.pki import loadCertificates, loadKey
 
     if config.certificate is not None and config.key is not None:
         try:

@@ -14,10 +14,10 @@ from typing import Any
 
 from twisted.internet import defer
 
-from .dial import resolveHost
-from .protocols.client import TPClientProtocol, TunnelError, certificateRefusal, openTunnel
-from .quic import ClientSession, clientConfiguration, connectQuic
-from .wire import ClientHello
+from tpproxy.dial import resolveHost
+from tpproxy.protocols.client import TPClientProtocol, TunnelError, certificateRefusal, openTunnel
+from tpproxy.transports.quic import ClientSession, clientConfiguration, connectQuic
+from tpproxy.wire import ClientHello
 
 #: How long C{auto} waits for a QUIC handshake before it takes TLS.
 QUIC_PROBE_TIMEOUT = 1.5

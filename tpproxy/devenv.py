@@ -15,7 +15,7 @@ from pathlib import Path
 from cryptography import x509
 from twisted.logger import Logger
 
-from .pki import CertificateAuthority, keyPEM, writePrivate
+from tpproxy.pki import CertificateAuthority, keyPEM, writePrivate
 
 log = Logger()
 

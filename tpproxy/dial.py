@@ -16,8 +16,8 @@ from twisted.internet.interfaces import IHostResolution, IProtocolFactory, IReso
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .policy import Policy
-from .wire import ErrorCode
+from tpproxy.policy import Policy
+from tpproxy.wire import ErrorCode
 
 log = Logger()
 

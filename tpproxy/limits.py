@@ -152,7 +152,7 @@ def holdPlace(protocol: Any, place: HalfOpenPlace) -> None:
     """
     Tie C{place} to C{protocol}, the protocol a TCP transport delivers to:
     it is released when the connection ends (and, for TP's TLS protocol,
-    when its handshake completes: L{tpproxy.tls.HalfCloseTLSProtocol}).
+    when its handshake completes: L{tpproxy.transports.tls.HalfCloseTLSProtocol}).
     """
     protocol.tpHalfOpen = place
     lost = protocol.connectionLost

@@ -278,3 +278,17 @@ class CertificateAuthority:
                 x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
             )
         return builder.sign(self.key, hashes.SHA256())
+
+
+def loadCertificates(path: str) -> list[x509.Certificate]:
+    with open(path, "rb") as f:
+        data = f.read()
+    certs = x509.load_pem_x509_certificates(data)
+    if not certs:
+        raise ValueError(f"{path}: no PEM certificate found")
+    return certs
+
+
+def loadKey(path: str):  # type: ignore[no-untyped-def]
+    with open(path, "rb") as f:
+        return serialization.load_pem_private_key(f.read(), None)

@@ -19,7 +19,7 @@ C{route(info) -> Route}, where the connection goes:
     not do half-close, an EOF read closes the connection, as the reactor
     itself would).  Which factory is used makes the mode:
 
-      - TP itself: its listening factory (L{tpproxy.tls.TLSFactory} around
+      - TP itself: its listening factory (L{tpproxy.transports.tls.TLSFactory} around
         the TP protocol), so TP's TLS handshake starts from the buffered
         ClientHello;
       - passthrough, L{toBackend}: a L{BackendFactory}, whose protocol
@@ -54,17 +54,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .clienthello import (
+from tpproxy.clienthello import (
     ALERT_HANDSHAKE_FAILURE,
     DEFAULT_LIMIT,
     ClientHelloError,
     ClientHelloInfo,
     ClientHelloParser,
 )
-from .protocols.relay import RelayEnd, describeAddress, noDelay, splice
-from .proxyproto import proxyV2Header
-from .limits import holdPlace
-from .tls import HalfCloseTLSProtocol, TLSFactory
+from tpproxy.protocols.relay import RelayEnd, describeAddress, noDelay, splice
+from tpproxy.proxyproto import proxyV2Header
+from tpproxy.limits import holdPlace
+from tpproxy.transports.tls import HalfCloseTLSProtocol, TLSFactory
 
 log = Logger(namespace="tpproxy.router")
 

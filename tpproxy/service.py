@@ -13,18 +13,23 @@ from OpenSSL import crypto
 from twisted.application import service, strports
 from twisted.logger import Logger
 
-from .acmeclient import TLSALPN01, AcmeClient
-from .certsource import DevCACertificates, FileCertificates, FirstAvailable, ICertificateSource
-from .config import ServerConfig, loadCRL
-from .memory import MemoryTrimmer
-from .limits import HalfOpenCounter, HalfOpenGate, raiseFileLimit
-from .issuing import CertificateStore, HTTP01Responder, IssuingService, TLSALPN01Responder, loadOrCreateKey, temporaryCertificate
-from .pki import CertificateAuthority
-from . import router
-from .reverse import Registry
-from .protocols.server import TPServerFactory
-from .quic import ClientVerifier, QuicListener, loadResetSecret, serverConfiguration
-from .tls import ClientCertChecker, ServerTLS, TLSFactory, loadCertificates, loadKey
+from tpproxy.acme.client import TLSALPN01, AcmeClient
+from tpproxy.certsource import DevCACertificates, FileCertificates, FirstAvailable, ICertificateSource
+from tpproxy.config import ServerConfig, loadCRL
+from tpproxy.memory import MemoryTrimmer
+from tpproxy.limits import HalfOpenCounter, HalfOpenGate, raiseFileLimit
+from tpproxy.acme.store import CertificateStore, loadOrCreateKey, temporaryCertificate
+from tpproxy.acme.responders import HTTP01Responder, TLSALPN01Responder
+from tpproxy.acme.service import IssuingService
+from tpproxy.pki import CertificateAuthority
+from tpproxy import router
+from tpproxy.reverse.registry import Registry
+from tpproxy.protocols.server import TPServerFactory
+from tpproxy.transports.quic import ClientVerifier, QuicListener, loadResetSecret, serverConfiguration
+from tpproxy.verify import ClientCertChecker
+from tpproxy.transports.servertls import ServerTLS
+from tpproxy.transports.tls import TLSFactory
+from tpproxy.pki import loadCertificates, loadKey
 
 log = Logger()
 

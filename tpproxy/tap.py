@@ -11,7 +11,7 @@ from typing import Any
 from twisted.application import service
 from twisted.python import usage
 
-from .config import ConfigError, loadServerConfig
+from tpproxy.config import ConfigError, loadServerConfig
 
 
 class Options(usage.Options):
@@ -32,7 +32,7 @@ class Options(usage.Options):
             if path:
                 self["serverConfig"] = loadServerConfig(path)
             else:
-                from .devenv import ensureDevEnvironment
+                from tpproxy.devenv import ensureDevEnvironment
 
                 home = ensureDevEnvironment()
                 self["serverConfig"] = loadServerConfig(home / "server.toml")
@@ -42,15 +42,15 @@ class Options(usage.Options):
 
 
 def makeService(options: Options, reactor: Any = None) -> service.IService:
-    from . import logbridge
-    from .service import makeService as _make
+    from tpproxy import logbridge
+    from tpproxy.service import makeService as _make
 
     logbridge.install()  # aioquic's log lines go to the log, not to [stderr#error]
 
     svc = _make(options["serverConfig"], reactor)
     home = options.get("devHome")
     if home is not None:
-        from .devenv import announce
+        from tpproxy.devenv import announce
 
         announce(home)
     return svc

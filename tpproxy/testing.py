@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ServerConfig, parseServerConfig
-from .pki import CertificateAuthority, Issued, keyPEM, writePrivate
+from tpproxy.config import ServerConfig, parseServerConfig
+from tpproxy.pki import CertificateAuthority, Issued, keyPEM, writePrivate
 
 
 @dataclass

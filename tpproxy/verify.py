@@ -32,7 +32,7 @@ from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .pki import identityOf, normalizeSerial, serialHex
+from tpproxy.pki import identityOf, normalizeSerial, serialHex
 
 log = Logger(namespace="tpproxy.verify")
 
@@ -469,7 +469,7 @@ def refusedHandshake(code: int) -> str:
     verify callback refuses with C{X509_V_ERR_*} code C{code}; return the
     error text the client got (OpenSSL names the alert it received).
     """
-    from .pki import CertificateAuthority
+    from tpproxy.pki import CertificateAuthority
 
     ca = CertificateAuthority.create("TP self-check CA", days=1)
     server, client = ca.issue("localhost", dns=("localhost",), server=True), ca.issue("self-check", client=True)

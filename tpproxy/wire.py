@@ -216,7 +216,7 @@ class ClientHello:
 
     - C{connect}: open a TCP tunnel to C{host}:C{port}; C{transport} may
       only be C{tcp} (a C{udp} one is refused with C{bad_request}).
-    - C{udp}: open a UDP flow to C{host}:C{port} (see L{tpproxy.udp}).
+    - C{udp}: open a UDP flow to C{host}:C{port} (see L{tpproxy.transports.udp}).
     - C{listen}: expose something, in C{mode} C{public} (TP listens on
       C{port}, 0 = TP picks) or C{e2e} (TP serves C{name}).  The connection
       then carries events (L{encodeEvent}).

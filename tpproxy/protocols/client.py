@@ -18,10 +18,10 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..tls import TLSFactory, describeTLSFailure, receivedAlert
-from ..verify import humanReason
-from ..wire import ClientHello, FrameDecoder, ServerHello, WireError
-from .relay import RelayEnd, noDelay
+from tpproxy.transports.tls import TLSFactory, describeTLSFailure, receivedAlert
+from tpproxy.verify import humanReason
+from tpproxy.wire import ClientHello, FrameDecoder, ServerHello, WireError
+from tpproxy.protocols.relay import RelayEnd, noDelay
 
 
 class TunnelError(Exception):

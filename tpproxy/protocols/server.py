@@ -16,13 +16,14 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..dial import DialError, Dialer
-from ..pki import PeerIdentity, identityOf
-from ..reverse import Exposure, ReverseError
-from ..tls import NameTLS, TLSFactory, describeTLSFailure
-from ..wire import ALPN, ClientHello, ErrorCode, FrameDecoder, ServerHello, WireError, encodeEvent, parseEvent
-from .relay import RelayEnd, noDelay, splice
-from .relay import describeAddress as _addr
+from tpproxy.dial import DialError, Dialer
+from tpproxy.pki import PeerIdentity, identityOf
+from tpproxy.reverse.registry import Exposure, ReverseError
+from tpproxy.transports.servertls import NameTLS
+from tpproxy.transports.tls import TLSFactory, describeTLSFailure
+from tpproxy.wire import ALPN, ClientHello, ErrorCode, FrameDecoder, ServerHello, WireError, encodeEvent, parseEvent
+from tpproxy.protocols.relay import RelayEnd, noDelay, splice
+from tpproxy.protocols.relay import describeAddress as _addr
 
 log = Logger(namespace="tpproxy.server")
 audit = Logger(namespace="tpproxy.audit")
@@ -215,7 +216,7 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
         self.dialling.addCallbacks(self._udpAllowed, self._dialFailed)
 
     def _udpAllowed(self, addresses: list[str]) -> None:
-        from ..udp import ServerFlow
+        from tpproxy.transports.udp import ServerFlow
 
         self.dialling = None
         if self.state != "dialling":
@@ -505,8 +506,8 @@ class TPServerProtocol(RelayEnd, TimeoutMixin):
 
 class TPServerFactory(Factory):
     """
-    Builds L{TPServerProtocol}s; wrap it in L{tpproxy.tls.TLSFactory} with a
-    L{tpproxy.tls.ServerTLS}.
+    Builds L{TPServerProtocol}s; wrap it in L{tpproxy.transports.tls.TLSFactory} with a
+    L{tpproxy.transports.servertls.ServerTLS}.
     """
 
     def __init__(self, config: Any, reactor: Any, dialer: Dialer | None = None, serverTLS: Any = None, registry: Any = None) -> None:

@@ -26,22 +26,27 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
 
-from tpproxy.acmeclient import ID_PE_ACME_IDENTIFIER, AcmeError, keyAuthorization, retryAfter, tlsALPNCertificate
+from tpproxy.acme.client import ID_PE_ACME_IDENTIFIER, AcmeError, keyAuthorization, retryAfter, tlsALPNCertificate
 from tpproxy.certsource import CertificateUnavailable
 from tpproxy.config import ConfigError
-from tpproxy.issuing import CertificateStore, HTTP01Responder, IssuingService, TLSALPN01Responder, renewalTime
+from tpproxy.acme.store import CertificateStore, renewalTime
+from tpproxy.acme.responders import HTTP01Responder, TLSALPN01Responder
+from tpproxy.acme.service import IssuingService
 from tpproxy.pki import newKey
 from tpproxy.protocols.client import ServerAddress, TLSClientEndpoint, openTunnel
 from tpproxy.protocols.relay import RelayEnd, splice
 from tpproxy.protocols.server import TPServerFactory
 from tpproxy.service import makeService
 from tpproxy.testing import LOOPBACK_RULES, TestPKI
-from tpproxy.tls import ACME_TLS_ALPN, ClientCertChecker, ServerTLS, clientTLS, loadCertificates, loadKey
+from tpproxy.transports.servertls import ACME_TLS_ALPN, ServerTLS
+from tpproxy.verify import ClientCertChecker
+from tpproxy.transports.tls import clientTLS
+from tpproxy.pki import loadCertificates, loadKey
 from tpproxy.wire import ClientHello
 
-from .pebble import Pebble
-from .support import Echo, freePort, listenLocal
-from .test_reverse import ControlClient
+from tpproxy.test.pebble import Pebble
+from tpproxy.test.support import Echo, freePort, listenLocal
+from tpproxy.test.test_reverse import ControlClient
 
 # -- in memory ------------------------------------------------------------------
 
@@ -856,7 +861,7 @@ class QuicCertificateSwapTests(SynchronousTestCase):
         The QUIC listener's new configuration carries the new certificate;
         the one live connections were made with is left as it was.
         """
-        from tpproxy.quic import ClientVerifier, QuicListener, serverConfiguration
+        from tpproxy.transports.quic import ClientVerifier, QuicListener, serverConfiguration
 
         pki = TestPKI.create(self.mktemp())
         d = pki.directory
@@ -931,7 +936,7 @@ class TwistWithACMETests(PebbleTestCase):
         certificate: the real process gets its certificate from Pebble by
         tls-alpn-01, stores it, and serves it.
         """
-        from .support import Background, twistCommand, waitForPort
+        from tpproxy.test.support import Background, twistCommand, waitForPort
 
         self.pebble = yield Pebble.start(self, self.httpPort, self.tlsPort)
         store = Path(self.mktemp()).absolute()
@@ -987,7 +992,7 @@ class StallTests(TestCase):
         """
         from twisted.internet.protocol import Factory, Protocol
 
-        from tpproxy.acmeclient import AcmeClient
+        from tpproxy.acme.client import AcmeClient
 
         class Staller(Protocol):
             def dataReceived(self, data: bytes) -> None:

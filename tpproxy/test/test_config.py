@@ -25,7 +25,7 @@ from tpproxy.config import (
 )
 from tpproxy.pki import CertificateAuthority, identityOf
 from tpproxy.testing import TestPKI
-from tpproxy.tls import ClientCertChecker
+from tpproxy.verify import ClientCertChecker
 
 VALID_TOML = """\
 [server]

@@ -15,11 +15,11 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tpproxy.acmeclient import tlsALPNCertificate
+from tpproxy.acme.client import tlsALPNCertificate
 from tpproxy.protocols.client import Refused, ServerAddress, TLSClientEndpoint, TunnelError, openTunnel
 from tpproxy.wire import ClientHello
 
-from .test_reverse import ControlClient, ReverseTestCase
+from tpproxy.test.test_reverse import ControlClient, ReverseTestCase
 
 
 @implementer(IOpenSSLClientConnectionCreator)

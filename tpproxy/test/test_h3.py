@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tpproxy import h3
-from tpproxy.h3 import H3Response
+from tpproxy.transports import h3
+from tpproxy.transports.h3 import H3Response
 from tpproxy.protocols.client import TPClientProtocol, TunnelError
-from tpproxy.quic import (
+from tpproxy.transports.quic import (
     ClientSession,
     ClientSocket,
     ClientVerifier,
@@ -32,11 +32,11 @@ from tpproxy.quic import (
 )
 from tpproxy.service import makeServerFactory
 from tpproxy.testing import TestPKI
-from tpproxy.tls import loadCertificates, loadKey
+from tpproxy.pki import loadCertificates, loadKey
 from tpproxy.wire import ALPN, ClientHello
 
-from .support import HashSink, auditObserver, audits, deferLater, listenLocal, waitForAudits
-from .test_quic import waitUntil
+from tpproxy.test.support import HashSink, auditObserver, audits, deferLater, listenLocal, waitForAudits
+from tpproxy.test.test_quic import waitUntil
 
 REDIRECT = H3Response.redirect("https://www.example.org/")
 PAGE = H3Response.page("<h1>Nothing to see</h1>\n", status=200)

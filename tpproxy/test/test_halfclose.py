@@ -1,5 +1,5 @@
 """
-Tests for L{tpproxy.tls.HalfCloseTLSProtocol}: TLS half-close (a
+Tests for L{tpproxy.transports.tls.HalfCloseTLSProtocol}: TLS half-close (a
 C{close_notify} in one direction) over real TLS in memory.
 """
 
@@ -16,9 +16,9 @@ from twisted.test.iosim import FakeTransport, IOPump, connect
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from ..service import makeServerTLS
-from ..testing import TestPKI
-from ..tls import HalfCloseTLSProtocol, TLSFactory, clientTLS
+from tpproxy.service import makeServerTLS
+from tpproxy.testing import TestPKI
+from tpproxy.transports.tls import HalfCloseTLSProtocol, TLSFactory, clientTLS
 
 
 @implementer(IHandshakeListener)

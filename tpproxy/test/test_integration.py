@@ -20,7 +20,7 @@ from twisted.trial.unittest import TestCase
 from tpproxy.pki import CertificateAuthority
 from tpproxy.testing import TestPKI
 
-from .support import (
+from tpproxy.test.support import (
     Background,
     Echo,
     echoRoundTrips,

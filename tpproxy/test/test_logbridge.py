@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tpproxy import logbridge
 from tpproxy.testing import TestPKI, loopbackServerTOML
 
-from .support import Background, deferLater, freePort, run, tpCommand, twistCommand, waitForPort
+from tpproxy.test.support import Background, deferLater, freePort, run, tpCommand, twistCommand, waitForPort
 
 
 class HandlerTests(SynchronousTestCase):

@@ -12,7 +12,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tpproxy.memory import MIN_WAVE, MemoryTrimmer, glibcTrim
 from tpproxy.testing import TestPKI
-from tpproxy.tls import ServerTLS, ClientCertChecker, loadCertificates, loadKey
+from tpproxy.transports.servertls import ServerTLS
+from tpproxy.verify import ClientCertChecker
+from tpproxy.pki import loadCertificates, loadKey
 
 
 class ReleaseBuffersTests(SynchronousTestCase):

@@ -1,6 +1,6 @@
 """
 Tests for L{tpproxy.pki} (identities from certificates, the dev CA) and for
-L{tpproxy.tls.ClientCertChecker} (deny lists and CRLs).
+L{tpproxy.verify.ClientCertChecker} (deny lists and CRLs).
 """
 
 from __future__ import annotations
@@ -16,15 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.trial.unittest import SynchronousTestCase
 
-from tpproxy.pki import (
-    CertificateAuthority,
-    PeerIdentity,
-    identityOf,
-    newKey,
-    serialHex,
-    writePrivate,
-)
-from tpproxy.tls import ClientCertChecker
+from tpproxy.pki import CertificateAuthority, PeerIdentity, identityOf, newKey, serialHex, writePrivate
+from tpproxy.verify import ClientCertChecker
 
 CA = CertificateAuthority.create("TP test CA")
 

@@ -11,15 +11,7 @@ from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.trial.unittest import SynchronousTestCase
 
-from tpproxy.proxyproto import (
-    LOCAL,
-    PROXY,
-    SIGNATURE,
-    ProxyInfo,
-    ProxyProtocolError,
-    parseProxyV2,
-    proxyV2Header,
-)
+from tpproxy.proxyproto import LOCAL, PROXY, SIGNATURE, ProxyInfo, ProxyProtocolError, parseProxyV2, proxyV2Header
 
 
 class HeaderTests(SynchronousTestCase):

@@ -15,13 +15,13 @@ from twisted.internet import defer, protocol, reactor
 from twisted.trial.unittest import TestCase
 
 from tpproxy.protocols.client import TPClientProtocol, TunnelError
-from tpproxy.quic import clientConfiguration, connectQuic
+from tpproxy.transports.quic import clientConfiguration, connectQuic
 from tpproxy.service import makeQuicListener, makeServerFactory
 from tpproxy.testing import REVERSE_RULES, TestPKI, reverseTables
-from tpproxy.tls import loadCertificates, loadKey
+from tpproxy.pki import loadCertificates, loadKey
 from tpproxy.wire import ALPN, ClientHello
 
-from .support import (
+from tpproxy.test.support import (
     SSHD,
     Background,
     Echo,
@@ -37,7 +37,7 @@ from .support import (
     waitUntilRefused,
     waitForAudits,
 )
-from .test_integration import TEN_MB, writeClientConfig
+from tpproxy.test.test_integration import TEN_MB, writeClientConfig
 
 
 @defer.inlineCallbacks
@@ -48,7 +48,7 @@ def waitUntil(condition: Callable[[], object], what: str, timeout: float = 10) -
     @raise AssertionError: naming C{what} if it is still false after
         C{timeout} seconds.
     """
-    from .support import deferLater
+    from tpproxy.test.support import deferLater
 
     deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
     while not condition():
@@ -196,7 +196,7 @@ class MutualTLSTests(QuicTestCase):
         self.startTP()
         tickets: list[Any] = []
         config = self.quicConfig("alice")
-        from tpproxy.quic import TPQuicConnection
+        from tpproxy.transports.quic import TPQuicConnection
 
         original = TPQuicConnection.__init__
 
@@ -336,7 +336,7 @@ class FallbackTests(QuicTestCase):
         self.startTP(quic=False)
         blackhole = reactor.listenUDP(self.port, protocol.DatagramProtocol(), interface="127.0.0.1")
         self.addCleanup(blackhole.stopListening)
-        from .support import cleanEnv
+        from tpproxy.test.support import cleanEnv
 
         env = cleanEnv(XDG_CACHE_HOME=os.path.abspath(self.mktemp()))
         argv = tpCommand() + ["--config", self.clientConfig(), "connect", f"127.0.0.1:{sinkPort}"]
@@ -530,7 +530,7 @@ class FlowControlTests(QuicTestCase):
         the stream stays within its window (4 MiB) plus socket buffers,
         however much the client writes.
         """
-        from tpproxy.quic import STREAM_WINDOW
+        from tpproxy.transports.quic import STREAM_WINDOW
 
         stalled: list[Any] = []
 

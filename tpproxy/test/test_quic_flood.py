@@ -21,7 +21,7 @@ from twisted.internet.address import IPv4Address
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tpproxy.config import LimitsConfig
-from tpproxy.quic import (
+from tpproxy.transports.quic import (
     RETRY_TOKEN_LIFETIME,
     ClientSession,
     ClientVerifier,
@@ -33,10 +33,20 @@ from tpproxy.quic import (
     serverConfiguration,
 )
 from tpproxy.testing import TestPKI, loopbackServerTOML
-from tpproxy.tls import ClientCertChecker
+from tpproxy.verify import ClientCertChecker
 
-from .support import Background, Echo, auditObserver, audits, freePort, listenLocal, tpCommand, twistCommand, waitForPort
-from .test_integration import writeClientConfig
+from tpproxy.test.support import (
+    Background,
+    Echo,
+    auditObserver,
+    audits,
+    freePort,
+    listenLocal,
+    tpCommand,
+    twistCommand,
+    waitForPort,
+)
+from tpproxy.test.test_integration import writeClientConfig
 
 SERVER = ("127.0.0.1", 443)
 
@@ -76,7 +86,7 @@ class ListenerTestCase(SynchronousTestCase):
 
     def listener(self, secret: bytes | None = None, **limits: Any) -> tuple[QuicListener, Wire]:
         d = self.pki.directory
-        from tpproxy.tls import loadCertificates, loadKey
+        from tpproxy.pki import loadCertificates, loadKey
 
         chain, key = loadCertificates(str(d / "server.pem")), loadKey(str(d / "server.key"))
         verifier = ClientVerifier([self.pki.ca.cert], ClientCertChecker(), self.clock)
@@ -89,7 +99,7 @@ class ListenerTestCase(SynchronousTestCase):
 
     def client(self) -> TPQuicConnection:
         d = self.pki.directory
-        from tpproxy.tls import loadCertificates, loadKey
+        from tpproxy.pki import loadCertificates, loadKey
 
         config = clientConfiguration("localhost", [self.pki.ca.cert], loadCertificates(str(d / "alice.pem")), loadKey(str(d / "alice.key")))
         conn = TPQuicConnection(configuration=config)
@@ -527,7 +537,7 @@ class RetryUnderFloodTests(ListenerTestCase):
         connection for each (the garbage is not even decrypted), even with
         no connection half-open; a quiet second later, it stops.
         """
-        from tpproxy.quic import RETRY_RATE
+        from tpproxy.transports.quic import RETRY_RATE
 
         listener, wire = self.listener()
         for port in range(RETRY_RATE):

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from ..protocols.relay import RelayEnd, splice
+from tpproxy.protocols.relay import RelayEnd, splice
 
 
 class RecordingTransport(StringTransport):

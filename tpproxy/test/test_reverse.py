@@ -20,10 +20,11 @@ from twisted.trial.unittest import TestCase
 from tpproxy.protocols.client import Refused, ServerAddress, TLSClientEndpoint, openTunnel
 from tpproxy.service import makeServerFactory
 from tpproxy.testing import REVERSE_RULES, TestPKI, reverseTables
-from tpproxy.tls import clientTLS, loadCertificates, loadKey
+from tpproxy.transports.tls import clientTLS
+from tpproxy.pki import loadCertificates, loadKey
 from tpproxy.wire import ClientHello, FrameDecoder, ServerHello, encodeEvent, parseEvent
 
-from .support import (
+from tpproxy.test.support import (
     SSHD,
     Background,
     Echo,
@@ -37,7 +38,7 @@ from .support import (
     tpCommand,
     waitUntilRefused,
 )
-from .test_integration import TEN_MB, writeClientConfig
+from tpproxy.test.test_integration import TEN_MB, writeClientConfig
 
 E2E_NAME = "ssh.alice.localhost"
 
@@ -387,7 +388,7 @@ class SessionTests(ReverseTestCase):
         Beyond MAX_PENDING waiting dialers, a new dialer of a public port is
         turned away at once instead of queueing.
         """
-        from tpproxy import reverse
+        from tpproxy.reverse import registry as reverse
 
         self.patch(reverse, "MAX_PENDING", 2)
         self.startTP(acceptTimeout=60)

@@ -25,17 +25,9 @@ from tpproxy.service import makeServerFactory
 from tpproxy.testing import REVERSE_RULES, reverseTables
 from tpproxy.wire import ClientHello, FrameDecoder, ServerHello, parseEvent
 
-from .support import (
-    Echo,
-    audits,
-    deferLater,
-    freePort,
-    listenLocal,
-    run,
-    tpCommand,
-)
-from .test_integration import writeClientConfig
-from .test_reverse import ControlClient, ReverseTestCase
+from tpproxy.test.support import Echo, audits, deferLater, freePort, listenLocal, run, tpCommand
+from tpproxy.test.test_integration import writeClientConfig
+from tpproxy.test.test_reverse import ControlClient, ReverseTestCase
 
 E2E_NAME = "echo.alice.localhost"
 

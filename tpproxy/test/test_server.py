@@ -3,7 +3,7 @@ Tests for L{tpproxy.protocols.server}: the TP server protocol over real TLS,
 in memory.
 
 The client and server are joined with L{twisted.test.iosim}; the TLS is real
-(L{tpproxy.tls.ServerTLS} on one side, L{tpproxy.tls.clientTLS} on the
+(L{tpproxy.transports.servertls.ServerTLS} on one side, L{tpproxy.transports.tls.clientTLS} on the
 other) with certificates made at test time by L{tpproxy.testing.TestPKI}.
 The reactor is a L{MemoryReactorClock}: dialled destinations show up in
 C{reactor.tcpClients}, and time only moves when a test advances it.
@@ -35,12 +35,12 @@ from zope.interface import implementer
 
 from OpenSSL import crypto
 
-from ..pki import CertificateAuthority, serialHex
-from ..protocols.server import LINGER, Outbound, TPServerProtocol
-from ..service import makeServerFactory
-from ..testing import TestPKI
-from ..tls import TLSFactory, clientTLS
-from ..wire import ALPN, HEADER, MAX_FRAME, ClientHello, FrameDecoder, ServerHello, encodeFrame
+from tpproxy.pki import CertificateAuthority, serialHex
+from tpproxy.protocols.server import LINGER, Outbound, TPServerProtocol
+from tpproxy.service import makeServerFactory
+from tpproxy.testing import TestPKI
+from tpproxy.transports.tls import TLSFactory, clientTLS
+from tpproxy.wire import ALPN, HEADER, MAX_FRAME, ClientHello, FrameDecoder, ServerHello, encodeFrame
 
 CLIENT_ADDRESS = IPv4Address("TCP", "198.51.100.7", 40000)
 SERVER_ADDRESS = IPv4Address("TCP", "127.0.0.1", 443)

@@ -39,10 +39,11 @@ from tpproxy.proxyproto import PROXY, ProxyProtocolError, parseProxyV2
 from tpproxy.router import RouterProtocol, alertRecord
 from tpproxy.service import makeService
 from tpproxy.testing import TestPKI
-from tpproxy.tls import clientTLS, loadCertificates, loadKey
+from tpproxy.transports.tls import clientTLS
+from tpproxy.pki import loadCertificates, loadKey
 from tpproxy.wire import ClientHello
 
-from .support import (
+from tpproxy.test.support import (
     Background,
     Echo,
     auditObserver,
@@ -57,8 +58,8 @@ from .support import (
     waitForAudits,
     waitForPort,
 )
-from .test_integration import writeClientConfig
-from .test_router import routerLog, serverOptions, waitForNoConnections
+from tpproxy.test.test_integration import writeClientConfig
+from tpproxy.test.test_router import routerLog, serverOptions, waitForNoConnections
 
 #: The fixed part of every page: 32 KiB that must arrive intact.
 BLOB = random.Random(6).randbytes(32 * 1024)

@@ -22,7 +22,18 @@ from tpproxy.config import loadServerConfig
 from tpproxy.devenv import ensureDevEnvironment, initDev
 from tpproxy.testing import TestPKI
 
-from .support import Background, HashSink, cleanEnv, freePort, listenLocal, run, sha256, tpCommand, twistCommand, waitForPort
+from tpproxy.test.support import (
+    Background,
+    HashSink,
+    cleanEnv,
+    freePort,
+    listenLocal,
+    run,
+    sha256,
+    tpCommand,
+    twistCommand,
+    waitForPort,
+)
 
 REPO = Path(tpproxy.__file__).resolve().parent.parent
 

@@ -24,7 +24,7 @@ from tpproxy.limits import HalfOpenCounter, HalfOpenGate, raiseFileLimit
 from tpproxy.service import makeService, withBacklog
 from tpproxy.testing import TestPKI
 
-from .support import deferLater, freePort
+from tpproxy.test.support import deferLater, freePort
 
 
 class Built(protocol.Protocol):
@@ -272,7 +272,7 @@ class DescriptorExhaustionTests(TestCase):
     def test_refusedCleanly(self) -> Any:
         import shutil
 
-        from .support import Background, twistCommand, waitForPort
+        from tpproxy.test.support import Background, twistCommand, waitForPort
 
         prlimit = shutil.which("prlimit")
         if prlimit is None:

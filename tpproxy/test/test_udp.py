@@ -14,10 +14,10 @@ from twisted.internet import defer, protocol, reactor
 from twisted.names import client, dns
 from twisted.trial.unittest import TestCase
 
-from tpproxy.udp import StreamFramer, decodeFlowDatagram, encodeFlowDatagram
+from tpproxy.transports.udp import StreamFramer, decodeFlowDatagram, encodeFlowDatagram
 
-from .support import Background, deferLater, tpCommand, waitForAudits
-from .test_quic import QuicTestCase, waitUntil
+from tpproxy.test.support import Background, deferLater, tpCommand, waitForAudits
+from tpproxy.test.test_quic import QuicTestCase, waitUntil
 
 
 class FixedAnswerDNS(protocol.DatagramProtocol):
@@ -143,7 +143,7 @@ class DNSThroughTPTests(QuicTestCase):
         rules = [{"identities": "*", "hosts": "127.0.0.0/8", "ports": "*", "transports": ["tcp"]}]
         self.config = self.pki.serverConfig(rules)
         from tpproxy.service import makeQuicListener, makeServerFactory
-        from .test_integration import writeClientConfig
+        from tpproxy.test.test_integration import writeClientConfig
 
         factory = makeServerFactory(self.config, reactor)
         tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
@@ -198,7 +198,7 @@ class OversizePacketTests(QuicTestCase):
         """
         from tpproxy.cli import buildParser, resolveSettings
         from tpproxy.connector import Connector
-        from tpproxy.udp import UDPForwarder
+        from tpproxy.transports.udp import UDPForwarder
         from tpproxy.wire import ClientHello
 
         self.startTP(quic=True)

@@ -4,7 +4,7 @@ certificate the same verdict, with the same TLS alert, and C{tp} turns each
 refusal into one readable line.
 
 The corpus is made at test time; each certificate is tried in a real TLS
-handshake against L{tpproxy.tls.ServerTLS} and in a real aioquic handshake
+handshake against L{tpproxy.transports.servertls.ServerTLS} and in a real aioquic handshake
 against TP's QUIC listener, both on 127.0.0.1.
 """
 
@@ -26,12 +26,13 @@ from zope.interface import implementer
 
 from tpproxy.pki import certPEM, serialHex
 from tpproxy.protocols.client import ServerAddress, TLSClientEndpoint, TunnelError, openTunnel
-from tpproxy.quic import clientConfiguration, connectQuic
+from tpproxy.transports.quic import clientConfiguration, connectQuic
 from tpproxy.service import makeQuicListener, makeServerFactory
 from tpproxy.test.support import HashSink, auditObserver, deferLater, listenLocal
 from tpproxy.test.test_reverse import ControlClient, ReverseTestCase
 from tpproxy.testing import TestPKI
-from tpproxy.tls import clientTLS, loadCertificates
+from tpproxy.transports.tls import clientTLS
+from tpproxy.pki import loadCertificates
 from tpproxy.verify import HUMAN_REASONS, quictls
 from tpproxy.wire import ClientHello
 
@@ -295,7 +296,7 @@ class VerdictTests(CorpusTestCase):
         from twisted.internet import ssl
 
         from tpproxy.connector import quicRefusal
-        from tpproxy.quic import QuicConfiguration
+        from tpproxy.transports.quic import QuicConfiguration
 
         trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(certPEM(c)) for c in self.serverCAs])
         options = ssl.optionsForClientTLS("localhost", trustRoot=trust, acceptableProtocols=[b"tp/1"])
@@ -325,7 +326,7 @@ class HumanReasonTests(SynchronousTestCase):
         no OpenSSL text in it.
         """
         from tpproxy.protocols.client import certificateRefusal
-        from tpproxy.tls import receivedAlert
+        from tpproxy.transports.tls import receivedAlert
 
         for text, alert in [
             ("tls alert certificate revoked", A.certificate_revoked),
@@ -469,7 +470,7 @@ class FailClosedTests(SynchronousTestCase):
         L{ServerTLS} then cannot be made.
         """
         from tpproxy import verify
-        from tpproxy.tls import ServerTLS
+        from tpproxy.transports.servertls import ServerTLS
 
         self.patch(verify, "_selfChecked", False)
         self.patch(verify, "X509_V_ERR_CERT_REVOKED", verify.X509_V_ERR_CERT_REJECTED)

@@ -17,10 +17,10 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .certsource import CertificateUnavailable, ICertificateSource
-from .policy import Decision, ExposureRule, Policy
-from .protocols.relay import RelayEnd, noDelay, splice
-from .wire import ErrorCode
+from tpproxy.certsource import CertificateUnavailable, ICertificateSource
+from tpproxy.policy import Decision, ExposureRule, Policy
+from tpproxy.protocols.relay import RelayEnd, noDelay, splice
+from tpproxy.wire import ErrorCode
 
 log = Logger(namespace="tpproxy.reverse")
 audit = Logger(namespace="tpproxy.audit")

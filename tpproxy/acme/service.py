@@ -6,7 +6,7 @@ responders, and the service that issues and renews.
 The shape is txacme's: an issuing service over a certificate store, a
 periodic check (daily by default), renewal ahead of expiry (at 2/3 of the
 lifetime by default) and structured log events; the protocol is RFC 8555
-(L{tpproxy.acmeclient}).
+(L{tpproxy.acme.client}).
 
 What is managed:
   - TP's own names (C{acme.names}): one certificate, renewed forever, swapped
@@ -21,206 +21,21 @@ to 1 hour) until the CA answers.
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-from pathlib import Path
 from typing import Any, Callable
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import resource
 from zope.interface import implementer
 
-from .acmeclient import HTTP01, TLSALPN01, AcmeClient, tlsALPNCertificate
-from .certsource import CertificateUnavailable, ICertificateSource
-from .config import DNS_NAME
-from .pki import certPEM, keyPEM, newKey, replacePrivate, selfSignedBuilder, writePrivate
+from tpproxy.acme.client import AcmeClient
+from tpproxy.certsource import CertificateUnavailable, ICertificateSource
+from tpproxy.config import DNS_NAME
 
 log = Logger()
-
-#: A DNS name (a leading "*." is stored as "_.").
-_NAME = DNS_NAME
-
-Chain = list[x509.Certificate]
-
-
-def loadOrCreateKey(path: Path) -> Any:
-    """
-    The ACME account key at C{path}, made (EC P-256, mode 0600) if absent.
-    """
-    if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey) and not hasattr(key, "sign"):
-            raise ValueError(f"{path}: not a private key")
-        return key
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = ec.generate_private_key(ec.SECP256R1())
-    writePrivate(path, keyPEM(key))
-    log.info("Made a new ACME account key at {path}", path=str(path))
-    return key
-
-
-class CertificateStore:
-    """
-    Certificates by name in a directory (mode 0700): C{NAME.pem} holds the
-    private key and the chain (leaf first), mode 0600.  One file, written
-    to a temporary name, synced and renamed into place: a crash leaves the
-    old pair or the new one, never a key beside another key's certificate.
-    A file that does not load, or whose key is not the leaf's, is ignored
-    (logged) as if absent, so TP starts and gets a new one.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(path, 0o700)
-
-    def _file(self, name: str) -> Path:
-        if not _NAME.fullmatch(name):
-            raise ValueError(f"not a DNS name: {name!r}")
-        return self.path / f"{name.replace('*', '_')}.pem"
-
-    def load(self, name: str) -> tuple[Chain, Any] | None:
-        path = self._file(name)
-        try:
-            data = path.read_bytes()
-            chain = x509.load_pem_x509_certificates(data)
-            key = serialization.load_pem_private_key(data, None)
-            if _spki(chain[0].public_key()) != _spki(key.public_key()):  # type: ignore[union-attr]
-                raise ValueError("the key is not the certificate's")
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as e:
-            log.warn("Ignoring the stored certificate of {name} ({path}): {error}", name=name, path=str(path), error=str(e))
-            return None
-        return chain, key
-
-    def directoryOf(self, name: str) -> str | None:
-        """
-        The ACME directory C{name}'s certificate came from, if recorded.
-        """
-        try:
-            return json.loads(self._file(name).with_suffix(".json").read_text()).get("directory")
-        except (OSError, ValueError, AttributeError):
-            return None
-
-    def save(self, name: str, chain: Chain, key: Any, directory: str | None = None) -> None:
-        """
-        Store C{chain} and C{key} for C{name}, and which ACME C{directory}
-        issued them (a sidecar C{NAME.json}, written after the pair; after
-        a crash in between the sidecar still names the previous directory,
-        which only matters if that differs).
-        """
-        path = self._file(name)
-        replacePrivate(path, keyPEM(key) + b"".join(certPEM(c) for c in chain))
-        if directory is not None:
-            meta = path.with_suffix(".json")
-            temporary = meta.with_name(meta.name + ".new")
-            with open(temporary, "w") as f:
-                f.write(json.dumps({"directory": directory}))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, meta)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _spki(publicKey: Any) -> bytes:
-    return publicKey.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def _dnsNames(leaf: x509.Certificate) -> set[str]:
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return set()
-    return {n.lower() for n in san.get_values_for_type(x509.DNSName)}
-
-
-def renewalTime(leaf: x509.Certificate, fraction: float) -> float:
-    """
-    When to renew C{leaf}: after C{fraction} of its lifetime.
-    """
-    start = leaf.not_valid_before_utc.timestamp()
-    end = leaf.not_valid_after_utc.timestamp()
-    return start + fraction * (end - start)
-
-
-def temporaryCertificate(names: tuple[str, ...]) -> tuple[Chain, Any]:
-    """
-    A self-signed certificate for C{names}, served until the CA issues the
-    real one (no client will trust it: it only lets the listener start,
-    and tls-alpn-01 does not need it).
-    """
-    key = newKey()
-    cert = (
-        selfSignedBuilder(names[0], key, datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return [cert], key
-
-
-class HTTP01Responder(resource.Resource):
-    """
-    RFC 8555 section 8.3: answers C{GET /.well-known/acme-challenge/TOKEN}
-    with the key authorization while the challenge is pending; 404 for
-    anything else.  Serve it with C{twisted.web.server.Site} on port 80.
-    """
-
-    isLeaf = True
-    challengeType = HTTP01
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tokens: dict[str, str] = {}
-
-    def start(self, name: str, token: str, keyAuthorization: str) -> None:
-        self.tokens[token] = keyAuthorization
-
-    def stop(self, name: str, token: str) -> None:
-        self.tokens.pop(token, None)
-
-    def render_GET(self, request: Any) -> bytes:
-        path = request.path.decode("ascii", "replace")
-        prefix = "/.well-known/acme-challenge/"
-        answer = self.tokens.get(path[len(prefix) :]) if path.startswith(prefix) else None
-        if answer is None:
-            request.setResponseCode(404)
-            request.setHeader(b"content-type", b"text/plain")
-            return b"not found\n"
-        log.info("Answered the http-01 challenge {path} for {peer}", path=path, peer=str(request.getClientAddress()))
-        request.setHeader(b"content-type", b"text/plain")
-        return answer.encode("ascii")
-
-
-class TLSALPN01Responder:
-    """
-    RFC 8737: serves the challenge certificate on TP's own TLS listener to
-    a client that offers ALPN C{acme-tls/1} alone with the name's SNI (see
-    L{tpproxy.tls.ServerTLS._selectALPN}).
-    """
-
-    challengeType = TLSALPN01
-
-    def __init__(self, serverTLS: Any) -> None:
-        self.serverTLS = serverTLS
-
-    def start(self, name: str, token: str, keyAuthorization: str) -> None:
-        self.serverTLS.challengeCertificates[name] = tlsALPNCertificate(name, keyAuthorization)
-
-    def stop(self, name: str, token: str) -> None:
-        self.serverTLS.challengeCertificates.pop(name, None)
+from tpproxy.acme.store import Chain, CertificateStore, dnsNames, renewalTime
 
 
 @implementer(ICertificateSource)
@@ -337,7 +152,7 @@ class IssuingService(service.Service):
         if stored is None:
             return False
         leaf = stored[0][0]
-        if not set(names) <= _dnsNames(leaf):
+        if not set(names) <= dnsNames(leaf):
             # acme.names changed.  (A CA may add names, e.g. www.: more is
             # fine, as AcmeClient.issue accepts.)
             return False
@@ -489,7 +304,7 @@ class IssuingService(service.Service):
         """
         if not self.onDemand:
             raise CertificateUnavailable("ACME certificates for E2E names are turned off (acme.e2e = false)")
-        if not _NAME.fullmatch(name) or name.startswith("*."):
+        if not DNS_NAME.fullmatch(name) or name.startswith("*."):
             raise CertificateUnavailable(f"{name!r} is not a name an ACME CA can certify")
         names = (name,)
         stored = self.store.load(name)
@@ -497,7 +312,7 @@ class IssuingService(service.Service):
             now = self.clock.seconds()
             usable = (
                 stored is not None
-                and name in _dnsNames(stored[0][0])
+                and name in dnsNames(stored[0][0])
                 and stored[0][0].not_valid_after_utc.timestamp() > now + 3600
                 and self.store.directoryOf(name) in (None, self.client.directoryURL)
             )

@@ -1,34 +1,23 @@
-# -*- test-case-name: tpproxy.test.test_tls -*-
+# -*- test-case-name: tpproxy.test.test_server -*-
 """
-TLS for TP: the mutual-TLS server context, the client options, and a TLS
-transport that carries half-close (TLS 1.3 C{close_notify} in one direction)
-through to the application.
-
-Twisted's L{TLSMemoryBIOProtocol} answers a peer's C{close_notify} with its
-own and closes the connection, so a client that has finished sending (an
-upload ending in EOF, C{nc -N}, C{ssh host cmd < file}) would lose the
-reply.  L{HalfCloseTLSProtocol} instead reports a received C{close_notify}
-as C{readConnectionLost} to an L{IHalfCloseableProtocol} and offers
-C{loseWriteConnection}, which sends C{close_notify} and keeps reading.
+The server side of TP's mutual TLS: one OpenSSL context per listener and
+per E2E name, chosen by SNI; ALPN C{tp/1} and ACME's tls-alpn-01; the
+client certificate decided during the handshake by
+L{tpproxy.verify.leafRefusal}, the same verdict as on QUIC.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from aioquic.tls import AlertDescription
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
-from twisted.internet import ssl
-from twisted.internet.interfaces import IHalfCloseableProtocol, IOpenSSLServerConnectionCreator
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from .pki import identityOf
-from .verify import (  # noqa: F401 (ClientCertChecker: importable from here)
+from tpproxy.pki import identityOf
+from tpproxy.verify import (
     ClientCertChecker,
     Refusal,
     X509_V_ERR_APPLICATION_VERIFICATION,
@@ -39,142 +28,12 @@ from .verify import (  # noqa: F401 (ClientCertChecker: importable from here)
     setContextVerify,
     verifyCallback,
 )
-from .wire import ALPN
+from tpproxy.wire import ALPN
 
 #: RFC 8737: the ALPN protocol of ACME tls-alpn-01 validation.
 ACME_TLS_ALPN = b"acme-tls/1"
 
 log = Logger()
-
-#: Application bytes gathered from the TLS layer before one dataReceived.
-#: OpenSSL returns at most one record (16 KiB) per read; handing the
-#: application larger chunks saves a write call downstream per record.
-RECEIVE_CHUNK = 2**18
-
-class HalfCloseTLSProtocol(BufferingTLSTransport):
-    """
-    A TLS transport that supports half-close in both directions.
-    """
-
-    _readEOF = False
-    _writeEOF = False
-    _writeEOFPending = False
-
-    def _flushReceiveBIO(self) -> None:
-        if self._readEOF:
-            self._flushSendBIO()
-            return
-        chunks: list[bytes] = []
-        size = 0
-        eof = False
-        while not self._lostTLSConnection:
-            try:
-                data = self._tlsConnection.recv(2**16)
-            except SSL.WantReadError:
-                break
-            except SSL.ZeroReturnError:
-                eof = True
-                break
-            except SSL.Error:
-                self._deliver(chunks)
-                chunks = []
-                self._tlsShutdownFinished(Failure())
-                break
-            else:
-                chunks.append(data)
-                size += len(data)
-                if size >= RECEIVE_CHUNK:
-                    self._deliver(chunks)
-                    chunks = []
-                    size = 0
-        self._deliver(chunks)
-        if eof:
-            self._peerClosedWrite()
-        self._flushSendBIO()
-
-    def _deliver(self, chunks: list[bytes]) -> None:
-        if chunks and not self._aborted and not self._lostTLSConnection:
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            self.wrappedProtocol.dataReceived(data)
-
-    def _peerClosedWrite(self) -> None:
-        self._readEOF = True
-        if self._writeEOF or self.disconnecting or not IHalfCloseableProtocol.providedBy(self.wrappedProtocol):
-            # Both directions are done (or the application cannot use a
-            # half-open connection): finish the TLS shutdown and close.
-            self._shutdownTLS()
-            self._tlsShutdownFinished(None)
-        else:
-            self.wrappedProtocol.readConnectionLost()
-
-    def loseWriteConnection(self) -> None:
-        """
-        Send TLS C{close_notify}: the peer reads EOF, and this side can go on
-        reading until the peer does the same.
-        """
-        if self._writeEOF or self.disconnecting or not self.connected:
-            return
-        self._aggregator.flush()
-        self._writeEOF = True
-        if self._appSendBuffer or not self._handshakeDone:
-            self._writeEOFPending = True
-            return
-        self._sendCloseNotify()
-
-    def _sendCloseNotify(self) -> None:
-        self._writeEOFPending = False
-        try:
-            bothDone = self._tlsConnection.shutdown()
-        except SSL.Error:
-            bothDone = False
-        self._flushSendBIO()
-        if bothDone or self._readEOF:
-            self._tlsShutdownFinished(None)
-
-    def _checkHandshakeStatus(self) -> None:
-        super()._checkHandshakeStatus()
-        if self._handshakeDone:
-            # Half-open no more (tpproxy.limits.HalfOpenGate).
-            place = getattr(self, "tpHalfOpen", None)
-            if place is not None:
-                place.release()
-        if self._writeEOFPending and self._handshakeDone and not self._appSendBuffer and not self._lostTLSConnection:
-            self._sendCloseNotify()
-
-    def _unbufferPendingWrites(self) -> None:
-        super()._unbufferPendingWrites()
-        if self._writeEOFPending and not self._appSendBuffer and self._handshakeDone:
-            self._sendCloseNotify()
-
-    def _write(self, bytes: bytes) -> None:
-        if self._writeEOF and not self._writeEOFPending:
-            return
-        super()._write(bytes)
-
-
-class TLSFactory(TLSMemoryBIOFactory):
-    """
-    L{TLSMemoryBIOFactory} building L{HalfCloseTLSProtocol}s.
-    """
-
-    protocol = HalfCloseTLSProtocol
-
-
-# --- certificates -----------------------------------------------------------
-
-
-def loadCertificates(path: str) -> list[x509.Certificate]:
-    with open(path, "rb") as f:
-        data = f.read()
-    certs = x509.load_pem_x509_certificates(data)
-    if not certs:
-        raise ValueError(f"{path}: no PEM certificate found")
-    return certs
-
-
-def loadKey(path: str):  # type: ignore[no-untyped-def]
-    with open(path, "rb") as f:
-        return serialization.load_pem_private_key(f.read(), None)
 
 
 def _certificateNames(cert: x509.Certificate) -> frozenset[str]:
@@ -241,7 +100,7 @@ class ServerTLS:
         self.nameVerify: dict[str, Any] = {}
         self.offered = tuple(alpn)
         #: tls-alpn-01 (RFC 8737) certificates by name, while a challenge
-        #: is pending; see L{tpproxy.issuing.TLSALPN01Responder}.
+        #: is pending; see L{tpproxy.acme.responders.TLSALPN01Responder}.
         self.challengeCertificates: dict[str, tuple[x509.Certificate, Any]] = {}
         #: The OpenSSL verify callback of TP's own names (kept alive here
         #: and by each context).
@@ -407,63 +266,3 @@ class NameTLS:
         conn = SSL.Connection(self.context, None)
         conn.set_app_data(tlsProtocol)
         return conn
-
-
-def clientTLS(serverName: str, caCerts: list[x509.Certificate], chain: list[x509.Certificate], key: object):  # type: ignore[no-untyped-def]
-    """
-    Client options: TLS 1.3, ALPN C{tp/1}, the server certificate checked
-    against C{caCerts} and C{serverName} (service_identity), and our client
-    certificate.
-    """
-    trust = ssl.trustRootFromCertificates([ssl.Certificate(crypto.X509.from_cryptography(c)) for c in caCerts])
-    keyPEM = key.private_bytes(  # type: ignore[attr-defined]
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    certPEM = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain[:1])
-    client = ssl.PrivateCertificate.loadPEM(certPEM + keyPEM)
-    extra = [crypto.X509.from_cryptography(c) for c in chain[1:]]
-    return ssl.optionsForClientTLS(
-        serverName,
-        trustRoot=trust,
-        clientCertificate=client,
-        acceptableProtocols=[ALPN],
-        extraCertificateOptions={
-            "raiseMinimumTo": ssl.TLSVersion.TLSv1_3,
-            "extraCertChain": extra,
-        },
-    )
-
-
-def receivedAlert(reason: object) -> int | None:
-    """
-    The TLS alert the peer sent, if C{reason} (a Failure or its value) is
-    OpenSSL's error for a received alert (C{"tls alert certificate
-    revoked"}, C{"tlsv1 alert unknown ca"}, ...); else L{None}.
-    """
-    value = getattr(reason, "value", reason)
-    if not (isinstance(value, SSL.Error) and value.args and isinstance(value.args[0], list)):
-        return None
-    for item in value.args[0]:
-        if isinstance(item, tuple) and len(item) == 3:
-            head, sep, tail = str(item[2]).partition("alert ")
-            if sep and head.strip() in ("ssl", "sslv3", "tls", "tlsv1", "tlsv13"):
-                member = AlertDescription.__members__.get(tail.strip().replace(" ", "_"))
-                if member is not None:
-                    return int(member)
-    return None
-
-
-def describeTLSFailure(reason: object) -> str:
-    """
-    Turn an OpenSSL error (as a Failure's value) into one readable line.
-    """
-    value = getattr(reason, "value", reason)
-    if isinstance(value, SSL.Error) and value.args and isinstance(value.args[0], list):
-        parts = []
-        for item in value.args[0]:
-            if isinstance(item, tuple) and len(item) == 3:
-                parts.append(str(item[2]))
-        if parts:
-            return "TLS error: " + "; ".join(parts)
-    return str(value) or value.__class__.__name__
-

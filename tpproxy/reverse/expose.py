@@ -16,11 +16,11 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .connector import quicRefusal
-from .protocols.client import Refused, TLSClientEndpoint, TunnelError, certificateRefusal, openTunnel
-from .protocols.relay import RelayEnd, noDelay, splice
-from .tls import describeTLSFailure, receivedAlert
-from .wire import VERSION, ClientHello, FrameDecoder, ServerHello, WireError, encodeEvent, parseEvent
+from tpproxy.connector import quicRefusal
+from tpproxy.protocols.client import Refused, TLSClientEndpoint, TunnelError, certificateRefusal, openTunnel
+from tpproxy.protocols.relay import RelayEnd, noDelay, splice
+from tpproxy.transports.tls import describeTLSFailure, receivedAlert
+from tpproxy.wire import VERSION, ClientHello, FrameDecoder, ServerHello, WireError, encodeEvent, parseEvent
 
 
 #: Seconds to wait for TP's answer to an E2E registration once connected.
@@ -195,7 +195,7 @@ class Exposer:
         self.hello = hello
         self.keepalive = keepalive
         self.stderr = stderr
-        from .connector import Connector
+        from tpproxy.connector import Connector
 
         self.tlsOptions = settings.tlsOptions()
         self.connector = Connector(reactor, settings)

@@ -16,7 +16,7 @@ authorizations, challenges, finalization and download.
 
 Challenges are answered by an L{IChallengeResponder}: TP has one for
 http-01 (a web resource) and one for tls-alpn-01 (RFC 8737, served on its
-own TLS listener by ALPN C{acme-tls/1}); see L{tpproxy.issuing}.
+own TLS listener by ALPN C{acme-tls/1}); see L{tpproxy.acme.service}.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from treq.client import HTTPClient
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from zope.interface import Attribute, Interface
 
-from .pki import newKey, selfSignedBuilder
+from tpproxy.pki import newKey, selfSignedBuilder
 
 log = Logger()
 

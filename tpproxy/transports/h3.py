@@ -6,11 +6,11 @@ get one fixed answer (a redirect or a small static page) instead of a
 failed handshake.
 
 It runs on aioquic's sans-IO L{H3Connection}, fed by the QUIC session of
-L{tpproxy.quic}.  Every request gets the same response, whatever its method,
+L{tpproxy.transports.quic}.  Every request gets the same response, whatever its method,
 path or body; nothing in a request reaches TP's protocols.
 
 What an anonymous client can make TP hold is bounded: the connection's
-receive budget is fixed (L{tpproxy.quic.TPQuicConnection} never raises
+receive budget is fixed (L{tpproxy.transports.quic.TPQuicConnection} never raises
 MAX_DATA for it), a request may not take more than L{REQUEST_LIMIT} bytes
 before its headers are complete, a request body is never read (the server
 answers, then sends STOP_SENDING), at most L{MAX_PENDING} responses wait for
@@ -135,7 +135,7 @@ class H3Responder:
     C{response}.  Feed it the QUIC connection's stream and datagram events
     with L{handleEvent}; the caller transmits afterwards.
 
-    @param conn: the server's L{tpproxy.quic.TPQuicConnection}, after ALPN
+    @param conn: the server's L{tpproxy.transports.quic.TPQuicConnection}, after ALPN
         C{h3} was negotiated (the responder sends its SETTINGS at once).
     @param peer: for log messages.
     """

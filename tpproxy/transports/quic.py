@@ -40,12 +40,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .config import LimitsConfig
-from .h3 import H3_ALPN, H3Responder, H3Response
-from .limits import HalfOpenCounter, RateLimitedLog, TokenBucket, sourcePrefix
-from .pki import identityOf, replacePrivate
-from .verify import AlertRefused, ClientVerifier  # noqa: F401 (ClientVerifier: importable from here)
-from .wire import ALPN
+from tpproxy.config import LimitsConfig
+from tpproxy.transports.h3 import H3_ALPN, H3Responder, H3Response
+from tpproxy.limits import HalfOpenCounter, RateLimitedLog, TokenBucket, sourcePrefix
+from tpproxy.pki import identityOf, replacePrivate
+from tpproxy.verify import AlertRefused, ClientVerifier
+from tpproxy.wire import ALPN
 
 log = Logger(namespace="tpproxy.quic")
 
@@ -496,7 +496,7 @@ class QuicSession:
         self.peer = peer
         self.streams: dict[int, QuicStreamTransport] = {}
         self.blocked: set[QuicStreamTransport] = set()
-        #: UDP flows by quarter stream ID (tpproxy.udp).
+        #: UDP flows by quarter stream ID (tpproxy.transports.udp).
         self.flows: dict[int, Any] = {}
         self._timer: Any = None
         self._flush: Any = None
@@ -572,7 +572,7 @@ class QuicSession:
         pass
 
     def datagramFrameReceived(self, data: bytes) -> None:
-        from .udp import decodeFlowDatagram
+        from tpproxy.transports.udp import decodeFlowDatagram
 
         decoded = decodeFlowDatagram(data)
         if decoded is not None:
@@ -581,7 +581,7 @@ class QuicSession:
                 flow.fromPeer(decoded[1])
 
     def sendFlowDatagram(self, quarterId: int, payload: bytes) -> None:
-        from .udp import encodeFlowDatagram
+        from tpproxy.transports.udp import encodeFlowDatagram
 
         if self.closed:
             return
@@ -747,7 +747,7 @@ class ServerSession(QuicSession):
         self.abandon()
 
     def _auditFailure(self, detail: str) -> None:
-        from .protocols.server import audit
+        from tpproxy.protocols.server import audit
 
         audit.info(
             "{identity} {destination}: {result}{detail_sep}{detail}",
@@ -858,7 +858,7 @@ class QuicListener(DatagramProtocol):
         L{TPServerFactory} the TLS listener uses).
     @param h3: with a response, the listener also offers ALPN C{h3} (after
         C{tp/1}, so a client offering both gets tp/1) and answers HTTP/3
-        requests with it (L{tpproxy.h3}), without asking for a client
+        requests with it (L{tpproxy.transports.h3}), without asking for a client
         certificate.  tp/1 connections are as strict as without it.
     """
 
@@ -1172,7 +1172,7 @@ class ClientSession(QuicSession):
             pinger.cancel()
         message = event.reason_phrase or f"error {event.error_code:#x}"
         if not self.ready.called:
-            from .protocols.client import TunnelError
+            from tpproxy.protocols.client import TunnelError
 
             self.ready.errback(TunnelError(f"QUIC handshake with TP failed: {message}"))
         if not self.done.called:
@@ -1192,7 +1192,7 @@ class ClientSession(QuicSession):
 
     def unreachable(self, why: str) -> None:
         if not self.ready.called:
-            from .protocols.client import TunnelError
+            from tpproxy.protocols.client import TunnelError
 
             self.ready.errback(TunnelError(f"QUIC: {why}"))
             self.closed = True
