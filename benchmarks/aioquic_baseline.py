@@ -29,7 +29,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import StreamDataReceived
 
 from tpproxy.pki import CertificateAuthority
-from tpproxy.tls import loadCertificates, loadKey
+from tpproxy.pki import loadCertificates, loadKey
 
 CHUNK = 65536
 
