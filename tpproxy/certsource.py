@@ -13,10 +13,10 @@ from typing import Any
 
 from cryptography import x509
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from zope.interface import Interface, implementer
 
-from tpproxy.pki import CertificateAuthority
-from tpproxy.pki import loadCertificates, loadKey
+from tpproxy.pki import CertificateAuthority, loadCertificates, loadKey
 
 
 class CertificateUnavailable(Exception):
@@ -61,7 +61,7 @@ class DevCACertificates:
     a day and renewed when less than an hour is left.
     """
 
-    def __init__(self, ca: CertificateAuthority, clock: Any, hours: float = 24) -> None:
+    def __init__(self, ca: CertificateAuthority, clock: IReactorTime, hours: float = 24) -> None:
         self.ca = ca
         self.clock = clock
         self.hours = hours

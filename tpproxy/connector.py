@@ -16,6 +16,7 @@ from twisted.internet import defer
 
 from tpproxy.dial import resolveHost
 from tpproxy.protocols.client import TPClientProtocol, TunnelError, certificateRefusal, openTunnel
+from tpproxy.reactors import IDialReactor
 from tpproxy.transports.quic import ClientSession, clientConfiguration, connectQuic
 from tpproxy.wire import ClientHello
 
@@ -88,7 +89,7 @@ class Connector:
     @ivar chosen: C{"quic"} or C{"tls"} once decided.
     """
 
-    def __init__(self, reactor: Any, settings: Any) -> None:
+    def __init__(self, reactor: IDialReactor, settings: Any) -> None:
         self.reactor = reactor
         self.settings = settings
         self.mode = settings.transport

@@ -12,11 +12,17 @@ from typing import Any, Sequence
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IHostResolution, IProtocolFactory, IResolutionReceiver
+from twisted.internet.interfaces import (
+    IHostResolution,
+    IProtocolFactory,
+    IReactorPluggableNameResolver,
+    IResolutionReceiver,
+)
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from tpproxy.policy import Policy
+from tpproxy.reactors import IDialReactor
 from tpproxy.wire import ErrorCode
 
 log = Logger()
@@ -58,7 +64,7 @@ def _literal(host: str) -> str | None:
         return None
 
 
-def resolveHost(reactor: Any, host: str, port: int) -> defer.Deferred[list[str]]:
+def resolveHost(reactor: IReactorPluggableNameResolver, host: str, port: int) -> defer.Deferred[list[str]]:
     """
     The addresses of C{host} (IPv4 and IPv6, in the resolver's order), by
     the reactor's resolver; an IP literal is its own answer.
@@ -81,7 +87,7 @@ class Dialer:
         C{IReactorPluggableNameResolver}.
     """
 
-    def __init__(self, reactor: Any, policy: Policy, connectTimeout: float) -> None:
+    def __init__(self, reactor: IDialReactor, policy: Policy, connectTimeout: float) -> None:
         self.reactor = reactor
         self.policy = policy
         self.connectTimeout = connectTimeout

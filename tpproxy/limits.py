@@ -11,6 +11,8 @@ import ipaddress
 import random
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
+
 
 def sourcePrefix(host: str) -> str:
     """
@@ -208,7 +210,7 @@ class HalfOpenGate:
     """
 
     def __init__(
-        self, wrappedFactory: Any, counter: HalfOpenCounter, clock: Any, logger: Any, holdFor: float = 10.0, maxHeld: int = 0
+        self, wrappedFactory: Any, counter: HalfOpenCounter, clock: IReactorTime, logger: Any, holdFor: float = 10.0, maxHeld: int = 0
     ) -> None:
         self.wrappedFactory = wrappedFactory
         self.counter = counter

@@ -48,7 +48,13 @@ from __future__ import annotations
 from typing import Any, Callable, Collection, Iterable
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -61,9 +67,9 @@ from tpproxy.clienthello import (
     ClientHelloInfo,
     ClientHelloParser,
 )
+from tpproxy.limits import holdPlace
 from tpproxy.protocols.relay import RelayEnd, describeAddress, noDelay, splice
 from tpproxy.proxyproto import proxyV2Header
-from tpproxy.limits import holdPlace
 from tpproxy.transports.tls import HalfCloseTLSProtocol, TLSFactory
 
 log = Logger(namespace="tpproxy.router")
@@ -512,7 +518,7 @@ class RouterFactory(ServerFactory):
     def __init__(
         self,
         route: Callable[[ClientHelloInfo], Route],
-        reactor: Any = None,
+        reactor: IReactorTime | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         limit: int = DEFAULT_LIMIT,
         sendAlerts: bool = True,

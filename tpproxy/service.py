@@ -11,25 +11,27 @@ from typing import Any
 
 from OpenSSL import crypto
 from twisted.application import service, strports
+from twisted.internet.interfaces import IReactorTime, IReactorUDP
+from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from tpproxy import router
 from tpproxy.acme.client import TLSALPN01, AcmeClient
-from tpproxy.certsource import DevCACertificates, FileCertificates, FirstAvailable, ICertificateSource
-from tpproxy.config import ServerConfig, loadCRL
-from tpproxy.memory import MemoryTrimmer
-from tpproxy.limits import HalfOpenCounter, HalfOpenGate, raiseFileLimit
-from tpproxy.acme.store import CertificateStore, loadOrCreateKey, temporaryCertificate
 from tpproxy.acme.responders import HTTP01Responder, TLSALPN01Responder
 from tpproxy.acme.service import IssuingService
-from tpproxy.pki import CertificateAuthority
-from tpproxy import router
-from tpproxy.reverse.registry import Registry
+from tpproxy.acme.store import CertificateStore, loadOrCreateKey, temporaryCertificate
+from tpproxy.certsource import DevCACertificates, FileCertificates, FirstAvailable, ICertificateSource
+from tpproxy.config import ServerConfig, loadCRL
+from tpproxy.limits import HalfOpenCounter, HalfOpenGate, raiseFileLimit
+from tpproxy.memory import MemoryTrimmer
+from tpproxy.pki import CertificateAuthority, loadCertificates, loadKey
 from tpproxy.protocols.server import TPServerFactory
+from tpproxy.reactors import IServerReactor
+from tpproxy.reverse.registry import Registry
 from tpproxy.transports.quic import ClientVerifier, QuicListener, loadResetSecret, serverConfiguration
-from tpproxy.verify import ClientCertChecker
 from tpproxy.transports.servertls import ServerTLS
 from tpproxy.transports.tls import TLSFactory
-from tpproxy.pki import loadCertificates, loadKey
+from tpproxy.verify import ClientCertChecker
 
 log = Logger()
 
@@ -61,7 +63,7 @@ def makeServerTLS(config: ServerConfig) -> ServerTLS:
     return ServerTLS(chain, key, cas, checker)
 
 
-def makeIssuing(config: ServerConfig, reactor: Any, serverTLS: ServerTLS, clock: Any = None) -> IssuingService:
+def makeIssuing(config: ServerConfig, reactor: IServerReactor, serverTLS: ServerTLS, clock: IReactorTime | None = None) -> IssuingService:
     """
     The ACME issuing service of C{config.acme}, answering tls-alpn-01 on
     C{serverTLS}'s listener; its http-01 responder is
@@ -90,7 +92,7 @@ def makeIssuing(config: ServerConfig, reactor: Any, serverTLS: ServerTLS, clock:
     return issuing
 
 
-def certificateSource(config: ServerConfig, reactor: Any, issuing: IssuingService | None = None) -> ICertificateSource:
+def certificateSource(config: ServerConfig, reactor: IServerReactor, issuing: IssuingService | None = None) -> ICertificateSource:
     """
     Certificates for E2E names: configured files first, then ACME, then
     the dev CA if one is configured.
@@ -103,7 +105,7 @@ def certificateSource(config: ServerConfig, reactor: Any, issuing: IssuingServic
     return FirstAvailable(*sources)
 
 
-def makeServerFactory(config: ServerConfig, reactor: Any, clock: Any = None) -> TLSFactory:
+def makeServerFactory(config: ServerConfig, reactor: IServerReactor, clock: IReactorTime | None = None) -> TLSFactory:
     """
     The listening factory: TLS with client certificates around the TP
     protocol, with the registry of reverse tunnels.  Its C{wrappedFactory}
@@ -121,7 +123,7 @@ def makeServerFactory(config: ServerConfig, reactor: Any, clock: Any = None) -> 
     return tlsFactory
 
 
-def makeQuicListener(config: ServerConfig, reactor: Any, factory: TPServerFactory, resetSecret: bytes | None = None) -> QuicListener:
+def makeQuicListener(config: ServerConfig, reactor: IServerReactor, factory: TPServerFactory, resetSecret: bytes | None = None) -> QuicListener:
     """
     A QUIC listener serving streams with C{factory}, verifying client
     certificates with the same CAs, CRL and deny list as the TLS listener,
@@ -145,7 +147,7 @@ class UDPListenerService(service.Service):
     startup, as C{strports.service} does for TCP.
     """
 
-    def __init__(self, reactor: Any, address: tuple[str, int], protocol: Any) -> None:
+    def __init__(self, reactor: IReactorUDP, address: tuple[str, int], protocol: DatagramProtocol) -> None:
         self.reactor = reactor
         self.address = address
         self.protocol = protocol
@@ -184,7 +186,7 @@ def _servesName(serverTLS: ServerTLS) -> Any:
     return serves
 
 
-def makeRouterFactory(config: ServerConfig, reactor: Any, tpFactory: TLSFactory) -> router.RouterFactory:
+def makeRouterFactory(config: ServerConfig, reactor: IServerReactor, tpFactory: TLSFactory) -> router.RouterFactory:
     """
     The listening factory of a port TP shares with a web site (C{[router]}).
     """
@@ -221,7 +223,7 @@ def withBacklog(description: str, backlog: int) -> str:
     return f"{description}:backlog={backlog}"
 
 
-def makeService(config: ServerConfig, reactor: Any = None, clock: Any = None) -> service.MultiService:
+def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clock: IReactorTime | None = None) -> service.MultiService:
     """
     TP's services: the TLS listeners, a QUIC listener per address, and with
     C{[acme]} the issuing service and its http-01 responder.

@@ -6,12 +6,12 @@ C{twist tp}: the server's command line.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from twisted.application import service
 from twisted.python import usage
 
 from tpproxy.config import ConfigError, loadServerConfig
+from tpproxy.reactors import IServerReactor
 
 
 class Options(usage.Options):
@@ -41,7 +41,7 @@ class Options(usage.Options):
             raise usage.UsageError(f"bad configuration: {e}") from None
 
 
-def makeService(options: Options, reactor: Any = None) -> service.IService:
+def makeService(options: Options, reactor: IServerReactor | None = None) -> service.IService:
     from tpproxy import logbridge
     from tpproxy.service import makeService as _make
 

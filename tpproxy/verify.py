@@ -37,7 +37,8 @@ from tpproxy.pki import identityOf, normalizeSerial, serialHex
 log = Logger(namespace="tpproxy.verify")
 
 try:
-    from OpenSSL._util import ffi as _ffi, lib as _lib
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
 except ImportError as e:  # pragma: no cover - depends on pyOpenSSL's layout
     raise ImportError(f"TP needs pyOpenSSL's private _util bindings to report certificate refusals: {e}") from e
 

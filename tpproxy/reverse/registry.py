@@ -10,7 +10,8 @@ from __future__ import annotations
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Protocol as TypingProtocol
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer, error
 from twisted.internet.protocol import Factory
@@ -20,6 +21,7 @@ from twisted.python.failure import Failure
 from tpproxy.certsource import CertificateUnavailable, ICertificateSource
 from tpproxy.policy import Decision, ExposureRule, Policy
 from tpproxy.protocols.relay import RelayEnd, noDelay, splice
+from tpproxy.reactors import IServerReactor
 from tpproxy.wire import ErrorCode
 
 log = Logger(namespace="tpproxy.reverse")
@@ -100,7 +102,7 @@ class Registry:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IServerReactor,
         policy: Policy,
         serverTLS: Any,
         certificates: ICertificateSource,

@@ -18,9 +18,9 @@ from zope.interface import implementer
 
 from tpproxy.pki import identityOf
 from tpproxy.verify import (
+    X509_V_ERR_APPLICATION_VERIFICATION,
     ClientCertChecker,
     Refusal,
-    X509_V_ERR_APPLICATION_VERIFICATION,
     clientStore,
     leafRefusal,
     selfCheck,
