@@ -24,9 +24,10 @@ from twisted.python.failure import Failure
 
 from tpproxy import __version__
 from tpproxy.config import ClientConfig, ConfigError, defaultClientConfigPath, loadClientConfig
+from tpproxy.names import isCertificateName, isDestinationHost, normalize
 from tpproxy.protocols.client import Refused, ServerAddress, TPClientProtocol, TunnelError
 from tpproxy.protocols.relay import RelayEnd, noDelay, splice
-from tpproxy.wire import VERSION, ClientHello, validHost, validName
+from tpproxy.wire import VERSION, ClientHello
 
 EXIT_OK, EXIT_TUNNEL, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
 
@@ -58,7 +59,7 @@ def parseHostPort(text: str, what: str, defaultPort: int | None = None) -> tuple
         port = str(defaultPort)
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise UsageError(f"{what}: port must be a number from 1 to 65535, got {port!r}")
-    if not validHost(host):
+    if not isDestinationHost(host):
         raise UsageError(f"{what}: {host!r} is not a host name or IP address")
     return host, int(port)
 
@@ -388,9 +389,9 @@ def _run(reactor: Any, args: argparse.Namespace, stderr: Any) -> defer.Deferred[
 
         local = parseHostPort(args.local, "LOCALHOST:PORT")
         if args.e2e is not None:
-            if not validName(args.e2e):
-                raise UsageError(f"--e2e: {args.e2e!r} is not a DNS name")
-            hello = ClientHello("listen", mode="e2e", name=args.e2e.lower().rstrip("."))
+            if not isCertificateName(args.e2e):
+                raise UsageError(f"--e2e: {args.e2e!r} is not a DNS name of letters, digits and hyphens (no '_', not an address)")
+            hello = ClientHello("listen", mode="e2e", name=normalize(args.e2e))
         else:
             if not 0 <= args.public <= 65535:
                 raise UsageError("--public: BINDPORT must be from 0 to 65535")

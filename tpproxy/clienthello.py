@@ -25,9 +25,10 @@ What is parsed (RFC 8446 sections 4.1.2 and 5.1, RFC 6066 section 3, RFC
     suite), legacy_compression_methods (must offer null), and the
     extensions, whose lengths must add up exactly, with no extension type
     twice;
-  - server_name (type 0): exactly one entry, of type host_name, an ASCII
-    DNS name (letters, digits, C{-}, C{_}, dots), returned lowercased and
-    without a trailing dot;
+  - server_name (type 0): exactly one entry, of type host_name, read by
+    L{tpproxy.names.serverName}: an ASCII DNS name (letters, digits, C{-},
+    C{_}, dots), returned lowercased and without a trailing dot; an IP
+    literal, which RFC 6066 does not allow there, is read as no name;
   - application_layer_protocol_negotiation (type 16): a non-empty list of
     non-empty names;
   - supported_versions (type 43): a list of 16-bit versions.
@@ -44,9 +45,10 @@ bounded (at most six bytes per byte of ClientHello, with one-byte records).
 
 from __future__ import annotations
 
-import re
 import struct
 from dataclasses import dataclass
+
+from tpproxy.names import serverName
 
 #: Record content type of handshake messages.
 HANDSHAKE = 22
@@ -72,8 +74,6 @@ ALERT_ILLEGAL_PARAMETER = 47
 ALERT_DECODE_ERROR = 50
 ALERT_PROTOCOL_VERSION = 70
 
-_HOST_LABEL = re.compile(rb"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
-
 
 class ClientHelloError(ValueError):
     """
@@ -94,7 +94,8 @@ class ClientHelloInfo:
     What a router needs from a ClientHello.
 
     @ivar serverName: the SNI host_name, lowercased, without a trailing dot;
-        L{None} if the client sent no server_name extension.
+        L{None} if the client sent no server_name extension, or an IP
+        literal in it.
     @ivar alpn: the ALPN protocol names offered, in the client's order
         (decoded as Latin-1, so every byte string maps to one text); empty
         if the client sent no ALPN extension.
@@ -146,26 +147,17 @@ class _Reader:
             raise ClientHelloError(f"{self.what}: {self.remaining()} stray bytes after {field}")
 
 
-def _hostName(raw: bytes) -> str:
+def _hostName(raw: bytes) -> str | None:
     """
-    Check and normalize an SNI host_name.
+    Check and normalize an SNI host_name (L{tpproxy.names.serverName}).
     """
-    if not raw.isascii():
-        raise ClientHelloError("server_name: host_name is not ASCII", ALERT_ILLEGAL_PARAMETER)
-    name = raw.lower()
-    if name.endswith(b"."):
-        name = name[:-1]
-    if not name or len(name) > 253:
-        raise ClientHelloError(f"server_name: host_name of {len(raw)} bytes", ALERT_ILLEGAL_PARAMETER)
-    for label in name.split(b"."):
-        if not _HOST_LABEL.fullmatch(label):
-            raise ClientHelloError(
-                f"server_name: {raw[:80]!r} is not a DNS host name", ALERT_ILLEGAL_PARAMETER
-            )
-    return name.decode("ascii")
+    try:
+        return serverName(raw)
+    except ValueError as e:
+        raise ClientHelloError(f"server_name: {e}", ALERT_ILLEGAL_PARAMETER) from None
 
 
-def _serverName(data: bytes) -> str:
+def _serverName(data: bytes) -> str | None:
     outer = _Reader(data, "server_name")
     names = _Reader(outer.vector(2, "server_name_list"), "server_name_list")
     outer.end("server_name_list")

@@ -13,12 +13,13 @@ followed by N bytes of UTF-8 JSON holding one object.  See docs/protocol.md.
 from __future__ import annotations
 
 import enum
-import ipaddress
 import json
 import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
+
+from tpproxy.names import isCertificateName, isDestinationHost, normalize
 
 VERSION = 1
 ALPN = b"tp/1"
@@ -31,8 +32,6 @@ MAX_MESSAGE = 1024
 OPERATIONS = frozenset({"connect", "listen", "accept", "udp"})
 RESERVED_OPERATIONS: frozenset[str] = frozenset()
 TRANSPORTS = frozenset({"tcp", "udp"})
-
-_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?")
 
 
 class ErrorCode(str, enum.Enum):
@@ -198,17 +197,6 @@ def _checkVersion(obj: dict[str, Any]) -> None:
         )
 
 
-def validHost(host: str) -> bool:
-    """
-    Is C{host} an IP address literal or a syntactically valid DNS name?
-    """
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return bool(_HOSTNAME.fullmatch(host)) and not host.replace(".", "").isdigit()
-
-
 @dataclass(frozen=True)
 class ClientHello:
     """
@@ -221,6 +209,10 @@ class ClientHello:
       C{port}, 0 = TP picks) or C{e2e} (TP serves C{name}).  The connection
       then carries events (L{encodeEvent}).
     - C{accept}: this new connection serves the incoming C{session}.
+
+    C{host} is a destination host (L{tpproxy.names.isDestinationHost}),
+    kept as the client wrote it; C{name} a certificate name
+    (L{tpproxy.names.isCertificateName}), kept normalized.
     """
 
     op: str
@@ -277,7 +269,7 @@ class ClientHello:
                 raise _bad("field 'session' must be a session id (16-128 characters of A-Z a-z 0-9 _ -)")
             return cls(op=op, session=session)
         host = obj.get("host")
-        if not isinstance(host, str) or not validHost(host):
+        if not isinstance(host, str) or not isDestinationHost(host):
             raise _bad("field 'host' must be a DNS name or an IP address")
         port = obj.get("port")
         if type(port) is not int or not 1 <= port <= 65535:
@@ -303,24 +295,13 @@ class ClientHello:
             return cls(op="listen", mode=mode, port=port)
         if mode == "e2e":
             name = obj.get("name")
-            if not isinstance(name, str) or not validName(name):
-                raise _bad("field 'name' must be a DNS name")
-            return cls(op="listen", mode=mode, name=name.lower().rstrip("."))
+            if not isinstance(name, str) or not isCertificateName(name):
+                raise _bad("field 'name' must be a DNS name of letters, digits and hyphens (no '_', not an address)")
+            return cls(op="listen", mode=mode, name=normalize(name))
         raise _bad("field 'mode' must be 'public' or 'e2e'")
 
 
 _SESSION = re.compile(r"[A-Za-z0-9_-]{16,128}")
-
-
-def validName(name: str) -> bool:
-    """
-    Is C{name} a DNS name (not an IP address)?
-    """
-    try:
-        ipaddress.ip_address(name)
-        return False
-    except ValueError:
-        return validHost(name)
 
 
 #: Events on a C{listen} connection, and the fields each carries.

@@ -25,6 +25,10 @@ class HostPortTests(SynchronousTestCase):
         self.assertEqual(cli.parseHostPort("10.0.0.1:1", "x"), ("10.0.0.1", 1))
         self.assertEqual(cli.parseHostPort("tp.example.org", "x", defaultPort=443), ("tp.example.org", 443))
         self.assertEqual(cli.parseHostPort("[2001:db8::1]", "x", defaultPort=443), ("2001:db8::1", 443))
+        # A destination host (tpproxy.names.isDestinationHost), kept as given:
+        # a single label, C{_}, any case, a final dot.
+        self.assertEqual(cli.parseHostPort("db:5432", "x"), ("db", 5432))
+        self.assertEqual(cli.parseHostPort("_svc._tcp.Example.org.:1", "x"), ("_svc._tcp.Example.org.", 1))
 
     def test_errors(self) -> None:
         """
@@ -39,6 +43,8 @@ class HostPortTests(SynchronousTestCase):
             ("[::1:22", "unclosed '['"),
             ("exa mple.org:22", "is not a host name or IP address"),
             (":22", "is not a host name"),
+            ("a-.example.org:22", "is not a host name"),
+            ("127.1:22", "is not a host name"),
         ]:
             error = self.assertRaises(cli.UsageError, cli.parseHostPort, text, "HOST:PORT")
             self.assertIn("HOST:PORT", str(error))
@@ -113,6 +119,17 @@ class SettingsTests(SynchronousTestCase):
         )
         error = self.assertRaises(cli.UsageError, settings.tlsOptions)
         self.assertIn("--key:", str(error))
+
+    def test_e2eName(self) -> None:
+        """
+        C{tp expose --e2e NAME} takes a certificate name
+        (L{tpproxy.names.isCertificateName}): no C{_}, no address, no
+        wildcard; refused before anything is dialled.
+        """
+        for name in ("_ssh.example.org", "10.0.0.1", "*.example.org", "a b"):
+            args = self.parse("expose", "127.0.0.1:22", "--e2e", name, "--server", "s:1", "--cert", self.cert, "--key", self.key, "--ca", self.pki.caPath)
+            error = self.assertRaises(cli.UsageError, cli._run, None, args, io.StringIO())
+            self.assertIn(f"--e2e: {name!r} is not a DNS name", str(error))
 
     def test_badConfigKey(self) -> None:
         config = self.pki.directory / "bad.toml"

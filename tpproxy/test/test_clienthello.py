@@ -346,18 +346,26 @@ class MalformedTests(SynchronousTestCase):
         self.assertError(hello(helloBody(extension(0xAAAA, b"") + extension(0xAAAA, b"x"))), "appears twice")
 
     def test_sniNames(self) -> None:
+        """
+        A host_name is read as L{tpproxy.names.serverName} says: lowercased,
+        without a final dot, C{_} and single labels allowed; an IP literal
+        is read as no name; anything else is refused with
+        C{illegal_parameter}.
+        """
         for name, expected in (
             (b"A.Test", "a.test"),
             (b"a.test.", "a.test"),
             (b"localhost", "localhost"),
             (b"_srv.x-y.test", "_srv.x-y.test"),
-            (b"1.2.3.4", "1.2.3.4"),
+            (b"1.2.3.4", None),
+            (b"2001:db8::1", None),
         ):
             info = parseClientHello(hello(helloBody(sni(name))))
             assert info is not None
             self.assertEqual(info.serverName, expected)
+            self.assertEqual(info.extensions, (0,))
         for bad in (b"", b".", b"a..test", b"-a.test", b"a-.test", b"caf\xc3\xa9.test", b"a test", b"a/b", b"a\x00b",
-                    b"x" * 64 + b".test", b"[::1]", b"a.test..", b"a" * 254):
+                    b"x" * 64 + b".test", b"[::1]", b"a.test..", b"a" * 254, b"1.2.3", b"a.0x7f"):
             with self.assertRaises(ClientHelloError, msg=repr(bad)):
                 parseClientHello(hello(helloBody(sni(bad))))
 

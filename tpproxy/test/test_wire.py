@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from tpproxy.names import isDestinationHost
 from tpproxy.wire import (
     ALPN,
     HEADER,
@@ -28,7 +29,6 @@ from tpproxy.wire import (
     WireError,
     decodePayload,
     encodeFrame,
-    validHost,
 )
 
 FUZZ = settings(
@@ -465,7 +465,8 @@ class ClientHelloTests(WireErrorMixin, SynchronousTestCase):
 
     def test_hostNames(self) -> None:
         """
-        Syntactically valid DNS names are accepted as given.
+        Destination host names (L{tpproxy.names.isDestinationHost}) are
+        accepted as given: any case, C{_}, single labels, a final dot.
         """
         for host in (
             "example.org",
@@ -479,6 +480,7 @@ class ClientHelloTests(WireErrorMixin, SynchronousTestCase):
             "1.example",
             "123abc",
             ("a" * 63 + ".") * 3 + "a" * 61,  # 253 characters
+            ("a" * 63 + ".") * 3 + "a" * 61 + ".",  # 253 and the final dot
             "a" * 63,
         ):
             self.assertEqual(ClientHello.fromObject(helloObject(host=host)).host, host)
@@ -516,6 +518,11 @@ class ClientHelloTests(WireErrorMixin, SynchronousTestCase):
             "example.org\x00",
             "a" * 64,
             ("a" * 63 + ".") * 3 + "a" * 62,  # 254 characters
+            "a-.example",
+            "example.123",
+            "0x7f.1",
+            "1.0x7f",
+            "\u212a.example",  # the Kelvin sign, which lower() makes "k"
             "1.2.3",
             "256.1.1.1",
             "1.2.3.4.",
@@ -535,26 +542,27 @@ class ClientHelloTests(WireErrorMixin, SynchronousTestCase):
         """
         A host ending in a newline is refused.
 
-        Regression (was a bug in tpproxy/wire.py, _HOSTNAME / validHost): the pattern ends in
+        Regression (was a bug in tpproxy/wire.py, _HOSTNAME / validHost, now
+        tpproxy/names.py): the pattern ends in
         C{$}, which also matches just before a final "\\n", so
         C{"example.org\\n"} is accepted as a DNS name and reaches the policy,
         the resolver and the logs.  The pattern should end in C{\\Z} (or use
         C{re.fullmatch}).
         """
         for host in ("example.org\n", "a\n", "example.org.\n"):
-            self.assertFalse(validHost(host), repr(host))
+            self.assertFalse(isDestinationHost(host), repr(host))
             self.assertWireError(ErrorCode.BAD_REQUEST, ClientHello.fromObject, helloObject(host=host))
 
-    def test_validHost(self) -> None:
+    def test_isDestinationHost(self) -> None:
         """
-        L{validHost} accepts names and address literals and nothing else.
+        L{isDestinationHost} accepts names and address literals and nothing else.
         """
-        self.assertTrue(validHost("example.org"))
-        self.assertTrue(validHost("10.0.0.1"))
-        self.assertTrue(validHost("2001:db8::1"))
-        self.assertFalse(validHost("10.0.0"))
-        self.assertFalse(validHost(""))
-        self.assertFalse(validHost("a b"))
+        self.assertTrue(isDestinationHost("example.org"))
+        self.assertTrue(isDestinationHost("10.0.0.1"))
+        self.assertTrue(isDestinationHost("2001:db8::1"))
+        self.assertFalse(isDestinationHost("10.0.0"))
+        self.assertFalse(isDestinationHost(""))
+        self.assertFalse(isDestinationHost("a b"))
 
     def test_portRange(self) -> None:
         """
@@ -904,7 +912,7 @@ class FuzzTests(SynchronousTestCase):
             self.assertIn(hello.op, ("connect", "udp"))
             self.assertEqual(hello.op, obj.get("op"))
             self.assertEqual(hello.transport, {"connect": "tcp", "udp": "udp"}[hello.op])
-            self.assertTrue(validHost(hello.host))
+            self.assertTrue(isDestinationHost(hello.host))
             self.assertTrue(1 <= hello.port <= 65535)
             self.assertIn(hello.transport, TRANSPORTS)
 
@@ -986,12 +994,14 @@ class ReverseHelloTests(SynchronousTestCase):
 
     def test_listenE2E(self) -> None:
         """
-        An E2E name is a DNS name, kept lowercase without a trailing dot;
-        IP addresses are refused.
+        An E2E name is a certificate name (L{tpproxy.names.isCertificateName}),
+        kept lowercase without a trailing dot; IP addresses and names with
+        C{_}, which a destination host may hold, are refused.
         """
         hello = self.roundTrip(ClientHello("listen", mode="e2e", name="SSH.Alice.localhost."))
         self.assertEqual(hello.name, "ssh.alice.localhost")
-        for name in ("10.0.0.1", "::1", "", "bad name", None, 5):
+        self.assertEqual(self.roundTrip(ClientHello("listen", mode="e2e", name="nas")).name, "nas")
+        for name in ("10.0.0.1", "::1", "", "bad name", None, 5, "_ssh.alice.localhost", "a_b.localhost", "*.localhost", "a.localhost.."):
             e = self.assertRaises(WireError, ClientHello.fromObject, {"v": 1, "op": "listen", "mode": "e2e", "name": name})
             self.assertIn("'name'", e.message)
 
