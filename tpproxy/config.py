@@ -16,6 +16,7 @@ from typing import Any
 
 from cryptography import x509
 
+from tpproxy.names import ACME_IDENTIFIER, isAcmeName, isCertificateName, normalize
 from tpproxy.pki import normalizeSerial
 from tpproxy.policy import ConfigError, Policy, parsePolicy
 
@@ -237,9 +238,14 @@ def parseRouter(router: Any, base: Path) -> RouterConfig | None:
     certificate = key = terminateBackend = None
     if terminate:
         raw = terminate.get("names")
-        if not isinstance(raw, list) or not raw or not all(isinstance(n, str) and DNS_NAME.fullmatch(n.lower().rstrip(".")) for n in raw):
+        if not isinstance(raw, list) or not raw or not all(isinstance(n, str) for n in raw):
             raise ConfigError("router.terminate.names: expected a list of DNS names")
-        names = tuple(n.lower().rstrip(".") for n in raw)
+        for name in raw:
+            if name.startswith("*.") and isCertificateName(name[2:]):
+                raise ConfigError(f"router.terminate.names: {name!r}: the router matches names exactly; list each name")
+            if not isCertificateName(name):
+                raise ConfigError(f"router.terminate.names: {name!r} is not a DNS name of letters, digits and hyphens")
+        names = tuple(normalize(n) for n in raw)
         certificate = _resolvePath(base, terminate.get("certificate"), "router.terminate.certificate")
         key = _resolvePath(base, terminate.get("key"), "router.terminate.key")
         terminateBackend = _endpoint(terminate.get("backend"), "router.terminate.backend")
@@ -281,7 +287,9 @@ _ACME_KEYS = {
     "directory", "email", "account_key", "store", "ca_bundle", "names", "challenges", "http01_listen", "e2e",
     "renew_at", "check_interval",
 }
-DNS_NAME = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$")
+#: An ACME identifier (L{tpproxy.names.ACME_IDENTIFIER}), under the name
+#: L{tpproxy.acme} imports it by.
+DNS_NAME = ACME_IDENTIFIER
 
 
 def _interval(value: Any) -> float:
@@ -316,12 +324,12 @@ def parseAcme(acme: Any, base: Path) -> AcmeConfig | None:
     names = acme.get("names", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ConfigError("acme.names: expected a list of DNS names")
-    names = list(dict.fromkeys(n.lower().rstrip(".") for n in names))
     for name in names:
-        if not DNS_NAME.fullmatch(name):
-            raise ConfigError(f"acme.names: {name!r} is not a DNS name")
-        if name.startswith("*."):
+        if name.startswith("*.") and isAcmeName(name[2:]):
             raise ConfigError(f"acme.names: {name!r}: wildcards need the dns-01 challenge, which TP does not answer")
+        if not isAcmeName(name):
+            raise ConfigError(f"acme.names: {name!r} is not a DNS name an ACME CA certifies (two labels or more, of letters, digits and hyphens)")
+    names = list(dict.fromkeys(normalize(n) for n in names))
     http01 = acme.get("http01_listen")
     if http01 is not None and (not isinstance(http01, str) or not http01):
         raise ConfigError("acme.http01_listen: expected an endpoint description such as \"tcp:80\"")
@@ -461,13 +469,15 @@ def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") 
     if not isinstance(certs, dict):
         raise ConfigError("e2e.certificates: expected a table of NAME = {certificate = ..., key = ...}")
     for name, entry in certs.items():
-        key = f"e2e.certificates.{name!r}"
+        where = f"e2e.certificates.{name!r}"
+        if not isCertificateName(name):
+            raise ConfigError(f"{where}: not an E2E name (a DNS name of letters, digits and hyphens; no wildcard)")
         if not isinstance(entry, dict):
-            raise ConfigError(f"{key}: expected {{certificate = \"...\", key = \"...\"}}")
-        _checkKeys(entry, {"certificate", "key"}, key)
-        files[name.lower().rstrip(".")] = (
-            _resolvePath(base, entry.get("certificate"), f"{key}.certificate"),
-            _resolvePath(base, entry.get("key"), f"{key}.key"),
+            raise ConfigError(f"{where}: expected {{certificate = \"...\", key = \"...\"}}")
+        _checkKeys(entry, {"certificate", "key"}, where)
+        files[normalize(name)] = (
+            _resolvePath(base, entry.get("certificate"), f"{where}.certificate"),
+            _resolvePath(base, entry.get("key"), f"{where}.key"),
         )
     config = ServerConfig(
         path=path,

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Iterable, Union
 
+from tpproxy.names import isCertificateNameGlob, isHostGlob, normalize
+
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -91,7 +93,8 @@ def _isIPLiteral(host: str) -> bool:
 @dataclass(frozen=True)
 class HostPattern:
     """
-    One entry of a rule's C{hosts}: a name glob or an address network.
+    One entry of a rule's C{hosts}: a name glob (L{tpproxy.names.isHostGlob},
+    stored normalized) or an address network.
     """
 
     text: str
@@ -110,10 +113,14 @@ class HostPattern:
             if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):  # type: ignore[arg-type]
                 raise ConfigError(f"{key}: {text!r} is IPv4-mapped IPv6; write the IPv4 form (TP checks mapped addresses as IPv4)")
             return cls(text, network)
-        return cls(text.lower().rstrip("."))
+        if not isHostGlob(text):
+            raise ConfigError(
+                f"{key}: {text!r} is not a host name or name glob (letters, digits, '-', '_', dots; '*', '?', '[...]' as wildcards)"
+            )
+        return cls(normalize(text))
 
     def matchesName(self, host: str) -> bool:
-        return self.network is None and fnmatchcase(host.lower().rstrip("."), self.text)
+        return self.network is None and fnmatchcase(normalize(host), self.text)
 
     def matchesAddress(self, address: IPAddress) -> bool:
         return self.network is not None and address.version == self.network.version and address in self.network
@@ -349,6 +356,16 @@ _RULE_KEYS = {"action", "identities", "hosts", "ports", "transports", "comment"}
 _EXPOSURE_KEYS = {"identities", "public_ports", "names", "dialers", "comment"}
 
 
+def _exposureName(pattern: str, key: str) -> str:
+    """
+    An entry of C{[[exposures]] names}: an E2E name glob
+    (L{tpproxy.names.isCertificateNameGlob}), normalized.
+    """
+    if not isCertificateNameGlob(pattern):
+        raise ConfigError(f"{key}: {pattern!r} is not an E2E name or name glob (letters, digits, '-', dots; '*', '?', '[...]' as wildcards)")
+    return normalize(pattern)
+
+
 def parseExposures(value: Any, groups: dict[str, frozenset[str]]) -> tuple[ExposureRule, ...]:
     if value is None:
         return ()
@@ -366,7 +383,7 @@ def parseExposures(value: Any, groups: dict[str, frozenset[str]]) -> tuple[Expos
             raise ConfigError(f"{key}.identities: missing")
         identities = expandIdentities(_stringList(raw["identities"], f"{key}.identities"), groups, f"{key}.identities")
         ports = _ports(raw["public_ports"], f"{key}.public_ports") if "public_ports" in raw else ()
-        names = tuple(n.lower().rstrip(".") for n in _stringList(raw.get("names", []), f"{key}.names")) if raw.get("names") else ()
+        names = tuple(_exposureName(n, f"{key}.names") for n in _stringList(raw["names"], f"{key}.names")) if raw.get("names") else ()
         dialers = (
             expandIdentities(_stringList(raw["dialers"], f"{key}.dialers"), groups, f"{key}.dialers") if "dialers" in raw else ()
         )

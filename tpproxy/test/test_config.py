@@ -404,6 +404,40 @@ class ServerConfigErrorTests(ServerConfigMixin, SynchronousTestCase):
         checker = ClientCertChecker(config.deniedIdentities, config.deniedSerials)
         self.assertEqual(checker.refusal(cert), f"certificate serial {serial} is on the deny list")
 
+    def test_e2eCertificateNames(self) -> None:
+        """
+        The keys of C{[e2e.certificates]} are E2E names
+        (L{tpproxy.names.isCertificateName}), stored normalized; a key that
+        no E2E name can be (C{_}, a wildcard, an address) is refused.  The
+        server's own C{key} is left alone.
+        """
+        entry = {"certificate": "server.pem", "key": "server.key"}
+        config = self.parse({"server": self.table(), "e2e": {"certificates": {"SSH.Example.org.": entry}}})
+        self.assertEqual(list(config.e2eFiles), ["ssh.example.org"])
+        # Regression: the loop over these names used to overwrite the
+        # server's key path with "e2e.certificates.'NAME'".
+        self.assertEqual(config.key, str((self.directory / "server.key").absolute()))
+        for name in ("_ssh.example.org", "*.example.org", "10.0.0.1", "a b"):
+            self.assertConfigError(
+                f"e2e.certificates.{name!r}: not an E2E name",
+                self.parse,
+                {"server": self.table(), "e2e": {"certificates": {name: entry}}},
+            )
+
+    def test_acmeNames(self) -> None:
+        """
+        C{acme.names} are ACME names (L{tpproxy.names.isAcmeName}): two
+        labels or more, no C{_}, no address; a wildcard is refused for the
+        challenge it would need.
+        """
+        def acme(*names: str) -> dict[str, Any]:
+            return {"server": self.table(), "acme": {"directory": "https://ca.example/dir", "names": list(names)}}
+
+        self.assertEqual(self.parse(acme("TP.Example.org.", "tp.example.org")).acme.names, ("tp.example.org",))
+        self.assertConfigError("acme.names: '*.example.org': wildcards need the dns-01", self.parse, acme("*.example.org"))
+        for name in ("localhost", "_tp.example.org", "192.0.2.1", "example.123", "a" * 64 + ".example"):
+            self.assertConfigError(f"acme.names: {name!r} is not a DNS name", self.parse, acme(name))
+
     def test_badRules(self) -> None:
         """
         Errors in C{[[rules]]} and C{[groups]} are reported with their key.
@@ -589,6 +623,28 @@ class RouterConfigTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 self.config(**router)
             self.assertIn(key, str(caught.exception))
+
+    def test_terminateNames(self) -> None:
+        """
+        C{router.terminate.names} are certificate names
+        (L{tpproxy.names.isCertificateName}), matched exactly against the
+        SNI: a single label is one; a wildcard, which the router would never
+        match, is refused saying so, and so are C{_}, addresses, empty
+        labels and non-ASCII text that C{lower()} would make ASCII.
+        """
+        terminate = {"certificate": "server.pem", "key": "server.key", "backend": "tcp:127.0.0.1:8080"}
+        self.assertEqual(self.config(terminate={"names": ["Intranet"], **terminate}).router.terminateNames, ("intranet",))
+        for name, message in [
+            ("*.example.org", "the router matches names exactly"),
+            ("_x.example.org", "is not a DNS name"),
+            ("192.0.2.1", "is not a DNS name"),
+            ("www.example.org..", "is not a DNS name"),
+            ("\u212a.example.org", "is not a DNS name"),
+        ]:
+            with self.assertRaises(ConfigError) as caught:
+                self.config(terminate={"names": [name], **terminate})
+            self.assertIn(f"router.terminate.names: {name!r}", str(caught.exception))
+            self.assertIn(message, str(caught.exception))
 
     def test_h3NeedsQuic(self) -> None:
         with self.assertRaises(ConfigError) as caught:

@@ -643,6 +643,37 @@ class ParsePolicyErrorTests(SynchronousTestCase):
                 str(e).startswith(f"rules[2].hosts: {host!r} is not a valid address or CIDR network"), str(e)
             )
 
+    def test_badNameGlob(self) -> None:
+        """
+        A name entry of C{hosts} must be a host name glob
+        (L{tpproxy.names.isHostGlob}): one that no host name can match is
+        refused when the policy is read, not left to match nothing.  C{_},
+        single labels and the glob wildcards are fine.
+        """
+        for host in ("exa mple.org", "a..example", ".example.org", "-db.example", "db-.example", "a" * 64 + ".example",
+                     "example.org..", "*.123", "\u212a.example", "caf\u00e9.example", "a\\b"):
+            e = self.assertRaises(ConfigError, parsePolicy, [rule("h"), rule(["ok.example", host])], None)
+            self.assertTrue(str(e).startswith(f"rules[2].hosts: {host!r} is not a host name or name glob"), str(e))
+        p = parsePolicy([rule(["_srv._tcp.example.org", "db", "node[0-2]?.x", "*", "DB.Example.ORG."])], None)
+        self.assertEqual(
+            [h.text for h in p.rules[0].hosts], ["_srv._tcp.example.org", "db", "node[0-2]?.x", "*", "db.example.org"]
+        )
+
+    def test_badExposureNames(self) -> None:
+        """
+        C{[[exposures]] names} are E2E name globs
+        (L{tpproxy.names.isCertificateNameGlob}), normalized: no C{_}, no
+        address, nothing no E2E name can match.
+        """
+        def exposures(*names: str) -> list[dict[str, Any]]:
+            return [{"identities": "*", "names": list(names), "dialers": "*"}]
+
+        p = parsePolicy([], None, exposures("*", "*.Localhost.", "nas", "node[0-2].example"))
+        self.assertEqual(p.exposures[0].names, ("*", "*.localhost", "nas", "node[0-2].example"))
+        for name in ("_ssh.localhost", "*_x", "a b", "a..localhost", "10.0.0.1", "\u212a.localhost"):
+            e = self.assertRaises(ConfigError, parsePolicy, [], None, exposures("ok.localhost", name))
+            self.assertTrue(str(e).startswith(f"exposures[1].names: {name!r} is not an E2E name"), str(e))
+
     def test_badTransport(self) -> None:
         """
         Transports are C{tcp} and C{udp}, lowercase.
