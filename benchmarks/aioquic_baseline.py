@@ -3,32 +3,33 @@ The ceiling TP's QUIC transport works under: one stream of bulk data
 between two plain aioquic endpoints (aioquic's own asyncio layer, no TP,
 no relay), client and server in separate processes on loopback.
 
-    python benchmarks/aioquic_baseline.py [--size MB] [--repeat N]
+    .venv/bin/python benchmarks/aioquic_baseline.py [--size MB] [--repeat N]
 
 TP over QUIC is compared with this in benchmarks/README.md: if TP is close
-to it, the QUIC engine, not TP, bounds the throughput.
+to it, the QUIC engine, not TP, bounds the throughput.  The server's
+certificate comes from a CA made for the run (TP's CertificateAuthority);
+the client does not verify it.  Each transfer gets a new server process
+on a free UDP port; the rates are printed and written to
+benchmarks/results/aioquic_baseline.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import socket
 import ssl
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from aioquic.asyncio import connect, serve
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import StreamDataReceived
 
-from tpproxy.pki import CertificateAuthority
+from harness import REPO, RESULTS, Processes, freePorts, machine, now, serverCertificate, tpVersions, workdir, writeJSON
 from tpproxy.pki import loadCertificates, loadKey
 
 CHUNK = 65536
@@ -80,40 +81,42 @@ async def client(port: int, size: int) -> None:
             await asyncio.sleep(0.005)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=100, help="MB per transfer (default 100)")
     parser.add_argument("--repeat", type=int, default=3, help="transfers, median reported (default 3)")
+    parser.add_argument("--json", default=str(RESULTS / "aioquic_baseline.json"), help="where to write the results")
     parser.add_argument("--serve", nargs=3, metavar=("PORT", "CERT", "KEY"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.serve:
         asyncio.run(server(int(args.serve[0]), args.serve[1], args.serve[2]))
-        return
+        return 0
     rates = []
-    with tempfile.TemporaryDirectory() as tmp:
-        ca = CertificateAuthority.create("bench CA")
-        issued = ca.issue("localhost", dns=("localhost",), server=True)
-        issued.write(Path(tmp) / "cert.pem", Path(tmp) / "key.pem")
-        for _ in range(args.repeat):
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            proc = subprocess.Popen(
-                [sys.executable, __file__, "--serve", str(port), f"{tmp}/cert.pem", f"{tmp}/key.pem"],
-                stdout=subprocess.PIPE,
-                text=True,
-                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
-            )
-            try:
-                assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    with workdir("tp-aioquic-baseline-") as directory:
+        _, cert, key = serverCertificate(directory, "localhost", "bench CA")
+        procs = Processes(directory)
+        try:
+            for i in range(args.repeat):
+                (port,) = freePorts(1, socket.SOCK_DGRAM)
+                name = f"server-{i + 1}"
+                proc = procs.start(
+                    name, [sys.executable, __file__, "--serve", str(port), cert, key], stdout=subprocess.PIPE, env={"PYTHONPATH": str(REPO)}
+                )
+                assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready", procs.logTail(name)
                 asyncio.run(client(port, args.size * 1_000_000))
                 received, elapsed = proc.stdout.readline().split()
                 rates.append(int(received) / 1e6 / float(elapsed))
-            finally:
-                proc.kill()
-                proc.wait()
+                procs.kill(name)
+        finally:
+            procs.stopAll()
     print(f"aioquic alone, one stream, {args.size} MB: " + ", ".join(f"{r:.1f}" for r in rates) + f" MB/s; median {statistics.median(rates):.1f} MB/s")
+    writeJSON(args.json, {
+        "meta": {"date": now(), "machine": machine(), "versions": tpVersions(), "mb": "10^6 bytes", "size_mb": args.size},
+        "mb_per_s": [round(r, 1) for r in rates],
+        "median_mb_per_s": round(statistics.median(rates), 1),
+    })
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

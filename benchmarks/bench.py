@@ -2,7 +2,7 @@
 """
 Benchmark TP against an equivalent stunnel mutual-TLS relay, on loopback.
 
-    /work/venv/bin/python benchmarks/bench.py [--quick]
+    .venv/bin/python benchmarks/bench.py [--quick]
 
 Five chains carry the same traffic to the same sink/source server:
 
@@ -47,29 +47,57 @@ this script; the ports are picked at run time.
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
-import json
 import os
 import platform
 import random
 import re
 import shutil
-import signal
 import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-HERE = Path(__file__).resolve().parent
-MB = 1_000_000
+from harness import (
+    BIN,
+    LOOPBACK,
+    MB,
+    RESULTS,
+    BenchError,
+    OtherLoad,
+    Processes,
+    concurrently,
+    cpuSeconds,
+    exitOnSignals,
+    finish,
+    fmt,
+    formatTable,
+    freePorts,
+    initDev,
+    logEvents,
+    logLevel,
+    machine,
+    median,
+    now,
+    peakRSSMB,
+    ratio,
+    requireTool,
+    requireTP,
+    serveThreaded,
+    startServer,
+    statusKB,
+    tpSource,
+    tpVersions,
+    udpPortFree,
+    waitForLog,
+    waitForPort,
+    workdir,
+)
+
 CHUNK = 1 << 20
-LOOPBACK = "127.0.0.1"
 #: A transfer making no progress for this long (on loopback) counts as a stall.
 STALL_TIMEOUT = 10.0
 #: Every chain, in table order (a TP without `--transport` has no tp_quic).
@@ -86,10 +114,6 @@ RATIOS = (
 )
 #: The issue's target for one stream through TP over QUIC (MB/s, each way).
 QUIC_TARGET_MB_S = 60.0
-
-
-class BenchError(Exception):
-    pass
 
 
 # --- the sink / source server ---------------------------------------------
@@ -242,140 +266,10 @@ def runSink() -> None:
             sys.stderr.write(f"sink: {message}\n")
             sys.stderr.flush()
 
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((LOOPBACK, 0))
-    server.listen(1024)
-    sys.stdout.write(f"PORT {server.getsockname()[1]}\n")
-    sys.stdout.flush()
-    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
-    while True:
-        conn, _ = server.accept()
-        threading.Thread(target=_sinkConnection, args=(conn, block, log), daemon=True).start()
+    serveThreaded(lambda conn: _sinkConnection(conn, block, log))
 
 
-# --- processes, ports, certificates ---------------------------------------
-
-
-class Processes:
-    """
-    The processes this script starts, stopped (by pid) at exit.
-    """
-
-    def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        # The TP client may remember per server which transport worked (in
-        # $XDG_CACHE_HOME/tp): keep that in the temporary directory.
-        self.env = dict(os.environ, XDG_CACHE_HOME=str(logdir / "cache"))
-
-    def start(self, name: str, argv: list[str], stdout: Any = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
-        log = open(self.logdir / f"{name}.log", "wb")
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout if stdout is not None else log,
-            stderr=log,
-            cwd=cwd,
-            env=self.env,
-            start_new_session=True,
-        )
-        log.close()
-        self.procs[name] = proc
-        return proc
-
-    def logTail(self, name: str, lines: int = 20) -> str:
-        try:
-            text = (self.logdir / f"{name}.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def check(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                raise BenchError(f"{name} exited with status {proc.returncode}:\n{self.logTail(name)}")
-
-    def stopOne(self, name: str, timeout: float) -> float | None:
-        """
-        SIGTERM one process; the seconds it took to exit, or None if it was
-        still running after C{timeout} (it is left running).
-        """
-        proc = self.procs[name]
-        if proc.poll() is not None:
-            return 0.0
-        start = time.monotonic()
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-        return round(time.monotonic() - start, 2)
-
-    def stopAll(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    proc.terminate()
-                except OSError:
-                    pass
-        deadline = time.monotonic() + 5
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def machineBusySeconds() -> float:
-    """
-    CPU seconds (user, nice, system, irq, softirq) the whole machine has
-    used since boot.
-    """
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()
-    except OSError:
-        return 0.0
-    return sum(int(fields[i]) for i in (1, 2, 3, 6, 7)) / os.sysconf("SC_CLK_TCK")
-
-
-def ownSeconds(procs: Processes) -> float:
-    """
-    CPU seconds used by this script (all threads), its finished children and
-    its running processes.
-    """
-    import resource
-
-    total = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        usage = resource.getrusage(who)
-        total += usage.ru_utime + usage.ru_stime
-    return total + sum(cpuSeconds(p.pid) for p in procs.procs.values() if p.poll() is None)
-
-
-def freePorts(count: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((LOOPBACK, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def udpPortFree(port: int) -> bool:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.bind((LOOPBACK, port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
+# --- UDP counters, for the QUIC chain ---------------------------------------
 
 
 def udpCounters() -> dict[str, int]:
@@ -418,31 +312,6 @@ def quicSockets(port: int) -> dict[str, dict[str, int]]:
     return out
 
 
-def waitForPort(port: int, procs: Processes, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        procs.check()
-        try:
-            with socket.create_connection((LOOPBACK, port), timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise BenchError(f"{what} did not listen on {LOOPBACK}:{port} within {timeout:g} s")
-            time.sleep(0.05)
-
-
-def cpuSeconds(pid: int) -> float:
-    """
-    User + system CPU time of a process (all its threads), from /proc.
-    """
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 STUNNEL_GLOBAL = """\
 foreground = yes
 pid =
@@ -475,13 +344,8 @@ class Setup:
     def __init__(self, workdir: Path) -> None:
         self.dir = workdir
         self.procs = Processes(workdir)
-        self.bindir = Path(sys.executable).parent
-        self.stunnel = shutil.which("stunnel4") or shutil.which("stunnel")
-        if not self.stunnel:
-            raise BenchError("stunnel (stunnel4) is not installed")
-        for tool in ("tp", "twist"):
-            if not (self.bindir / tool).exists():
-                raise BenchError(f"{self.bindir / tool} does not exist (is TP installed in this venv?)")
+        requireTP()
+        self.stunnel = requireTool("stunnel4", "stunnel")
         self.entry: dict[str, int] = {}
         self.proxyPids: dict[str, list[int]] = {c: [] for c in CHAINS}
         self.pidNames: dict[int, str] = {}
@@ -496,7 +360,7 @@ class Setup:
         the comparison with stunnel is about TLS over TCP, so pin it.
         Returns the transport pinned, or None if this TP has no such option.
         """
-        out = subprocess.run([str(self.bindir / "tp"), "--help"], capture_output=True, text=True)
+        out = subprocess.run([str(BIN / "tp"), "--help"], capture_output=True, text=True)
         if "--transport" not in out.stdout:
             if transport != "tls":
                 raise BenchError(f"this tp has no --transport option (asked for {transport})")
@@ -518,48 +382,31 @@ class Setup:
         quic = "tp_quic" in self.chains
 
         # The sink.
-        sink = self.procs.start("sink", [sys.executable, str(Path(__file__).resolve()), "--sink"], stdout=subprocess.PIPE)
-        assert sink.stdout is not None
-        line = sink.stdout.readline().decode()
-        if not line.startswith("PORT "):
-            raise BenchError(f"sink did not start: {line!r}\n{self.procs.logTail('sink')}")
-        self.sinkPort = int(line.split()[1])
-        self.sinkPid = sink.pid
+        self.sinkPort = startServer(self.procs, "sink", [sys.executable, Path(__file__).resolve(), "--sink"])
+        self.sinkPid = self.procs.pid("sink")
         self.entry["direct"] = self.sinkPort
 
-        # Certificates and TP configs, by `tp init-dev`.
-        pki = d / "pki"
-        out = subprocess.run(
-            [str(self.bindir / "tp"), "init-dev", str(pki), "--port", str(tpPort)],
-            capture_output=True, text=True,
-        )
-        if out.returncode:
-            raise BenchError(f"tp init-dev failed: {out.stderr}")
-        # Listen on 127.0.0.1 only (init-dev also adds ::1 where it works),
-        # TLS on TCP and, said explicitly, QUIC on UDP, both on tpPort
-        # (`quic = true`, the default, would derive the same from `listen`).
-        toml = (pki / "server.toml").read_text()
+        # Certificates and TP configs, by `tp init-dev`, to listen on
+        # 127.0.0.1 only (init-dev also adds ::1 where it works): TLS on TCP
+        # and, said explicitly, QUIC on UDP, both on tpPort (`quic = true`,
+        # the default, would derive the same from `listen`).
         listen = f'listen = ["tcp:{tpPort}:interface=127.0.0.1"]'
         if quic:
             listen += f'\nquic = ["{LOOPBACK}:{tpPort}"]'
-        toml, n = re.subn(r"(?m)^listen = \[.*\]$", lambda m: listen, toml)
-        if n != 1 or re.search(r"(?m)^quic\s*=", toml.replace(listen, "")):
-            raise BenchError("unexpected server.toml from tp init-dev (no listen line, or a quic line already)")
-        (pki / "server.toml").write_text(toml)
-        self.pki = pki
+        pki = self.pki = initDev(d / "pki", tpPort, listen, unexpected=r"(?m)^quic\s*=")
 
         # TP: the server, then `tp up` in front of it.
-        self.procs.start("twist-tp", [str(self.bindir / "twist"), "tp", "--config", str(pki / "server.toml")])
+        self.procs.start("twist-tp", [str(BIN / "twist"), "tp", "--config", str(pki / "server.toml")])
         waitForPort(tpPort, self.procs, "twist tp")
         if quic:
             # The start-up line names what it listens on.
-            served = self.waitForLine("twist-tp", re.compile(r'"quic": "([^"]*)"'))
+            served = waitForLog(self.procs, "twist-tp", re.compile(r'"quic": "([^"]*)"')).group(1)
             if served != f"{LOOPBACK}:{tpPort}":
                 raise BenchError(f"twist tp serves QUIC on {served!r}, expected {LOOPBACK}:{tpPort}")
         self.procs.start(
             "tp-up",
             [
-                str(self.bindir / "tp"), "--config", str(pki / "client.toml"), "--server", f"{LOOPBACK}:{tpPort}",
+                str(BIN / "tp"), "--config", str(pki / "client.toml"), "--server", f"{LOOPBACK}:{tpPort}",
                 *self.transportArgs, "up", f"{LOOPBACK}:{self.sinkPort}", str(upPort),
             ],
         )
@@ -576,11 +423,11 @@ class Setup:
             self.procs.start(
                 "tp-up-quic",
                 [
-                    str(self.bindir / "tp"), "--config", str(pki / "client.toml"), "--server", f"{LOOPBACK}:{tpPort}",
+                    str(BIN / "tp"), "--config", str(pki / "client.toml"), "--server", f"{LOOPBACK}:{tpPort}",
                     "--transport", "quic", "up", f"{LOOPBACK}:{self.sinkPort}", str(quicUpPort),
                 ],
             )
-            chosen = self.waitForLine("tp-up-quic", re.compile(r"^Forwarding \S+ to \S+ via \S+ \(v\S+, (\w+)\)", re.M))
+            chosen = waitForLog(self.procs, "tp-up-quic", re.compile(r"^Forwarding \S+ to \S+ via \S+ \(v\S+, (\w+)\)", re.M)).group(1)
             if chosen != "quic":
                 raise BenchError(f"tp --transport quic up reports transport {chosen!r}")
             waitForPort(quicUpPort, self.procs, "tp --transport quic up")
@@ -594,11 +441,15 @@ class Setup:
         self.procs.start(
             "tp-expose",
             [
-                str(self.bindir / "tp"), "--config", str(pki / "client.toml"), "--server", f"{LOOPBACK}:{tpPort}",
+                str(BIN / "tp"), "--config", str(pki / "client.toml"), "--server", f"{LOOPBACK}:{tpPort}",
                 *self.transportArgs, "expose", f"{LOOPBACK}:{self.sinkPort}", "--public", str(publicPort),
             ],
         )
-        exposed = self.waitForExposure("tp-expose")
+        exposed = int(
+            waitForLog(
+                self.procs, "tp-expose", re.compile(r"^Exposing \S+ as public port (\d+) via ", re.M), "report a public port"
+            ).group(1)
+        )
         if exposed != publicPort:
             raise BenchError(f"tp expose asked for public port {publicPort} but reports {exposed}")
         self.entry["tp_reverse"] = exposed
@@ -633,43 +484,6 @@ class Setup:
             self.ports["tp_up_quic"] = quicUpPort
         self.pidNames = {proc.pid: name for name, proc in self.procs.procs.items()}
 
-    def waitForLine(self, name: str, pattern: re.Pattern[str], timeout: float = 20.0) -> str:
-        """
-        Wait for C{pattern} in a process's log; its first group.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            self.procs.check()
-            try:
-                text = (self.dir / f"{name}.log").read_text(errors="replace")
-            except OSError:
-                text = ""
-            m = pattern.search(text)
-            if m:
-                return m.group(1)
-            if time.monotonic() > deadline:
-                raise BenchError(f"{name} did not log {pattern.pattern!r} within {timeout:g} s:\n{self.procs.logTail(name)}")
-            time.sleep(0.05)
-
-    def waitForExposure(self, name: str, timeout: float = 20.0) -> int:
-        """
-        Wait for `tp expose` to report its public port on stderr.
-        """
-        pattern = re.compile(r"^Exposing \S+ as public port (\d+) via ", re.M)
-        deadline = time.monotonic() + timeout
-        while True:
-            self.procs.check()
-            try:
-                text = (self.dir / f"{name}.log").read_text(errors="replace")
-            except OSError:
-                text = ""
-            m = pattern.search(text)
-            if m:
-                return int(m.group(1))
-            if time.monotonic() > deadline:
-                raise BenchError(f"{name} did not report a public port within {timeout:g} s:\n{self.procs.logTail(name)}")
-            time.sleep(0.05)
-
     def proxyCPU(self, chain: str) -> float:
         return sum(cpuSeconds(pid) for pid in self.proxyPids[chain])
 
@@ -682,18 +496,8 @@ class Setup:
         """
         out: dict[str, float | None] = {}
         for pid in sorted({p for pids in self.proxyPids.values() for p in pids}):
-            out[self.pidNames.get(pid, str(pid))] = self._vmHWM(pid)
+            out[self.pidNames.get(pid, str(pid))] = peakRSSMB(pid)
         return out
-
-    @staticmethod
-    def _vmHWM(pid: int) -> float | None:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) * 1024 / MB, 1)
-        except OSError:
-            pass
-        return None
 
     def peakRSS(self, chain: str) -> float | None:
         """
@@ -701,15 +505,10 @@ class Setup:
         """
         if not self.proxyPids[chain]:
             return None
-        total = 0
-        for pid in self.proxyPids[chain]:
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        total += int(line.split()[1])
-            except OSError:
-                return None
-        return round(total * 1024 / MB, 1)
+        kbs = [statusKB(pid, "VmHWM") for pid in self.proxyPids[chain]]
+        if None in kbs:
+            return None
+        return round(sum(kbs) * 1024 / MB, 1)  # type: ignore[arg-type]
 
     def stop(self) -> None:
         self.procs.stopAll()
@@ -820,49 +619,16 @@ def connectionRate(port: int, total: int, concurrency: int) -> dict[str, Any]:
     Run `total` short connections, `concurrency` at a time.
     """
     payload = b"ECHO " + b"x" * 58 + b"\n"  # 64 bytes
-    latencies: list[float] = []
-    errors: list[str] = []
-    lock = threading.Lock()
-    counter = iter(range(total))
-
-    def worker() -> None:
-        while True:
-            with lock:
-                if next(counter, None) is None:
-                    return
-            try:
-                t = shortConnection(port, payload)
-            except (OSError, BenchError) as e:
-                with lock:
-                    errors.append(str(e) or repr(e))
-                continue
-            with lock:
-                latencies.append(t)
-
-    start = time.perf_counter()
-    if concurrency == 1:
-        worker()
-    else:
-        threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    elapsed = time.perf_counter() - start
-    latencies.sort()
-
-    def pct(p: float) -> float:
-        return round(1000 * latencies[min(len(latencies) - 1, int(p * len(latencies)))], 3) if latencies else 0.0
-
+    runs = concurrently(lambda: shortConnection(port, payload), total, concurrency)
     return {
         "connections": total,
-        "ok": len(latencies),
-        "errors": len(errors),
-        "error_samples": sorted(set(errors))[:5],
-        "seconds": round(elapsed, 4),
-        "conn_per_s": round(len(latencies) / elapsed, 1),
-        "latency_ms_p50": pct(0.5),
-        "latency_ms_p99": pct(0.99),
+        "ok": len(runs.latencies),
+        "errors": len(runs.errors),
+        "error_samples": sorted(set(runs.errors))[:5],
+        "seconds": round(runs.seconds, 4),
+        "conn_per_s": round(len(runs.latencies) / runs.seconds, 1),
+        "latency_ms_p50": runs.percentileMs(0.5),
+        "latency_ms_p99": runs.percentileMs(0.99),
     }
 
 
@@ -938,10 +704,6 @@ def integrityChecks(port: int, n: int, runs: int, timeout: float) -> dict[str, A
 
 
 # --- orchestration ----------------------------------------------------------
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else 0.0
 
 
 def measureBulk(setup: Setup, direction: str, n: int, repeats: int, problems: list[str]) -> dict[str, Any]:
@@ -1074,7 +836,7 @@ def profileQuic(setup: Setup, seconds: float, rate: float | None, outdir: Path, 
     sampling; collapsed stacks written to C{outdir}, the top functions
     returned.
     """
-    pyspy = shutil.which("py-spy") or str(setup.bindir / "py-spy")
+    pyspy = shutil.which("py-spy") or str(BIN / "py-spy")
     if not Path(pyspy).exists():
         raise BenchError("--profile needs py-spy (pip install py-spy)")
     outdir.mkdir(parents=True, exist_ok=True)
@@ -1132,14 +894,6 @@ def profileQuic(setup: Setup, seconds: float, rate: float | None, outdir: Path, 
     return out
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a and b else None
-
-
-def fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def buildTable(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     rows: list[dict[str, Any]] = []
     meta = results["meta"]
@@ -1174,36 +928,13 @@ def buildTable(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         add(f"proxy CPU per conn, {label} (ms)", {c: r[c]["proxy_cpu_ms_per_conn"] for c in chains}, 2, False)
     add("proxy peak RSS, both processes (MB)", results["peak_rss_mb"], 1, False)
 
-    width = max(len(r["measure"]) for r in rows)
-    header = f"{'measure':<{width}}" + "".join(f"  {LABELS[c]:>8}" for c in chains) + " "
-    header += "".join(f"  {label:>9}" for _, label, _, _ in ratios)
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        d = r["digits"]
-        line = f"{r['measure']:<{width}}" + "".join(f"  {fmt(r[c], d):>8}" for c in chains) + " "
-        line += "".join(f"  {fmt(r[key], 3):>9}" for key, _, _, _ in ratios)
-        lines.append(line)
-    for r in rows:
-        del r["digits"]
-    return "\n".join(lines), rows
+    table = formatTable(rows, [(c, LABELS[c]) for c in chains], [(key, label) for key, label, _, _ in ratios])
+    return table, rows
 
 
 def versions(setup: Setup) -> dict[str, Any]:
-    info: dict[str, Any] = {}
-    try:
-        import OpenSSL
-        import twisted
-        from OpenSSL import SSL
-
-        import tpproxy
-
-        info["tp"] = tpproxy.__version__
-        info["twisted"] = twisted.__version__
-        info["pyopenssl"] = OpenSSL.__version__
-        info["tp_openssl"] = SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
-    except ImportError as e:
-        info["import_error"] = str(e)
-    out = subprocess.run([setup.stunnel or "stunnel", "-version"], capture_output=True, text=True)
+    info = tpVersions()
+    out = subprocess.run([setup.stunnel, "-version"], capture_output=True, text=True)
     text = out.stdout + out.stderr
     for line in text.splitlines():
         if line.startswith("stunnel "):
@@ -1214,35 +945,6 @@ def versions(setup: Setup) -> dict[str, Any]:
     return info
 
 
-def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "hostname": platform.node(),
-    }
-
-
-def _logEvents(text: str) -> list[dict[str, Any]]:
-    events = []
-    for line in text.splitlines():
-        line = line.strip("\x1e \n")
-        if line.startswith("{"):
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                pass
-    return events
-
-
 def chosenTransports(setup: Setup) -> dict[str, str | None]:
     """
     The transport each TP client process says it uses, from its
@@ -1251,10 +953,7 @@ def chosenTransports(setup: Setup) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name in ("tp-up", "tp-up-quic", "tp-expose"):
         if name in setup.procs.procs:
-            try:
-                text = (setup.dir / f"{name}.log").read_text(errors="replace")
-            except OSError:
-                text = ""
+            text = setup.procs.logText(name) or ""
             m = re.search(r"^(?:Forwarding|Exposing) .* \(v\S+, (\w+)\)", text, re.M)
             out[name] = m.group(1) if m else None
     return out
@@ -1275,14 +974,13 @@ def scanLogs(setup: Setup, problems: list[str]) -> dict[str, Any]:
     for name in ("twist-tp", "tp-up", "tp-up-quic"):
         if name not in setup.procs.procs:
             continue
-        try:
-            text = (setup.dir / f"{name}.log").read_text(errors="replace")
-        except OSError:
+        text = setup.procs.logText(name)
+        if text is None:
             continue
-        events = _logEvents(text)
+        events = logEvents(text)
         info: dict[str, Any] = {"lines": len(text.splitlines()), "tracebacks": text.count("Traceback")}
-        errors = [e for e in events if (e.get("log_level") or {}).get("name") in ("error", "critical") or e.get("isError")]
-        warnings = [e for e in events if (e.get("log_level") or {}).get("name") == "warn"]
+        errors = [e for e in events if logLevel(e) in ("error", "critical") or e.get("isError")]
+        warnings = [e for e in events if logLevel(e) == "warn"]
         info["error_events"] = len(errors)
         info["warn_events"] = len(warnings)
         if name == "twist-tp":
@@ -1340,10 +1038,7 @@ def scanLogs(setup: Setup, problems: list[str]) -> dict[str, Any]:
             info["error_samples"] = [_eventText(e) for e in (errors + warnings)[:5]]
             info["tail"] = setup.procs.logTail(name, 20)
         found[name] = info
-    try:
-        text = (setup.dir / "tp-expose.log").read_text(errors="replace")
-    except OSError:
-        text = None
+    text = setup.procs.logText("tp-expose")
     if text is not None:
         lines = [line for line in text.splitlines() if line.strip()]
         unexpected = [line for line in lines if not re.match(r"^Exposing \S+ as public port \d+ via ", line)]
@@ -1356,11 +1051,10 @@ def scanLogs(setup: Setup, problems: list[str]) -> dict[str, Any]:
         found["tp-expose"] = info
     # The sink's own complaints (a connection ended early, ...), for the
     # record; the port probes at start cause one or two.
-    try:
-        sinkLines = (setup.dir / "sink.log").read_text(errors="replace").splitlines()
+    sinkLog = setup.procs.logText("sink")
+    if sinkLog is not None:
+        sinkLines = sinkLog.splitlines()
         found["sink"] = {"lines": len(sinkLines), "samples": sinkLines[:5]}
-    except OSError:
-        pass
     return found
 
 
@@ -1451,26 +1145,8 @@ def tlsCheck(setup: Setup) -> dict[str, Any]:
     return out
 
 
-def tpSource() -> dict[str, Any]:
-    """
-    The TP source tree measured (read-only git queries).
-    """
-    root = Path(__import__("tpproxy").__file__).resolve().parent.parent
-    info: dict[str, Any] = {"path": str(root)}
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "tpproxy"],
-                               capture_output=True, text=True, timeout=10)
-        if head.returncode == 0:
-            info["commit"] = head.stdout.strip()
-            info["uncommitted_changes_in_tpproxy"] = [line[3:] for line in dirty.stdout.splitlines()]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Benchmark TP against stunnel on loopback.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller run: 50 MB bulk, 100 connections")
     parser.add_argument("--size", type=float, help="MB (10^6 bytes) per bulk transfer (default 200; --quick 50)")
     parser.add_argument("--conns", type=int, help="short connections per rate test (default 300; --quick 100)")
@@ -1478,7 +1154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, help="runs of each bulk transfer, the median reported (default 5; --quick 3)")
     parser.add_argument("--check-size", type=float, default=8, help="MB per hashed integrity transfer (untimed)")
     parser.add_argument("--check-runs", type=int, default=5, help="runs of each integrity check")
-    parser.add_argument("--json", default=str(HERE / "results" / "latest.json"), help="where to write the results")
+    parser.add_argument("--json", default=str(RESULTS / "latest.json"), help="where to write the results")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
     parser.add_argument("--tp-transport", choices=("tls", "quic", "auto"), default="tls",
                         help="transport from the TP clients to twist tp, for TP versions with --transport (default tls, "
@@ -1491,32 +1167,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.sink:
         runSink()
         return 0
-    size = args.size or (50 if args.quick else 200)
-    conns = args.conns or (100 if args.quick else 300)
+    args.size = args.size or (50 if args.quick else 200)
+    args.conns = args.conns or (100 if args.quick else 300)
     args.repeat = args.repeat or (3 if args.quick else 5)
-    n = int(size * MB)
-
-    def terminated(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminated)
-    signal.signal(signal.SIGHUP, terminated)
-
-    workdir = Path(tempfile.mkdtemp(prefix="tp-bench-"))
-    busyAtStart = machineBusySeconds()
-    loadAtStart = os.getloadavg()
-    setup: Setup | None = None
-    problems: list[str] = []
-    started = time.monotonic()
+    exitOnSignals()
     try:
-        setup = Setup(workdir)
+        with workdir("tp-bench-", args.keep) as directory:
+            return run(args, directory)
+    except BenchError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace, directory: Path) -> int:
+    """
+    Set up every chain in C{directory}, measure, report; the exit status.
+    """
+    size, conns = args.size, args.conns
+    n = int(size * MB)
+    load = OtherLoad()
+    problems: list[str] = []
+    setup = Setup(directory)
+    try:
         transport = setup.pinTransport(args.tp_transport)
-        print(f"Starting sink, TP (forward and reverse) and stunnel in {workdir} ...", flush=True)
+        print(f"Starting sink, TP (forward and reverse) and stunnel in {directory} ...", flush=True)
         setup.start()
         print(f"  ports: {setup.ports}", flush=True)
         results: dict[str, Any] = {
             "meta": {
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "date": now(),
                 "quick": args.quick,
                 "bulk_mb": size,
                 "repeat": args.repeat,
@@ -1594,16 +1273,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         # Other work on the machine during the run skews everything here:
         # CPU time the machine used that was not this run's.
-        elapsed = time.monotonic() - started
-        raw = machineBusySeconds() - busyAtStart - ownSeconds(setup.procs)
-        foreign = max(0.0, raw)
-        results["meta"]["other_cpu"] = {
-            "cpu_seconds": round(foreign, 1),
-            "cpu_seconds_unclipped": round(raw, 2),
-            "cores_busy_on_average": round(foreign / elapsed, 2),
-            "loadavg_start": [round(x, 2) for x in loadAtStart],
-            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-        }
+        results["meta"]["other_cpu"] = load.measure(setup.procs)
         results["peak_rss_mb"] = {c: setup.peakRSS(c) for c in setup.chains}
         results["peak_rss_mb_by_process"] = setup.peakRSSByProcess()
         time.sleep(0.5)  # let TP log the audit events of the last connections
@@ -1613,7 +1283,7 @@ def main(argv: list[str] | None = None) -> int:
         table, rows = buildTable(results)
         results["table"] = rows
         results["problems"] = problems
-        results["meta"]["wall_seconds"] = round(time.monotonic() - started, 1)
+        results["meta"]["wall_seconds"] = round(time.monotonic() - load.started, 1)
 
         m = results["meta"]["machine"]
         v = results["meta"]["versions"]
@@ -1621,10 +1291,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TP {v.get('tp')} (Twisted {v.get('twisted')}, {v.get('tp_openssl')}) vs {v.get('stunnel')} ({v.get('stunnel_openssl')})")
         print(f"{m['cpus']} CPU(s) {m['cpu_model']}, loopback; bulk {size:g} MB x {args.repeat} (median), "
               f"{conns} short connections per rate test")
-        other = results["meta"]["other_cpu"]
-        print(f"Other work on the machine during the run: {other['cpu_seconds']} CPU-seconds "
-              f"({other['cores_busy_on_average']} cores busy on average; load average {other['loadavg_end'][0]})"
-              + ("  -- NOISY, compare with care" if other["cores_busy_on_average"] > 0.1 else ""))
+        print(OtherLoad.describe(results["meta"]["other_cpu"]))
         print()
         print(table)
         print()
@@ -1650,27 +1317,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TP audit results: {tpLog.get('audit_results')}, incoming events {tpLog.get('incoming_events')}, "
               f"QUIC connections {tpLog.get('quic_connections')}")
         print("  (connect: 1 handshake_failed = the port probe at start, 1 hello_timeout = the openssl probe)")
-        if problems:
-            print("\nPROBLEMS:")
-            for p in problems:
-                print(f"  - {p}")
-        else:
-            print("No problems: every transfer complete and verified, no failed connections, no errors in TP's logs.")
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"\nWrote {path} ({results['meta']['wall_seconds']} s)")
-        return 1 if problems else 0
-    except BenchError as e:
-        print(f"bench: error: {e}", file=sys.stderr)
-        return 2
+        clean = "No problems: every transfer complete and verified, no failed connections, no errors in TP's logs."
+        return finish(results, problems, clean, args.json)
     finally:
-        if setup is not None:
-            setup.stop()
-        if args.keep:
-            print(f"Kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        setup.stop()
 
 
 if __name__ == "__main__":

@@ -35,23 +35,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(REPO))
+from harness import (
+    BIN,
+    REPO,
+    Processes,
+    freeTCPAndUDPPort,
+    initDev,
+    statusKB,
+    waitForPort,
+    workdir,
+    writeJSON,
+)
 
-BIN = Path(sys.executable).parent
+# The probe client is this checkout's code, whichever tree the server runs.
+sys.path.insert(0, str(REPO))
 
 
 # --- processes -----------------------------------------------------------------
@@ -59,68 +66,42 @@ BIN = Path(sys.executable).parent
 
 class Server:
     """
-    `twist tp` from a tree, on 127.0.0.1:PORT (TCP and UDP).
+    `twist tp` from a tree, on 127.0.0.1:PORT (TCP and UDP), restartable;
+    each start logs to its own C{twist-N.log}.
     """
 
-    def __init__(self, tree: Path, pki: Path, port: int, logdir: Path) -> None:
+    def __init__(self, procs: Processes, tree: Path, pki: Path, port: int) -> None:
+        self.procs = procs
         self.tree = tree
         self.pki = pki
         self.port = port
-        self.logdir = logdir
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.name: str | None = None
         self.starts = 0
 
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(self.tree)
-        return env
-
     def start(self) -> float:
+        """
+        Start it; the C{time.monotonic()} at which its TLS port answered.
+        """
         self.starts += 1
-        log = open(self.logdir / f"twist-{self.starts}.log", "wb")
-        self.proc = subprocess.Popen(
-            [str(BIN / "twist"), "tp", "--config", str(self.pki / "server.toml")], stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=self.tree
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return time.monotonic()
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("twist tp did not start")
+        self.name = f"twist-{self.starts}"
+        self.procs.start(self.name, [BIN / "twist", "tp", "--config", self.pki / "server.toml"], cwd=self.tree, env=self.env())
+        return waitForPort(self.port, None, "twist tp", timeout=30, interval=0.02, connectTimeout=0.5)
+
+    def env(self) -> dict[str, str]:
+        """
+        What runs TP from the tree under test.
+        """
+        return {"PYTHONPATH": str(self.tree)}
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                # Too busy to stop (the old QUIC flood outage): kill it.
-                self.proc.kill()
-                self.proc.wait(15)
-        self.proc = None
+        if self.name is not None and self.procs.stopOne(self.name, 15, sig) is None:
+            # Too busy to stop (the old QUIC flood outage): kill it.
+            self.procs.kill(self.name)
+        self.name = None
 
     def rss(self) -> int:
-        assert self.proc is not None
-        for line in open(f"/proc/{self.proc.pid}/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
-
-
-def freePort() -> int:
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            try:
-                u.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no port free for TCP and UDP")
+        assert self.name is not None
+        return statusKB(self.procs.pid(self.name), "VmRSS") or 0
 
 
 def echoServer() -> tuple[int, socket.socket]:
@@ -341,10 +322,11 @@ def floodTCP(port: int, source: str, hold: int, seconds: float) -> None:
 # --- measurements ---------------------------------------------------------------
 
 
-def child(args: list[str], tree: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO)
-    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args], env=env, stdout=subprocess.PIPE)
+def child(procs: Processes, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    """
+    A flood: this script (this checkout's code) with C{--child}.
+    """
+    return procs.start(name, [sys.executable, Path(__file__).resolve(), *args], stdout=subprocess.PIPE, env={"PYTHONPATH": str(REPO)})
 
 
 def duringFlood(name: str, server: Server, prober: Prober, floods: list[subprocess.Popen[bytes]], after: float = 20.0) -> dict[str, Any]:
@@ -385,11 +367,12 @@ def burst(port: int, n: int = 500) -> float:
 
 
 def restartTimes(server: Server, pki: Path, echoPort: int, transport: str, sig: int) -> float | None:
-    env = server.env()  # the exposer of the tree under test
-    exposer = subprocess.Popen(
-        [str(BIN / "tp"), "--config", str(pki / "client.toml"), "--transport", transport, "expose", f"127.0.0.1:{echoPort}", "--e2e", f"{transport}.dev.localhost"],
+    name = f"expose-{transport}-{signal.Signals(sig).name}"
+    exposer = server.procs.start(
+        name,
+        [BIN / "tp", "--config", pki / "client.toml", "--transport", transport, "expose", f"127.0.0.1:{echoPort}", "--e2e", f"{transport}.dev.localhost"],
         stderr=subprocess.PIPE,
-        env=env,
+        env=server.env(),  # the exposer of the tree under test
     )
     assert exposer.stderr is not None
     lines: list[tuple[float, bytes]] = []
@@ -411,8 +394,8 @@ def restartTimes(server: Server, pki: Path, echoPort: int, transport: str, sig: 
             if b" again via" in line:
                 back = t - ready
         time.sleep(0.05)
-    exposer.terminate()
-    exposer.wait(10)
+    if server.procs.stopOne(name, 10) is None:
+        server.procs.kill(name)
     return None if back is None else round(back, 2)
 
 
@@ -460,24 +443,23 @@ def memory(server: Server, prober: Prober, echoPort: int, counts: list[int]) -> 
     return out
 
 
-def setUp(tree: Path, workdir: Path, backlog: int | None = None) -> tuple[Server, Path]:
-    port = freePort()
-    pki = workdir / "pki"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(tree)
-    subprocess.run([str(BIN / "tp"), "init-dev", str(pki), "--port", str(port)], check=True, capture_output=True, env=env)
-    toml = (pki / "server.toml").read_text()
-    toml = re.sub(r"(?m)^listen = \[.*\]$", f'listen = ["tcp:{port}:interface=127.0.0.1"]\nquic = ["127.0.0.1:{port}"]', toml)
-    if backlog is not None:
-        toml += f"\n[limits]\nbacklog = {backlog}\n"
-    (pki / "server.toml").write_text(toml)
-    return Server(tree, pki, port, workdir), pki
+def setUp(procs: Processes, tree: Path, backlog: int | None = None) -> tuple[Server, Path]:
+    port = freeTCPAndUDPPort()
+    pki = initDev(
+        procs.logdir / "pki",
+        port,
+        f'listen = ["tcp:{port}:interface=127.0.0.1"]\nquic = ["127.0.0.1:{port}"]',
+        append="" if backlog is None else f"\n[limits]\nbacklog = {backlog}\n",
+        env=dict(os.environ, PYTHONPATH=str(tree)),
+    )
+    return Server(procs, tree, pki, port), pki
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tree", type=Path, default=REPO, help="the TP source tree whose twist tp is attacked")
-    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--json", type=Path, help="write the results here (they are printed in any case)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
     parser.add_argument("--only", action="append", help="run only these parts (quic-garbage, quic-halfopen, tcp-flood, burst, restart, memory)")
     parser.add_argument("--tunnels", type=int, action="append", help="tunnel counts for memory (default 2000 and 9000)")
     parser.add_argument(
@@ -486,7 +468,7 @@ def main() -> int:
         help="[limits] backlog for the server (the kernel caps it at net.core.somaxconn, which is reported)",
     )
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         kind, *rest = args.child
         if kind == "quic-garbage":
@@ -503,27 +485,29 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     parts = args.only or ["quic-garbage", "quic-halfopen", "tcp-flood", "burst", "restart", "memory"]
     results: dict[str, Any] = {"tree": str(args.tree), "commit": subprocess.run(["git", "-C", str(args.tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
-    with tempfile.TemporaryDirectory(prefix="tp-hardening-") as tmp:
-        workdir = Path(tmp)
-        server, pki = setUp(args.tree, workdir, args.backlog)
-        results["somaxconn"] = int(Path("/proc/sys/net/core/somaxconn").read_text())
-        results["backlog"] = args.backlog
-        echoPort, _ = echoServer()
-        server.start()
-        prober = Prober(pki, server.port, echoPort)
+    with workdir("tp-hardening-", args.keep) as directory:
+        procs = Processes(directory)
         try:
+            server, pki = setUp(procs, args.tree, args.backlog)
+            results["somaxconn"] = int(Path("/proc/sys/net/core/somaxconn").read_text())
+            results["backlog"] = args.backlog
+            echoPort, _ = echoServer()
+            server.start()
+            prober = Prober(pki, server.port, echoPort)
             if "quic-garbage" in parts:
                 # 80 s after: the sessions of a flood reach their 60 s idle
                 # timeout within it (where TP kept them, that was the outage).
                 results["quic_garbage"] = duringFlood(
-                    "quic-garbage", server, prober, [child(["--child", "quic-garbage", str(server.port), "20000", "4000"], args.tree)], after=80
+                    "quic-garbage", server, prober, [child(procs, "flood-quic-garbage", ["--child", "quic-garbage", str(server.port), "20000", "4000"])], after=80
                 )
             if "quic-halfopen" in parts:
                 results["quic_halfopen"] = duringFlood(
-                    "quic-halfopen", server, prober, [child(["--child", "quic-halfopen", str(server.port), "5000", "1000", str(pki)], args.tree)], after=80
+                    "quic-halfopen", server, prober, [child(procs, "flood-quic-halfopen", ["--child", "quic-halfopen", str(server.port), "5000", "1000", str(pki)])], after=80
                 )
             if "tcp-flood" in parts:
-                floods = [child(["--child", "tcp", str(server.port), f"127.0.0.{i}", "6000", "30"], args.tree) for i in (2, 3, 4)]
+                floods = [
+                    child(procs, f"flood-tcp-{i}", ["--child", "tcp", str(server.port), f"127.0.0.{i}", "6000", "30"]) for i in (2, 3, 4)
+                ]
                 results["tcp_flood"] = duringFlood("tcp-flood", server, prober, floods)
             if "burst" in parts:
                 results["burst_500_s"] = round(burst(server.port), 2)
@@ -539,9 +523,9 @@ def main() -> int:
                 server.start()
                 results["memory"] = memory(server, prober, echoPort, args.tunnels or [2000, 9000])
         finally:
-            server.stop()
+            procs.stopAll()
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        writeJSON(args.json, results)
     print(json.dumps(results, indent=2))
     return 0
 

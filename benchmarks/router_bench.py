@@ -3,7 +3,7 @@
 Benchmark TP's shared port (the `[router]` passthrough) against a direct
 connection to the same HTTPS web server, on loopback.
 
-    /work/venv/bin/python benchmarks/router_bench.py [--quick]
+    .venv/bin/python benchmarks/router_bench.py [--quick]
 
 Two paths to one HTTPS backend:
 
@@ -53,42 +53,48 @@ script (by pid) in a temporary directory, with ports picked at run time.
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
-import json
-import os
 import random
 import re
-import shutil
-import signal
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from bench import (  # noqa: E402  (the helpers of the main benchmark)
+from harness import (
+    BIN,
     LOOPBACK,
     MB,
+    RESULTS,
     BenchError,
+    OtherLoad,
     Processes,
+    concurrently,
     cpuSeconds,
-    fmt,
+    exitOnSignals,
+    finish,
+    formatTable,
     freePorts,
+    initDev,
+    logEvents,
+    logLevel,
     machine,
-    machineBusySeconds,
     median,
-    ownSeconds,
+    now,
+    peakRSSMB,
     ratio,
+    requireTool,
+    requireTP,
+    serveThreaded,
+    serverCertificate,
+    startServer,
     tpSource,
+    tpVersions,
     waitForPort,
+    workdir,
 )
 
 #: The web site's name, in its certificate and in SNI.
@@ -170,16 +176,7 @@ def runBackend(cert: str, key: str) -> None:
     context.set_alpn_protocols(["http/1.1"])
     context.num_tickets = 0
     block = _block()
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((LOOPBACK, 0))
-    server.listen(1024)
-    sys.stdout.write(f"PORT {server.getsockname()[1]}\n")
-    sys.stdout.flush()
-    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
-    while True:
-        conn, _ = server.accept()
-        threading.Thread(target=_serve, args=(conn, context, block), daemon=True).start()
+    serveThreaded(lambda conn: _serve(conn, context, block))
 
 
 # --- set-up ------------------------------------------------------------------------
@@ -194,55 +191,32 @@ class Setup:
         self.dir = workdir
         self.logLevel = logLevel
         self.procs = Processes(workdir)
-        self.bindir = Path(sys.executable).parent
-        for tool in ("tp", "twist"):
-            if not (self.bindir / tool).exists():
-                raise BenchError(f"{self.bindir / tool} does not exist (is TP installed in this venv?)")
-        self.curl = shutil.which("curl")
-        if not self.curl:
-            raise BenchError("curl is not installed")
+        requireTP()
+        self.curl = requireTool("curl")
         self.entry: dict[str, int] = {}
 
     def start(self) -> None:
-        from tpproxy.pki import CertificateAuthority
-
         d = self.dir
         (tpPort,) = freePorts(1)
         # The web site's certificate, from a CA of its own.
-        ca = CertificateAuthority.create("router bench web CA")
-        self.webCA = d / "web-ca.pem"
-        self.webCA.write_bytes(ca.certPEM)
-        ca.issue(SITE, dns=(SITE,), server=True).write(d / "site.pem", d / "site.key")
-
-        backend = self.procs.start(
-            "backend", [sys.executable, str(Path(__file__).resolve()), "--backend", str(d / "site.pem"), str(d / "site.key")],
-            stdout=subprocess.PIPE,
-        )
-        assert backend.stdout is not None
-        line = backend.stdout.readline().decode()
-        if not line.startswith("PORT "):
-            raise BenchError(f"backend did not start: {line!r}\n{self.procs.logTail('backend')}")
-        self.backendPort = int(line.split()[1])
+        self.webCA, cert, key = serverCertificate(d, SITE, "router bench web CA")
+        self.backendPort = startServer(self.procs, "backend", [sys.executable, Path(__file__).resolve(), "--backend", cert, key])
         self.entry["direct"] = self.backendPort
 
         # TP: `tp init-dev`'s config, on 127.0.0.1 only, TLS only, sharing
         # its port with the backend.
-        pki = d / "pki"
-        out = subprocess.run([str(self.bindir / "tp"), "init-dev", str(pki), "--port", str(tpPort)], capture_output=True, text=True)
-        if out.returncode:
-            raise BenchError(f"tp init-dev failed: {out.stderr}")
-        toml = (pki / "server.toml").read_text()
-        toml, n = re.subn(r"(?m)^listen = \[.*\]$", lambda m: f'listen = ["tcp:{tpPort}:interface=127.0.0.1"]\nquic = false', toml)
-        if n != 1 or re.search(r"(?m)^\[router\]", toml):
-            raise BenchError("unexpected server.toml from tp init-dev (no listen line, or a [router] table already)")
-        toml += f'\n[router]\nbackend = "tcp:{LOOPBACK}:{self.backendPort}"\n'
-        (pki / "server.toml").write_text(toml)
-        self.pki = pki
-        self.procs.start("twist-tp", [str(self.bindir / "twist"), f"--log-level={self.logLevel}", "tp", "--config", str(pki / "server.toml")])
+        self.pki = pki = initDev(
+            d / "pki",
+            tpPort,
+            f'listen = ["tcp:{tpPort}:interface=127.0.0.1"]\nquic = false',
+            append=f'\n[router]\nbackend = "tcp:{LOOPBACK}:{self.backendPort}"\n',
+            unexpected=r"(?m)^\[router\]",
+        )
+        self.procs.start("twist-tp", [BIN / "twist", f"--log-level={self.logLevel}", "tp", "--config", pki / "server.toml"])
         waitForPort(tpPort, self.procs, "twist tp")
         self.entry["router"] = tpPort
-        self.tpPid = self.procs.procs["twist-tp"].pid
-        self.backendPid = backend.pid
+        self.tpPid = self.procs.pid("twist-tp")
+        self.backendPid = self.procs.pid("backend")
         self.ports = {"backend": self.backendPort, "tp": tpPort}
 
     def tpCPU(self) -> float:
@@ -250,15 +224,6 @@ class Setup:
 
     def backendCPU(self) -> float:
         return cpuSeconds(self.backendPid)
-
-    def peakRSS(self, pid: int) -> float | None:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) * 1024 / MB, 1)
-        except OSError:
-            pass
-        return None
 
     def stop(self) -> None:
         self.procs.stopAll()
@@ -327,56 +292,26 @@ def shortRequest(port: int, context: ssl.SSLContext) -> float:
 def requestRate(port: int, context: ssl.SSLContext, total: int, concurrency: int) -> dict[str, Any]:
     """
     `total` short HTTPS requests, each on a new connection, `concurrency`
-    at a time.
+    at a time (each in a thread of its own, even one at a time).
     """
-    latencies: list[float] = []
-    errors: list[str] = []
-    lock = threading.Lock()
-    counter = iter(range(total))
-
-    def worker() -> None:
-        while True:
-            with lock:
-                if next(counter, None) is None:
-                    return
-            try:
-                t = shortRequest(port, context)
-            except (OSError, BenchError, ssl.SSLError) as e:
-                with lock:
-                    errors.append(str(e) or repr(e))
-                continue
-            with lock:
-                latencies.append(t)
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
-    latencies.sort()
-
-    def pct(p: float) -> float:
-        return round(1000 * latencies[min(len(latencies) - 1, int(p * len(latencies)))], 3) if latencies else 0.0
-
+    runs = concurrently(lambda: shortRequest(port, context), total, concurrency, inline=False)
     return {
         "requests": total,
-        "ok": len(latencies),
-        "errors": len(errors),
-        "error_samples": sorted(set(errors))[:5],
-        "seconds": round(elapsed, 4),
-        "req_per_s": round(len(latencies) / elapsed, 1),
-        "latency_ms_p50": pct(0.5),
-        "latency_ms_p90": pct(0.9),
-        "latency_ms_p99": pct(0.99),
+        "ok": len(runs.latencies),
+        "errors": len(runs.errors),
+        "error_samples": sorted(set(runs.errors))[:5],
+        "seconds": round(runs.seconds, 4),
+        "req_per_s": round(len(runs.latencies) / runs.seconds, 1),
+        "latency_ms_p50": runs.percentileMs(0.5),
+        "latency_ms_p90": runs.percentileMs(0.9),
+        "latency_ms_p99": runs.percentileMs(0.99),
     }
 
 
 def curlDownload(setup: Setup, port: int, n: int) -> dict[str, Any]:
     out = subprocess.run(
         [
-            setup.curl, "-sS", "--fail", "--http1.1", "--max-time", "300", "--cacert", str(setup.webCA),  # type: ignore[list-item]
+            setup.curl, "-sS", "--fail", "--http1.1", "--max-time", "300", "--cacert", str(setup.webCA),
             "--resolve", f"{SITE}:{port}:{LOOPBACK}", "-o", "/dev/null",
             "-w", "%{speed_download} %{size_download} %{http_version} %{time_total}",
             f"https://{SITE}:{port}/bytes/{n}",
@@ -488,24 +423,12 @@ def scanLog(setup: Setup, problems: list[str]) -> dict[str, Any]:
     TP's log (JSON events, one a line): errors, warnings, tracebacks, the
     router's refusals, and how many lines it wrote.
     """
-    try:
-        text = (setup.dir / "twist-tp.log").read_text(errors="replace")
-    except OSError:
+    text = setup.procs.logText("twist-tp")
+    if text is None:
         return {}
-    # (Not splitlines(): it also splits at the \x1e that opens each JSON
-    # event.)
-    lines = text.split("\n")
-    events = []
-    for line in lines:
-        line = line.strip("\x1e \n")
-        if line.startswith("{"):
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                pass
-    level = lambda e: (e.get("log_level") or {}).get("name")  # noqa: E731
-    errors = [e for e in events if level(e) in ("error", "critical") or e.get("isError")]
-    warnings = [e for e in events if level(e) == "warn"]
+    events = logEvents(text)
+    errors = [e for e in events if logLevel(e) in ("error", "critical") or e.get("isError")]
+    warnings = [e for e in events if logLevel(e) == "warn"]
     refusals = [e.get("reason") for e in events if e.get("log_namespace") == "tpproxy.router" and "reason" in e]
     info = {
         "lines": text.count("\n"),
@@ -552,48 +475,26 @@ def buildTable(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     add("backend CPU per request, sequential (ms)", {p: seq[p].get("backend_cpu_ms_per_req") for p in PATHS}, 2)
     add("peak RSS, twist tp (MB)", {"router": results["peak_rss_mb"]["twist_tp"]}, 1, False)
 
-    width = max(len(r["measure"]) for r in rows)
-    header = f"{'measure':<{width}}" + "".join(f"  {LABELS[p]:>8}" for p in PATHS) + f"  {'router/direct':>13}"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        d = r["digits"]
-        lines.append(
-            f"{r['measure']:<{width}}" + "".join(f"  {fmt(r[p], d):>8}" for p in PATHS) + f"  {fmt(r['router_over_direct'], 3):>13}"
-        )
-    for r in rows:
-        del r["digits"]
-    return "\n".join(lines), rows
+    table = formatTable(rows, [(p, LABELS[p]) for p in PATHS], [("router_over_direct", "router/direct")], ratioWidth=13, gap="")
+    return table, rows
 
 
 def versions(setup: Setup) -> dict[str, Any]:
-    info: dict[str, Any] = {}
-    try:
-        import OpenSSL
-        import twisted
-        from OpenSSL import SSL
-
-        import tpproxy
-
-        info["tp"] = tpproxy.__version__
-        info["twisted"] = twisted.__version__
-        info["pyopenssl"] = OpenSSL.__version__
-        info["tp_openssl"] = SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
-    except ImportError as e:
-        info["import_error"] = str(e)
+    info = tpVersions()
     info["python_ssl"] = ssl.OPENSSL_VERSION
-    out = subprocess.run([setup.curl or "curl", "--version"], capture_output=True, text=True)
+    out = subprocess.run([setup.curl, "--version"], capture_output=True, text=True)
     info["curl"] = out.stdout.splitlines()[0] if out.stdout else None
     return info
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Benchmark TP's shared-port router (passthrough) against direct HTTPS, on loopback.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller run: 50 MB download x3, 200 requests per rate test")
     parser.add_argument("--size", type=float, help="MB (10^6 bytes) per download (default 200; --quick 50)")
     parser.add_argument("--conns", type=int, help="requests (new connection each) per rate test (default 1000; --quick 200)")
     parser.add_argument("--concurrency", type=int, default=10, help="concurrent requests in the second rate test")
     parser.add_argument("--repeat", type=int, help="runs of each download, the median reported (default 5; --quick 3)")
-    parser.add_argument("--json", default=str(HERE / "results" / "router.json"), help="where to write the results")
+    parser.add_argument("--json", default=str(RESULTS / "router.json"), help="where to write the results")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
     parser.add_argument("--tp-log-level", default="info", choices=("debug", "info", "warn", "error"),
                         help="twist --log-level for TP (default info, twist's default)")
@@ -602,31 +503,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend:
         runBackend(*args.backend)
         return 0
-    size = args.size or (50 if args.quick else 200)
-    conns = args.conns or (200 if args.quick else 1000)
-    repeat = args.repeat or (3 if args.quick else 5)
-    n = int(size * MB)
-
-    def terminated(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminated)
-    signal.signal(signal.SIGHUP, terminated)
-
-    workdir = Path(tempfile.mkdtemp(prefix="tp-router-bench-"))
-    busyAtStart = machineBusySeconds()
-    loadAtStart = os.getloadavg()
-    setup: Setup | None = None
-    problems: list[str] = []
-    started = time.monotonic()
+    args.size = args.size or (50 if args.quick else 200)
+    args.conns = args.conns or (200 if args.quick else 1000)
+    args.repeat = args.repeat or (3 if args.quick else 5)
+    exitOnSignals()
     try:
-        setup = Setup(workdir, args.tp_log_level)
-        print(f"Starting the HTTPS backend and twist tp ([router] passthrough to it) in {workdir} ...", flush=True)
+        with workdir("tp-router-bench-", args.keep) as directory:
+            return run(args, directory)
+    except BenchError as e:
+        print(f"router_bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace, directory: Path) -> int:
+    """
+    Start the backend and TP in C{directory}, measure, report; the exit
+    status.
+    """
+    size, conns, repeat = args.size, args.conns, args.repeat
+    n = int(size * MB)
+    load = OtherLoad()
+    problems: list[str] = []
+    setup = Setup(directory, args.tp_log_level)
+    try:
+        print(f"Starting the HTTPS backend and twist tp ([router] passthrough to it) in {directory} ...", flush=True)
         setup.start()
         print(f"  ports: {setup.ports}", flush=True)
         results: dict[str, Any] = {
             "meta": {
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "date": now(),
                 "quick": args.quick,
                 "bulk_mb": size,
                 "repeat": repeat,
@@ -655,23 +560,14 @@ def main(argv: list[str] | None = None) -> int:
             results["rate"][key] = measureRate(setup, conns, concurrency, problems)
         setup.procs.check()
 
-        elapsed = time.monotonic() - started
-        raw = machineBusySeconds() - busyAtStart - ownSeconds(setup.procs)
-        foreign = max(0.0, raw)
-        results["meta"]["other_cpu"] = {
-            "cpu_seconds": round(foreign, 1),
-            "cpu_seconds_unclipped": round(raw, 2),
-            "loadavg_start": [round(x, 2) for x in loadAtStart],
-            "cores_busy_on_average": round(foreign / elapsed, 2),
-            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-        }
-        results["peak_rss_mb"] = {"twist_tp": setup.peakRSS(setup.tpPid), "backend": setup.peakRSS(setup.backendPid)}
+        results["meta"]["other_cpu"] = load.measure(setup.procs)
+        results["peak_rss_mb"] = {"twist_tp": peakRSSMB(setup.tpPid), "backend": peakRSSMB(setup.backendPid)}
         time.sleep(0.3)
         results["tp_log"] = scanLog(setup, problems)
         table, rows = buildTable(results)
         results["table"] = rows
         results["problems"] = problems
-        results["meta"]["wall_seconds"] = round(time.monotonic() - started, 1)
+        results["meta"]["wall_seconds"] = round(time.monotonic() - load.started, 1)
 
         m = results["meta"]["machine"]
         v = results["meta"]["versions"]
@@ -680,10 +576,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{v.get('curl')}")
         print(f"{m['cpus']} CPU(s) {m['cpu_model']}, loopback; download {size:g} MB x {repeat} (median), "
               f"{conns} requests per rate test; twist --log-level={args.tp_log_level}")
-        other = results["meta"]["other_cpu"]
-        print(f"Other work on the machine during the run: {other['cpu_seconds']} CPU-seconds "
-              f"({other['cores_busy_on_average']} cores busy on average; load average {other['loadavg_end'][0]})"
-              + ("  -- NOISY, compare with care" if other["cores_busy_on_average"] > 0.1 else ""))
+        print(OtherLoad.describe(results["meta"]["other_cpu"]))
         print()
         print(table)
         print()
@@ -693,27 +586,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TP log: {log.get('lines')} lines, {log.get('error_events')} errors, {log.get('warn_events')} warnings, "
               f"router refusals {log.get('router_refusals')} (1 expected: the start-up port probe), "
               f"{log.get('factory_start_stop_lines')} 'Starting/Stopping factory' lines")
-        if problems:
-            print("\nPROBLEMS:")
-            for p in problems:
-                print(f"  - {p}")
-        else:
-            print("No problems: every download and request complete and verified, TP answered tp/1, no errors in TP's log.")
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"\nWrote {path} ({results['meta']['wall_seconds']} s)")
-        return 1 if problems else 0
-    except BenchError as e:
-        print(f"router_bench: error: {e}", file=sys.stderr)
-        return 2
+        clean = "No problems: every download and request complete and verified, TP answered tp/1, no errors in TP's log."
+        return finish(results, problems, clean, args.json)
     finally:
-        if setup is not None:
-            setup.stop()
-        if args.keep:
-            print(f"Kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        setup.stop()
 
 
 if __name__ == "__main__":

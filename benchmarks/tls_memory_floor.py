@@ -10,7 +10,9 @@ server connections are kept and glibc's in-use heap (mallinfo2) is read.
 Variants: with and without SSL_MODE_RELEASE_BUFFERS, with and without a
 client certificate, memory BIOs or a socket BIO.  It tells how much of TP's
 memory per tunnel (benchmarks/README.md, "Hardening") OpenSSL takes before
-TP holds anything.
+TP holds anything.  The certificates are TP's test PKI (tpproxy.testing.TestPKI),
+made in a temporary directory; the figures are printed and written to
+benchmarks/results/tls_memory_floor.json.
 """
 
 from __future__ import annotations
@@ -20,13 +22,12 @@ import ctypes
 import gc
 import socket
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from OpenSSL import SSL, crypto
 
-from OpenSSL import SSL, crypto  # noqa: E402
+from harness import RESULTS, machine, now, tpVersions, workdir, writeJSON
 
 
 class _MallInfo2(ctypes.Structure):
@@ -121,14 +122,16 @@ def measure(make: Any, server: SSL.Context, client: SSL.Context, n: int) -> floa
     return per
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", type=int, default=1000, help="connections per variant")
-    args = parser.parse_args()
+    parser.add_argument("--json", default=str(RESULTS / "tls_memory_floor.json"), help="where to write the results")
+    args = parser.parse_args(argv)
     from tpproxy.testing import TestPKI
 
-    with tempfile.TemporaryDirectory() as tmp:
-        pki = TestPKI.create(Path(tmp))
+    variants = []
+    with workdir("tp-tls-memory-") as directory:
+        pki = TestPKI.create(directory)
         pki.client("alice")
         print(f"{SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}, {args.n} server connections per variant, KiB each (glibc in-use heap)")
         for releaseBuffers in (False, True):
@@ -137,6 +140,8 @@ def main() -> int:
                 for name, make in (("memory BIOs", memoryPair), ("socket BIO", socketPair)):
                     per = measure(make, server, client, args.n)
                     print(f"  release_buffers={releaseBuffers!s:5} client_cert={clientCert!s:5} {name:11}: {per:5.1f} KiB")
+                    variants.append({"release_buffers": releaseBuffers, "client_cert": clientCert, "bio": name, "kib_per_connection": round(per, 1)})
+    writeJSON(args.json, {"meta": {"date": now(), "machine": machine(), "versions": tpVersions(), "connections": args.n}, "variants": variants})
     return 0
 
 

@@ -10,33 +10,41 @@ For each chain the client sends PACKETS datagrams of SIZE bytes, in
 windows of at most WINDOW unanswered packets (so it measures what the
 chain sustains, not how deep the socket buffers are), and waits up to a
 second for stragglers.  It prints packets per second of echoed traffic and
-the share of packets lost, and writes benchmarks/results/udp.json.
+the share of packets lost, and writes benchmarks/results/udp.json.  `twist
+tp` runs from a `tp init-dev` config listening on 127.0.0.1 only (TLS, and
+QUIC on the UDP port of the same number); everything is started in a
+temporary directory and stopped at the end.
 
-    /work/venv/bin/python benchmarks/udp_bench.py [--packets N] [--size BYTES]
+    .venv/bin/python benchmarks/udp_bench.py [--packets N] [--size BYTES] [--window N]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import re
 import select
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
-
-
-def freePort(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from harness import (
+    BIN,
+    LOOPBACK,
+    RESULTS,
+    BenchError,
+    Processes,
+    exitOnSignals,
+    freeTCPAndUDPPort,
+    initDev,
+    requireTP,
+    waitForLog,
+    waitForPort,
+    workdir,
+    writeJSON,
+)
 
 
 def echoServer(stop: threading.Event) -> int:
@@ -93,72 +101,57 @@ def measure(port: int, packets: int, size: int, window: int) -> dict[str, float]
     return {"sent": sent, "received": received, "pps": received / elapsed, "loss": 1 - received / sent if sent else 0.0}
 
 
-def waitFor(proc: subprocess.Popen, marker: bytes, timeout: float = 20) -> bytes:
-    deadline = time.time() + timeout
-    seen = b""
-    assert proc.stderr is not None
-    os.set_blocking(proc.stderr.fileno(), False)
-    while time.time() < deadline:
-        chunk = proc.stderr.read() or b""
-        seen += chunk
-        if marker in seen:
-            return seen
-        time.sleep(0.05)
-    raise SystemExit(f"timed out waiting for {marker!r}: {seen!r}")
-
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--packets", type=int, default=20000)
-    parser.add_argument("--size", type=int, default=200)
-    parser.add_argument("--window", type=int, default=64)
-    args = parser.parse_args()
-    stop = threading.Event()
-    echo = echoServer(stop)
-    procs: list[subprocess.Popen] = []
-    results: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "XDG_CACHE_HOME": tmp}
-        tpPort = freePort(socket.SOCK_STREAM)
-        subprocess.run([BIN / "tp", "init-dev", f"{tmp}/dev", "--port", str(tpPort)], check=True, capture_output=True)
-        config = Path(f"{tmp}/dev/server.toml")
-        text = config.read_text()
-        start = text.index("listen = [")
-        end = text.index("\n", start)
-        config.write_text(text[:start] + f'listen = ["tcp:{tpPort}:interface=127.0.0.1"]' + text[end:])
-        try:
-            server = subprocess.Popen([BIN / "twist", "--log-format=text", "tp", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-            procs.append(server)
-            time.sleep(1.5)
-            results["direct"] = measure(echo, args.packets, args.size, args.window)
-            for transport in ("quic", "tls"):
-                up = subprocess.Popen(
-                    [BIN / "tp", "--config", f"{tmp}/dev/client.toml", "--transport", transport, "up", "-u", f"127.0.0.1:{echo}", "0"],
-                    stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
-                )
-                procs.append(up)
-                line = waitFor(up, b"Ctrl-C stops")
-                local = int(line.split(b"Forwarding UDP 127.0.0.1:")[1].split(b" ")[0])
-                results[f"tp_{transport}"] = measure(local, args.packets, args.size, args.window)
-        finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-            stop.set()
+    parser.add_argument("--packets", type=int, default=20000, help="datagrams sent through each chain (default 20000)")
+    parser.add_argument("--size", type=int, default=200, help="bytes per datagram (default 200)")
+    parser.add_argument("--window", type=int, default=64, help="at most this many datagrams unanswered (default 64)")
+    parser.add_argument("--json", default=str(RESULTS / "udp.json"), help="where to write the results")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
+    args = parser.parse_args(argv)
+    exitOnSignals()
+    try:
+        with workdir("tp-udp-bench-", args.keep) as directory:
+            results = run(args, directory)
+    except BenchError as e:
+        print(f"udp_bench: error: {e}", file=sys.stderr)
+        return 2
     print(f"UDP through TP on loopback: {args.packets} packets of {args.size} bytes, at most {args.window} in flight")
     print(f"{'chain':<10} {'packets/s':>10} {'loss':>8}")
     for name, r in results.items():
         print(f"{name:<10} {r['pps']:>10.0f} {100 * r['loss']:>7.2f}%")
     for name in ("tp_quic", "tp_tls"):
         print(f"{name}/direct packet rate: {results[name]['pps'] / results['direct']['pps']:.3f}")
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / "udp.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    writeJSON(args.json, {"args": {k: vars(args)[k] for k in ("packets", "size", "window")}, "results": results})
     return 0
+
+
+def run(args: argparse.Namespace, directory: Path) -> dict[str, dict[str, float]]:
+    """
+    Measure the direct chain and TP over QUIC and over TLS.
+    """
+    requireTP()
+    stop = threading.Event()
+    echo = echoServer(stop)
+    procs = Processes(directory)
+    results: dict[str, dict[str, float]] = {}
+    try:
+        tpPort = freeTCPAndUDPPort()
+        pki = initDev(directory / "dev", tpPort, f'listen = ["tcp:{tpPort}:interface=127.0.0.1"]')
+        procs.start("twist-tp", [BIN / "twist", "--log-format=text", "tp", "--config", pki / "server.toml"])
+        waitForPort(tpPort, procs, "twist tp")
+        results["direct"] = measure(echo, args.packets, args.size, args.window)
+        for transport in ("quic", "tls"):
+            name = f"tp-up-{transport}"
+            procs.start(
+                name, [BIN / "tp", "--config", pki / "client.toml", "--transport", transport, "up", "-u", f"{LOOPBACK}:{echo}", "0"]
+            )
+            forwarding = waitForLog(procs, name, re.compile(r"Forwarding UDP 127\.0\.0\.1:(\d+) .*Ctrl-C stops"))
+            results[f"tp_{transport}"] = measure(int(forwarding.group(1)), args.packets, args.size, args.window)
+    finally:
+        procs.stopAll()
+        stop.set()
+    return results
 
 
 if __name__ == "__main__":
