@@ -1,4 +1,4 @@
-# -*- test-case-name: tpproxy.test.test_quic -*-
+# -*- test-case-name: tpproxy.test.test_quic_memory,tpproxy.test.test_quic,tpproxy.test.test_privates -*-
 """
 QUIC for TP: aioquic's sans-IO C{QuicConnection} driven from a Twisted
 C{DatagramProtocol} and the reactor's clock (no asyncio layer), with
@@ -44,6 +44,7 @@ from tpproxy.config import LimitsConfig
 from tpproxy.transports.h3 import H3_ALPN, H3Responder, H3Response
 from tpproxy.limits import HalfOpenCounter, RateLimitedLog, TokenBucket, sourcePrefix
 from tpproxy.pki import identityOf, replacePrivate
+from tpproxy.transports.tls import PrivateAPIError, PrivateName, privateProblems
 from tpproxy.verify import AlertRefused, ClientVerifier
 from tpproxy.wire import ALPN
 
@@ -143,13 +144,15 @@ class TPQuicConnection(QuicConnection):
     protocol but those in C{tpAnonymousAlpn}, i.e. the h3 responder's), and
     stream receive windows follow what TP has consumed.
 
-    Relies on aioquic internals (pinned in setup.cfg; the tests in
-    tpproxy/test/test_quic.py and test_h3.py exercise each one): C{tls.
-    Context._request_client_certificate}, C{_server_handle_certificate},
-    C{_peer_certificate(_chain)}, C{QuicConnection._alpn_handler} (called by
+    Relies on aioquic internals, each listed in L{_aioquicPrivates} with
+    what it is for: C{tls.Context._request_client_certificate},
+    C{_server_handle_certificate}, C{_peer_certificate(_chain)},
+    C{QuicConnection._initialize}, C{_alpn_handler} (called by
     C{tls.Context._server_handle_hello} between ALPN negotiation and the
-    CertificateRequest), C{_write_stream_limits}, and
-    C{_write_connection_limits} with C{_local_max_data}.
+    CertificateRequest), C{_write_stream_limits}, C{_write_connection_limits}
+    with C{_local_max_data}, and the connection IDs.  A listener checks them
+    all, and runs the certificate hook in memory, before it serves
+    (L{requireQuicPrivates}); TP refuses to serve QUIC if any is off.
     """
 
     tpVerifier: ClientVerifier | None = None
@@ -194,8 +197,8 @@ class TPQuicConnection(QuicConnection):
             # get as far as the token comparison.
             return False
         tail = data[-16:]
-        peers = [getattr(self, "_peer_cid", None)] + list(getattr(self, "_peer_cid_available", []))
-        return any(c is not None and c.stateless_reset_token and hmac.compare_digest(c.stateless_reset_token, tail) for c in peers)
+        peers = [self._peer_cid] + list(self._peer_cid_available)
+        return any(c.stateless_reset_token and hmac.compare_digest(c.stateless_reset_token, tail) for c in peers)
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
@@ -275,6 +278,160 @@ class TPQuicConnection(QuicConnection):
         """
         stream = self._streams.get(streamId)
         return 0 if stream is None else len(stream.sender._buffer)
+
+
+# --- aioquic's private names: checked, never trusted -------------------------
+
+
+def _aioquicPrivates() -> tuple[PrivateName, ...]:
+    from aioquic.quic.connection import Limit
+    from aioquic.quic.stream import QuicStream, QuicStreamSender
+
+    C, Q = tls.Context, QuicConnection
+    verdict = "the client-certificate verdict (CAs, CRLs, deny list) would not run"
+    return (
+        PrivateName(C, "_server_handle_certificate", ("input_buf",), ("_handle_reassembled_message",), f"TP wraps it per connection with its verdict; else {verdict}"),
+        PrivateName(C, "_request_client_certificate", None, ("__init__", "_server_handle_hello"), "set to ask for a client certificate; else none is asked for"),
+        PrivateName(C, "_peer_certificate", None, ("__init__", "_set_peer_certificate"), "the client's leaf, for the verdict and the identity"),
+        PrivateName(C, "_peer_certificate_chain", None, ("__init__", "_set_peer_certificate"), "the client's intermediates, for the verdict"),
+        PrivateName(Q, "_initialize", ("peer_cid",), ("receive_datagram", "_connect"), f"where TP installs its hook on the new tls.Context; else {verdict}"),
+        PrivateName(Q, "_alpn_handler", ("alpn_protocol",), ("_initialize",), "drops the certificate request for h3 only; else browsers are asked for one"),
+        PrivateName(Q, "_write_connection_limits", ("builder", "space"), ("_write_application",), "keeps an h3 connection's MAX_DATA fixed; else it doubles"),
+        PrivateName(Q, "_write_stream_limits", ("builder", "space", "stream"), ("_write_application",), "credits a stream with what TP consumed; else a slow destination lets TP's memory fill"),
+        PrivateName(Q, "_on_max_stream_data_delivery", ("delivery", "stream"), ("_write_stream_limits",), "the handler of the MAX_STREAM_DATA frames TP writes"),
+        PrivateName(Q, "_replenish_connection_ids", (), ("_handle_retire_connection_id_frame",), "gives new connection IDs TP's reset tokens; else resets fail after a restart"),
+        PrivateName(Q, "_host_cids", None, ("__init__", "_replenish_connection_ids"), "the server's connection IDs and their reset tokens"),
+        PrivateName(Q, "_peer_cid", None, ("__init__",), "the client's reset tokens (stateless reset)"),
+        PrivateName(Q, "_peer_cid_available", None, ("__init__",), "the client's reset tokens (stateless reset)"),
+        PrivateName(Q, "_is_client", None, ("__init__",), "which side a connection is"),
+        PrivateName(Q, "_streams", None, ("__init__",), "send buffers, for backpressure"),
+        PrivateName(Q, "_local_max_data", None, ("__init__", "_write_connection_limits"), "the connection's receive budget"),
+        PrivateName(Q, "_close_event", None, ("__init__", "close"), "the client reads why TP closed (tpproxy.connector.quicRefusal)"),
+        PrivateName(QuicStreamSender, "_buffer", None, ("__init__",), "bytes not yet acknowledged, for backpressure"),
+        PrivateName(QuicStream, "max_stream_data_local", None, ("__init__",), "a stream's receive limit"),
+        PrivateName(QuicStream, "max_stream_data_local_sent", None, ("__init__",), "a stream's receive limit"),
+        PrivateName(Limit, "used", None, ("__init__",), "the connection's receive budget"),
+        PrivateName(Limit, "value", None, ("__init__",), "the connection's receive budget"),
+    )
+
+
+class _RefuseAll:
+    """
+    A verifier that refuses every client certificate, for L{selfCheck}.
+    """
+
+    def __init__(self) -> None:
+        self.leaves: list[x509.Certificate] = []
+
+    def check(self, leaf: x509.Certificate, intermediates: list[x509.Certificate]) -> Any:
+        from tpproxy.verify import X509_V_ERR_CERT_REVOKED, Refusal
+
+        self.leaves.append(leaf)
+        return Refusal("self-check", X509_V_ERR_CERT_REVOKED)
+
+
+def _selfCheckHandshake(withCertificate: bool) -> tuple[TPQuicConnection, TPQuicConnection, _RefuseAll]:
+    """
+    An in-memory handshake between a TP client and a TP server whose
+    verifier refuses every certificate; the client sends one or not.
+    """
+    from tpproxy.pki import CertificateAuthority
+
+    ca = CertificateAuthority.create("TP QUIC self-check CA", days=1)
+    server = ca.issue("localhost", dns=("localhost",), server=True)
+    config = QuicConfiguration(is_client=True, alpn_protocols=[TP_ALPN], server_name="localhost")
+    config.cadata = ca.certPEM
+    if withCertificate:
+        client = ca.issue("self-check", client=True)
+        config.certificate, config.private_key = client.cert, client.key
+    clientConn = TPQuicConnection(configuration=config)
+    verifier = _RefuseAll()
+    now = 1.0
+    clientAddr, serverAddr = ("127.0.0.1", 1), ("127.0.0.1", 2)
+    clientConn.connect(serverAddr, now=now)
+    serverConn: TPQuicConnection | None = None
+    for _ in range(10):
+        moved = False
+        for data, _ in clientConn.datagrams_to_send(now=now):
+            if serverConn is None:
+                header = pull_quic_header(Buffer(data=data), host_cid_length=8)
+                serverConn = TPQuicConnection(
+                    configuration=serverConfiguration([server.cert], server.key),
+                    original_destination_connection_id=header.destination_cid,
+                )
+                serverConn.tpVerifier = verifier  # type: ignore[assignment]
+            serverConn.receive_datagram(data, clientAddr, now=now)
+            moved = True
+        if serverConn is not None:
+            for data, _ in serverConn.datagrams_to_send(now=now):
+                clientConn.receive_datagram(data, serverAddr, now=now)
+                moved = True
+        if not moved:
+            break
+    assert serverConn is not None
+    return clientConn, serverConn, verifier
+
+
+def _closedWith(conn: TPQuicConnection) -> int | None:
+    event = conn._close_event
+    return None if event is None else event.error_code
+
+
+def selfCheckProblems() -> list[str]:
+    """
+    Run TP's hooks on aioquic for real, in memory: a client whose
+    certificate the verifier refuses, and one with no certificate, must be
+    refused inside the handshake with the alert TLS would send
+    (C{certificate_revoked}, C{certificate_required}).  What went
+    otherwise, one line each.
+    """
+    import logging
+
+    problems = []
+    # aioquic logs each refusal as a warning: not news here.
+    quiet = logging.getLogger("quic")
+    wasDisabled, quiet.disabled = quiet.disabled, True
+    revoked = 0x100 + int(tls.AlertDescription.certificate_revoked)
+    required = 0x100 + int(tls.AlertDescription.certificate_required)
+    try:
+        client, server, verifier = _selfCheckHandshake(withCertificate=True)
+        if not verifier.leaves:
+            problems.append("the certificate hook did not run: the verifier never saw the client's certificate")
+        if _closedWith(client) != revoked or server.tpRefusal != "self-check":
+            problems.append(f"a refused certificate was not refused (client closed with {_closedWith(client)!r})")
+        client, server, verifier = _selfCheckHandshake(withCertificate=False)
+        if _closedWith(client) != required or server.tpRefusal != "no client certificate":
+            problems.append(f"a client without a certificate was not refused (client closed with {_closedWith(client)!r})")
+    except Exception as e:  # anything at all: the hooks do not work
+        problems.append(f"the self-check handshake failed: {e.__class__.__name__}: {e}")
+    finally:
+        quiet.disabled = wasDisabled
+    return problems
+
+
+_quicChecked = False
+
+
+def requireQuicPrivates() -> None:
+    """
+    Check, once per process, every private name of aioquic TP uses
+    (L{privateProblems}), then run the hooks (L{selfCheckProblems}).
+    Raise L{PrivateAPIError} naming what is wrong otherwise: TP does not
+    serve QUIC without its checks.
+    """
+    global _quicChecked
+    if _quicChecked:
+        return
+    problems = privateProblems(_aioquicPrivates())
+    if not problems:
+        problems = selfCheckProblems()
+    if problems:
+        import aioquic
+
+        raise PrivateAPIError(
+            f"TP cannot serve QUIC with aioquic {aioquic.__version__}: " + "; ".join(problems) + " (docs/private-apis.md)"
+        )
+    _quicChecked = True
 
 
 class _PeerCertificate:
@@ -541,7 +698,7 @@ class QuicSession:
             if stream is not None:
                 stream.reset()
         elif isinstance(event, events.HandshakeCompleted):
-            self.peerCertificate = getattr(self.conn.tls, "_peer_certificate", None)
+            self.peerCertificate = self.conn.tls._peer_certificate
             self.handshakeCompleted(event)
         elif isinstance(event, events.ConnectionTerminated):
             self.terminated(event)
@@ -873,6 +1030,7 @@ class QuicListener(DatagramProtocol):
         handshakeTimeout: float = 10.0,
         resetSecret: bytes | None = None,
     ) -> None:
+        requireQuicPrivates()
         protocols = list(configuration.alpn_protocols or [])
         if h3 is not None and H3_ALPN not in protocols:
             configuration = dataclasses.replace(configuration, alpn_protocols=protocols + [H3_ALPN])
