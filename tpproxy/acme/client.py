@@ -37,10 +37,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from treq.client import HTTPClient
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
-from zope.interface import Attribute, Interface
+from zope.interface import Attribute, Interface, implementer
 
 from tpproxy.pki import newKey, selfSignedBuilder
 
@@ -145,6 +146,45 @@ class IChallengeResponder(Interface):
         """
 
 
+class IAcmeClient(Interface):
+    """
+    One ACME account at one CA, as the issuing service uses it.
+
+    L{AcmeClient} speaks RFC 8555 over HTTP;
+    L{tpproxy.acme.testing.FakeAcmeClient} stands in for it in the
+    scheduling tests.  Both pass the same conformance suite
+    (L{tpproxy.test.test_acme_conformance}), which also runs L{AcmeClient}
+    against an in-memory CA (L{tpproxy.acme.testing.MemoryCA}) and Pebble.
+    """
+
+    directoryURL = Attribute("the CA's directory URL, as stored beside each certificate")
+    timeout = Attribute("seconds each request to the CA may take")
+    orderTimeout = Attribute("seconds a whole order may take, polls included")
+    reactor = Attribute("the L{IReactorTime} the requests and waits run on")
+
+    def register() -> defer.Deferred[str]:
+        """
+        Create the account, or find the one the key already has.
+
+        @return: a Deferred firing with the account URL.
+        """
+
+    def issue(names: list[str], key: Any, responders: dict[str, Any]) -> defer.Deferred[list[x509.Certificate]]:
+        """
+        Order a certificate for C{names} (the first as common name) with
+        the private C{key}, proving control of each name with the first
+        challenge type of C{responders} (L{IChallengeResponder}s by type,
+        in order of preference) that the CA offers.  Each responder is
+        started for its challenge and stopped once the CA has decided.
+
+        @return: a Deferred firing with the chain, leaf first, the leaf
+            certifying C{key} for (at least) C{names}; or failing with an
+            L{AcmeError}: C{code="unsupportedChallenge"} when the CA offers
+            none of the types, C{code="invalid"} when a challenge failed
+            validation.
+        """
+
+
 def retryAfter(headers: Any, default: float, now: float, limit: float = 300) -> float:
     """
     Seconds to wait according to a C{Retry-After} header (seconds or an
@@ -168,16 +208,22 @@ def retryAfter(headers: Any, default: float, now: float, limit: float = 300) -> 
     return max(0.5, min(delay, limit))
 
 
+@implementer(IAcmeClient)
 class AcmeClient:
     """
     One ACME account at one CA directory.
 
     @param directory: the directory URL.
     @param accountKey: the account's private key (EC P-256/384 or RSA).
-    @param reactor: the reactor for requests and waits.
+    @param reactor: the reactor for requests (unless C{http} is given: then
+        only their timeouts) and waits between polls.
     @param trustRoots: CA certificates to trust for the directory's HTTPS
         instead of the system's (private CAs, tests).
     @param contact: e.g. C{("mailto:admin@example.org",)}.
+    @param http: the HTTP client to reach the CA with; by default a treq
+        L{HTTPClient} on an L{Agent} of C{reactor} trusting C{trustRoots}.
+        Tests pass one on an in-memory agent
+        (L{tpproxy.acme.testing.MemoryCA.httpClient}).
     """
 
     timeout = 30.0
@@ -188,9 +234,10 @@ class AcmeClient:
         self,
         directory: str,
         accountKey: Any,
-        reactor: Any,
+        reactor: IReactorTime,
         trustRoots: list[x509.Certificate] | None = None,
         contact: tuple[str, ...] = (),
+        http: HTTPClient | None = None,
     ) -> None:
         self.directoryURL = directory
         self.accountKey = accountKey
@@ -198,15 +245,17 @@ class AcmeClient:
         self.alg = _signatureAlgorithm(accountKey)
         self.reactor = reactor
         self.contact = contact
-        if trustRoots:
-            from twisted.internet.ssl import trustRootFromCertificates, Certificate
+        if http is None:
+            if trustRoots:
+                from twisted.internet.ssl import trustRootFromCertificates, Certificate
 
-            policy = BrowserLikePolicyForHTTPS(
-                trustRootFromCertificates([Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in trustRoots])
-            )
-        else:
-            policy = BrowserLikePolicyForHTTPS()
-        self.http = HTTPClient(Agent(reactor, contextFactory=policy))
+                policy = BrowserLikePolicyForHTTPS(
+                    trustRootFromCertificates([Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in trustRoots])
+                )
+            else:
+                policy = BrowserLikePolicyForHTTPS()
+            http = HTTPClient(Agent(reactor, contextFactory=policy))
+        self.http = http
         self.directory: dict[str, Any] | None = None
         self.accountURL: str | None = None
         self._nonces: list[str] = []

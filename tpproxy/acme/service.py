@@ -26,24 +26,26 @@ from typing import Any, Callable
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tpproxy.acme.client import AcmeClient
+from tpproxy.acme.client import IAcmeClient
 from tpproxy.certsource import CertificateUnavailable, ICertificateSource
+from tpproxy.acme.store import Chain, CertificateStore, dnsNames, renewalTime
 from tpproxy.config import DNS_NAME
 
 log = Logger()
-from tpproxy.acme.store import Chain, CertificateStore, dnsNames, renewalTime
 
 
 @implementer(ICertificateSource)
 class IssuingService(service.Service):
     """
-    Issues and renews certificates through an L{AcmeClient}.
+    Issues and renews certificates through an L{IAcmeClient}.
 
-    @param client: the ACME client.
+    @param client: the ACME client (an L{tpproxy.acme.client.AcmeClient};
+        L{tpproxy.acme.testing.FakeAcmeClient} in tests).
     @param store: where certificates live.
     @param responders: challenge responders, in order of preference.
     @param clock: the time source for renewal decisions and scheduling (a
@@ -64,10 +66,10 @@ class IssuingService(service.Service):
 
     def __init__(
         self,
-        client: AcmeClient,
+        client: IAcmeClient,
         store: CertificateStore,
         responders: list[Any],
-        clock: Any,
+        clock: IReactorTime,
         ownNames: tuple[str, ...] = (),
         onCertificate: Callable[[str, Chain, Any], None] = lambda name, chain, key: None,
         inUse: Callable[[str], bool] = lambda name: False,
@@ -154,7 +156,7 @@ class IssuingService(service.Service):
         leaf = stored[0][0]
         if not set(names) <= dnsNames(leaf):
             # acme.names changed.  (A CA may add names, e.g. www.: more is
-            # fine, as AcmeClient.issue accepts.)
+            # fine, as IAcmeClient.issue allows.)
             return False
         if self.store.directoryOf(names[0]) not in (None, self.client.directoryURL):
             # acme.directory changed (staging to production, say).

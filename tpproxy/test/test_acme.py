@@ -6,7 +6,6 @@ getting, serving and renewing certificates from a real Pebble on loopback
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import os
 import socket
@@ -32,6 +31,7 @@ from tpproxy.config import ConfigError
 from tpproxy.acme.store import CertificateStore, renewalTime
 from tpproxy.acme.responders import HTTP01Responder, TLSALPN01Responder
 from tpproxy.acme.service import IssuingService
+from tpproxy.acme.testing import ChallengeTargets, FakeAcmeClient
 from tpproxy.pki import newKey
 from tpproxy.protocols.client import ServerAddress, TLSClientEndpoint, openTunnel
 from tpproxy.protocols.relay import RelayEnd, splice
@@ -267,44 +267,6 @@ class TLSALPNListenerTests(SynchronousTestCase):
         self.assertEqual(proto.result, "acme_challenge")
 
 
-class FakeACME:
-    """
-    Stands in for the CA in scheduling tests: fails while C{down}, else
-    issues from a local CA.
-    """
-
-    directoryURL = "https://ca.invalid/dir"
-    orderTimeout = 120.0
-    timeout = 30.0
-
-    def __init__(self, pki: TestPKI, hours: float, clock: Any = None) -> None:
-        self.reactor = clock
-        self.pki = pki
-        self.hours = hours
-        self.down = False
-        self.orders: list[list[str]] = []
-
-    def issue(self, names: list[str], key: Any, responders: Any) -> defer.Deferred[Any]:
-        self.orders.append(names)
-        if self.down:
-            return defer.fail(AcmeError("connection refused"))
-        issued = self.pki.ca.issue(names[0], dns=tuple(names), server=True, hours=self.hours)
-        # The CA certifies the key TP sent: re-sign for it.
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(issued.cert.subject)
-            .issuer_name(issued.cert.issuer)
-            .public_key(key.public_key())
-            .serial_number(issued.cert.serial_number)
-            # Validity by the test's clock, as a CA's would be by real time.
-            .not_valid_before(datetime.datetime.fromtimestamp(self.reactor.seconds() - 300, datetime.timezone.utc))
-            .not_valid_after(datetime.datetime.fromtimestamp(self.reactor.seconds() + self.hours * 3600, datetime.timezone.utc))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
-            .sign(self.pki.ca.key, __import__("cryptography.hazmat.primitives.hashes", fromlist=["SHA256"]).SHA256())
-        )
-        return defer.succeed([cert, self.pki.ca.cert])
-
-
 class IssuingScheduleTests(SynchronousTestCase):
     """
     When the issuing service renews and how it backs off, on a fake clock.
@@ -314,12 +276,14 @@ class IssuingScheduleTests(SynchronousTestCase):
         self.pki = TestPKI.create(self.mktemp())
         self.clock = task.Clock()
         self.clock.advance(time.time())
-        self.ca = FakeACME(self.pki, hours=30, clock=self.clock)
+        self.http01 = HTTP01Responder()
+        # The fake CA validates http-01 against the service's responder.
+        self.ca = FakeAcmeClient(self.clock, ChallengeTargets(http01=self.http01), lifetime=30 * 3600)
         self.announced: list[tuple[str, int]] = []
         self.service = IssuingService(
-            self.ca,  # type: ignore[arg-type]
+            self.ca,
             CertificateStore(Path(self.mktemp())),
-            [HTTP01Responder()],
+            [self.http01],
             self.clock,
             ownNames=("tp.example", "alt.example"),
             onCertificate=lambda name, chain, key: self.announced.append((name, chain[0].serial_number)),
@@ -349,7 +313,7 @@ class IssuingScheduleTests(SynchronousTestCase):
     def test_storedFreshCertificateNotReordered(self) -> None:
         self.service.startService()
         self.service.stopService()
-        again = IssuingService(self.ca, self.service.store, [], self.clock, ownNames=("tp.example", "alt.example"))  # type: ignore[arg-type]
+        again = IssuingService(self.ca, self.service.store, [self.http01], self.clock, ownNames=("tp.example", "alt.example"))
         again.startService()
         again.stopService()
         self.assertEqual(len(self.ca.orders), 1)
@@ -361,7 +325,7 @@ class IssuingScheduleTests(SynchronousTestCase):
         """
         self.service.startService()
         self.service.stopService()
-        again = IssuingService(self.ca, self.service.store, [], self.clock, ownNames=("tp.example", "new.example"))  # type: ignore[arg-type]
+        again = IssuingService(self.ca, self.service.store, [self.http01], self.clock, ownNames=("tp.example", "new.example"))
         again.startService()
         again.stopService()
         self.assertEqual(self.ca.orders[-1], ["tp.example", "new.example"])
@@ -373,10 +337,10 @@ class IssuingScheduleTests(SynchronousTestCase):
         """
         self.service.startService()
         self.service.stopService()
-        self.assertEqual(self.service.store.directoryOf("tp.example"), FakeACME.directoryURL)
-        production = FakeACME(self.pki, hours=30, clock=self.clock)
+        self.assertEqual(self.service.store.directoryOf("tp.example"), FakeAcmeClient.directoryURL)
+        production = FakeAcmeClient(self.clock, ChallengeTargets(http01=self.http01), lifetime=30 * 3600)
         production.directoryURL = "https://production.invalid/dir"
-        again = IssuingService(production, self.service.store, [], self.clock, ownNames=("tp.example", "alt.example"))  # type: ignore[arg-type]
+        again = IssuingService(production, self.service.store, [self.http01], self.clock, ownNames=("tp.example", "alt.example"))
         again.startService()
         again.stopService()
         self.assertEqual(len(production.orders), 1)
@@ -400,7 +364,7 @@ class IssuingScheduleTests(SynchronousTestCase):
         is kept, and the next order waits for the backoff, not the next
         minute.
         """
-        self.ca.hours = 0.01
+        self.ca.lifetime = 0.01 * 3600
         self.service.startService()
         self.addCleanup(self.service.stopService)
         self.assertEqual(len(self.ca.orders), 1)
@@ -421,7 +385,7 @@ class IssuingScheduleTests(SynchronousTestCase):
         self.service.checkInterval = 86400
         self.service.startService()
         self.addCleanup(self.service.stopService)
-        self.ca.hours = 6
+        self.ca.lifetime = 6 * 3600
         self.successResultOf(self.service.certificateFor("svc.example"))
         self.clock.advance(4 * 3600 + 120)
         self.assertEqual(len(self.ca.orders), 2)
@@ -448,7 +412,7 @@ class IssuingScheduleTests(SynchronousTestCase):
         With a daily check and a 6-hour certificate, the check comes when
         the certificate falls due, not a day later.
         """
-        self.ca.hours = 6
+        self.ca.lifetime = 6 * 3600
         self.service.checkInterval = 86400
         self.service.startService()
         self.addCleanup(self.service.stopService)
