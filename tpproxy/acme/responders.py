@@ -6,16 +6,18 @@ tls-alpn-01 as certificates the TLS listener serves for C{acme-tls/1}.
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.logger import Logger
 from twisted.web import resource
+from twisted.web.server import Request
+from zope.interface import implementer
 
-from tpproxy.acme.client import HTTP01, TLSALPN01, tlsALPNCertificate
+from tpproxy.acme.client import HTTP01, TLSALPN01, IChallengeResponder, tlsALPNCertificate
+from tpproxy.transports.servertls import ServerTLS
 
 log = Logger()
 
 
+@implementer(IChallengeResponder)
 class HTTP01Responder(resource.Resource):
     """
     RFC 8555 section 8.3: answers C{GET /.well-known/acme-challenge/TOKEN}
@@ -36,7 +38,7 @@ class HTTP01Responder(resource.Resource):
     def stop(self, name: str, token: str) -> None:
         self.tokens.pop(token, None)
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: Request) -> bytes:
         path = request.path.decode("ascii", "replace")
         prefix = "/.well-known/acme-challenge/"
         answer = self.tokens.get(path[len(prefix) :]) if path.startswith(prefix) else None
@@ -49,6 +51,7 @@ class HTTP01Responder(resource.Resource):
         return answer.encode("ascii")
 
 
+@implementer(IChallengeResponder)
 class TLSALPN01Responder:
     """
     RFC 8737: serves the challenge certificate on TP's own TLS listener to
@@ -58,7 +61,7 @@ class TLSALPN01Responder:
 
     challengeType = TLSALPN01
 
-    def __init__(self, serverTLS: Any) -> None:
+    def __init__(self, serverTLS: ServerTLS) -> None:
         self.serverTLS = serverTLS
 
     def start(self, name: str, token: str, keyAuthorization: str) -> None:

@@ -26,12 +26,12 @@ from typing import Any, Callable
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tpproxy.acme.client import IAcmeClient
+from tpproxy.acme.client import IAcmeClient, IChallengeResponder
 from tpproxy.certsource import CertificateUnavailable, ICertificateSource
 from tpproxy.acme.store import Chain, CertificateStore, dnsNames, renewalTime
 from tpproxy.config import DNS_NAME
@@ -68,7 +68,7 @@ class IssuingService(service.Service):
         self,
         client: IAcmeClient,
         store: CertificateStore,
-        responders: list[Any],
+        responders: list[IChallengeResponder],
         clock: IReactorTime,
         ownNames: tuple[str, ...] = (),
         onCertificate: Callable[[str, Chain, Any], None] = lambda name, chain, key: None,
@@ -92,8 +92,8 @@ class IssuingService(service.Service):
         self._pending: dict[str, defer.Deferred[tuple[Chain, Any]]] = {}
         self._waiters: dict[str, list[defer.Deferred[tuple[Chain, Any]]]] = {}
         self._failures: dict[str, int] = {}
-        self._retries: dict[str, Any] = {}
-        self._nextCheck: Any = None
+        self._retries: dict[str, IDelayedCall] = {}
+        self._nextCheck: IDelayedCall | None = None
         #: E2E names refused by the CA: no new order for them before this time.
         self._notBefore: dict[str, float] = {}
         #: When recent on-demand orders were placed (the budget's window).

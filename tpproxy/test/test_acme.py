@@ -24,8 +24,9 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
+from zope.interface.verify import verifyObject
 
-from tpproxy.acme.client import ID_PE_ACME_IDENTIFIER, AcmeError, keyAuthorization, retryAfter, tlsALPNCertificate
+from tpproxy.acme.client import ID_PE_ACME_IDENTIFIER, AcmeError, IChallengeResponder, keyAuthorization, retryAfter, tlsALPNCertificate
 from tpproxy.certsource import CertificateUnavailable
 from tpproxy.config import ConfigError
 from tpproxy.acme.store import CertificateStore, renewalTime
@@ -196,6 +197,13 @@ class TLSALPNListenerTests(SynchronousTestCase):
         client.set_tlsext_host_name(sni)
         client.set_connect_state()
         return handshake(server, client), client, app
+
+    def test_respondersProvideInterface(self) -> None:
+        """
+        Both responders provide L{IChallengeResponder}.
+        """
+        self.assertTrue(verifyObject(IChallengeResponder, self.responder))
+        self.assertTrue(verifyObject(IChallengeResponder, HTTP01Responder()))
 
     def test_challengeCertificateWhilePending(self) -> None:
         """
