@@ -20,7 +20,8 @@ from zope.interface import implementer
 
 from tpproxy.transports.tls import TLSFactory, describeTLSFailure, receivedAlert
 from tpproxy.verify import humanReason
-from tpproxy.wire import ClientHello, FrameDecoder, ServerHello, WireError
+from tpproxy.firstframe import FirstFrameReader, Frame, Malformed, Raw
+from tpproxy.wire import ClientHello, ServerHello
 from tpproxy.protocols.relay import RelayEnd, noDelay
 
 
@@ -89,7 +90,7 @@ class TPClientProtocol(RelayEnd):
         self.hello = hello
         self.ready = ready
         self.innerTLS = innerTLS
-        self.decoder = FrameDecoder()
+        self.reader: FirstFrameReader[ServerHello] = FirstFrameReader(ServerHello.fromObject)
 
     def connectionMade(self) -> None:
         noDelay(self.transport)
@@ -102,24 +103,23 @@ class TPClientProtocol(RelayEnd):
         if self.inner is not None:
             self.inner.dataReceived(data)
             return
-        if self.serverHello is not None:
-            self.rest += data
-            return
-        try:
-            frame = self.decoder.feedFrame(data)
-            if frame is None:
-                return
-            self.serverHello = ServerHello.fromObject(frame)
-        except WireError as e:
-            self._fail(TunnelError(f"TP sent a malformed ServerHello: {e.message}"))
+        match self.reader.feed(data):
+            case Frame(message=hello, rest=rest):
+                self._answered(hello, rest)
+            case Raw(data=more):
+                self.rest += more
+            case Malformed(error=error):
+                self._fail(TunnelError(f"TP sent a malformed ServerHello: {error.message}"))
+                self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _answered(self, hello: ServerHello, rest: bytes) -> None:
+        self.serverHello = hello
+        if not hello.ok:
+            self._fail(Refused(hello.code or "unknown", hello.message))
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
-        if not self.serverHello.ok:
-            self._fail(Refused(self.serverHello.code or "unknown", self.serverHello.message))
-            self.transport.loseConnection()  # type: ignore[union-attr]
-            return
-        self.rest = self.decoder.takeRest()
-        name = self.serverHello.info.get("e2e")
+        self.rest = rest
+        name = hello.info.get("e2e")
         if name is not None:
             if str(name) != self.hello.host.lower().rstrip("."):
                 # The inner handshake must authenticate the name we asked
@@ -192,32 +192,25 @@ class InnerClient(RelayEnd):
     def __init__(self, name: str, ready: defer.Deferred[Any]) -> None:
         self.name = name
         self.ready = ready
-        self.decoder = FrameDecoder()
-        self.answered = False
+        self.reader: FirstFrameReader[ServerHello] = FirstFrameReader(ServerHello.fromObject)
 
     def handshakeCompleted(self) -> None:
         self.handshakeDone = True
 
     def preSpliceData(self, data: bytes) -> None:
-        if self.answered:
-            self.rest += data
-            return
-        try:
-            frame = self.decoder.feedFrame(data)
-            if frame is None:
-                return
-            hello = ServerHello.fromObject(frame)
-        except WireError as e:
-            self._fail(TunnelError(f"{self.name} sent a malformed answer: {e.message}"))
-            return
-        self.answered = True
-        if not hello.ok:
-            self._fail(Refused(hello.code or "unknown", hello.message))
-            return
-        self.rest = self.decoder.takeRest()
-        self.transport.pauseProducing()  # type: ignore[union-attr]
-        if not self.ready.called:
-            self.ready.callback(self)
+        match self.reader.feed(data):
+            case Frame(message=hello, rest=rest):
+                if not hello.ok:
+                    self._fail(Refused(hello.code or "unknown", hello.message))
+                    return
+                self.rest = rest
+                self.transport.pauseProducing()  # type: ignore[union-attr]
+                if not self.ready.called:
+                    self.ready.callback(self)
+            case Raw(data=more):
+                self.rest += more
+            case Malformed(error=error):
+                self._fail(TunnelError(f"{self.name} sent a malformed answer: {error.message}"))
 
     def _fail(self, error: Exception) -> None:
         if not self.ready.called:

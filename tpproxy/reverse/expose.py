@@ -11,27 +11,30 @@ from typing import Any
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
-from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tpproxy.connector import quicRefusal
+from tpproxy.control import ControlLoop, IControlEnd
+from tpproxy.firstframe import FirstFrameReader, Frame, Malformed, Raw
 from tpproxy.protocols.client import Refused, TLSClientEndpoint, TunnelError, certificateRefusal, openTunnel
 from tpproxy.protocols.relay import RelayEnd, noDelay, splice
 from tpproxy.transports.tls import describeTLSFailure, receivedAlert
-from tpproxy.wire import VERSION, ClientHello, FrameDecoder, ServerHello, WireError, encodeEvent, parseEvent
+from tpproxy.wire import VERSION, ClientHello, ErrorCode, ServerHello, WireError, parseEvent
 
 
 #: Seconds to wait for TP's answer to an E2E registration once connected.
 E2E_ANSWER_TIMEOUT = 150.0
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IControlEnd)
 class ControlProtocol(Protocol):
     """
-    The signalling connection: a C{listen} hello, then events both ways.
-    It reports to its L{Exposer}: C{registered(info)} once TP accepted the
+    The signalling connection: a C{listen} hello, TP's ServerHello (read by
+    a L{FirstFrameReader}), then events both ways (a L{ControlLoop}).  It
+    reports to its L{Exposer}: C{registered(info)} once TP accepted the
     exposure, C{refused(error)} if it did not (or the connection ended
     first), C{lost(reason)} when a registered connection ends.
     """
@@ -40,18 +43,18 @@ class ControlProtocol(Protocol):
 
     def __init__(self, exposer: Exposer) -> None:
         self.exposer = exposer
-        self.decoder = FrameDecoder()
+        self.reader: FirstFrameReader[ServerHello] = FirstFrameReader(ServerHello.fromObject)
+        self.loop = ControlLoop(exposer.reactor, exposer.keepalive, self)
         self.answered = False
         self.error: Exception | None = None
-        self._pinger: Any = None
-        self._deadline: Any = None
+        self._answerDeadline: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         noDelay(self.transport)
         self.transport.write(self.exposer.hello.toFrame())  # type: ignore[union-attr]
         # Bound the TLS handshake and TP's answer: a listener that accepts
         # TCP and never speaks must not hang us.
-        self._deadline = self.exposer.reactor.callLater(self.exposer.settings.connectTimeout, self._noAnswer)
+        self._answerDeadline = self.exposer.reactor.callLater(self.exposer.settings.connectTimeout, self._noAnswer)
 
     def _noAnswer(self) -> None:
         self._fail(TunnelError(f"no answer from TP within {self.exposer.settings.connectTimeout:g} s"))
@@ -59,70 +62,61 @@ class ControlProtocol(Protocol):
 
     def handshakeCompleted(self) -> None:
         self.handshakeDone = True
-        if self.exposer.hello.mode == "e2e" and self._deadline is not None and self._deadline.active():
+        deadline = self._answerDeadline
+        if self.exposer.hello.mode == "e2e" and deadline is not None and deadline.active():
             # TP may first have to get the name's certificate from its ACME
             # CA (its own bound is 120 s): wait for that answer longer.
-            self._deadline.reset(max(self.exposer.settings.connectTimeout, E2E_ANSWER_TIMEOUT))
+            deadline.reset(max(self.exposer.settings.connectTimeout, E2E_ANSWER_TIMEOUT))
 
     def dataReceived(self, data: bytes) -> None:
-        self.decoder.feed(data)
-        while True:
-            try:
-                frame = self.decoder.nextFrame()
-                if frame is None:
-                    return
-                if not self.answered:
-                    self._answer(ServerHello.fromObject(frame))
-                    continue
-                event, fields = parseEvent(frame)
-            except WireError as e:
-                self._fail(TunnelError(f"TP sent a malformed message: {e.message}"))
-                self.transport.abortConnection()  # type: ignore[union-attr]
-                return
-            self._resetDeadline()
-            if event == "ping":
-                self.transport.write(encodeEvent("pong"))  # type: ignore[union-attr]
-            elif event == "incoming":
-                self.exposer.incoming(fields["session"], fields.get("identity"), fields.get("peer") or "?")
+        match self.reader.feed(data):
+            case Frame(message=hello, rest=rest):
+                self._answer(hello, rest)
+            case Raw(data=events):
+                self.loop.feed(events)
+            case Malformed(error=error):
+                self.controlMalformed(error)
 
-    def _answer(self, hello: ServerHello) -> None:
+    def _answer(self, hello: ServerHello, rest: bytes) -> None:
         self.answered = True
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
+        if self._answerDeadline is not None and self._answerDeadline.active():
+            self._answerDeadline.cancel()
         if not hello.ok:
             self._fail(Refused(hello.code or "unknown", hello.message))
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
-        self._schedulePing()
-        self._resetDeadline()
+        self.loop.start()
         self.exposer.registered(hello.info)
+        if rest:
+            self.loop.feed(rest)
 
-    def _schedulePing(self) -> None:
-        self._pinger = self.exposer.reactor.callLater(self.exposer.keepalive, self._ping)
+    # --- IControlEnd ----------------------------------------------------------
 
-    def _ping(self) -> None:
-        self.transport.write(encodeEvent("ping"))  # type: ignore[union-attr]
-        self._schedulePing()
+    def writeControl(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
 
-    def _resetDeadline(self) -> None:
-        limit = 3 * self.exposer.keepalive
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.reset(limit)
-        else:
-            self._deadline = self.exposer.reactor.callLater(limit, self._dead)
+    def controlEvent(self, event: str, fields: dict[str, Any]) -> None:
+        if event == "incoming":
+            self.exposer.incoming(fields["session"], fields.get("identity"), fields.get("peer") or "?")
 
-    def _dead(self) -> None:
-        self.exposer.say(f"No word from TP for {3 * self.exposer.keepalive:g} s; reconnecting")
+    def controlSilent(self, seconds: float) -> None:
+        self.exposer.say(f"No word from TP for {seconds:g} s; reconnecting")
         self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def controlMalformed(self, error: WireError) -> None:
+        self._fail(TunnelError(f"TP sent a malformed message: {error.message}"))
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    # --- end ------------------------------------------------------------------
 
     def _fail(self, error: Exception) -> None:
         if self.error is None:
             self.error = error
 
     def connectionLost(self, reason: Failure) -> None:
-        for call in (self._pinger, self._deadline):
-            if call is not None and call.active():
-                call.cancel()
+        self.loop.stop()
+        if self._answerDeadline is not None and self._answerDeadline.active():
+            self._answerDeadline.cancel()
         if self.error is not None or not self.answered:
             self.exposer.refused(self.error or closedBeforeAnswer(reason, self.exposer.connector))
         else:
@@ -304,6 +298,18 @@ class Exposer:
         both.addCallbacks(joined, failed)
 
 
+def parseIncoming(obj: dict[str, Any]) -> dict[str, Any]:
+    """
+    The first frame of a stream TP opened over QUIC: an C{incoming} event.
+
+    @raise WireError: for any other frame.
+    """
+    event, fields = parseEvent(obj)
+    if event != "incoming":
+        raise WireError(ErrorCode.BAD_REQUEST, f"a session stream opens with event 'incoming', not {event!r}")
+    return fields
+
+
 class IncomingStream(RelayEnd):
     """
     A stream TP opened over QUIC for one incoming session: its first frame
@@ -314,28 +320,18 @@ class IncomingStream(RelayEnd):
 
     def __init__(self, exposer: Exposer) -> None:
         self.exposer = exposer
-        self.decoder = FrameDecoder()
-        self.announced = False
+        self.reader: FirstFrameReader[dict[str, Any]] = FirstFrameReader(parseIncoming)
 
     def preSpliceData(self, data: bytes) -> None:
-        if self.announced:
-            self.rest += data
-            return
-        try:
-            frame = self.decoder.feedFrame(data)
-            if frame is None:
-                return
-            event, fields = parseEvent(frame)
-        except WireError:
-            self.transport.loseConnection()  # type: ignore[union-attr]
-            return
-        if event != "incoming":
-            self.transport.loseConnection()  # type: ignore[union-attr]
-            return
-        self.announced = True
-        self.rest = self.decoder.takeRest()
-        self.transport.pauseProducing()  # type: ignore[union-attr]
-        self.exposer.serveStream(self, fields)
+        match self.reader.feed(data):
+            case Frame(message=fields, rest=rest):
+                self.rest = rest
+                self.transport.pauseProducing()  # type: ignore[union-attr]
+                self.exposer.serveStream(self, fields)
+            case Raw(data=more):
+                self.rest += more
+            case Malformed():
+                self.transport.loseConnection()  # type: ignore[union-attr]
 
 
 @implementer(IStreamClientEndpoint)
