@@ -1,8 +1,9 @@
 """
-The HTTP/3 responder of TP's QUIC listener, on loopback with real UDP
-sockets: browsers (here aioquic's HTTP/3 client) get the configured answer
-without a client certificate, while tp/1 clients stay as strict as ever and
-an h3 connection never reaches TP's protocols.
+The HTTP/3 responder of TP's QUIC listener: browsers (here aioquic's HTTP/3
+client) get the configured answer without a client certificate, while tp/1
+clients stay as strict as ever and an h3 connection never reaches TP's
+protocols.  In memory (L{tpproxy.test.quicmemory}), with one end-to-end
+test on loopback UDP.
 """
 
 from __future__ import annotations
@@ -13,30 +14,18 @@ from aioquic.h3.connection import ErrorCode, H3Connection
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from cryptography.hazmat.primitives import serialization
-from twisted.internet import defer, reactor
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime, IReactorUDP
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tpproxy.test.quicmemory import SERVER, QuicWorld, Recorder
+from tpproxy.test.support import auditObserver, audits
+from tpproxy.testing import TestPKI
 from tpproxy.transports import h3
 from tpproxy.transports.h3 import H3Response
-from tpproxy.protocols.client import TPClientProtocol, TunnelError
-from tpproxy.transports.quic import (
-    ClientSession,
-    ClientSocket,
-    ClientVerifier,
-    QuicListener,
-    TPQuicConnection,
-    clientConfiguration,
-    connectQuic,
-    serverConfiguration,
-)
-from tpproxy.service import makeServerFactory
-from tpproxy.testing import TestPKI
-from tpproxy.pki import loadCertificates, loadKey
-from tpproxy.wire import ALPN, ClientHello
-
-from tpproxy.test.support import HashSink, auditObserver, audits, deferLater, listenLocal, waitForAudits
-from tpproxy.test.test_quic import waitUntil
+from tpproxy.transports.quic import ClientSession, ClientSocket, QuicListener, TPQuicConnection, serverConfiguration
+from tpproxy.wire import ClientHello
 
 REDIRECT = H3Response.redirect("https://www.example.org/")
 PAGE = H3Response.page("<h1>Nothing to see</h1>\n", status=200)
@@ -149,7 +138,7 @@ class H3Client(ClientSession):
         if body is not None:
             self.http.send_data(streamId, body, end_stream=True)
         self.transmit()
-        return done.addTimeout(5, reactor)
+        return done
 
     def rawStream(self, data: bytes, end: bool = True) -> tuple[int, defer.Deferred[dict[str, Any]]]:
         """
@@ -163,7 +152,13 @@ class H3Client(ClientSession):
         return streamId, done
 
 
-def connectH3(address: tuple[str, int], configuration: QuicConfiguration) -> H3Client:
+class IClientReactor(IReactorUDP, IReactorTime):
+    """
+    What a QUIC client needs of its reactor.
+    """
+
+
+def connectH3(reactor: IClientReactor, address: tuple[str, int], configuration: QuicConfiguration) -> H3Client:
     socket = ClientSocket(reactor, None, "ipv4", address)
     session = H3Client(reactor, TPQuicConnection(configuration=configuration), socket, address)
     socket.session = session
@@ -172,77 +167,48 @@ def connectH3(address: tuple[str, int], configuration: QuicConfiguration) -> H3C
     return session
 
 
-class H3ListenerTests(TestCase):
+class H3ListenerTests(SynchronousTestCase):
     """
-    A QuicListener with an H3 response, on 127.0.0.1.
+    A QuicListener with an H3 response, on a memory network; every stream
+    protocol it builds is recorded in C{self.built}.
     """
-
-    timeout = 30
 
     def setUp(self) -> None:
-        self.pki = TestPKI.create(self.mktemp())
-        self.pki.client("alice")
+        self.world = QuicWorld(self.mktemp())
+        self.network = self.world.network
         self.observer = auditObserver(self)
-        self.built: list[Any] = []
 
-    def startTP(self, response: H3Response | None = REDIRECT) -> int:
-        """
-        TP's QUIC listener as C{makeQuicListener} makes it, plus C{response};
-        every TP server protocol it builds is recorded in C{self.built}.
-        """
-        self.config = self.pki.serverConfig()
-        tpFactory = makeServerFactory(self.config, reactor).wrappedFactory
-        build = tpFactory.buildProtocol
-
-        def recordingBuild(addr: Any) -> Any:
-            protocol = build(addr)
-            self.built.append(protocol)
-            return protocol
-
-        self.patch(tpFactory, "buildProtocol", recordingBuild)
-        tlsContext = tpFactory.serverTLS
-        verifier = ClientVerifier(tlsContext.clientCAs, tlsContext.checker, reactor)
-        self.listener = QuicListener(reactor, serverConfiguration(tlsContext.chain, tlsContext.key), verifier, tpFactory, h3=response)
-        udp = reactor.listenUDP(0, self.listener, interface="127.0.0.1")
-        self.addCleanup(udp.stopListening)
-        self.port = udp.getHost().port
-        return self.port
-
-    def caPEM(self) -> bytes:
-        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in loadCertificates(self.pki.caPath))
+    def startTP(self, response: H3Response | None = REDIRECT) -> QuicListener:
+        self.listener = self.world.listen(h3=response)
+        self.built = self.world.factory.built
+        return self.listener
 
     def h3Config(self, alpn: tuple[str, ...] = ("h3",), certificate: str | None = None) -> QuicConfiguration:
         """
         A browser's configuration: ALPN h3, TP's CA trusted, and no client
         certificate unless C{certificate} names one of the test PKI's.
         """
-        config = QuicConfiguration(is_client=True, alpn_protocols=list(alpn), server_name="localhost")
-        config.cadata = self.caPEM()
-        if certificate is not None:
-            d = self.pki.directory
-            config.certificate = loadCertificates(str(d / f"{certificate}.pem"))[0]
-            config.private_key = loadKey(str(d / f"{certificate}.key"))
+        config = self.world.clientConfiguration(certificate)
+        config.alpn_protocols = list(alpn)
         return config
 
-    def tpConfig(self, name: str | None = "alice", pki: TestPKI | None = None) -> QuicConfiguration:
-        if name is None:
-            config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN.decode()], server_name="localhost")
-            config.cadata = self.caPEM()
-            return config
-        d = (pki or self.pki).directory
-        return clientConfiguration("localhost", loadCertificates(self.pki.caPath), loadCertificates(str(d / f"{name}.pem")), loadKey(str(d / f"{name}.key")))
+    def result(self, d: defer.Deferred[Any]) -> Any:
+        """
+        Run the network until C{d} fires; its result (a failure is raised).
+        """
+        self.network.run(until=lambda: d.called)
+        out: list[Any] = []
+        d.addBoth(out.append)
+        if isinstance(out[0], Failure):
+            out[0].raiseException()
+        return out[0]
 
-    def close(self, session: Any) -> None:
-        if not session.closed:
-            session.close(0, "test done")
-        session.socket.stop()
-        session.abandon()
+    def connect(self, **kw: Any) -> H3Client:
+        return connectH3(self.world.reactor, SERVER, self.h3Config(**kw))
 
-    @defer.inlineCallbacks
-    def browser(self, **kw: Any) -> Any:
-        session = connectH3(("127.0.0.1", self.port), self.h3Config(**kw))
-        self.addCleanup(self.close, session)
-        yield session.ready.addTimeout(5, reactor)
+    def browser(self, **kw: Any) -> H3Client:
+        session = self.connect(**kw)
+        self.result(session.ready)
         return session
 
     def serverSession(self) -> Any:
@@ -251,16 +217,15 @@ class H3ListenerTests(TestCase):
 
 
 class BrowserTests(H3ListenerTests):
-    @defer.inlineCallbacks
-    def test_redirect(self) -> Any:
+    def test_redirect(self) -> None:
         """
         An h3 client without a certificate gets the redirect: no
         CertificateRequest, no identity, no TP protocol, no audit event.
         """
         self.startTP(REDIRECT)
         self.assertEqual(self.listener.configuration.alpn_protocols, ["tp/1", "h3"])
-        session = yield self.browser()
-        response = yield session.request(b"/some/path?q=1")
+        session = self.browser()
+        response = self.result(session.request(b"/some/path?q=1"))
         self.assertEqual(response["headers"][b":status"], b"308")
         self.assertEqual(response["headers"][b"location"], b"https://www.example.org/")
         self.assertEqual(response["body"], b"")
@@ -272,20 +237,19 @@ class BrowserTests(H3ListenerTests):
         self.assertIsNone(server.identity)
         self.assertIsNone(server.conn.tls._peer_certificate)
         session.close(0, "done")
-        yield deferLater(0.2)
+        self.network.run(until=lambda: not self.listener.sessions)
         self.assertEqual(self.built, [])
         self.assertEqual(audits(self.observer), [])
 
-    @defer.inlineCallbacks
-    def test_pageAndHead(self) -> Any:
+    def test_pageAndHead(self) -> None:
         """
         The static page: GET gets the body, HEAD the same headers without
         it, on one connection.
         """
         self.startTP(PAGE)
-        session = yield self.browser()
-        get = yield session.request(b"/")
-        head = yield session.request(b"/", method=b"HEAD")
+        session = self.browser()
+        get = self.result(session.request(b"/"))
+        head = self.result(session.request(b"/", method=b"HEAD"))
         for response in (get, head):
             self.assertEqual(response["headers"][b":status"], b"200")
             self.assertEqual(response["headers"][b"content-type"], b"text/html; charset=utf-8")
@@ -294,61 +258,60 @@ class BrowserTests(H3ListenerTests):
         self.assertEqual(head["body"], b"")
         self.assertIsNone(session.closeEvent)
 
-    @defer.inlineCallbacks
-    def test_browserCertificateNotAsked(self) -> Any:
+    def test_browserCertificateNotAsked(self) -> None:
         """
         An h3 client that has a client certificate is not asked for it, so
         it sends none (a browser would otherwise prompt).
         """
         self.startTP()
-        session = yield self.browser(certificate="alice")
-        response = yield session.request()
+        session = self.browser(certificate="alice")
+        response = self.result(session.request())
         self.assertEqual(response["headers"][b":status"], b"308")
         self.assertIsNone(session.conn.tls._certificate_request)
         self.assertIsNone(self.serverSession().conn.tls._peer_certificate)
 
-    @defer.inlineCallbacks
-    def test_postBodyNotRead(self) -> Any:
+    def test_postBodyNotRead(self) -> None:
         """
         A request body is not read: the response comes, and the client is
         asked to stop sending with H3_NO_ERROR.
         """
         self.startTP()
-        session = yield self.browser()
+        session = self.browser()
         streamId = session.conn.get_next_available_stream_id()
         done: defer.Deferred[Any] = defer.Deferred()
         session.responses[streamId] = {"stream": streamId, "body": b"", "done": done}
+        assert session.http is not None
         session.http.send_headers(streamId, [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", b"localhost"), (b":path", b"/")])
         session.http.send_data(streamId, b"x" * 1000, end_stream=False)
         session.transmit()
-        response = yield done.addTimeout(5, reactor)
+        response = self.result(done)
         self.assertEqual(response["headers"][b":status"], b"308")
-        yield waitUntil(lambda: streamId in session.stops, "STOP_SENDING for the request stream")
+        self.network.run(until=lambda: streamId in session.stops)
         self.assertEqual(session.stops.get(streamId), ErrorCode.H3_NO_ERROR)
 
-    @defer.inlineCallbacks
-    def test_noH3ByDefault(self) -> Any:
+    def test_noH3ByDefault(self) -> None:
         """
         Without an H3 response the listener offers tp/1 only: an h3 client
         fails its handshake, audited as before.
         """
         self.startTP(None)
         self.assertEqual(self.listener.configuration.alpn_protocols, ["tp/1"])
-        session = connectH3(("127.0.0.1", self.port), self.h3Config())
-        self.addCleanup(self.close, session)
-        yield self.assertFailure(session.ready.addTimeout(5, reactor), Exception)
-        [event] = yield waitForAudits(self.observer, 1)
+        session = self.connect()
+        self.assertRaises(Exception, self.result, session.ready)
+        self.network.run()
+        [event] = audits(self.observer)
         self.assertEqual(event["result"], "handshake_failed")
 
     def test_h3OfferedWithoutResponse(self) -> None:
         """
         A configuration that offers h3 needs a response to answer with.
         """
-        self.config = self.pki.serverConfig()
-        tpFactory = makeServerFactory(self.config, reactor).wrappedFactory
-        configuration = serverConfiguration(tpFactory.serverTLS.chain, tpFactory.serverTLS.key)
+        from tpproxy.pki import loadCertificates, loadKey
+
+        d = self.world.pki.directory
+        configuration = serverConfiguration(loadCertificates(str(d / "server.pem")), loadKey(str(d / "server.key")))
         configuration.alpn_protocols = ["tp/1", "h3"]
-        self.assertRaises(ValueError, QuicListener, reactor, configuration, None, tpFactory)
+        self.assertRaises(ValueError, QuicListener, self.world.reactor, configuration, None, None)
 
 
 class IsolationTests(H3ListenerTests):
@@ -357,84 +320,73 @@ class IsolationTests(H3ListenerTests):
     without the responder.
     """
 
-    @defer.inlineCallbacks
-    def test_tpHelloOnH3Stream(self) -> Any:
+    def test_tpHelloOnH3Stream(self) -> None:
         """
         A TP ClientHello sent on a stream of an h3 connection goes to the H3
         layer (which closes the connection: it is no HTTP/3), never to a TP
         protocol: nothing is proxied, nothing audited.
         """
-        sinkPort, sink = listenLocal(self, HashSink)
         self.startTP()
-        session = yield self.browser()
+        session = self.browser()
         server = self.serverSession()
-        streamId, done = session.rawStream(ClientHello.connect("127.0.0.1", sinkPort).toFrame() + b"payload")
-        yield session.done.addTimeout(5, reactor)
+        streamId, done = session.rawStream(ClientHello.connect("127.0.0.1", 9).toFrame() + b"payload")
+        self.network.run(until=lambda: session.done.called)
         self.assertGreater(server.responder.received[streamId], 0)
         self.assertEqual(server.streams, {})
         self.assertIsNotNone(session.closeEvent)
         # An HTTP/3 error (H3_FRAME_UNEXPECTED: the length prefix of a TP
         # frame reads as a DATA frame before HEADERS).
-        self.assertIn(session.closeEvent.error_code, list(ErrorCode))
-        yield deferLater(0.2)
-        self.assertEqual((self.built, sink.accepted, audits(self.observer)), ([], 0, []))
+        self.assertIn(session.closeEvent.error_code, list(ErrorCode))  # type: ignore[union-attr]
+        self.network.run()
+        self.assertEqual((self.built, audits(self.observer)), ([], []))
 
-    @defer.inlineCallbacks
-    def test_tpWithCertificate(self) -> Any:
+    def test_tpWithCertificate(self) -> None:
         """
-        A tp/1 client with a good certificate is asked for it, and reaches
-        TP's server protocol as before.
+        A tp/1 client with a good certificate is asked for it, and its
+        streams reach TP's stream protocol as before.
         """
-        sinkPort, sink = listenLocal(self, HashSink)
         self.startTP()
-        session = connectQuic(reactor, ("127.0.0.1", self.port), self.tpConfig("alice"))
-        self.addCleanup(self.close, session)
-        yield session.ready.addTimeout(5, reactor)
+        session = self.world.connected("alice")
         self.assertIsNotNone(session.conn.tls._certificate_request)
-        ready: defer.Deferred[Any] = defer.Deferred()
-        session.openStream(TPClientProtocol(ClientHello.connect("127.0.0.1", sinkPort), ready))
-        yield ready.addTimeout(5, reactor)
+        session.openStream(Recorder()).write(b"hello")
+        self.network.run(until=lambda: self.built)
         server = self.serverSession()
         self.assertIsNone(server.responder)
         self.assertEqual(server.identity, "alice")
         self.assertEqual(len(self.built), 1)
         self.assertFalse(server.conn.tpAnonymous)
 
-    @defer.inlineCallbacks
-    def refused(self, config: QuicConfiguration, reason: str) -> Any:
+    def refused(self, config: QuicConfiguration, reason: str) -> None:
         """
         The client is refused in the handshake; the audit event says why.
         """
         self.startTP()
-        session = connectQuic(reactor, ("127.0.0.1", self.port), config)
-        self.addCleanup(self.close, session)
-        try:
-            yield session.ready
-        except TunnelError:
-            pass  # the refusal came before the client's handshake ended
-        yield session.done.addTimeout(10, reactor)
+        session = self.world.connect(configuration=config)
+        session.ready.addErrback(lambda f: None)
+        self.network.run(until=lambda: session.done.called)
+        self.network.run()
         self.assertIsNotNone(session.conn.tls._certificate_request)
-        [event] = yield waitForAudits(self.observer, 1)
+        [event] = audits(self.observer)
         self.assertEqual((event["result"], event["event"]), ("handshake_failed", "quic"))
         self.assertIn(reason, event["detail"])
         self.assertEqual((self.built, self.listener.sessions), ([], {}))
 
-    def test_tpWithoutCertificate(self) -> Any:
-        return self.refused(self.tpConfig(None), "no client certificate")
+    def test_tpWithoutCertificate(self) -> None:
+        self.refused(self.world.clientConfiguration(None), "no client certificate")
 
-    def test_tpOtherCA(self) -> Any:
+    def test_tpOtherCA(self) -> None:
         other = TestPKI.create(self.mktemp())
         other.client("alice")
-        return self.refused(self.tpConfig("alice", pki=other), "certificate not accepted")
+        self.refused(self.world.clientConfiguration("alice", pki=other), "certificate not accepted")
 
-    def test_bothOfferedWithoutCertificate(self) -> Any:
+    def test_bothOfferedWithoutCertificate(self) -> None:
         """
         A client offering h3 and tp/1 gets tp/1 (the server's preference),
         with its certificate requirement.
         """
-        config = self.tpConfig(None)
+        config = self.world.clientConfiguration(None)
         config.alpn_protocols = ["h3", "tp/1"]
-        return self.refused(config, "no client certificate")
+        self.refused(config, "no client certificate")
 
 
 class LimitTests(H3ListenerTests):
@@ -442,53 +394,50 @@ class LimitTests(H3ListenerTests):
     What an anonymous client can make TP hold.
     """
 
-    @defer.inlineCallbacks
-    def test_oversizedRequest(self) -> Any:
+    def test_oversizedRequest(self) -> None:
         """
         A request whose headers do not end within REQUEST_LIMIT bytes is
         reset both ways with H3_EXCESSIVE_LOAD; the connection goes on.
         """
         self.startTP()
-        session = yield self.browser()
+        session = self.browser()
         # A HEADERS frame (type 1) announcing 1 MiB, then more than the limit.
         streamId, done = session.rawStream(b"\x01\x80\x10\x00\x00" + b"\0" * (h3.REQUEST_LIMIT + 1000), end=False)
-        yield done.addTimeout(5, reactor)
+        self.result(done)
         self.assertEqual(session.resets[streamId], ErrorCode.H3_EXCESSIVE_LOAD)
         server = self.serverSession()
         # The H3 layer dropped what it had buffered for the stream.
         self.assertEqual(getattr(server.responder.http._stream.get(streamId), "buffer", b""), b"")
-        response = yield session.request()
+        response = self.result(session.request())
         self.assertEqual(response["headers"][b":status"], b"308")
 
-    @defer.inlineCallbacks
-    def test_receiveBudgetFixed(self) -> Any:
+    def test_receiveBudgetFixed(self) -> None:
         """
         An h3 connection's MAX_DATA is never raised (aioquic doubles it when
         half is used): its stream data in all is bounded by max_data.
         """
         self.startTP()
-        session = yield self.browser()
+        session = self.browser()
         initial = self.listener.configuration.max_data
         dones = [session.rawStream(b"\x01\x80\x10\x00\x00" + b"\0" * (h3.REQUEST_LIMIT + 100), end=False)[1] for _ in range(20)]
-        yield defer.gatherResults([d.addTimeout(5, reactor) for d in dones])
+        self.result(defer.gatherResults(dones))
         server = self.serverSession()
         self.assertGreater(server.conn._local_max_data.used * 2, initial)
         # Once all the client sent is acknowledged, TP has sent packets
         # since it got the data, and the client has read them: a MAX_DATA
         # would have come with them.
-        yield waitUntil(lambda: session.conn._loss.bytes_in_flight == 0, "the client's data acknowledged")
+        self.network.run(until=lambda: session.conn._loss.bytes_in_flight == 0)
         self.assertEqual(server.conn._local_max_data.value, initial)
         self.assertEqual(session.conn._remote_max_data, initial)
 
-    @defer.inlineCallbacks
-    def test_pendingResponses(self) -> Any:
+    def test_pendingResponses(self) -> None:
         """
         At most MAX_PENDING responses wait for their acknowledgement; requests
         beyond are rejected with H3_REQUEST_REJECTED (a client may retry).
         """
         self.startTP()
-        session = yield self.browser()
-        responses = yield defer.gatherResults([session.request() for _ in range(h3.MAX_PENDING + 4)])
+        session = self.browser()
+        responses = self.result(defer.gatherResults([session.request() for _ in range(h3.MAX_PENDING + 4)]))
         answered = [r for r in responses if "headers" in r]
         self.assertEqual(len(answered), h3.MAX_PENDING)
         rejected = [session.resets[r["stream"]] for r in responses if "headers" not in r]
@@ -496,37 +445,70 @@ class LimitTests(H3ListenerTests):
         # Once the client has acknowledged the responses, requests are
         # answered again.
         server = self.serverSession()
-        yield waitUntil(
-            lambda: not any(server.conn.sendBuffered(s) for s in server.responder.pending), "the responses acknowledged"
-        )
-        response = yield session.request()
+        self.network.run(until=lambda: not any(server.conn.sendBuffered(s) for s in server.responder.pending))
+        response = self.result(session.request())
         self.assertEqual(response["headers"][b":status"], b"308")
 
-    @defer.inlineCallbacks
-    def test_requestLimit(self) -> Any:
+    def test_requestLimit(self) -> None:
         """
         A connection serves MAX_REQUESTS requests, then is closed.
         """
         self.patch(h3, "MAX_REQUESTS", 3)
         self.startTP()
-        session = yield self.browser()
+        session = self.browser()
         for _ in range(3):
-            response = yield session.request()
+            response = self.result(session.request())
             self.assertEqual(response["headers"][b":status"], b"308")
         session.request()
-        yield session.done.addTimeout(5, reactor)
-        self.assertEqual(session.closeEvent.error_code, ErrorCode.H3_EXCESSIVE_LOAD)
+        self.network.run(until=lambda: session.done.called)
+        self.assertEqual(session.closeEvent.error_code, ErrorCode.H3_EXCESSIVE_LOAD)  # type: ignore[union-attr]
         self.assertEqual(audits(self.observer), [])
 
-    @defer.inlineCallbacks
-    def test_uniLimit(self) -> Any:
+    def test_uniLimit(self) -> None:
         """
         The client's control and QPACK streams have a budget too.
         """
         self.patch(h3, "UNI_LIMIT", 4)
         self.startTP()
-        session = connectH3(("127.0.0.1", self.port), self.h3Config())
-        self.addCleanup(self.close, session)
+        session = self.connect()
         session.ready.addErrback(lambda f: None)
-        yield session.done.addTimeout(5, reactor)
-        self.assertEqual(session.closeEvent.error_code, ErrorCode.H3_EXCESSIVE_LOAD)
+        self.network.run(until=lambda: session.done.called)
+        self.assertEqual(session.closeEvent.error_code, ErrorCode.H3_EXCESSIVE_LOAD)  # type: ignore[union-attr]
+
+
+class LoopbackTests(TestCase):
+    """
+    End to end on real UDP sockets: TP's listener as C{twist tp} makes it,
+    and a browser.
+    """
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_redirectOverUDP(self) -> Any:
+        from twisted.internet import reactor
+
+        from tpproxy.service import makeServerFactory
+        from tpproxy.transports.quic import ClientVerifier
+
+        pki = TestPKI.create(self.mktemp())
+        tpFactory = makeServerFactory(pki.serverConfig(), reactor).wrappedFactory
+        tlsContext = tpFactory.serverTLS
+        verifier = ClientVerifier(tlsContext.clientCAs, tlsContext.checker, reactor)
+        listener = QuicListener(reactor, serverConfiguration(tlsContext.chain, tlsContext.key), verifier, tpFactory, h3=REDIRECT)
+        udp = reactor.listenUDP(0, listener, interface="127.0.0.1")
+        self.addCleanup(udp.stopListening)
+        config = QuicConfiguration(is_client=True, alpn_protocols=["h3"], server_name="localhost")
+        config.cadata = pki.ca.certPEM
+        session = connectH3(reactor, ("127.0.0.1", udp.getHost().port), config)
+
+        def close() -> None:
+            if not session.closed:
+                session.close(0, "test done")
+            session.socket.stop()
+            session.abandon()
+
+        self.addCleanup(close)
+        yield session.ready.addTimeout(5, reactor)
+        response = yield session.request(b"/").addTimeout(5, reactor)
+        self.assertEqual(response["headers"][b":status"], b"308")
