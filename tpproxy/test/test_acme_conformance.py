@@ -392,14 +392,14 @@ class MemoryCAChecksTests(SynchronousTestCase):
 
     def test_unknownAccount(self) -> None:
         """
-        A C{kid} the CA does not know is C{accountDoesNotExist}.
+        A C{kid} the CA does not know is C{accountDoesNotExist} (what
+        makes the client register again, see the contract's
+        C{test_caForgotAccount}).
         """
         self.successResultOf(runUntilFired(self.clock, self.client.register()))
         self.client.accountURL = self.ca.base + "/acct/999"
-        self.client.register = lambda: defer.fail(AcmeError("not again"))  # type: ignore[method-assign]
-        failure = self.failureResultOf(self.issue(), AcmeError)
-        self.assertEqual(failure.value.args, ("not again",))
-        self.assertIn(("POST", "/new-order"), self.ca.requests)
+        d = runUntilFired(self.clock, self.client._post(self.ca.base + "/new-order", {"identifiers": [{"type": "dns", "value": "svc.test"}]}))
+        self.assertEqual(self.failureResultOf(d, AcmeError).value.code, "accountDoesNotExist")
 
     def test_urlMismatch(self) -> None:
         """
