@@ -15,7 +15,6 @@ from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime, IReactorUDP
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -24,7 +23,7 @@ from tpproxy.test.support import auditObserver, audits
 from tpproxy.testing import TestPKI
 from tpproxy.transports import h3
 from tpproxy.transports.h3 import H3Response
-from tpproxy.transports.quic import ClientSession, ClientSocket, QuicListener, TPQuicConnection, serverConfiguration
+from tpproxy.transports.quic import ClientSession, ClientSocket, IQuicReactor, QuicListener, TPQuicConnection, serverConfiguration
 from tpproxy.wire import ClientHello
 
 REDIRECT = H3Response.redirect("https://www.example.org/")
@@ -152,13 +151,7 @@ class H3Client(ClientSession):
         return streamId, done
 
 
-class IClientReactor(IReactorUDP, IReactorTime):
-    """
-    What a QUIC client needs of its reactor.
-    """
-
-
-def connectH3(reactor: IClientReactor, address: tuple[str, int], configuration: QuicConfiguration) -> H3Client:
+def connectH3(reactor: IQuicReactor, address: tuple[str, int], configuration: QuicConfiguration) -> H3Client:
     socket = ClientSocket(reactor, None, "ipv4", address)
     session = H3Client(reactor, TPQuicConnection(configuration=configuration), socket, address)
     socket.session = session

@@ -34,7 +34,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime, IReactorUDP, ITransport
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -62,6 +62,13 @@ SEND_LOW_WATER = 512 * 1024
 #: Error codes TP uses when it resets or stops a stream, or closes.
 STREAM_ABORTED = 0x100
 CLOSE_REFUSED = 0x101
+
+
+class IQuicReactor(IReactorUDP, IReactorTime):
+    """
+    What TP's QUIC listener and client need of a reactor: UDP ports and
+    the clock aioquic's timers run on.
+    """
 
 
 class AlertCertificateRequired(tls.Alert):
@@ -646,7 +653,7 @@ class QuicSession:
     peerCertificate: x509.Certificate | None = None
     abandoned = False
 
-    def __init__(self, conn: TPQuicConnection, send: Callable[[bytes, Any], None], clock: Any, peer: Any) -> None:
+    def __init__(self, conn: TPQuicConnection, send: Callable[[bytes, Any], None], clock: IReactorTime, peer: Any) -> None:
         self.conn = conn
         self.send = send
         self.clock = clock
@@ -1021,7 +1028,7 @@ class QuicListener(DatagramProtocol):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IQuicReactor,
         configuration: QuicConfiguration,
         verifier: ClientVerifier,
         factory: Any,
@@ -1295,7 +1302,7 @@ class ClientSession(QuicSession):
     handshake completes; L{openStream} then gives a transport per tunnel.
     """
 
-    def __init__(self, reactor: Any, conn: TPQuicConnection, socket: ClientSocket, server: Any) -> None:
+    def __init__(self, reactor: IQuicReactor, conn: TPQuicConnection, socket: ClientSocket, server: Any) -> None:
         super().__init__(conn, socket.sendDatagram, reactor, server)
         from twisted.internet import defer
 
@@ -1401,7 +1408,7 @@ class ClientSocket(DatagramProtocol):
     unreachable" (no QUIC listener, UDP blocked) is reported at once.
     """
 
-    def __init__(self, reactor: Any, session: ClientSession | None, family: str, server: Any) -> None:
+    def __init__(self, reactor: IQuicReactor, session: ClientSession | None, family: str, server: Any) -> None:
         self.session = session
         self.family = family
         self.server = server
@@ -1451,7 +1458,7 @@ class ClientSocket(DatagramProtocol):
             self.port = None
 
 
-def connectQuic(reactor: Any, address: tuple[str, int], configuration: QuicConfiguration) -> ClientSession:
+def connectQuic(reactor: IQuicReactor, address: tuple[str, int], configuration: QuicConfiguration) -> ClientSession:
     """
     Start a QUIC connection to C{address} (an IP address and port); wait on
     the returned session's C{ready}.

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from aioquic.buffer import Buffer, BufferReadError, size_uint_var
 from twisted.internet.error import MessageLengthError
+from twisted.internet.interfaces import IReactorTime, IReactorUDP
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
@@ -40,6 +41,13 @@ RECEIVE_SIZE = 65536
 #: they go on the flow's stream, framed, which always works.
 MAX_DATAGRAM_PAYLOAD = 1100
 _LENGTH = struct.Struct("!H")
+
+
+class IFlowReactor(IReactorUDP, IReactorTime):
+    """
+    What the server end of a flow needs: a UDP port to the destination and
+    an idle timer.
+    """
 
 
 def encodeFlowDatagram(quarterId: int, payload: bytes) -> bytes:
@@ -110,7 +118,7 @@ def writeDatagram(transport: Any, data: bytes, addr: Any = None) -> bool:
 
 
 class IdleTimer:
-    def __init__(self, clock: Any, timeout: float, expired: Callable[[], None]) -> None:
+    def __init__(self, clock: IReactorTime, timeout: float, expired: Callable[[], None]) -> None:
         self.call = clock.callLater(timeout, expired)
         self.timeout = timeout
 
@@ -171,7 +179,7 @@ class ServerFlow:
     @param tunnel: the TP server protocol of the flow's stream.
     """
 
-    def __init__(self, reactor: Any, tunnel: Any, address: str, port: int) -> None:
+    def __init__(self, reactor: IFlowReactor, tunnel: Any, address: str, port: int) -> None:
         self.tunnel = tunnel
         self.reactor = reactor
         transport = tunnel.transport
@@ -350,7 +358,7 @@ class UDPForwarder(DatagramProtocol):
     address, to a UDP destination through TP.
     """
 
-    def __init__(self, reactor: Any, connector: Any, hello: Any, say: Callable[[str], None]) -> None:
+    def __init__(self, reactor: IReactorTime, connector: Any, hello: Any, say: Callable[[str], None]) -> None:
         self.reactor = reactor
         self.connector = connector
         self.hello = hello
