@@ -68,6 +68,7 @@ from tpproxy.clienthello import (
     ClientHelloParser,
 )
 from tpproxy.limits import holdPlace
+from tpproxy.names import normalize
 from tpproxy.protocols.relay import RelayEnd, describeAddress, noDelay, splice
 from tpproxy.proxyproto import proxyV2Header
 from tpproxy.transports.tls import HalfCloseTLSProtocol, TLSFactory
@@ -294,12 +295,12 @@ class DefaultRoute:
         if callable(tpNames):
             self.isTPName: Callable[[str], bool] = tpNames
         else:
-            names = frozenset(n.lower().rstrip(".") for n in tpNames)
+            names = frozenset(normalize(n) for n in tpNames)
             self.isTPName = names.__contains__
         self.tp = ToFactory(tpFactory, "tp")
         self.backend = backend
         self.terminate = terminate
-        self.terminateNames = frozenset(n.lower().rstrip(".") for n in terminateNames)
+        self.terminateNames = frozenset(normalize(n) for n in terminateNames)
         self.factories: list[IProtocolFactory] = [r.factory for r in (self.tp, backend, terminate) if isinstance(r, ToFactory)]
 
     def __call__(self, info: ClientHelloInfo) -> Route:

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tpproxy.certsource import CertificateUnavailable, ICertificateSource
+from tpproxy.names import normalize
 from tpproxy.policy import Decision, ExposureRule, Policy
 from tpproxy.protocols.relay import RelayEnd, noDelay, splice
 from tpproxy.reactors import IServerReactor
@@ -250,7 +251,7 @@ class Registry:
         return self.policy.mayDialExposure(exposure.grantedBy, identity, exposure.name)
 
     def nameExposure(self, name: str) -> Exposure | None:
-        return self.byName.get(name.lower().rstrip("."))
+        return self.byName.get(normalize(name))
 
     # --- sessions -------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from tpproxy.names import normalize
 from tpproxy.pki import identityOf
 from tpproxy.verify import (
     X509_V_ERR_APPLICATION_VERIFICATION,
@@ -40,7 +41,7 @@ def _certificateNames(cert: x509.Certificate) -> frozenset[str]:
     names = {str(a.value).lower() for a in cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)}
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names.update(n.lower().rstrip(".") for n in san.get_values_for_type(x509.DNSName))
+        names.update(normalize(n) for n in san.get_values_for_type(x509.DNSName))
     except x509.ExtensionNotFound:
         pass
     return frozenset(names)
@@ -143,7 +144,7 @@ class ServerTLS:
             # client certificate, and the TP protocol closes such a
             # connection without serving anything (server.py).
             raw = conn.get_servername()
-            name = raw.decode("ascii", "replace").lower().rstrip(".") if raw else ""
+            name = normalize(raw.decode("ascii", "replace")) if raw else ""
             pair = self.challengeCertificates.get(name)
             if pair is None:
                 return SSL.NO_OVERLAPPING_PROTOCOLS
@@ -182,7 +183,7 @@ class ServerTLS:
     def _selectName(self, conn: SSL.Connection) -> None:
         raw = conn.get_servername()
         if raw:
-            name = raw.decode("ascii", "replace").lower().rstrip(".")
+            name = normalize(raw.decode("ascii", "replace"))
             ctx = self.names.get(name)
             if ctx is not None:
                 conn.set_context(ctx)
