@@ -347,7 +347,7 @@ class ServerTestMixin:
         self.assertIn(fragment, answer.message)  # type: ignore[attr-defined]
         self.assertEqual(rest, b"")  # type: ignore[attr-defined]
         self.assertIsNotNone(client.lostReason)  # type: ignore[attr-defined]
-        self.assertEqual(server.state, "closed")  # type: ignore[attr-defined]
+        self.assertEqual(server.phase, "closed")  # type: ignore[attr-defined]
         self.assertEqual(self.reactor.getDelayedCalls(), [])  # type: ignore[attr-defined]
         event = self.onlyAuditEvent()
         self.assertEqual(event["result"], code)  # type: ignore[attr-defined]
@@ -384,7 +384,7 @@ class ConnectTests(ServerTestMixin, SynchronousTestCase):
         # The hello and the bytes after it arrived in one read.
         self.assertEqual(chunks, [hello("192.0.2.10", 80) + b"pipelined"])
         self.assertTrue(client.handshakeDone)
-        self.assertEqual(server.state, "dialling")
+        self.assertEqual(server.phase, "dialling")
         self.assertEqual(server.identity.name, "alice")
         self.assertEqual(len(self.reactor.tcpClients), 1)
         host, port, factory, timeout, bindAddress = self.reactor.tcpClients[0]
@@ -397,7 +397,7 @@ class ConnectTests(ServerTestMixin, SynchronousTestCase):
         answer, rest = client.serverHello()
         self.assertEqual(answer, ServerHello.success(address="192.0.2.10"))
         self.assertEqual(rest, b"")
-        self.assertEqual(server.state, "spliced")
+        self.assertEqual(server.phase, "spliced")
         self.assertEqual(dest.value(), b"pipelined")
 
         client.transport.write(b"up")
@@ -436,7 +436,7 @@ class ConnectTests(ServerTestMixin, SynchronousTestCase):
         pump.flush()
         client.transport.write(b"three")
         pump.flush()
-        self.assertEqual(server.state, "dialling")
+        self.assertEqual(server.phase, "dialling")
         outbound, dest = self.acceptDial()
         pump.flush()
         self.assertFalse(self.serverIO.paused)
@@ -454,11 +454,11 @@ class ConnectTests(ServerTestMixin, SynchronousTestCase):
         self.serverIO.honourPause = False
         client.transport.write(b"two")
         pump.flush()
-        self.assertEqual(server.pending, b"one,two")
+        self.assertEqual(server.session.pending, b"one,two")
         outbound, dest = self.acceptDial()
         pump.flush()
         self.assertEqual(dest.value(), b"one,two")
-        self.assertEqual(server.pending, b"")
+        self.assertEqual(server.session.pending, b"")
 
     def test_resolvedName(self) -> None:
         """
@@ -653,7 +653,7 @@ class HalfCloseTests(ServerTestMixin, SynchronousTestCase):
         dest.reportClosed(Failure(error.ConnectionLost()))
         pump.flush()
         self.assertIsNotNone(client.lostReason)
-        self.assertEqual(server.state, "closed")
+        self.assertEqual(server.phase, "closed")
         self.assertEqual(self.onlyAuditEvent()["result"], "ok")
 
     def test_clientReset(self) -> None:
@@ -665,7 +665,7 @@ class HalfCloseTests(ServerTestMixin, SynchronousTestCase):
         self.clientIO.loseConnection()
         pump.flush()
         self.assertTrue(dest.disconnecting)
-        self.assertEqual(server.state, "closed")
+        self.assertEqual(server.phase, "closed")
 
 
 # --- refusals by policy -------------------------------------------------------
@@ -846,7 +846,7 @@ class DialFailureTests(ServerTestMixin, SynchronousTestCase):
         self.assertTrue(self.reactor.connectors[0].stoppedConnecting)
         event = self.onlyAuditEvent()
         self.assertEqual(event["destination"], "192.0.2.10:80")
-        self.assertEqual(server.state, "closed")
+        self.assertEqual(server.phase, "closed")
         self.assertEqual([f.value for f in self.flushLoggedErrors()], [])
 
     def test_clientGoneWhileDiallingAudit(self) -> None:
@@ -972,7 +972,7 @@ class BadHelloTests(ServerTestMixin, SynchronousTestCase):
         for i in range(len(frame)):
             client.transport.write(frame[i : i + 1])
             pump.flush()
-        self.assertEqual(server.state, "dialling")
+        self.assertEqual(server.phase, "dialling")
         self.assertEqual(len(self.reactor.tcpClients), 1)
 
 
@@ -987,7 +987,7 @@ class TimeoutTests(ServerTestMixin, SynchronousTestCase):
         """
         client = Client(hello("192.0.2.10", 80)[:6])
         server, pump = self.connectClient(client)
-        self.assertEqual(server.state, "hello")
+        self.assertEqual(server.phase, "hello")
         self.reactor.advance(self.helloTimeout - 0.1)
         pump.flush()
         self.assertEqual(client.received, b"")
@@ -1030,7 +1030,7 @@ class TimeoutTests(ServerTestMixin, SynchronousTestCase):
         self.assertTrue(serverIO.disconnecting)
         self.assertTrue(serverTLS._aborted)
         pump.flush()
-        self.assertEqual(server.state, "closed")
+        self.assertEqual(server.phase, "closed")
         event = self.onlyAuditEvent()
         self.assertEqual(event["result"], "handshake_failed")
         self.assertEqual(event["detail"], f"no TLS handshake within {self.handshakeTimeout} s")
@@ -1046,9 +1046,9 @@ class TimeoutTests(ServerTestMixin, SynchronousTestCase):
         # Deliver the handshake and hello but never the server's answer.
         for _ in range(20):
             pump.pump()
-            if server.state == "refused":
+            if server.phase == "refused":
                 break
-        self.assertEqual(server.state, "refused")
+        self.assertEqual(server.phase, "refused")
         self.serverIO.stream = []
         self.reactor.advance(LINGER - 0.1)
         self.assertFalse(self.serverIO.disconnecting)
@@ -1078,7 +1078,7 @@ class ALPNTests(ServerTestMixin, SynchronousTestCase):
         client = Client(hello("192.0.2.10", 80))
         server, pump = self.connectClient(client, self.optionsWithALPN("alice", [b"h2", ALPN]))
         self.assertEqual(server.transport.negotiatedProtocol, ALPN)
-        self.assertEqual(server.state, "dialling")
+        self.assertEqual(server.phase, "dialling")
 
     def test_noALPN(self) -> None:
         """
@@ -1087,7 +1087,7 @@ class ALPNTests(ServerTestMixin, SynchronousTestCase):
         client = Client(hello("192.0.2.10", 80))
         server, pump = self.connectClient(client, self.optionsWithALPN("alice", None))
         self.assertIsNone(server.transport.negotiatedProtocol)
-        self.assertEqual(server.state, "dialling")
+        self.assertEqual(server.phase, "dialling")
 
 
 # --- certificates -------------------------------------------------------------
@@ -1106,10 +1106,10 @@ class HandshakeFailureTests(ServerTestMixin, SynchronousTestCase):
         server_, pump = self.connectClient(client, options)
         self.assertIsNotNone(client.lostReason)
         self.assertEqual(client.received, b"")
-        self.assertEqual(server_.state, "closed")
+        self.assertEqual(server_.phase, "closed")
         self.assertIsNone(server_.hello)
         self.assertIsNone(server_.identity)
-        self.assertEqual(server_.decoder.buffered(), 0)
+        self.assertEqual(server_.reader.buffered(), 0)
         self.assertEqual(self.reactor.tcpClients, [])
         event = self.onlyAuditEvent()
         self.assertEqual(event["result"], "handshake_failed")
@@ -1173,5 +1173,5 @@ class HandshakeFailureTests(ServerTestMixin, SynchronousTestCase):
         self.makeServer(crl="crl.pem", deny={"identities": ["mallory"], "serials": [serialHex(other.cert.serial_number)]})
         client = Client(hello("192.0.2.10", 80))
         server, pump = self.connectClient(client)
-        self.assertEqual(server.state, "dialling")
+        self.assertEqual(server.phase, "dialling")
         self.assertEqual(self.auditEvents(), [])

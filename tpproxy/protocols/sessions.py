@@ -1,0 +1,811 @@
+# -*- test-case-name: tpproxy.test.test_sessions,tpproxy.test.test_server -*-
+"""
+One session per operation of the TP server protocol.
+
+L{tpproxy.protocols.server.TPServerProtocol} owns the connection: the TLS
+handshake, the ClientHello, refusals, timeouts and the one audit event.
+Once it knows what the client asked for, it hands the connection to one of
+these sessions:
+
+    - L{ConnectSession}: dial a destination, then splice;
+    - L{UdpSession}: check a UDP destination, then carry a flow;
+    - L{ListenSession}: register an exposure, then run the signalling
+      connection's event loop (L{tpproxy.control.ControlLoop});
+    - L{AcceptSession}: claim an incoming session, then splice;
+    - L{E2ESession}: a TLS server for an exposure's name inside the tunnel
+      (L{E2EDialer} is its inside);
+    - L{SNISession}: a direct E2E dialer, chosen by the handshake's SNI.
+
+Each is a L{Machine}: its states are an enum and its behaviour the
+C{TRANSITIONS} table at the top of its class.  Every session takes
+C{start}, C{refused} (the connection answered with an error) and C{lost}
+(the connection is gone) besides its own inputs; the connection gives it
+bytes (C{data}) and an EOF (C{eof}) read before any splice.  One module
+for all of them: each is short, they share the base and the connection's
+vocabulary, and a reader sees the five machines side by side.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tpproxy.control import ControlLoop, IControlEnd
+from tpproxy.dial import DialError
+from tpproxy.machine import Machine
+from tpproxy.pki import identityOf
+from tpproxy.protocols.relay import RelayEnd, noDelay, splice
+from tpproxy.reverse.registry import Exposure, PendingSession, ReverseError
+from tpproxy.transports.servertls import NameTLS
+from tpproxy.transports.tls import TLSFactory
+from tpproxy.wire import ClientHello, ErrorCode, ServerHello, WireError, encodeEvent
+
+if TYPE_CHECKING:
+    from tpproxy.protocols.server import TPServerProtocol
+
+log = Logger(namespace="tpproxy.server")
+
+
+class Outbound(RelayEnd):
+    """
+    TP's connection to a destination.
+    """
+
+    def connectionMade(self) -> None:
+        noDelay(self.transport)
+
+
+class OutboundFactory(Factory):
+    protocol = Outbound
+    noisy = False
+
+
+class Session(Machine[Any]):
+    """
+    The part of one connection that serves its operation.
+
+    @ivar conn: the connection (its transport, identity, ClientHello and
+        audit fields).
+    """
+
+    def __init__(self, conn: TPServerProtocol) -> None:
+        self.conn = conn
+        self.factory = conn.factory
+
+    # Inputs every session takes.
+
+    def start(self, rest: bytes) -> None:
+        """
+        Begin; C{rest} is what followed the ClientHello in its read.
+        """
+        self._input("start", rest)
+
+    def data(self, data: bytes) -> None:
+        self._input("data", data)
+
+    def eof(self) -> None:
+        self._input("eof")
+
+    def refused(self) -> None:
+        self._input("refused")
+
+    def lost(self, reason: Failure) -> None:
+        self._input("lost", reason)
+
+    def counts(self) -> tuple[int, int]:
+        """
+        Bytes from the client and to it, for the audit event.
+        """
+        peer = self.conn.peer
+        return self.conn.bytesIn, peer.bytesIn if peer is not None else 0
+
+    # Outputs sessions share.
+
+    def _clientClosed(self) -> None:
+        """
+        EOF from the client where nothing carries it on: end the connection.
+        """
+        self.conn.detail = self.conn.detail or "the client closed its side"
+        self.conn.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _dialFailed(self, failure: Failure) -> None:
+        if failure.check(DialError):
+            err: DialError = failure.value  # type: ignore[assignment]
+            self.conn.address = err.address
+            self.conn.refuse(err.code, err.message)
+        else:
+            identity = self.conn.identity
+            log.failure("Unexpected error while dialling for {identity}", failure, identity=identity and identity.name)
+            self.conn.refuse(ErrorCode.INTERNAL, "internal error while connecting")
+
+
+def _rows(states: Any, input: str, to: Any | None, output: str | None) -> dict[tuple[Any, str], tuple[Any, str | None]]:
+    """
+    The same row for several states: to C{to} (L{None}: stay).
+    """
+    return {(s, input): (to if to is not None else s, output) for s in states}
+
+
+# --- connect ----------------------------------------------------------------
+
+
+class ConnectState(str, enum.Enum):
+    NEW = "new"
+    DIALLING = "dialling"
+    SPLICED = "spliced"
+    REFUSED = "refused"
+    CLOSED = "closed"
+
+
+class ConnectSession(Session):
+    """
+    C{connect}: dial the destination (the L{tpproxy.dial.Dialer} applies the
+    policy), answer, splice.  Bytes the client sent after its hello wait
+    for the splice.
+    """
+
+    S = ConnectState
+    TRANSITIONS = {
+        (S.NEW, "start"): (S.DIALLING, "_dial"),
+        (S.DIALLING, "data"): (S.DIALLING, "_hold"),
+        (S.DIALLING, "eof"): (S.DIALLING, None),  # the splice carries it on
+        (S.DIALLING, "dialled"): (S.SPLICED, "_splice"),
+        (S.DIALLING, "dialFailed"): (S.REFUSED, "_dialFailed"),
+        # A dial that ends after the client left or was refused.
+        (S.REFUSED, "dialled"): (S.REFUSED, "_dropOutbound"),
+        (S.CLOSED, "dialled"): (S.CLOSED, "_dropOutbound"),
+        (S.REFUSED, "dialFailed"): (S.REFUSED, None),
+        (S.CLOSED, "dialFailed"): (S.CLOSED, None),
+        **_rows((S.DIALLING, S.SPLICED, S.REFUSED), "refused", S.REFUSED, None),
+        **_rows((S.DIALLING, S.SPLICED, S.REFUSED), "lost", S.CLOSED, "_lost"),
+    }
+
+    dialling: defer.Deferred[Any] | None = None
+    outbound: Outbound | None = None
+
+    def __init__(self, conn: TPServerProtocol, hello: ClientHello) -> None:
+        super().__init__(conn)
+        self.hello = hello
+        self.state = ConnectState.NEW
+        self.pending = b""
+
+    def _dial(self, rest: bytes) -> None:
+        self.pending = rest
+        identity = self.conn.identity
+        assert identity is not None
+        self.dialling = self.factory.dialer.dial(identity.name, self.hello.host, self.hello.port, OutboundFactory())
+        self.dialling.addCallbacks(self._dialled, self._failed)
+
+    def _dialled(self, result: tuple[Outbound, str]) -> None:
+        self.dialling = None
+        self._input("dialled", *result)
+
+    def _failed(self, failure: Failure) -> None:
+        self.dialling = None
+        self._input("dialFailed", failure)
+
+    def _hold(self, data: bytes) -> None:
+        # The transport is paused, so at most what one read decrypted
+        # lands here.
+        self.pending += data
+
+    def _splice(self, outbound: Outbound, address: str) -> None:
+        conn = self.conn
+        self.outbound = outbound
+        conn.address = address
+        conn.result = "ok"
+        conn.transport.write(ServerHello.success(address=address).toFrame())  # type: ignore[union-attr]
+        pending, self.pending = self.pending, b""
+        splice(conn, outbound, fromA=pending)
+        conn.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def _dropOutbound(self, outbound: Outbound, address: str) -> None:
+        outbound.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _lost(self, reason: Failure) -> None:
+        if self.dialling is not None:
+            self.dialling.cancel()
+
+
+# --- udp --------------------------------------------------------------------
+
+
+class UdpState(str, enum.Enum):
+    NEW = "new"
+    CHECKING = "dialling"
+    FLOWING = "udp"
+    REFUSED = "refused"
+    CLOSED = "closed"
+
+
+class UdpSession(Session):
+    """
+    C{udp}: check the destination against the policy, answer, then carry
+    the flow (L{tpproxy.transports.udp.ServerFlow}).
+    """
+
+    S = UdpState
+    TRANSITIONS = {
+        (S.NEW, "start"): (S.CHECKING, "_check"),
+        (S.CHECKING, "data"): (S.CHECKING, "_hold"),
+        (S.CHECKING, "eof"): (S.CHECKING, None),
+        (S.CHECKING, "allowed"): (S.FLOWING, "_open"),
+        (S.CHECKING, "dialFailed"): (S.REFUSED, "_dialFailed"),
+        (S.FLOWING, "data"): (S.FLOWING, "_stream"),
+        (S.FLOWING, "eof"): (S.FLOWING, "_clientClosed"),
+        **_rows((S.REFUSED, S.CLOSED), "allowed", None, None),
+        **_rows((S.REFUSED, S.CLOSED), "dialFailed", None, None),
+        **_rows((S.CHECKING, S.FLOWING, S.REFUSED), "refused", S.REFUSED, None),
+        **_rows((S.CHECKING, S.FLOWING, S.REFUSED), "lost", S.CLOSED, "_lost"),
+    }
+
+    checking: defer.Deferred[Any] | None = None
+    flow: Any = None
+
+    def __init__(self, conn: TPServerProtocol, hello: ClientHello) -> None:
+        super().__init__(conn)
+        self.hello = hello
+        self.state = UdpState.NEW
+        self.pending = b""
+
+    def _check(self, rest: bytes) -> None:
+        self.pending = rest
+        identity = self.conn.identity
+        assert identity is not None
+        self.checking = self.factory.dialer.allowedAddresses(identity.name, self.hello.host, self.hello.port, "udp")
+        self.checking.addCallbacks(self._allowed, self._failed)
+
+    def _allowed(self, addresses: list[str]) -> None:
+        self.checking = None
+        self._input("allowed", addresses)
+
+    def _failed(self, failure: Failure) -> None:
+        self.checking = None
+        self._input("dialFailed", failure)
+
+    def _hold(self, data: bytes) -> None:
+        self.pending += data
+
+    def _open(self, addresses: list[str]) -> None:
+        from tpproxy.transports.udp import ServerFlow
+
+        conn = self.conn
+        conn.address = addresses[0]
+        self.flow = ServerFlow(self.factory.reactor, conn, conn.address, self.hello.port)
+        conn.result = "ok"
+        framing = "datagram" if self.flow.quic is not None else "stream"
+        conn.transport.write(  # type: ignore[union-attr]
+            ServerHello.success(address=conn.address, flow=self.flow.quarterId, framing=framing).toFrame()
+        )
+        rest, self.pending = self.pending, b""
+        conn.transport.resumeProducing()  # type: ignore[union-attr]
+        if rest:
+            self.flow.streamData(rest)
+
+    def _stream(self, data: bytes) -> None:
+        self.flow.streamData(data)
+
+    def _lost(self, reason: Failure) -> None:
+        if self.checking is not None:
+            self.checking.cancel()
+        if self.flow is not None:
+            self.flow.close()
+
+    def counts(self) -> tuple[int, int]:
+        if self.flow is None:
+            return super().counts()
+        return self.flow.bytesOut, self.flow.socket.bytesIn
+
+
+# --- listen -----------------------------------------------------------------
+
+
+class ListenState(str, enum.Enum):
+    NEW = "new"
+    REGISTERING = "registering"
+    LISTENING = "listening"
+    CLOSING = "closing"
+    REFUSED = "refused"
+    CLOSED = "closed"
+
+
+@implementer(IControlEnd)
+class ListenSession(Session):
+    """
+    C{listen}: register an exposure, answer, then keep the signalling
+    connection (pings, deadline, C{incoming} events).  It is the
+    exposure's L{tpproxy.reverse.registry.Control}.
+    """
+
+    S = ListenState
+    _IGNORES_CLOSE = (S.NEW, S.REGISTERING, S.CLOSING, S.REFUSED, S.CLOSED)
+    TRANSITIONS = {
+        (S.NEW, "start"): (S.REGISTERING, "_register"),
+        # The transport is paused while registering; what one read still
+        # brought is dropped (the exposer sends nothing before the answer).
+        (S.REGISTERING, "data"): (S.REGISTERING, None),
+        (S.REGISTERING, "eof"): (S.REGISTERING, "_clientClosed"),
+        (S.REGISTERING, "registered"): (S.LISTENING, "_listening"),
+        (S.REGISTERING, "registerFailed"): (S.REFUSED, "_registerFailed"),
+        (S.LISTENING, "data"): (S.LISTENING, "_control"),
+        (S.LISTENING, "eof"): (S.LISTENING, "_clientClosed"),
+        (S.LISTENING, "closeControl"): (S.CLOSING, "_closeControl"),
+        (S.CLOSING, "data"): (S.CLOSING, None),
+        (S.CLOSING, "eof"): (S.CLOSING, None),
+        **_rows(_IGNORES_CLOSE, "closeControl", None, None),
+        # A registration that ends after the client left or was refused.
+        **_rows((S.REFUSED, S.CLOSED), "registered", None, "_unregister"),
+        **_rows((S.REFUSED, S.CLOSED), "registerFailed", None, None),
+        **_rows((S.REGISTERING, S.LISTENING, S.CLOSING, S.REFUSED), "refused", S.REFUSED, None),
+        **_rows((S.REGISTERING, S.LISTENING, S.CLOSING, S.REFUSED), "lost", S.CLOSED, "_lost"),
+    }
+
+    exposure: Exposure | None = None
+
+    def __init__(self, conn: TPServerProtocol, hello: ClientHello) -> None:
+        super().__init__(conn)
+        self.hello = hello
+        self.state = ListenState.NEW
+        self.loop = ControlLoop(self.factory.reactor, self.factory.config.keepalive, self)
+
+    def _register(self, rest: bytes) -> None:
+        self.rest = rest
+        identity = self.conn.identity
+        assert identity is not None
+        d = self.factory.registry.expose(self, identity.name, self.hello.mode, port=self.hello.port, name=self.hello.name)
+        d.addCallbacks(lambda exposure: self._input("registered", exposure), lambda f: self._input("registerFailed", f))
+
+    def _listening(self, exposure: Exposure) -> None:
+        conn = self.conn
+        self.exposure = exposure
+        conn.result = "ok"
+        conn.address = exposure.describe()
+        info = {"port": exposure.port} if exposure.mode == "public" else {"name": exposure.name}
+        conn.transport.write(ServerHello.success(**info).toFrame())  # type: ignore[union-attr]
+        log.info("{identity} exposes {exposure}", identity=exposure.owner, exposure=exposure.describe())
+        conn.transport.resumeProducing()  # type: ignore[union-attr]
+        rest, self.rest = self.rest, b""
+        self.loop.start()
+        if rest:
+            self.loop.feed(rest)
+
+    def _registerFailed(self, failure: Failure) -> None:
+        if failure.check(ReverseError):
+            err: ReverseError = failure.value  # type: ignore[assignment]
+            self.conn.refuse(err.code, err.message)
+        else:
+            identity = self.conn.identity
+            log.failure("Unexpected error in {op} for {identity}", failure, op=self.conn.event, identity=identity and identity.name)
+            self.conn.refuse(ErrorCode.INTERNAL, "internal error")
+
+    def _unregister(self, exposure: Exposure) -> None:
+        self.factory.registry.remove(exposure)
+
+    def _control(self, data: bytes) -> None:
+        self.loop.feed(data)
+
+    def closeControl(self, reason: str) -> None:
+        """
+        End the signalling connection (the registry's takeover, a silent or
+        misbehaving exposer); the exposure goes with it.
+        """
+        self._input("closeControl", reason)
+
+    def _closeControl(self, reason: str) -> None:
+        self.conn.detail = reason
+        self.conn.transport.abortConnection()  # type: ignore[union-attr]
+
+    def sendIncoming(self, session: str, identity: str | None, peer: str) -> None:
+        """
+        Tell the exposer a dialer waits in C{session}.
+        """
+        transport = self.conn.transport
+        quic = getattr(transport, "session", None)
+        if quic is not None and hasattr(transport, "streamId"):
+            # Over QUIC the session is a new stream TP opens on the same
+            # connection: it can never land anywhere else, and needs no
+            # accept (the connection is the exposer's, authenticated).
+            owner = self.conn.identity
+            assert owner is not None
+            quic.openStream(IncomingStreamEnd(self.factory.registry, session, owner.name, identity, peer))
+            return
+        transport.write(encodeEvent("incoming", session=session, identity=identity, peer=peer))  # type: ignore[union-attr]
+
+    # IControlEnd
+
+    def writeControl(self, data: bytes) -> None:
+        self.conn.transport.write(data)  # type: ignore[union-attr]
+
+    def controlEvent(self, event: str, fields: dict[str, Any]) -> None:
+        pass  # an exposer sends nothing but pings and pongs
+
+    def controlSilent(self, seconds: float) -> None:
+        self.closeControl(f"nothing heard from the exposer for {seconds:g} s")
+
+    def controlMalformed(self, error: WireError) -> None:
+        self.closeControl(f"bad event from the exposer: {error.message}")
+
+    def _lost(self, reason: Failure) -> None:
+        self.loop.stop()
+        if self.exposure is not None:
+            self.factory.registry.remove(self.exposure)
+            log.info("{identity} no longer exposes {exposure}", identity=self.exposure.owner, exposure=self.exposure.describe())
+
+
+class IncomingStreamEnd(RelayEnd):
+    """
+    The server's end of a stream it opened to an exposer over QUIC for one
+    incoming session: announces the session on the stream, then carries it.
+    """
+
+    def __init__(self, registry: Any, sid: str, owner: str, identity: str | None, peer: str) -> None:
+        self.registry = registry
+        self.sid = sid
+        self.owner = owner
+        self.identity = identity
+        self.peerText = peer
+
+    def connectionMade(self) -> None:
+        self.transport.write(encodeEvent("incoming", session=self.sid, identity=self.identity, peer=self.peerText))  # type: ignore[union-attr]
+        try:
+            pending = self.registry.claim(self.sid, self.owner)
+        except ReverseError:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        pending.dialer.sessionJoined(self)
+
+    def preSpliceData(self, data: bytes) -> None:
+        pass
+
+
+# --- accept -----------------------------------------------------------------
+
+
+class AcceptState(str, enum.Enum):
+    NEW = "new"
+    CLAIMING = "claiming"
+    SPLICED = "spliced"
+    REFUSED = "refused"
+    CLOSED = "closed"
+
+
+class AcceptSession(Session):
+    """
+    C{accept}: claim the pending session (once, by its exposer), answer,
+    and splice to the dialer waiting in it.
+    """
+
+    S = AcceptState
+    TRANSITIONS = {
+        (S.NEW, "start"): (S.CLAIMING, "_claim"),
+        (S.CLAIMING, "claimed"): (S.SPLICED, "_join"),
+        **_rows((S.CLAIMING, S.SPLICED, S.REFUSED), "refused", S.REFUSED, None),
+        **_rows((S.CLAIMING, S.SPLICED, S.REFUSED), "lost", S.CLOSED, None),
+    }
+
+    def __init__(self, conn: TPServerProtocol, hello: ClientHello) -> None:
+        super().__init__(conn)
+        self.hello = hello
+        self.state = AcceptState.NEW
+
+    def _claim(self, rest: bytes) -> None:
+        identity = self.conn.identity
+        assert identity is not None and self.hello.session is not None
+        try:
+            pending = self.factory.registry.claim(self.hello.session, identity.name)
+        except ReverseError as e:
+            self.conn.refuse(e.code, e.message)
+            return
+        self._input("claimed", pending, rest)
+
+    def _join(self, pending: PendingSession, rest: bytes) -> None:
+        conn = self.conn
+        conn.result = "ok"
+        conn.address = pending.exposure.describe()
+        conn.detail = f"dialer {pending.dialerIdentity or pending.peer}"
+        conn.transport.write(ServerHello.success().toFrame())  # type: ignore[union-attr]
+        pending.dialer.sessionJoined(conn)
+        if rest:
+            conn.bytesIn += len(rest)
+            conn.peer.transport.write(rest)  # type: ignore[union-attr]
+        conn.transport.resumeProducing()  # type: ignore[union-attr]
+
+
+# --- E2E through a TP tunnel --------------------------------------------------
+
+
+class E2EState(str, enum.Enum):
+    NEW = "new"
+    CHECKING = "checking"
+    TUNNEL = "e2e"
+    REFUSED = "refused"
+    CLOSED = "closed"
+
+
+class E2ESession(Session):
+    """
+    C{connect} to an exposure's E2E name: TP answers, then serves the
+    name's TLS inside the tunnel (L{E2EDialer} is its inside, which waits
+    for the exposer's accept).
+    """
+
+    S = E2EState
+    TRANSITIONS = {
+        (S.NEW, "start"): (S.CHECKING, "_check"),
+        (S.CHECKING, "opened"): (S.TUNNEL, "_openTunnel"),
+        (S.TUNNEL, "data"): (S.TUNNEL, "_toInner"),
+        (S.TUNNEL, "eof"): (S.TUNNEL, "_innerEOF"),
+        **_rows((S.CHECKING, S.TUNNEL, S.REFUSED), "refused", S.REFUSED, None),
+        **_rows((S.CHECKING, S.TUNNEL, S.REFUSED), "lost", S.CLOSED, "_lost"),
+    }
+
+    inner: Any = None
+    #: The spliced inside, once its handshake completed (its bytes are
+    #: the connection's in the audit event).
+    innerEnd: E2EDialer | None = None
+    innerClosed = False
+
+    def __init__(self, conn: TPServerProtocol, hello: ClientHello) -> None:
+        super().__init__(conn)
+        self.hello = hello
+        self.state = E2EState.NEW
+
+    def _check(self, rest: bytes) -> None:
+        identity = self.conn.identity
+        assert identity is not None
+        name = self.hello.host.lower().rstrip(".")
+        decision = self.factory.config.policy.checkName(identity.name, name, self.hello.port, self.hello.transport)
+        if not decision.allowed:
+            self.conn.refuse(ErrorCode.FORBIDDEN, decision.reason)
+            return
+        exposure = self.factory.registry.nameExposure(name)
+        if name not in self.factory.serverTLS.innerNames:
+            # Exposed, but its certificate is still being obtained.
+            self.conn.refuse(ErrorCode.NOT_ACCEPTED, f"{name} is not ready yet (TP is getting its certificate); try again shortly")
+            return
+        self._input("opened", name, exposure, rest)
+
+    def _openTunnel(self, name: str, exposure: Exposure, rest: bytes) -> None:
+        conn = self.conn
+        conn.result = "e2e_handshake"
+        conn.address = f"E2E {name}"
+        conn.transport.write(ServerHello.success(e2e=name).toFrame())  # type: ignore[union-attr]
+        innerFactory = TLSFactory(
+            NameTLS(self.factory.serverTLS, name),
+            False,
+            Factory.forProtocol(lambda: E2EDialer(self, exposure, framed=True)),
+            clock=self.factory.reactor,
+        )
+        self.inner = innerFactory.buildProtocol(conn.transport.getPeer())  # type: ignore[union-attr]
+        self.inner.makeConnection(conn.transport)
+        # The inner handshake gets the same bound as the outer one.
+        conn.setTimeout(self.factory.config.handshakeTimeout)
+        conn.transport.resumeProducing()  # type: ignore[union-attr]
+        if rest:
+            self.inner.dataReceived(rest)
+
+    def _toInner(self, data: bytes) -> None:
+        self.inner.dataReceived(data)
+
+    def _innerEOF(self) -> None:
+        self.inner.connectionLost(Failure(error.ConnectionDone("the tunnel was closed")))
+        self.conn.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _lost(self, reason: Failure) -> None:
+        if self.inner is not None and not self.innerClosed:
+            self.inner.connectionLost(reason)
+
+    def counts(self) -> tuple[int, int]:
+        end = self.innerEnd
+        if end is None:
+            return super().counts()
+        return end.bytesIn, end.peer.bytesIn if end.peer is not None else 0
+
+
+class DialerState(str, enum.Enum):
+    HANDSHAKE = "handshake"
+    WAITING = "waiting"
+    SPLICED = "spliced"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+@implementer(IHandshakeListener)
+class E2EDialer(RelayEnd, Machine[DialerState]):
+    """
+    The inside of an E2E connection made through a TP tunnel: a TLS server
+    for the exposure's name runs inside the tunnel; once the dialer's
+    certificate passed (and policy lets it dial the name), the exposer is
+    asked to accept.  With C{framed}, a ServerHello inside the inner TLS
+    tells the tp client how that went.
+    """
+
+    S = DialerState
+    TRANSITIONS = {
+        (S.HANDSHAKE, "handshake"): (S.WAITING, "_handshook"),
+        **_rows((S.HANDSHAKE, S.WAITING), "data", None, "_hold"),
+        (S.FAILED, "data"): (S.FAILED, None),
+        (S.WAITING, "joined"): (S.SPLICED, "_join"),
+        (S.WAITING, "failed"): (S.FAILED, "_fail"),
+        **_rows((S.HANDSHAKE, S.WAITING, S.SPLICED, S.FAILED), "lost", S.CLOSED, "_lost"),
+    }
+
+    sid: str | None = None
+
+    def __init__(self, session: E2ESession, exposure: Exposure, framed: bool) -> None:
+        self.session = session
+        self.outer = session.conn
+        self.exposure = exposure
+        self.framed = framed
+        self.pending = b""
+        self.state = DialerState.HANDSHAKE
+
+    def handshakeCompleted(self) -> None:
+        self._input("handshake")
+
+    def preSpliceData(self, data: bytes) -> None:
+        self._input("data", data)
+
+    def sessionJoined(self, acceptEnd: RelayEnd) -> None:
+        self._input("joined", acceptEnd)
+
+    def sessionFailed(self, code: ErrorCode, message: str) -> None:
+        self._input("failed", code, message)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._input("lost", reason)
+
+    def _handshook(self) -> None:
+        outer = self.outer
+        outer.setTimeout(None)  # the registry bounds the wait for an accept
+        self.session.innerEnd = self
+        cert = self.transport.getPeerCertificate()  # type: ignore[union-attr]
+        if cert is None:
+            # Cannot happen with the inner context (it requires one); a
+            # check of its own all the same, since an identity is needed.
+            self.sessionFailed(ErrorCode.FORBIDDEN, "a client certificate is required")
+            return
+        identity = identityOf(cert.to_cryptography()).name
+        outer.detail = f"inner identity {identity}"
+        outer.result = "aborted"
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        registry = outer.factory.registry
+        decision = registry.mayDial(self.exposure, identity)
+        if not decision.allowed:
+            self.sessionFailed(ErrorCode.FORBIDDEN, f"not allowed to dial {self.exposure.name}: {decision.reason}")
+            return
+        if registry.nameExposure(self.exposure.name) is not self.exposure:
+            self.sessionFailed(ErrorCode.NOT_ACCEPTED, f"{self.exposure.name} is no longer exposed")
+            return
+        self.sid = registry.incoming(self.exposure, self, identity, outer.peerAddress)
+
+    def _hold(self, data: bytes) -> None:
+        self.pending += data
+
+    def _join(self, acceptEnd: RelayEnd) -> None:
+        self.sid = None
+        self.outer.result = "ok"
+        if self.framed:
+            self.transport.write(ServerHello.success().toFrame())  # type: ignore[union-attr]
+        pending, self.pending = self.pending, b""
+        splice(self, acceptEnd, fromA=pending)
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def _fail(self, code: ErrorCode, message: str) -> None:
+        self.sid = None
+        self.outer.result = code.value
+        self.outer.detail += f"; {message}"
+        if self.framed:
+            self.transport.write(ServerHello.failure(code, message).toFrame())  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+        self.outer.linger()
+
+    def _lost(self, reason: Failure) -> None:
+        self.session.innerClosed = True
+        if self.sid is not None:
+            self.outer.factory.registry.dialerGone(self.sid)
+        refusal = getattr(self.transport, "tpRefusal", None)
+        if refusal:
+            self.outer.result = "e2e_refused"
+            self.outer.detail = refusal
+        RelayEnd.connectionLost(self, reason)
+        self.outer.transport.loseConnection()  # type: ignore[union-attr]
+
+
+# --- E2E direct, by SNI -------------------------------------------------------
+
+
+class SNIState(str, enum.Enum):
+    NEW = "new"
+    CHECKING = "checking"
+    WAITING = "waiting"
+    SPLICED = "spliced"
+    REFUSED = "refused"
+    CLOSED = "closed"
+
+
+class SNISession(Session):
+    """
+    The handshake chose the context of an E2E name: the connection is a
+    dialer of that exposure, with no TP protocol on it (refusals close it
+    without a ServerHello).
+    """
+
+    S = SNIState
+    TRANSITIONS = {
+        (S.NEW, "start"): (S.CHECKING, "_check"),
+        (S.CHECKING, "wait"): (S.WAITING, "_wait"),
+        (S.WAITING, "data"): (S.WAITING, "_hold"),
+        (S.WAITING, "eof"): (S.WAITING, None),  # the splice carries it on
+        (S.WAITING, "joined"): (S.SPLICED, "_join"),
+        (S.WAITING, "failed"): (S.REFUSED, "_fail"),
+        (S.REFUSED, "failed"): (S.REFUSED, None),
+        **_rows((S.CHECKING, S.WAITING, S.SPLICED, S.REFUSED), "refused", S.REFUSED, None),
+        **_rows((S.CHECKING, S.WAITING, S.SPLICED, S.REFUSED), "lost", S.CLOSED, "_lost"),
+    }
+
+    sid: str | None = None
+
+    def __init__(self, conn: TPServerProtocol, name: str) -> None:
+        super().__init__(conn)
+        self.name = name
+        self.state = SNIState.NEW
+        self.pending = b""
+
+    def sessionJoined(self, acceptEnd: RelayEnd) -> None:
+        self._input("joined", acceptEnd)
+
+    def sessionFailed(self, code: ErrorCode, message: str) -> None:
+        self._input("failed", code, message)
+
+    def _check(self, rest: bytes) -> None:
+        exposure = self.factory.registry.nameExposure(self.name)
+        if exposure is None:
+            self.conn.refuse(ErrorCode.NOT_ACCEPTED, f"{self.name} is no longer exposed", answer=False)
+            return
+        identity = self.conn.identity
+        assert identity is not None
+        # The handshake already ran the name's dialers check; checking again
+        # here keeps a context mix-up from ever letting a dialer through.
+        decision = self.factory.registry.mayDial(exposure, identity.name)
+        if not decision.allowed:
+            self.conn.refuse(ErrorCode.FORBIDDEN, decision.reason, answer=False)
+            return
+        self._input("wait", exposure)
+
+    def _wait(self, exposure: Exposure) -> None:
+        conn = self.conn
+        identity = conn.identity
+        assert identity is not None
+        conn.setTimeout(None)  # the registry bounds the wait for an accept
+        conn.result = "aborted"
+        conn.address = f"E2E {self.name}"
+        conn.transport.pauseProducing()  # type: ignore[union-attr]
+        self.sid = self.factory.registry.incoming(exposure, self, identity.name, conn.peerAddress)
+
+    def _hold(self, data: bytes) -> None:
+        self.pending += data
+
+    def _join(self, acceptEnd: RelayEnd) -> None:
+        self.sid = None
+        conn = self.conn
+        conn.result = "ok"
+        pending, self.pending = self.pending, b""
+        splice(conn, acceptEnd, fromA=pending)
+        conn.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def _fail(self, code: ErrorCode, message: str) -> None:
+        self.sid = None
+        self.conn.refuse(code, message, answer=False)
+
+    def _lost(self, reason: Failure) -> None:
+        if self.sid is not None:
+            self.factory.registry.dialerGone(self.sid)
