@@ -97,6 +97,37 @@ class ServerConfig:
     limits: LimitsConfig = field(default_factory=lambda: LimitsConfig())
     #: TP's own state (the QUIC stateless-reset secret, ...): C{server.state_dir}.
     stateDir: str | None = None
+    admin: AdminConfig | None = None
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """
+    C{[admin]}: the admin listener (metrics), off unless C{listen} is set
+    (docs/operations.md).
+    """
+
+    listen: str
+    #: If not L{None}: the listener speaks mutual TLS like the proxy and
+    #: serves only these identities.
+    identities: frozenset[str] | None = None
+
+
+def parseAdmin(table: Any) -> AdminConfig | None:
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ConfigError("admin: expected a table")
+    _checkKeys(table, {"listen", "identities"}, "admin")
+    if "listen" not in table:
+        raise ConfigError("admin.listen: missing (an endpoint description such as \"tcp:9090:interface=127.0.0.1\")")
+    listen = serverEndpoint(table["listen"], "admin.listen")
+    identities = table.get("identities")
+    if identities is not None:
+        if not isinstance(identities, list) or not identities or not all(isinstance(i, str) and i for i in identities):
+            raise ConfigError("admin.identities: expected a non-empty list of identity names")
+        identities = frozenset(identities)
+    return AdminConfig(listen, identities)
 
 
 @dataclass(frozen=True)
@@ -210,6 +241,45 @@ def parseH3(table: Any, base: Path) -> Any:
 def _endpoint(value: Any, key: str) -> str:
     if not isinstance(value, str) or ":" not in value:
         raise ConfigError(f"{key}: expected a client endpoint description such as \"tcp:127.0.0.1:8443\"")
+    return value
+
+
+#: Server endpoint types TP listens on.  C{ssl:} is refused: TP's TLS is
+#: its own (mutual TLS, half-close, ALPN), set up by C{[server]}.
+_LISTEN_TYPES = ("tcp", "tcp6", "unix", "systemd")
+
+
+def serverEndpoint(value: Any, key: str) -> str:
+    """
+    Check a server endpoint description (C{"tcp:443"},
+    C{"tcp:9090:interface=127.0.0.1"}) by parsing it as Twisted will, so
+    that a typo is a one-line configuration error at start, not a
+    traceback.
+    """
+    example = "such as \"tcp:443\" or \"tcp:9090:interface=127.0.0.1\""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected an endpoint description {example}")
+    kind = value.split(":", 1)[0].lower()
+    if kind in ("ssl", "tls", "le", "lets"):
+        raise ConfigError(
+            f"{key}: {value!r}: TP does its own TLS (certificate, key and client_ca in [server]); "
+            f"listen on plain TCP {example}"
+        )
+    if kind not in _LISTEN_TYPES:
+        raise ConfigError(f"{key}: {value!r}: unknown endpoint type {kind!r} (use {', '.join(_LISTEN_TYPES)})")
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        endpoint = serverFromString(object(), value)  # parses only; the reactor is not used
+    except IndexError:
+        if kind == "systemd":
+            raise ConfigError(f"{key}: {value!r}: no such socket from systemd (run TP from a .socket unit)") from None
+        raise ConfigError(f"{key}: {value!r} is not a valid endpoint description") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{key}: {value!r} is not a valid endpoint description ({e})") from None
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise ConfigError(f"{key}: {value!r}: port {port} is out of range (0-65535)")
     return value
 
 
@@ -404,7 +474,7 @@ def _quicAddresses(value: Any, listen: list[str]) -> tuple[tuple[str, int], ...]
 
 
 def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") -> ServerConfig:
-    _checkKeys(data, {"server", "deny", "groups", "rules", "exposures", "reverse", "e2e", "acme", "router", "limits"}, "")
+    _checkKeys(data, {"server", "deny", "groups", "rules", "exposures", "reverse", "e2e", "acme", "router", "limits", "admin"}, "")
     server = data.get("server")
     if not isinstance(server, dict):
         raise ConfigError("server: missing [server] table")
@@ -414,6 +484,8 @@ def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") 
         listen = [listen]
     if not isinstance(listen, list) or not listen or not all(isinstance(x, str) and x for x in listen):
         raise ConfigError("server.listen: expected an endpoint description such as \"tcp:443\", or a list of them")
+    for description in listen:
+        serverEndpoint(description, "server.listen")
     acme = parseAcme(data.get("acme"), base)
     fromACME = acme is not None and bool(acme.names)
     required = ("client_ca",) if fromACME else ("certificate", "key", "client_ca")
@@ -501,6 +573,7 @@ def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") 
         acme=acme,
         router=parseRouter(data.get("router"), base),
         limits=parseLimits(data.get("limits")),
+        admin=parseAdmin(data.get("admin")),
         stateDir=_resolvePath(base, server.get("state_dir", "state"), "server.state_dir", mustExist=False),
     )
     if config.router is not None and config.router.h3 is not None and not config.quic:

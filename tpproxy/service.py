@@ -13,17 +13,20 @@ from OpenSSL import crypto
 from twisted.application import service, strports
 from twisted.internet.interfaces import IReactorTime, IReactorUDP
 from twisted.internet.protocol import DatagramProtocol
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from tpproxy import router
 from tpproxy.acme.client import TLSALPN01, AcmeClient
 from tpproxy.acme.responders import HTTP01Responder, TLSALPN01Responder
 from tpproxy.acme.service import IssuingService
 from tpproxy.acme.store import CertificateStore, loadOrCreateKey, temporaryCertificate
+from tpproxy.admin import adminService, adminSite
 from tpproxy.certsource import DevCACertificates, FileCertificates, FirstAvailable, ICertificateSource
 from tpproxy.config import ServerConfig, loadCRL
 from tpproxy.limits import HalfOpenCounter, HalfOpenGate, raiseFileLimit
 from tpproxy.memory import MemoryTrimmer
+from tpproxy.metrics import Metrics
 from tpproxy.pki import CertificateAuthority, loadCertificates, loadKey
 from tpproxy.protocols.server import TPServerFactory
 from tpproxy.reactors import IServerReactor
@@ -223,6 +226,83 @@ def withBacklog(description: str, backlog: int) -> str:
     return f"{description}:backlog={backlog}"
 
 
+class MetricsService(service.Service):
+    """
+    Counts audit events into C{metrics} while running.
+    """
+
+    def __init__(self, metrics: Metrics, publisher: Any = None) -> None:
+        self.metrics = metrics
+        self.publisher = publisher if publisher is not None else globalLogPublisher
+
+    def startService(self) -> None:
+        super().startService()
+        self.publisher.addObserver(self.metrics)
+
+    def stopService(self) -> Any:
+        self.publisher.removeObserver(self.metrics)
+        return super().stopService()
+
+
+def _quicSessions(listeners: list[QuicListener]) -> dict[tuple[str, ...], float]:
+    sessions = halfOpen = 0
+    for quic in listeners:
+        # One session is registered under each of its connection ids.
+        sessions += len({id(s) for s in quic.sessions.values()})
+        halfOpen += quic.halfOpen.count
+    return {("half_open",): halfOpen, ("established",): max(0, sessions - halfOpen)}
+
+
+def makeMetrics(
+    reactor: IReactorTime, factory: TLSFactory, gate: HalfOpenCounter, quicListeners: list[QuicListener]
+) -> Metrics:
+    """
+    TP's metrics, with gauges that read the live state of C{factory} (the
+    TLS listeners' factory), C{gate} (half-open TLS connections) and the
+    QUIC listeners at each scrape.
+    """
+    metrics = Metrics()
+    tp = factory.wrappedFactory
+    registry, serverTLS = tp.registry, tp.serverTLS
+    metrics.gauge(
+        "tp_tls_connections", "Open TLS connections on TP's listeners, handshaking or carrying a tunnel", (),
+        lambda: {(): len(factory.protocols)},
+    )
+    metrics.gauge(
+        "tp_handshakes_in_progress", "Connections that have not finished their handshake, by carrier", ("via",),
+        lambda: {("tls",): gate.count, ("quic",): sum(q.halfOpen.count for q in quicListeners)},
+    )
+    metrics.gauge("tp_quic_sessions", "QUIC connections, by state", ("state",), lambda: _quicSessions(quicListeners))
+    metrics.gauge(
+        "tp_exposures", "Live reverse exposures, by kind", ("kind",),
+        lambda: {("public",): len(registry.byPort), ("e2e",): len(registry.byName)},
+    )
+    metrics.gauge("tp_dialers_waiting", "Dialers waiting for an exposer to accept", (), lambda: {(): len(registry.sessions)})
+    metrics.gauge(
+        "tp_certificate_expiry_seconds",
+        "Seconds until a certificate TP serves expires: name \"tp\" is TP's own, others are E2E names",
+        ("name",),
+        lambda: {(name,): when - reactor.seconds() for name, when in serverTLS.expiry.items()},
+    )
+    return metrics
+
+
+def makeAdmin(config: ServerConfig, metrics: Metrics, serverTLS: ServerTLS, reactor: IServerReactor) -> service.IService:
+    """
+    The admin listener of C{config.admin}: plain HTTP, or with
+    C{identities} mutual TLS with TP's certificate, client CAs and
+    certificate checks.
+    """
+    admin = config.admin
+    assert admin is not None
+    site = adminSite(metrics, admin.identities)
+    factory: Any = site
+    if admin.identities is not None:
+        tls = ServerTLS(serverTLS.chain, serverTLS.key, serverTLS.clientCAs, serverTLS.checker, alpn=(b"http/1.1",))
+        factory = TLSMemoryBIOFactory(tls, False, site)
+    return adminService(admin.listen, factory, reactor)
+
+
 def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clock: IReactorTime | None = None) -> service.MultiService:
     """
     TP's services: the TLS listeners, a QUIC listener per address, and with
@@ -244,9 +324,10 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
     # Connections over a cap are held unread (no TLS) for the handshake
     # timeout, as long as that leaves 1024 descriptors besides the
     # half-open ones for real work.
+    handshaking = HalfOpenCounter(limits.handshakes, limits.handshakesPerSource)
     listening = HalfOpenGate(
         listening,
-        HalfOpenCounter(limits.handshakes, limits.handshakesPerSource),
+        handshaking,
         reactor,
         log,
         holdFor=config.handshakeTimeout,
@@ -265,6 +346,16 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
         udp = UDPListenerService(reactor, address, quic)
         udp.setName(f"quic:{address[0]}:{address[1]}")
         udp.setServiceParent(top)
+    metrics = makeMetrics(reactor, factory, handshaking, quicListeners)
+    top.metrics = metrics  # type: ignore[attr-defined]
+    MetricsService(metrics).setServiceParent(top)
+    if config.admin is not None:
+        makeAdmin(config, metrics, factory.wrappedFactory.serverTLS, reactor).setServiceParent(top)
+        log.info(
+            "Admin listener on {listen}: /metrics{who}",
+            listen=config.admin.listen,
+            who=f", mutual TLS, for {', '.join(sorted(config.admin.identities))}" if config.admin.identities else "",
+        )
     trimmer = MemoryTrimmer(reactor, lambda: len(factory.protocols))
     trimmer.setName("memory")
     trimmer.setServiceParent(top)

@@ -64,10 +64,10 @@ class TestPKI:
         """
         A validated L{ServerConfig} using this PKI.  C{server} keys go into
         the C{[server]} table (C{None} drops a default), except C{deny},
-        C{groups}, C{exposures}, C{reverse}, C{e2e}, C{acme}, C{router} and C{limits}, which are
+        C{groups}, C{exposures}, C{reverse}, C{e2e}, C{acme}, C{router}, C{limits} and C{admin}, which are
         tables of their own.
         """
-        extra = {name: server.pop(name) for name in ("deny", "groups", "exposures", "reverse", "e2e", "acme", "router", "limits") if name in server}
+        extra = {name: server.pop(name) for name in ("deny", "groups", "exposures", "reverse", "e2e", "acme", "router", "limits", "admin") if name in server}
         table: dict[str, Any] = {
             "listen": "tcp:0:interface=127.0.0.1",
             "certificate": "server.pem",

@@ -343,6 +343,47 @@ class ServerConfigErrorTests(ServerConfigMixin, SynchronousTestCase):
         for value in (443, [], [""], "", ["tcp:443", 443], {"tcp": 443}, True):
             self.assertConfigError("server.listen: expected an endpoint description", self.parse, listen=value)
 
+    def test_listenParsedAtLoad(self) -> None:
+        """
+        Each C{listen} entry is parsed as Twisted will parse it, so a typo,
+        an out-of-range port, an unknown endpoint type or C{ssl:} (TP does
+        its own TLS) is a one-line error naming the key, not a traceback
+        at start.
+        """
+        cases = {
+            "tcp:184x5": "server.listen: 'tcp:184x5' is not a valid endpoint description",
+            "tcp:99999": "server.listen: 'tcp:99999': port 99999 is out of range",
+            "ssl:18445": "server.listen: 'ssl:18445': TP does its own TLS",
+            "foo:1": "server.listen: 'foo:1': unknown endpoint type 'foo'",
+        }
+        for value, message in cases.items():
+            error = self.assertConfigError(message, self.parse, listen=["tcp:8443", value])
+            self.assertNotIn("\n", error)
+        config = self.parse(listen=["tcp:8443:interface=127.0.0.1", "tcp6:8443:interface=\\:\\:1"])
+        self.assertEqual(config.listen, ("tcp:8443:interface=127.0.0.1", "tcp6:8443:interface=\\:\\:1"))
+
+    def test_admin(self) -> None:
+        """
+        C{[admin]} is off when absent; C{listen} is a checked endpoint;
+        C{identities}, when given, is a non-empty list of names.
+        """
+        self.assertIsNone(self.parse().admin)
+        data = {"server": self.table(), "admin": {"listen": "tcp:9090:interface=127.0.0.1"}}
+        admin = self.parse(data).admin
+        self.assertEqual((admin.listen, admin.identities), ("tcp:9090:interface=127.0.0.1", None))
+        data["admin"]["identities"] = ["alice", "ops-robot"]
+        self.assertEqual(self.parse(data).admin.identities, frozenset({"alice", "ops-robot"}))
+        bad = [
+            ({}, "admin.listen: missing"),
+            ({"listen": "tcp:90x"}, "admin.listen: 'tcp:90x' is not a valid endpoint description"),
+            ({"listen": "ssl:9090"}, "admin.listen: 'ssl:9090': TP does its own TLS"),
+            ({"listen": "tcp:9090", "identities": []}, "admin.identities: expected a non-empty list"),
+            ({"listen": "tcp:9090", "identities": "alice"}, "admin.identities: expected a non-empty list"),
+            ({"listen": "tcp:9090", "port": 1}, "admin: unknown key(s) port"),
+        ]
+        for table, message in bad:
+            self.assertConfigError(message, self.parse, {"server": self.table(), "admin": table})
+
     def test_badDeny(self) -> None:
         """
         C{[deny]} must be a table of string lists, serials in hexadecimal.

@@ -5,11 +5,23 @@ counters, live state is read at scrape time, labels stay bounded.
 
 from __future__ import annotations
 
-from prometheus_client.parser import text_string_to_metric_families
+import ssl as stdlib_ssl
+import urllib.error
+import urllib.request
+from typing import Any
+
+import treq
 from prometheus_client import generate_latest
-from twisted.trial.unittest import SynchronousTestCase
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import defer, reactor
+from twisted.internet.threads import deferToThread
+from twisted.web.client import HTTPConnectionPool
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tpproxy.metrics import Metrics, failureReason
+from tpproxy.service import makeService
+from tpproxy.test.support import Echo, audits, auditObserver, deferLater, freePort, listenLocal, requireTool, run, tpCommand, waitForPort
+from tpproxy.testing import TestPKI
 
 
 def audit(**fields: object) -> dict[str, object]:
@@ -135,3 +147,130 @@ class GaugeTests(SynchronousTestCase):
         a, b = Metrics(), Metrics()
         a(audit(event="connect", transport="tcp", via="tls", result="ok"))
         self.assertNotIn(("tp_connections_total", (("op", "connect"), ("result", "ok"), ("transport", "tcp"), ("via", "tls"))), samples(b))
+
+
+class LiveScrapeTests(TestCase):
+    """
+    A real TP from L{makeService} with an admin listener, real C{tp
+    connect} clients over TLS and QUIC, and scrapes over HTTP.
+    """
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.pki = TestPKI.create(self.mktemp())
+        self.pki.client("alice")
+        self.pki.client("bob")
+        self.observer = auditObserver(self)
+        self.echoPort, _ = listenLocal(self, Echo)
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+
+    def startTP(self, admin: dict[str, Any]) -> None:
+        self.port = freePort()
+        self.adminPort = freePort()
+        admin = dict(admin, listen=f"tcp:{self.adminPort}:interface=127.0.0.1")
+        config = self.pki.serverConfig(listen=f"tcp:{self.port}:interface=127.0.0.1", admin=admin)
+        self.service = makeService(config, reactor)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        self.clientConfig = self.pki.directory / "client.toml"
+        self.clientConfig.write_text(
+            f'server = "localhost:{self.port}"\ncert = "{self.pki.directory / "alice.pem"}"\n'
+            f'key = "{self.pki.directory / "alice.key"}"\nca = "{self.pki.caPath}"\n'
+        )
+
+    def connect(self, destination: str, data: bytes, *options: str) -> Any:
+        return run(tpCommand() + ["--config", str(self.clientConfig), *options, "connect", destination], stdin=data)
+
+    @defer.inlineCallbacks
+    def waitForAudits(self, count: int) -> Any:
+        for _ in range(500):
+            if len(audits(self.observer)) >= count:
+                return audits(self.observer)
+            yield deferLater(0.02)
+        self.fail(f"{len(audits(self.observer))} audit events, expected {count}")
+
+    def scrape(self, path: str = "/metrics") -> Any:
+        return treq.get(f"http://127.0.0.1:{self.adminPort}{path}", pool=self.pool)
+
+    @defer.inlineCallbacks
+    def test_valuesAfterKnownTraffic(self) -> Any:
+        """
+        After one tunnel over TLS, one over QUIC and one refused
+        destination, the scrape counts each under its labels, with the
+        bytes each way; TP's own certificate expiry is there; and the real
+        C{promtool check metrics} accepts the scrape.
+        """
+        self.startTP({})
+        echo = f"127.0.0.1:{self.echoPort}"
+        tls = yield self.connect(echo, b"hello", "--transport", "tls")
+        self.assertEqual((tls.status, tls.out), (0, b"hello"), tls.err)
+        quic = yield self.connect(echo, b"world!", "--transport", "quic")
+        self.assertEqual((quic.status, quic.out), (0, b"world!"), quic.err)
+        refused = yield self.connect("10.1.2.3:22", b"", "--transport", "tls")
+        self.assertNotEqual(refused.status, 0)
+        yield self.waitForAudits(3)
+        response = yield self.scrape()
+        self.assertEqual(response.code, 200)
+        self.assertTrue(response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain"))
+        body = yield response.text()
+        s = {}
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                s[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        connections = lambda via, result: s.get(  # noqa: E731
+            ("tp_connections_total", (("op", "connect"), ("result", result), ("transport", "tcp"), ("via", via)))
+        )
+        self.assertEqual(connections("tls", "ok"), 1, body)
+        self.assertEqual(connections("quic", "ok"), 1)
+        self.assertEqual(connections("tls", "forbidden"), 1)
+        self.assertEqual(s[("tp_bytes_total", (("direction", "up"), ("op", "connect")))], 11)
+        self.assertEqual(s[("tp_bytes_total", (("direction", "down"), ("op", "connect")))], 11)
+        expiry = s[("tp_certificate_expiry_seconds", (("name", "tp"),))]
+        self.assertGreater(expiry, 3600)
+        self.assertEqual(s[("tp_exposures", (("kind", "public"),))], 0)
+        # The QUIC client's connection is gone or going; none is half-open.
+        self.assertEqual(s[("tp_handshakes_in_progress", (("via", "quic"),))], 0)
+        promtool = requireTool("promtool")
+        path = self.pki.directory / "scrape.txt"
+        path.write_text(body)
+        check = yield run(["sh", "-c", f"{promtool} check metrics < {path}"])
+        self.assertEqual(check.status, 0, check.out + check.err)
+
+    @defer.inlineCallbacks
+    def test_identities(self) -> Any:
+        """
+        With C{identities}, the admin listener speaks mutual TLS: a listed
+        identity gets the metrics, another valid identity a 403 naming it,
+        and a client without a certificate no TLS at all.
+        """
+        self.startTP({"identities": ["alice"]})
+
+        def get(name: str | None) -> tuple[int, bytes]:
+            ctx = stdlib_ssl.create_default_context(cafile=self.pki.caPath)
+            if name is not None:
+                ctx.load_cert_chain(str(self.pki.directory / f"{name}.pem"), str(self.pki.directory / f"{name}.key"))
+            try:
+                with urllib.request.urlopen(f"https://localhost:{self.adminPort}/metrics", context=ctx, timeout=10) as r:
+                    return r.status, r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read()
+
+        yield waitForPort(self.adminPort)
+        code, body = yield deferToThread(get, "alice")
+        self.assertEqual(code, 200)
+        self.assertIn(b"tp_build_info", body)
+        code, body = yield deferToThread(get, "bob")
+        self.assertEqual((code, body), (403, b"bob may not use the admin listener\n"))
+        failure = yield self.assertFailure(deferToThread(get, None), urllib.error.URLError, stdlib_ssl.SSLError, ConnectionError)
+        self.assertIsNotNone(failure)
+
+    @defer.inlineCallbacks
+    def test_plainRefusesOtherPaths(self) -> Any:
+        """
+        The admin listener serves /metrics only.
+        """
+        self.startTP({})
+        yield waitForPort(self.adminPort)
+        response = yield self.scrape("/status.php")
+        self.assertEqual(response.code, 404)

@@ -97,6 +97,9 @@ class ServerTLS:
         self.checker = checker
         self.clientCAs = clientCAs
         self.names: dict[str, SSL.Context] = {}
+        #: When each served certificate expires (Unix time): C{"tp"} for
+        #: TP's own, else the E2E name.  Read by the metrics.
+        self.expiry: dict[str, float] = {}
         self.innerNames: dict[str, SSL.Context] = {}
         self.nameVerify: dict[str, Any] = {}
         self.offered = tuple(alpn)
@@ -172,6 +175,7 @@ class ServerTLS:
         self.ownNames = _certificateNames(chain[0])
         self.chain = chain
         self.key = key
+        self.expiry["tp"] = chain[0].not_valid_after_utc.timestamp()
 
     def _decide(self, conn: SSL.Connection, leaf: x509.Certificate) -> Refusal | None:
         """
@@ -217,6 +221,7 @@ class ServerTLS:
         self.names[name] = self._context(chain, key, verify, "name")
         self.innerNames[name] = self._context(chain, key, verify, "inner")
         self.nameVerify[name] = verify
+        self.expiry[name] = chain[0].not_valid_after_utc.timestamp()
 
     def replaceName(self, name: str, chain: list[x509.Certificate], key: object) -> bool:
         """
@@ -230,12 +235,14 @@ class ServerTLS:
             return False
         self.names[name] = self._context(chain, key, verify, "name")
         self.innerNames[name] = self._context(chain, key, verify, "inner")
+        self.expiry[name] = chain[0].not_valid_after_utc.timestamp()
         return True
 
     def removeName(self, name: str) -> None:
         self.names.pop(name, None)
         self.innerNames.pop(name, None)
         self.nameVerify.pop(name, None)
+        self.expiry.pop(name, None)
 
     def servesOwnName(self, name: str) -> bool:
         """
