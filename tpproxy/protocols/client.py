@@ -13,7 +13,13 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IReactorPluggableNameResolver,
+    IReactorTCP,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -62,6 +68,13 @@ class Refused(TunnelError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class IClientReactor(IReactorTCP, IReactorTime, IReactorPluggableNameResolver):
+    """
+    What a client needs of its reactor: connect by name (TCP, with name
+    resolution) and time (timeouts).
+    """
 
 
 @dataclass(frozen=True)
@@ -239,7 +252,7 @@ class TLSClientEndpoint:
     with the application protocol.
     """
 
-    def __init__(self, reactor: Any, server: ServerAddress, tlsOptions: Any, timeout: float = 15.0) -> None:
+    def __init__(self, reactor: IClientReactor, server: ServerAddress, tlsOptions: Any, timeout: float = 15.0) -> None:
         self.reactor = reactor
         self.server = server
         self.tlsOptions = tlsOptions
@@ -252,7 +265,7 @@ class TLSClientEndpoint:
 
 
 def openTunnel(
-    reactor: Any,
+    reactor: IClientReactor,
     server: ServerAddress,
     tlsOptions: Any,
     hello: ClientHello,

@@ -19,7 +19,7 @@ from zope.interface import implementer
 from tpproxy.connector import quicRefusal
 from tpproxy.control import ControlLoop, IControlEnd
 from tpproxy.firstframe import FirstFrameReader, Frame, Malformed, Raw
-from tpproxy.protocols.client import Refused, TLSClientEndpoint, TunnelError, certificateRefusal, openTunnel
+from tpproxy.protocols.client import IClientReactor, Refused, TLSClientEndpoint, TunnelError, certificateRefusal, openTunnel
 from tpproxy.protocols.relay import RelayEnd, noDelay, splice
 from tpproxy.transports.tls import describeTLSFailure, receivedAlert
 from tpproxy.wire import VERSION, ClientHello, ErrorCode, ServerHello, WireError, parseEvent
@@ -176,7 +176,7 @@ class Exposer:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IClientReactor,
         settings: Any,
         local: tuple[str, int],
         hello: ClientHello,
@@ -361,7 +361,7 @@ class ChosenEndpoint:
 
 
 @defer.inlineCallbacks
-def runExpose(reactor: Any, settings: Any, local: tuple[str, int], hello: ClientHello, keepalive: float, stderr: Any) -> Any:
+def runExpose(reactor: IClientReactor, settings: Any, local: tuple[str, int], hello: ClientHello, keepalive: float, stderr: Any) -> Any:
     """
     Register, and keep the exposure up until interrupted.  A refusal on the
     first attempt ends the command (exit status 3, or 1 if TP could not be
