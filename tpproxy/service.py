@@ -348,7 +348,9 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
         udp.setServiceParent(top)
     metrics = makeMetrics(reactor, factory, handshaking, quicListeners)
     top.metrics = metrics  # type: ignore[attr-defined]
-    MetricsService(metrics).setServiceParent(top)
+    counting = MetricsService(metrics)
+    counting.setName("metrics")
+    counting.setServiceParent(top)
     if config.admin is not None:
         makeAdmin(config, metrics, factory.wrappedFactory.serverTLS, reactor).setServiceParent(top)
         log.info(
