@@ -38,7 +38,9 @@ def quicRefusal(session: ClientSession) -> TunnelError | None:
     If TP closed C{session} with a TLS alert about the client certificate
     (CRYPTO_ERROR + alert), the error saying so in one line; else L{None}.
     """
-    event = getattr(session.conn, "_close_event", None)
+    # aioquic's private _close_event: checked before QUIC is used
+    # (tpproxy.transports.quic, docs/private-apis.md).
+    event = session.conn._close_event
     code = getattr(event, "error_code", None)
     if not isinstance(code, int) or not CRYPTO_ERROR <= code < CRYPTO_ERROR + 0x100:
         return None

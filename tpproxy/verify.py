@@ -66,8 +66,11 @@ def _checkBindings() -> None:
         missing.append("crypto.X509._from_raw_x509_ptr")
     if not hasattr(crypto.X509Store(), "_store"):
         missing.append("crypto.X509Store._store")
-    if not hasattr(SSL.Context(SSL.TLS_METHOD), "_context"):
+    context = SSL.Context(SSL.TLS_METHOD)
+    if not hasattr(context, "_context"):
         missing.append("SSL.Context._context")
+    if not hasattr(SSL.Connection(context, None), "_ssl"):
+        missing.append("SSL.Connection._ssl")
     if missing:
         raise ImportError("TP cannot verify client certificates with this pyOpenSSL: missing " + ", ".join(missing))
 

@@ -17,9 +17,9 @@ from aioquic.quic.connection import QuicConnection
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
+from tpproxy.privates import PrivateAPIError, PrivateName, privateProblems
 from tpproxy.test.quicmemory import QuicWorld
 from tpproxy.transports import quic, tls
-from tpproxy.transports.tls import PrivateAPIError, PrivateName, privateProblems
 
 
 class Base:

@@ -41,10 +41,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tpproxy.config import LimitsConfig
-from tpproxy.transports.h3 import H3_ALPN, H3Responder, H3Response
 from tpproxy.limits import HalfOpenCounter, RateLimitedLog, TokenBucket, sourcePrefix
 from tpproxy.pki import identityOf, replacePrivate
-from tpproxy.transports.tls import PrivateAPIError, PrivateName, privateProblems
+from tpproxy.privates import PrivateAPIError, PrivateName, privateProblems
+from tpproxy.transports.h3 import H3_ALPN, H3Responder, H3Response
 from tpproxy.verify import AlertRefused, ClientVerifier
 from tpproxy.wire import ALPN
 
