@@ -98,6 +98,9 @@ class ServerConfig:
     #: TP's own state (the QUIC stateless-reset secret, ...): C{server.state_dir}.
     stateDir: str | None = None
     admin: AdminConfig | None = None
+    #: End a connection when its client certificate expires
+    #: (C{server.disconnect_expired_cert}, like Teleport's).
+    disconnectExpiredCert: bool = True
 
 
 @dataclass(frozen=True)
@@ -432,7 +435,7 @@ def parseAcme(acme: Any, base: Path) -> AcmeConfig | None:
 
 _SERVER_KEYS = {
     "listen", "certificate", "key", "client_ca", "crl", "handshake_timeout", "hello_timeout", "connect_timeout", "quic",
-    "state_dir",
+    "state_dir", "disconnect_expired_cert",
 }
 
 _TCP_LISTEN = re.compile(r"tcp6?:(\d+)(?::interface=([^:]*(?:\\:[^:]*)*))?$")
@@ -574,6 +577,7 @@ def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") 
         router=parseRouter(data.get("router"), base),
         limits=parseLimits(data.get("limits")),
         admin=parseAdmin(data.get("admin")),
+        disconnectExpiredCert=_bool(server, "disconnect_expired_cert", True, "server"),
         stateDir=_resolvePath(base, server.get("state_dir", "state"), "server.state_dir", mustExist=False),
     )
     if config.router is not None and config.router.h3 is not None and not config.quic:

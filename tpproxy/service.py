@@ -6,6 +6,8 @@ Composing a running TP server from a L{ServerConfig}.
 from __future__ import annotations
 
 import re
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,9 @@ from tpproxy.metrics import Metrics
 from tpproxy.pki import CertificateAuthority, loadCertificates, loadKey
 from tpproxy.protocols.server import TPServerFactory
 from tpproxy.reactors import IServerReactor
+from tpproxy.reload import Reloader
 from tpproxy.reverse.registry import Registry
+from tpproxy.status import serverStatus
 from tpproxy.transports.quic import ClientVerifier, QuicListener, loadResetSecret, serverConfiguration
 from tpproxy.transports.servertls import ServerTLS
 from tpproxy.transports.tls import TLSFactory
@@ -287,20 +291,51 @@ def makeMetrics(
     return metrics
 
 
-def makeAdmin(config: ServerConfig, metrics: Metrics, serverTLS: ServerTLS, reactor: IServerReactor) -> service.IService:
+def makeAdmin(
+    config: ServerConfig, metrics: Metrics, serverTLS: ServerTLS, reactor: IServerReactor, status: Any = None, reload: Any = None
+) -> tuple[service.IService, ServerTLS | None]:
     """
     The admin listener of C{config.admin}: plain HTTP, or with
     C{identities} mutual TLS with TP's certificate, client CAs and
-    certificate checks.
+    certificate checks (that L{ServerTLS} is returned too, for reloads).
     """
     admin = config.admin
     assert admin is not None
-    site = adminSite(metrics, admin.identities)
+    site = adminSite(metrics, admin.identities, status, reload)
     factory: Any = site
+    tls = None
     if admin.identities is not None:
         tls = ServerTLS(serverTLS.chain, serverTLS.key, serverTLS.clientCAs, serverTLS.checker, alpn=(b"http/1.1",))
         factory = TLSMemoryBIOFactory(tls, False, site)
-    return adminService(admin.listen, factory, reactor)
+    return adminService(admin.listen, factory, reactor), tls
+
+
+class ReloadService(service.Service):
+    """
+    Reloads the configuration on C{SIGHUP} while running (in the main
+    thread only: a signal handler cannot be set elsewhere).
+    """
+
+    name = "reload"
+
+    def __init__(self, reloader: Reloader, reactor: Any) -> None:
+        self.reloader = reloader
+        self.reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGHUP, self._hangup)
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reloader.reload)
+
+    def stopService(self) -> Any:
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+        return super().stopService()
 
 
 def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clock: IReactorTime | None = None) -> service.MultiService:
@@ -351,10 +386,22 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
     counting = MetricsService(metrics)
     counting.setName("metrics")
     counting.setServiceParent(top)
+    tp = factory.wrappedFactory
+    reloader = Reloader(
+        config, tp, tp.serverTLS, quicListeners, handshaking, metrics, acmeManaged=config.acme is not None and bool(config.acme.names)
+    )
+    top.reloader = reloader  # type: ignore[attr-defined]
+    ReloadService(reloader, reactor).setServiceParent(top)
     if config.admin is not None:
-        makeAdmin(config, metrics, factory.wrappedFactory.serverTLS, reactor).setServiceParent(top)
+        started = reactor.seconds()
+        admin, adminTLS = makeAdmin(
+            config, metrics, tp.serverTLS, reactor, lambda: serverStatus(tp, reloader, started, reactor.seconds), reloader.reload
+        )
+        if adminTLS is not None:
+            reloader.alsoTLS.append(adminTLS)
+        admin.setServiceParent(top)
         log.info(
-            "Admin listener on {listen}: /metrics{who}",
+            "Admin listener on {listen}: /metrics, /status, POST /reload{who}",
             listen=config.admin.listen,
             who=f", mutual TLS, for {', '.join(sorted(config.admin.identities))}" if config.admin.identities else "",
         )

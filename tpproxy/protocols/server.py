@@ -10,7 +10,8 @@ timeouts and the one audit event per connection.
 from __future__ import annotations
 
 import enum
-from typing import Any
+import time
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.interfaces import (
@@ -31,12 +32,9 @@ from tpproxy.dial import Dialer
 from tpproxy.firstframe import FirstFrameReader, Frame, Malformed
 from tpproxy.machine import Machine
 from tpproxy.pki import PeerIdentity, identityOf
-from tpproxy.reverse.registry import Registry, ReverseError
-from tpproxy.transports.servertls import ServerTLS
-from tpproxy.transports.tls import describeTLSFailure
-from tpproxy.wire import ALPN, ClientHello, ErrorCode, ServerHello
-from tpproxy.protocols.relay import RelayEnd, noDelay
+from tpproxy.protocols.relay import RelayEnd
 from tpproxy.protocols.relay import describeAddress as _addr
+from tpproxy.protocols.relay import noDelay
 from tpproxy.protocols.sessions import (
     AcceptSession,
     ConnectSession,
@@ -48,6 +46,10 @@ from tpproxy.protocols.sessions import (
     SNISession,
     UdpSession,
 )
+from tpproxy.reverse.registry import Registry, ReverseError
+from tpproxy.transports.servertls import ServerTLS
+from tpproxy.transports.tls import describeTLSFailure
+from tpproxy.wire import ALPN, ClientHello, ErrorCode, ServerHello
 
 __all__ = ["LINGER", "Outbound", "OutboundFactory", "TPServerFactory", "TPServerProtocol"]
 
@@ -126,6 +128,14 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
     address: str | None = None
     result = "handshake_failed"
     detail = ""
+    #: The client certificate's leaf (cryptography), once the handshake
+    #: verified it: re-checked on reload (tpproxy.reload).
+    certificate: Any = None
+    #: C{(result, detail)} once TP ended the connection on its own
+    #: initiative (L{revoke}): what the audit event says, whatever the
+    #: session had recorded.
+    revokedAs: tuple[str, str] | None = None
+    _expiry: Any = None
 
     def __init__(self, factory: TPServerFactory) -> None:
         self.factory = factory
@@ -150,6 +160,7 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
         self.peerAddress = _addr(self.transport.getPeer())  # type: ignore[union-attr]
         noDelay(self.transport)
         self.setTimeout(self.factory.config.handshakeTimeout)
+        self.factory.live.add(self)
 
     # --- inputs ---------------------------------------------------------------
 
@@ -189,10 +200,12 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
             return
         cert = self.transport.getPeerCertificate()  # type: ignore[union-attr]
         try:
-            self.identity = identityOf(cert.to_cryptography())
+            self.certificate = cert.to_cryptography()
+            self.identity = identityOf(self.certificate)
         except (ValueError, AttributeError) as e:
             self.refuse(ErrorCode.FORBIDDEN, f"no usable identity in the client certificate: {e}")
             return
+        self._watchExpiry()
         sniName = getattr(self.transport, "tpSNIName", None)
         if sniName is not None:
             self._input("sni", sniName)
@@ -205,6 +218,43 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
             return
         self.result = "hello_timeout"
         self.setTimeout(self.factory.config.helloTimeout)
+
+    def _watchExpiry(self) -> None:
+        """
+        With C{server.disconnect_expired_cert} (the default), end the
+        connection when its client certificate expires: a short-lived
+        certificate then bounds how long a stolen one lasts, tunnels
+        included.
+        """
+        if not self.factory.config.disconnectExpiredCert:
+            return
+        notAfter = self.certificate.not_valid_after_utc.timestamp()
+        delay = max(0.0, notAfter - self.factory.wallClock())
+        self._expiry = self.callLater(
+            delay, self.revoke, "expired", f"the client certificate expired at {self.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
+        )
+
+    def revoke(self, result: str, detail: str) -> None:
+        """
+        End this connection now, on TP's initiative (a reload that no
+        longer allows it, an expired certificate): the audit event says
+        C{result} and C{detail}.  The tunnel's other end closes with it.
+        """
+        if self.state is ConnState.CLOSED or self.revokedAs is not None:
+            return
+        self.revokedAs = (result, detail)
+        log.info(
+            "Closing {identity}'s {op} connection from {peer}: {result} - {detail}",
+            identity=self.identity.name if self.identity else None,
+            op=self.event,
+            peer=self.peerAddress,
+            result=result,
+            detail=detail,
+        )
+        peer = self.peer
+        self.transport.abortConnection()  # type: ignore[union-attr]
+        if peer is not None and peer.transport is not None:
+            peer.transport.abortConnection()
 
     def _renegotiated(self) -> None:
         self.refuse(ErrorCode.BAD_REQUEST, "unexpected renegotiation")
@@ -304,6 +354,9 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
 
     def _lost(self, reason: Failure) -> None:
         self.setTimeout(None)
+        self.factory.live.discard(self)
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
         if self.session is not None:
             self.session.lost(reason)
         super().connectionLost(reason)
@@ -315,6 +368,8 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
             bytesUp, bytesDown = self.session.counts()
         else:
             bytesUp, bytesDown = self.bytesIn, self.peer.bytesIn if self.peer is not None else 0
+        if self.revokedAs is not None:
+            self.result, self.detail = self.revokedAs
         audit.info(
             "{identity} {destination}: {result}{detail_sep}{detail}",
             event=self.event,
@@ -353,6 +408,10 @@ class TPServerFactory(Factory):
         self.dialer = dialer or Dialer(reactor, config.policy, config.connectTimeout)
         self.serverTLS = serverTLS
         self.registry: Any = registry if registry is not None else _NoReverse()
+        #: Connections from connectionMade to connectionLost.
+        self.live: set[TPServerProtocol] = set()
+        #: The time certificates are checked against (Unix time).
+        self.wallClock: Callable[[], float] = time.time
 
     def buildProtocol(self, addr: Any) -> TPServerProtocol:
         return TPServerProtocol(self)

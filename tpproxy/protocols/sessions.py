@@ -508,6 +508,7 @@ class AcceptSession(Session):
     def _join(self, pending: PendingSession, rest: bytes) -> None:
         conn = self.conn
         conn.result = "ok"
+        self.exposure = pending.exposure
         conn.address = pending.exposure.describe()
         conn.detail = f"dialer {pending.dialerIdentity or pending.peer}"
         conn.transport.write(ServerHello.success().toFrame())  # type: ignore[union-attr]

@@ -217,6 +217,21 @@ class Registry:
         self.serverTLS.addName(name, chain, key, lambda ident: self.mayDial(exposure, ident))
         return exposure
 
+    def reconfigure(self, policy: Policy, acceptTimeout: float) -> None:
+        """
+        A reload: decide with C{policy} from now on.  Each live E2E
+        exposure that the new exposure rules still allow is bound to the
+        rule that now grants it, so its dialers are the new rule's; one
+        they no longer allow keeps its old rule until the reload closes
+        its signalling connection.
+        """
+        self.policy = policy
+        self.acceptTimeout = acceptTimeout
+        for exposure in self.byName.values():
+            decision = policy.mayExposeName(exposure.owner, exposure.name)  # type: ignore[arg-type]
+            if decision.allowed and decision.rule is not None:
+                exposure.grantedBy = policy.exposures[decision.rule]
+
     def remove(self, exposure: Exposure) -> None:
         """
         The exposure's signalling connection is gone: stop listening or

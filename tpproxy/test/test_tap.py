@@ -20,8 +20,6 @@ import tpproxy
 from tpproxy import tap
 from tpproxy.config import loadServerConfig
 from tpproxy.devenv import ensureDevEnvironment, initDev
-from tpproxy.testing import TestPKI
-
 from tpproxy.test.support import (
     Background,
     HashSink,
@@ -34,6 +32,7 @@ from tpproxy.test.support import (
     twistCommand,
     waitForPort,
 )
+from tpproxy.testing import TestPKI
 
 REPO = Path(tpproxy.__file__).resolve().parent.parent
 
@@ -63,7 +62,7 @@ class OptionsTests(SynchronousTestCase):
         svc = tap.makeService(options, MemoryReactorClock())
         self.assertTrue(IServiceCollection.providedBy(svc))
         names = sorted(s.name for s in svc)  # type: ignore[attr-defined]
-        self.assertEqual(names, ["memory", "metrics", "tls:tcp:0:interface=127.0.0.1", "tls:tcp:0:interface=127.0.0.2"])
+        self.assertEqual(names, ["memory", "metrics", "reload", "tls:tcp:0:interface=127.0.0.1", "tls:tcp:0:interface=127.0.0.2"])
 
     def test_badConfigNamesKey(self) -> None:
         """

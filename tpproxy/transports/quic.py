@@ -34,7 +34,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime, IReactorUDP, ITransport
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime, ITransport
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -44,6 +44,7 @@ from tpproxy.config import LimitsConfig
 from tpproxy.limits import HalfOpenCounter, RateLimitedLog, TokenBucket, sourcePrefix
 from tpproxy.pki import identityOf, replacePrivate
 from tpproxy.privates import PrivateAPIError, PrivateName, privateProblems
+from tpproxy.reactors import IUDPReactor
 from tpproxy.transports.h3 import H3_ALPN, H3Responder, H3Response
 from tpproxy.verify import AlertRefused, ClientVerifier
 from tpproxy.wire import ALPN
@@ -63,12 +64,6 @@ SEND_LOW_WATER = 512 * 1024
 STREAM_ABORTED = 0x100
 CLOSE_REFUSED = 0x101
 
-
-class IQuicReactor(IReactorUDP, IReactorTime):
-    """
-    What TP's QUIC listener and client need of a reactor: UDP ports and
-    the clock aioquic's timers run on.
-    """
 
 
 class AlertCertificateRequired(tls.Alert):
@@ -1028,7 +1023,7 @@ class QuicListener(DatagramProtocol):
 
     def __init__(
         self,
-        reactor: IQuicReactor,
+        reactor: IUDPReactor,
         configuration: QuicConfiguration,
         verifier: ClientVerifier,
         factory: Any,
@@ -1072,6 +1067,21 @@ class QuicListener(DatagramProtocol):
         self.configuration = dataclasses.replace(
             self.configuration, certificate=chain[0], certificate_chain=chain[1:], private_key=key
         )
+
+    def reconfigure(
+        self, cas: list[x509.Certificate], checker: Any, limits: LimitsConfig, handshakeTimeout: float, chain: list[x509.Certificate], key: Any
+    ) -> None:
+        """
+        A reload: client CAs, certificate checks, limits and the handshake
+        deadline for connections made from now on (L{tpproxy.reload});
+        live connections are judged by the reload itself.
+        """
+        self.verifier = ClientVerifier(cas, checker, self.reactor)
+        self.limits = limits
+        self.halfOpen.total = limits.quicHandshakes
+        self.halfOpen.perSource = limits.quicHandshakesPerSource
+        self.handshakeTimeout = handshakeTimeout
+        self.setCertificate(chain, key)
 
     #: The UDP port, kept past C{transport}: Twisted's DatagramProtocol
     #: drops C{transport} just before L{stopProtocol}, while the socket is
@@ -1302,7 +1312,7 @@ class ClientSession(QuicSession):
     handshake completes; L{openStream} then gives a transport per tunnel.
     """
 
-    def __init__(self, reactor: IQuicReactor, conn: TPQuicConnection, socket: ClientSocket, server: Any) -> None:
+    def __init__(self, reactor: IUDPReactor, conn: TPQuicConnection, socket: ClientSocket, server: Any) -> None:
         super().__init__(conn, socket.sendDatagram, reactor, server)
         from twisted.internet import defer
 
@@ -1408,7 +1418,7 @@ class ClientSocket(DatagramProtocol):
     unreachable" (no QUIC listener, UDP blocked) is reported at once.
     """
 
-    def __init__(self, reactor: IQuicReactor, session: ClientSession | None, family: str, server: Any) -> None:
+    def __init__(self, reactor: IUDPReactor, session: ClientSession | None, family: str, server: Any) -> None:
         self.session = session
         self.family = family
         self.server = server
@@ -1458,7 +1468,7 @@ class ClientSocket(DatagramProtocol):
             self.port = None
 
 
-def connectQuic(reactor: IQuicReactor, address: tuple[str, int], configuration: QuicConfiguration) -> ClientSession:
+def connectQuic(reactor: IUDPReactor, address: tuple[str, int], configuration: QuicConfiguration) -> ClientSession:
     """
     Start a QUIC connection to C{address} (an IP address and port); wait on
     the returned session's C{ready}.

@@ -102,6 +102,9 @@ class ServerTLS:
         self.expiry: dict[str, float] = {}
         self.innerNames: dict[str, SSL.Context] = {}
         self.nameVerify: dict[str, Any] = {}
+        #: Each E2E name's chain and key, to rebuild its contexts when the
+        #: client CAs change (L{reconfigure}).
+        self._nameCertificates: dict[str, tuple[list[x509.Certificate], object]] = {}
         self.offered = tuple(alpn)
         #: tls-alpn-01 (RFC 8737) certificates by name, while a challenge
         #: is pending; see L{tpproxy.acme.responders.TLSALPN01Responder}.
@@ -221,6 +224,7 @@ class ServerTLS:
         self.names[name] = self._context(chain, key, verify, "name")
         self.innerNames[name] = self._context(chain, key, verify, "inner")
         self.nameVerify[name] = verify
+        self._nameCertificates[name] = (chain, key)
         self.expiry[name] = chain[0].not_valid_after_utc.timestamp()
 
     def replaceName(self, name: str, chain: list[x509.Certificate], key: object) -> bool:
@@ -235,13 +239,34 @@ class ServerTLS:
             return False
         self.names[name] = self._context(chain, key, verify, "name")
         self.innerNames[name] = self._context(chain, key, verify, "inner")
+        self._nameCertificates[name] = (chain, key)
         self.expiry[name] = chain[0].not_valid_after_utc.timestamp()
         return True
+
+    def reconfigure(
+        self, clientCAs: list[x509.Certificate], checker: ClientCertChecker, chain: list[x509.Certificate] | None = None, key: object = None
+    ) -> None:
+        """
+        A reload: verify client certificates against C{clientCAs} and
+        C{checker} (deny lists, CRLs) from now on, and serve C{chain} if
+        given.  Every context is rebuilt, since a context holds its CA
+        store; connections made before keep theirs.
+        """
+        self.checker = checker
+        self.clientCAs = clientCAs
+        if chain is None:
+            chain, key = self.chain, self.key
+        self.setCertificate(chain, key)
+        for name, (nameChain, nameKey) in self._nameCertificates.items():
+            verify = self.nameVerify[name]
+            self.names[name] = self._context(nameChain, nameKey, verify, "name")
+            self.innerNames[name] = self._context(nameChain, nameKey, verify, "inner")
 
     def removeName(self, name: str) -> None:
         self.names.pop(name, None)
         self.innerNames.pop(name, None)
         self.nameVerify.pop(name, None)
+        self._nameCertificates.pop(name, None)
         self.expiry.pop(name, None)
 
     def servesOwnName(self, name: str) -> bool:

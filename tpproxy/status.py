@@ -1,0 +1,93 @@
+# -*- test-case-name: tpproxy.test.test_reload -*-
+"""
+What a running server holds, as the JSON document of the admin
+listener's C{/status} (version 1, docs/operations.md), which C{tp status}
+prints as tables.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Callable
+
+from tpproxy.protocols.server import TPServerFactory, TPServerProtocol
+
+STATUS_VERSION = 1
+
+
+def _tunnel(conn: TPServerProtocol, now: float) -> dict[str, Any]:
+    hello = conn.hello
+    assert hello is not None
+    if conn.session is not None:
+        up, down = conn.session.counts()
+    else:
+        up, down = conn.bytesIn, 0
+    destination = f"{hello.host}:{hello.port}" if hello.op in ("connect", "udp") and not (conn.address or "").startswith("E2E ") else conn.address
+    return {
+        "identity": conn.identity.name if conn.identity else None,
+        "op": conn.event,
+        "destination": destination,
+        "transport": hello.transport,
+        "via": getattr(conn.transport, "carrier", "tls"),
+        "peer": conn.peerAddress,
+        "state": conn.phase,
+        "bytes_up": up,
+        "bytes_down": down,
+        "age": round(now - conn.started, 3),
+    }
+
+
+def serverStatus(
+    factory: TPServerFactory,
+    reloader: Any,
+    started: float,
+    now: Callable[[], float],
+) -> dict[str, Any]:
+    """
+    The C{/status} document of the server whose TP factory is C{factory}.
+    """
+    t = now()
+    registry = factory.registry
+    exposures = []
+    for exposure in [*getattr(registry, "byPort", {}).values(), *getattr(registry, "byName", {}).values()]:
+        control = getattr(exposure.control, "conn", None)
+        exposures.append(
+            {
+                "kind": exposure.mode,
+                "port": exposure.port,
+                "name": exposure.name,
+                "identity": exposure.owner,
+                "via": getattr(getattr(control, "transport", None), "carrier", "tls"),
+                "age": round(t - control.started, 3) if control is not None else None,
+            }
+        )
+    waiting = []
+    for pending in getattr(registry, "sessions", {}).values():
+        waiting.append(
+            {
+                "exposure": pending.exposure.name or pending.exposure.describe(),
+                "identity": pending.dialerIdentity,
+                "age": round(max(0.0, t - (pending.timer.getTime() - registry.acceptTimeout)), 3),
+            }
+        )
+    certificates = []
+    serverTLS = factory.serverTLS
+    for name, notAfter in sorted((serverTLS.expiry if serverTLS is not None else {}).items()):
+        when = datetime.datetime.fromtimestamp(notAfter, datetime.timezone.utc)
+        certificates.append({"name": name, "not_after": when.strftime("%Y-%m-%dT%H:%M:%SZ"), "expires_in": round(notAfter - t, 1)})
+    tunnels = [_tunnel(conn, t) for conn in factory.live if conn.hello is not None]
+    tunnels.sort(key=lambda entry: -entry["age"])
+    return {
+        "version": STATUS_VERSION,
+        "server": {
+            "started": started,
+            "uptime": round(t - started, 3),
+            "config": factory.config.path,
+            "generation": reloader.generation,
+            "loaded": reloader.loaded,
+        },
+        "tunnels": tunnels,
+        "exposures": exposures,
+        "dialers_waiting": waiting,
+        "certificates": certificates,
+    }
