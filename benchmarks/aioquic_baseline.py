@@ -28,8 +28,8 @@ from aioquic.asyncio import connect, serve
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import StreamDataReceived
-
 from harness import REPO, RESULTS, Processes, freePorts, machine, now, serverCertificate, tpVersions, workdir, writeJSON
+
 from tpproxy.pki import loadCertificates, loadKey
 
 CHUNK = 65536

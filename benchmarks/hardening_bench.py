@@ -263,8 +263,8 @@ def floodQuicGarbage(port: int, count: int, rate: float) -> None:
 def floodQuicHalfOpen(port: int, count: int, rate: float, pki: str) -> None:
     from aioquic.quic.connection import QuicConnection
 
-    from tpproxy.transports.quic import clientConfiguration
     from tpproxy.pki import loadCertificates, loadKey
+    from tpproxy.transports.quic import clientConfiguration
 
     d = Path(pki)
     config = clientConfiguration("localhost", loadCertificates(str(d / "ca.pem")), loadCertificates(str(d / "client.pem")), loadKey(str(d / "client.key")))

@@ -641,10 +641,10 @@ def tpVersions() -> dict[str, Any]:
     info: dict[str, Any] = {}
     try:
         import OpenSSL
-        import twisted
         from OpenSSL import SSL
 
         import tpproxy
+        import twisted
 
         info["tp"] = tpproxy.__version__
         info["twisted"] = twisted.__version__

@@ -25,9 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from OpenSSL import SSL, crypto
-
 from harness import RESULTS, machine, now, tpVersions, workdir, writeJSON
+from OpenSSL import SSL, crypto
 
 
 class _MallInfo2(ctypes.Structure):

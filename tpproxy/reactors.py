@@ -22,8 +22,16 @@ from twisted.internet.interfaces import (
 
 class IDialReactor(IReactorTCP, IReactorTime, IReactorPluggableNameResolver):
     """
-    Opens outgoing TCP connections to names: L{tpproxy.dial.Dialer}, the
-    client's L{tpproxy.connector.Connector}.
+    Opens TCP connections to names, with timeouts: the server's
+    L{tpproxy.dial.Dialer}, and every client (L{tpproxy.connector},
+    L{tpproxy.protocols.client}, C{tp expose}).
+    """
+
+
+class IUDPReactor(IReactorUDP, IReactorTime):
+    """
+    UDP ports and a clock: QUIC (aioquic's timers run on it) and the
+    server's end of a UDP flow (its idle timer).
     """
 
 

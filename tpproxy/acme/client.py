@@ -30,16 +30,15 @@ import math
 from typing import Any
 
 import josepy as jose
-
 from acme import jws, messages
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID, ObjectIdentifier
+from treq.client import HTTPClient
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from treq.client import HTTPClient
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from zope.interface import Attribute, Interface, implementer
 
@@ -247,7 +246,7 @@ class AcmeClient:
         self.contact = contact
         if http is None:
             if trustRoots:
-                from twisted.internet.ssl import trustRootFromCertificates, Certificate
+                from twisted.internet.ssl import Certificate, trustRootFromCertificates
 
                 policy = BrowserLikePolicyForHTTPS(
                     trustRootFromCertificates([Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in trustRoots])

@@ -32,8 +32,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tpproxy.acme.client import IAcmeClient, IChallengeResponder
+from tpproxy.acme.store import CertificateStore, Chain, dnsNames, renewalTime
 from tpproxy.certsource import CertificateUnavailable, ICertificateSource
-from tpproxy.acme.store import Chain, CertificateStore, dnsNames, renewalTime
 from tpproxy.config import DNS_NAME
 
 log = Logger()

@@ -13,22 +13,17 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import (
-    IHandshakeListener,
-    IReactorPluggableNameResolver,
-    IReactorTCP,
-    IReactorTime,
-    IStreamClientEndpoint,
-)
+from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tpproxy.firstframe import FirstFrameReader, Frame, Malformed, Raw
+from tpproxy.protocols.relay import RelayEnd, noDelay
+from tpproxy.reactors import IDialReactor
 from tpproxy.transports.tls import TLSFactory, describeTLSFailure, receivedAlert
 from tpproxy.verify import humanReason
-from tpproxy.firstframe import FirstFrameReader, Frame, Malformed, Raw
 from tpproxy.wire import ClientHello, ServerHello
-from tpproxy.protocols.relay import RelayEnd, noDelay
 
 
 class TunnelError(Exception):
@@ -69,12 +64,6 @@ class Refused(TunnelError):
         self.code = code
         self.message = message
 
-
-class IClientReactor(IReactorTCP, IReactorTime, IReactorPluggableNameResolver):
-    """
-    What a client needs of its reactor: connect by name (TCP, with name
-    resolution) and time (timeouts).
-    """
 
 
 @dataclass(frozen=True)
@@ -252,7 +241,7 @@ class TLSClientEndpoint:
     with the application protocol.
     """
 
-    def __init__(self, reactor: IClientReactor, server: ServerAddress, tlsOptions: Any, timeout: float = 15.0) -> None:
+    def __init__(self, reactor: IDialReactor, server: ServerAddress, tlsOptions: Any, timeout: float = 15.0) -> None:
         self.reactor = reactor
         self.server = server
         self.tlsOptions = tlsOptions
@@ -265,7 +254,7 @@ class TLSClientEndpoint:
 
 
 def openTunnel(
-    reactor: IClientReactor,
+    reactor: IDialReactor,
     server: ServerAddress,
     tlsOptions: Any,
     hello: ClientHello,

@@ -19,11 +19,11 @@ from zope.interface import implementer
 from tpproxy.connector import quicRefusal
 from tpproxy.control import ControlLoop, IControlEnd
 from tpproxy.firstframe import FirstFrameReader, Frame, Malformed, Raw
-from tpproxy.protocols.client import IClientReactor, Refused, TLSClientEndpoint, TunnelError, certificateRefusal, openTunnel
+from tpproxy.protocols.client import Refused, TLSClientEndpoint, TunnelError, certificateRefusal, openTunnel
 from tpproxy.protocols.relay import RelayEnd, noDelay, splice
+from tpproxy.reactors import IDialReactor
 from tpproxy.transports.tls import describeTLSFailure, receivedAlert
 from tpproxy.wire import VERSION, ClientHello, ErrorCode, ServerHello, WireError, parseEvent
-
 
 #: Seconds to wait for TP's answer to an E2E registration once connected.
 E2E_ANSWER_TIMEOUT = 150.0
@@ -176,7 +176,7 @@ class Exposer:
 
     def __init__(
         self,
-        reactor: IClientReactor,
+        reactor: IDialReactor,
         settings: Any,
         local: tuple[str, int],
         hello: ClientHello,
@@ -361,7 +361,7 @@ class ChosenEndpoint:
 
 
 @defer.inlineCallbacks
-def runExpose(reactor: IClientReactor, settings: Any, local: tuple[str, int], hello: ClientHello, keepalive: float, stderr: Any) -> Any:
+def runExpose(reactor: IDialReactor, settings: Any, local: tuple[str, int], hello: ClientHello, keepalive: float, stderr: Any) -> Any:
     """
     Register, and keep the exposure up until interrupted.  A refusal on the
     first attempt ends the command (exit status 3, or 1 if TP could not be

@@ -26,28 +26,33 @@ from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface.verify import verifyObject
 
-from tpproxy.acme.client import ID_PE_ACME_IDENTIFIER, AcmeError, IChallengeResponder, keyAuthorization, retryAfter, tlsALPNCertificate
-from tpproxy.certsource import CertificateUnavailable
-from tpproxy.config import ConfigError
-from tpproxy.acme.store import CertificateStore, renewalTime
+from tpproxy.acme.client import (
+    ID_PE_ACME_IDENTIFIER,
+    AcmeError,
+    IChallengeResponder,
+    keyAuthorization,
+    retryAfter,
+    tlsALPNCertificate,
+)
 from tpproxy.acme.responders import HTTP01Responder, TLSALPN01Responder
 from tpproxy.acme.service import IssuingService
+from tpproxy.acme.store import CertificateStore, renewalTime
 from tpproxy.acme.testing import ChallengeTargets, FakeAcmeClient
-from tpproxy.pki import newKey
+from tpproxy.certsource import CertificateUnavailable
+from tpproxy.config import ConfigError
+from tpproxy.pki import loadCertificates, loadKey, newKey
 from tpproxy.protocols.client import ServerAddress, TLSClientEndpoint, openTunnel
 from tpproxy.protocols.relay import RelayEnd, splice
 from tpproxy.protocols.server import TPServerFactory
 from tpproxy.service import makeService
-from tpproxy.testing import LOOPBACK_RULES, TestPKI
-from tpproxy.transports.servertls import ACME_TLS_ALPN, ServerTLS
-from tpproxy.verify import ClientCertChecker
-from tpproxy.transports.tls import clientTLS
-from tpproxy.pki import loadCertificates, loadKey
-from tpproxy.wire import ClientHello
-
 from tpproxy.test.pebble import Pebble
 from tpproxy.test.support import Echo, freePort, listenLocal
 from tpproxy.test.test_reverse import ControlClient
+from tpproxy.testing import LOOPBACK_RULES, TestPKI
+from tpproxy.transports.servertls import ACME_TLS_ALPN, ServerTLS
+from tpproxy.transports.tls import clientTLS
+from tpproxy.verify import ClientCertChecker
+from tpproxy.wire import ClientHello
 
 # -- in memory ------------------------------------------------------------------
 

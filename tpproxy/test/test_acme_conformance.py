@@ -28,14 +28,22 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 import tpproxy.acme.client as clientModule
-from tpproxy.acme.client import HTTP01, TLSALPN01, AcmeClient, AcmeError, IAcmeClient, IChallengeResponder, accountJWK, keyAuthorization
+from tpproxy.acme.client import (
+    HTTP01,
+    TLSALPN01,
+    AcmeClient,
+    AcmeError,
+    IAcmeClient,
+    IChallengeResponder,
+    accountJWK,
+    keyAuthorization,
+)
 from tpproxy.acme.responders import HTTP01Responder, TLSALPN01Responder
 from tpproxy.acme.testing import ChallengeTargets, FakeAcmeClient, MemoryCA, runUntilFired
 from tpproxy.pki import CertificateAuthority, loadCertificates, newKey
+from tpproxy.test.pebble import Pebble
 from tpproxy.transports.servertls import ServerTLS
 from tpproxy.verify import ClientCertChecker
-
-from tpproxy.test.pebble import Pebble
 
 
 @implementer(IChallengeResponder)

@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives import serialization
 from twisted.trial.unittest import SynchronousTestCase
 
 from tpproxy.config import (
-    LimitsConfig,
     ClientConfig,
     ConfigError,
+    LimitsConfig,
     ServerConfig,
     defaultClientConfigPath,
     loadClientConfig,

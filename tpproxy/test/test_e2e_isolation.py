@@ -17,9 +17,8 @@ from zope.interface import implementer
 
 from tpproxy.acme.client import tlsALPNCertificate
 from tpproxy.protocols.client import Refused, ServerAddress, TLSClientEndpoint, TunnelError, openTunnel
-from tpproxy.wire import ClientHello
-
 from tpproxy.test.test_reverse import ControlClient, ReverseTestCase
+from tpproxy.wire import ClientHello
 
 
 @implementer(IOpenSSLClientConnectionCreator)

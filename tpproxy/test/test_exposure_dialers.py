@@ -19,13 +19,12 @@ from tpproxy.policy import parsePolicy
 from tpproxy.protocols.client import ServerAddress, TLSClientEndpoint, TunnelError, openTunnel
 from tpproxy.reverse.registry import Exposure, Registry
 from tpproxy.service import makeQuicListener, makeServerFactory
-from tpproxy.testing import REVERSE_RULES
-from tpproxy.wire import ClientHello
-
 from tpproxy.test.support import Background, HashSink, listenLocal, run, sha256, tpCommand
 from tpproxy.test.test_integration import writeClientConfig
 from tpproxy.test.test_quic import QuicTestCase
 from tpproxy.test.test_reverse import ControlClient, ReverseTestCase
+from tpproxy.testing import REVERSE_RULES
+from tpproxy.wire import ClientHello
 
 #: dev (alice and mallory) may expose any *.localhost name to dev; bob may
 #: expose bob.localhost to alice only.  alice is in both dialer lists.

@@ -18,12 +18,13 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tpproxy.reactors import IUDPReactor
 from tpproxy.test.quicmemory import SERVER, QuicWorld, Recorder
 from tpproxy.test.support import auditObserver, audits
 from tpproxy.testing import TestPKI
 from tpproxy.transports import h3
 from tpproxy.transports.h3 import H3Response
-from tpproxy.transports.quic import ClientSession, ClientSocket, IQuicReactor, QuicListener, TPQuicConnection, serverConfiguration
+from tpproxy.transports.quic import ClientSession, ClientSocket, QuicListener, TPQuicConnection, serverConfiguration
 from tpproxy.wire import ClientHello
 
 REDIRECT = H3Response.redirect("https://www.example.org/")
@@ -151,7 +152,7 @@ class H3Client(ClientSession):
         return streamId, done
 
 
-def connectH3(reactor: IQuicReactor, address: tuple[str, int], configuration: QuicConfiguration) -> H3Client:
+def connectH3(reactor: IUDPReactor, address: tuple[str, int], configuration: QuicConfiguration) -> H3Client:
     socket = ClientSocket(reactor, None, "ipv4", address)
     session = H3Client(reactor, TPQuicConnection(configuration=configuration), socket, address)
     socket.session = session

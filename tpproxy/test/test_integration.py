@@ -18,17 +18,15 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import TestCase
 
 from tpproxy.pki import CertificateAuthority
-from tpproxy.testing import TestPKI
-
 from tpproxy.test.support import (
+    SSHD,
     Background,
     Echo,
-    echoRoundTrips,
-    SSHD,
     HashSink,
     auditObserver,
     audits,
     cleanEnv,
+    echoRoundTrips,
     listenLocal,
     run,
     sha256,
@@ -36,6 +34,7 @@ from tpproxy.test.support import (
     tpCommand,
     waitForAudits,
 )
+from tpproxy.testing import TestPKI
 
 TEN_MB = 10 * 1024 * 1024
 

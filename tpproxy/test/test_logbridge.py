@@ -14,9 +14,8 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tpproxy import logbridge
-from tpproxy.testing import TestPKI, loopbackServerTOML
-
 from tpproxy.test.support import Background, deferLater, freePort, run, tpCommand, twistCommand, waitForPort
+from tpproxy.testing import TestPKI, loopbackServerTOML
 
 
 class HandlerTests(SynchronousTestCase):

@@ -11,10 +11,10 @@ from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 
 from tpproxy.memory import MIN_WAVE, MemoryTrimmer, glibcTrim
+from tpproxy.pki import loadCertificates, loadKey
 from tpproxy.testing import TestPKI
 from tpproxy.transports.servertls import ServerTLS
 from tpproxy.verify import ClientCertChecker
-from tpproxy.pki import loadCertificates, loadKey
 
 
 class ReleaseBuffersTests(SynchronousTestCase):

@@ -15,12 +15,23 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
-from twisted.web.client import HTTPConnectionPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import HTTPConnectionPool
 
 from tpproxy.metrics import Metrics, failureReason
 from tpproxy.service import makeService
-from tpproxy.test.support import Echo, audits, auditObserver, deferLater, freePort, listenLocal, requireTool, run, tpCommand, waitForPort
+from tpproxy.test.support import (
+    Echo,
+    auditObserver,
+    audits,
+    deferLater,
+    freePort,
+    listenLocal,
+    requireTool,
+    run,
+    tpCommand,
+    waitForPort,
+)
 from tpproxy.testing import TestPKI
 
 

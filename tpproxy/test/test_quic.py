@@ -17,29 +17,28 @@ from aioquic.quic.configuration import QuicConfiguration
 from twisted.internet import defer, protocol, reactor
 from twisted.trial.unittest import TestCase
 
-from tpproxy.protocols.client import TPClientProtocol, TunnelError
-from tpproxy.transports.quic import clientConfiguration, connectQuic
-from tpproxy.service import makeQuicListener, makeServerFactory
-from tpproxy.testing import REVERSE_RULES, TestPKI, reverseTables
 from tpproxy.pki import loadCertificates, loadKey
-from tpproxy.wire import ALPN, ClientHello
-
+from tpproxy.protocols.client import TPClientProtocol, TunnelError
+from tpproxy.service import makeQuicListener, makeServerFactory
 from tpproxy.test.support import (
     SSHD,
     Background,
     Echo,
-    echoRoundTrips,
     HashSink,
     auditObserver,
     audits,
+    echoRoundTrips,
     listenLocal,
     run,
     sha256,
     tpCommand,
-    waitUntilRefused,
     waitForAudits,
+    waitUntilRefused,
 )
 from tpproxy.test.test_integration import TEN_MB, writeClientConfig
+from tpproxy.testing import REVERSE_RULES, TestPKI, reverseTables
+from tpproxy.transports.quic import clientConfiguration, connectQuic
+from tpproxy.wire import ALPN, ClientHello
 
 
 @defer.inlineCallbacks

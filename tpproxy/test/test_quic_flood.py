@@ -21,20 +21,6 @@ from twisted.internet.address import IPv4Address
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tpproxy.config import LimitsConfig
-from tpproxy.transports.quic import (
-    RETRY_TOKEN_LIFETIME,
-    ClientSession,
-    ClientVerifier,
-    QuicListener,
-    TPQuicConnection,
-    clientConfiguration,
-    loadResetSecret,
-    resetToken,
-    serverConfiguration,
-)
-from tpproxy.testing import TestPKI, loopbackServerTOML
-from tpproxy.verify import ClientCertChecker
-
 from tpproxy.test.support import (
     Background,
     Echo,
@@ -47,6 +33,19 @@ from tpproxy.test.support import (
     waitForPort,
 )
 from tpproxy.test.test_integration import writeClientConfig
+from tpproxy.testing import TestPKI, loopbackServerTOML
+from tpproxy.transports.quic import (
+    RETRY_TOKEN_LIFETIME,
+    ClientSession,
+    ClientVerifier,
+    QuicListener,
+    TPQuicConnection,
+    clientConfiguration,
+    loadResetSecret,
+    resetToken,
+    serverConfiguration,
+)
+from tpproxy.verify import ClientCertChecker
 
 SERVER = ("127.0.0.1", 443)
 

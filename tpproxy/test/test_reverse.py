@@ -17,20 +17,16 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import TestCase
 
+from tpproxy.pki import loadCertificates, loadKey
 from tpproxy.protocols.client import Refused, ServerAddress, TLSClientEndpoint, openTunnel
 from tpproxy.service import makeServerFactory
-from tpproxy.testing import REVERSE_RULES, TestPKI, reverseTables
-from tpproxy.transports.tls import clientTLS
-from tpproxy.pki import loadCertificates, loadKey
-from tpproxy.wire import ClientHello, FrameDecoder, ServerHello, encodeEvent, parseEvent
-
 from tpproxy.test.support import (
     SSHD,
     Background,
     Echo,
-    echoRoundTrips,
     auditObserver,
     audits,
+    echoRoundTrips,
     freePort,
     listenLocal,
     run,
@@ -39,6 +35,9 @@ from tpproxy.test.support import (
     waitUntilRefused,
 )
 from tpproxy.test.test_integration import TEN_MB, writeClientConfig
+from tpproxy.testing import REVERSE_RULES, TestPKI, reverseTables
+from tpproxy.transports.tls import clientTLS
+from tpproxy.wire import ClientHello, FrameDecoder, ServerHello, encodeEvent, parseEvent
 
 E2E_NAME = "ssh.alice.localhost"
 

@@ -22,12 +22,11 @@ from zope.interface import implementer
 
 from tpproxy.protocols.client import ServerAddress, TLSClientEndpoint, openTunnel
 from tpproxy.service import makeServerFactory
-from tpproxy.testing import REVERSE_RULES, reverseTables
-from tpproxy.wire import ClientHello, FrameDecoder, ServerHello, parseEvent
-
 from tpproxy.test.support import Echo, audits, deferLater, freePort, listenLocal, run, tpCommand
 from tpproxy.test.test_integration import writeClientConfig
 from tpproxy.test.test_reverse import ControlClient, ReverseTestCase
+from tpproxy.testing import REVERSE_RULES, reverseTables
+from tpproxy.wire import ClientHello, FrameDecoder, ServerHello, parseEvent
 
 E2E_NAME = "echo.alice.localhost"
 

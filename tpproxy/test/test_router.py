@@ -43,11 +43,10 @@ from tpproxy.router import (
     toBackend,
 )
 from tpproxy.service import makeServerFactory, makeServerTLS
-from tpproxy.testing import TestPKI
-from tpproxy.transports.tls import TLSFactory, clientTLS
-
 from tpproxy.test.support import Echo, HashSink, freePort, requireTool, run, sha256
 from tpproxy.test.test_clienthello import frame, handshakeBytes, realClientHello
+from tpproxy.testing import TestPKI
+from tpproxy.transports.tls import TLSFactory, clientTLS
 
 PEER = IPv4Address("TCP", "192.0.2.7", 40001)
 HOST = IPv4Address("TCP", "198.51.100.1", 443)

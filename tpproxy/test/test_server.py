@@ -15,7 +15,7 @@ import datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
-
+from OpenSSL import crypto
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
@@ -25,15 +25,19 @@ from twisted.internet.interfaces import (
     IHostResolution,
 )
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import Certificate, PrivateCertificate, TLSVersion, optionsForClientTLS, trustRootFromCertificates
+from twisted.internet.ssl import (
+    Certificate,
+    PrivateCertificate,
+    TLSVersion,
+    optionsForClientTLS,
+    trustRootFromCertificates,
+)
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
-
-from OpenSSL import crypto
 
 from tpproxy.pki import CertificateAuthority, serialHex
 from tpproxy.protocols.server import LINGER, Outbound, TPServerProtocol

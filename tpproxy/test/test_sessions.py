@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from OpenSSL import crypto
-
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport

@@ -32,17 +32,12 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from tpproxy.clienthello import ALERT_UNEXPECTED_MESSAGE
-from tpproxy.pki import CertificateAuthority
+from tpproxy.pki import CertificateAuthority, loadCertificates, loadKey
 from tpproxy.protocols.client import ServerAddress, openTunnel
 from tpproxy.protocols.relay import RelayEnd, splice
 from tpproxy.proxyproto import PROXY, ProxyProtocolError, parseProxyV2
 from tpproxy.router import RouterProtocol, alertRecord
 from tpproxy.service import makeService
-from tpproxy.testing import TestPKI
-from tpproxy.transports.tls import clientTLS
-from tpproxy.pki import loadCertificates, loadKey
-from tpproxy.wire import ClientHello
-
 from tpproxy.test.support import (
     Background,
     Echo,
@@ -60,6 +55,9 @@ from tpproxy.test.support import (
 )
 from tpproxy.test.test_integration import writeClientConfig
 from tpproxy.test.test_router import routerLog, serverOptions, waitForNoConnections
+from tpproxy.testing import TestPKI
+from tpproxy.transports.tls import clientTLS
+from tpproxy.wire import ClientHello
 
 #: The fixed part of every page: 32 KiB that must arrive intact.
 BLOB = random.Random(6).randbytes(32 * 1024)

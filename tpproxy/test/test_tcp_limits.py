@@ -22,9 +22,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tpproxy.limits import HalfOpenCounter, HalfOpenGate, raiseFileLimit
 from tpproxy.service import makeService, withBacklog
-from tpproxy.testing import TestPKI
-
 from tpproxy.test.support import deferLater, freePort
+from tpproxy.testing import TestPKI
 
 
 class Built(protocol.Protocol):

@@ -14,10 +14,9 @@ from twisted.internet import defer, protocol, reactor
 from twisted.names import client, dns
 from twisted.trial.unittest import TestCase
 
-from tpproxy.transports.udp import StreamFramer, decodeFlowDatagram, encodeFlowDatagram
-
 from tpproxy.test.support import Background, deferLater, tpCommand, waitForAudits
 from tpproxy.test.test_quic import QuicTestCase, waitUntil
+from tpproxy.transports.udp import StreamFramer, decodeFlowDatagram, encodeFlowDatagram
 
 
 class FixedAnswerDNS(protocol.DatagramProtocol):

@@ -15,24 +15,23 @@ import re
 from typing import Any
 
 from cryptography import x509
-from OpenSSL import SSL, crypto
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL, crypto
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from tpproxy.pki import certPEM, serialHex
+from tpproxy.pki import certPEM, loadCertificates, serialHex
 from tpproxy.protocols.client import ServerAddress, TLSClientEndpoint, TunnelError, openTunnel
-from tpproxy.transports.quic import clientConfiguration, connectQuic
 from tpproxy.service import makeQuicListener, makeServerFactory
 from tpproxy.test.support import HashSink, auditObserver, deferLater, listenLocal
 from tpproxy.test.test_reverse import ControlClient, ReverseTestCase
 from tpproxy.testing import TestPKI
+from tpproxy.transports.quic import clientConfiguration, connectQuic
 from tpproxy.transports.tls import clientTLS
-from tpproxy.pki import loadCertificates
 from tpproxy.verify import HUMAN_REASONS, quictls
 from tpproxy.wire import ClientHello
 

@@ -27,9 +27,11 @@ from typing import Any, Callable
 
 from aioquic.buffer import Buffer, BufferReadError, size_uint_var
 from twisted.internet.error import MessageLengthError
-from twisted.internet.interfaces import IReactorTime, IReactorUDP
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+
+from tpproxy.reactors import IUDPReactor
 
 log = Logger(namespace="tpproxy.udp")
 
@@ -42,12 +44,6 @@ RECEIVE_SIZE = 65536
 MAX_DATAGRAM_PAYLOAD = 1100
 _LENGTH = struct.Struct("!H")
 
-
-class IFlowReactor(IReactorUDP, IReactorTime):
-    """
-    What the server end of a flow needs: a UDP port to the destination and
-    an idle timer.
-    """
 
 
 def encodeFlowDatagram(quarterId: int, payload: bytes) -> bytes:
@@ -179,7 +175,7 @@ class ServerFlow:
     @param tunnel: the TP server protocol of the flow's stream.
     """
 
-    def __init__(self, reactor: IFlowReactor, tunnel: Any, address: str, port: int) -> None:
+    def __init__(self, reactor: IUDPReactor, tunnel: Any, address: str, port: int) -> None:
         self.tunnel = tunnel
         self.reactor = reactor
         transport = tunnel.transport
