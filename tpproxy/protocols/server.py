@@ -14,13 +14,7 @@ import time
 from typing import Any, Callable
 
 from twisted.internet import defer
-from twisted.internet.interfaces import (
-    IHandshakeListener,
-    IReactorPluggableNameResolver,
-    IReactorTCP,
-    IReactorTime,
-    IReactorUDP,
-)
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -46,6 +40,7 @@ from tpproxy.protocols.sessions import (
     SNISession,
     UdpSession,
 )
+from tpproxy.reactors import IServerReactor
 from tpproxy.reverse.registry import Registry, ReverseError
 from tpproxy.transports.servertls import ServerTLS
 from tpproxy.transports.tls import describeTLSFailure
@@ -59,12 +54,6 @@ audit = Logger(namespace="tpproxy.audit")
 #: How long a refused peer has to read its ServerHello before TP hangs up.
 LINGER = 5.0
 
-
-class IServerReactor(IReactorTCP, IReactorUDP, IReactorTime, IReactorPluggableNameResolver):
-    """
-    What the server needs of its reactor: dial (TCP, with name
-    resolution), UDP flows and public exposure ports, and time.
-    """
 
 
 class ConnState(str, enum.Enum):
