@@ -418,6 +418,14 @@ class ListenSession(Session):
             return
         transport.write(encodeEvent("incoming", session=session, identity=identity, peer=peer))  # type: ignore[union-attr]
 
+    def goaway(self, reason: str) -> None:
+        """
+        Tell the exposer TP is going away, so that it registers again at
+        once (elsewhere, where there is an elsewhere); its accepted tunnels
+        are not affected.
+        """
+        self.conn.transport.write(encodeEvent("goaway", reason=reason))  # type: ignore[union-attr]
+
     # IControlEnd
 
     def writeControl(self, data: bytes) -> None:

@@ -64,6 +64,8 @@ class Control(TypingProtocol):
 
     def closeControl(self, reason: str) -> None: ...
 
+    def goaway(self, reason: str) -> None: ...
+
 
 @dataclass(eq=False)
 class Exposure:
@@ -216,6 +218,18 @@ class Registry:
             raise ReverseError(ErrorCode.NAME_TAKEN, f"E2E name {name} was taken meanwhile")
         self.serverTLS.addName(name, chain, key, lambda ident: self.mayDial(exposure, ident))
         return exposure
+
+    def goaway(self, reason: str) -> int:
+        """
+        Tell every exposer TP is going away (a graceful stop), so each
+        registers again at once.
+
+        @return: how many were told.
+        """
+        exposures = [*self.byPort.values(), *self.byName.values()]
+        for exposure in exposures:
+            exposure.control.goaway(reason)
+        return len(exposures)
 
     def reconfigure(self, policy: Policy, acceptTimeout: float) -> None:
         """
