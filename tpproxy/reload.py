@@ -79,7 +79,7 @@ def stillAllowed(conn: TPServerProtocol, policy: Policy, checker: ClientCertChec
         return None  # in its handshake: the new contexts decide
     refusal = leafRefusal(checker, conn.certificate)
     if refusal is not None:
-        return f"the client certificate is refused now: {refusal.message}"
+        return f"the client certificate is refused now: {refusal.reason}"
     identity = conn.identity.name
     hello, session, address = conn.hello, conn.session, conn.address
     if hello is None or session is None:
@@ -221,7 +221,12 @@ class Reloader:
         registry = self.factory.registry
         closed = 0
         for conn in list(self.factory.live):
-            reason = stillAllowed(conn, config.policy, checker, registry)
+            try:
+                reason = stillAllowed(conn, config.policy, checker, registry)
+            except Exception:
+                # Fail closed: a connection TP cannot judge is not kept.
+                log.failure("Cannot judge {peer} against the new configuration; closing it", peer=conn.peerAddress)
+                reason = "could not be checked against the new configuration"
             if reason is not None:
                 conn.revoke("revoked", reason)
                 closed += 1
