@@ -10,6 +10,7 @@ error code and message are printed on stderr).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -30,6 +31,8 @@ from tpproxy.protocols.relay import RelayEnd, noDelay, splice
 from tpproxy.wire import VERSION, ClientHello
 
 EXIT_OK, EXIT_TUNNEL, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
+#: The longest validity C{tp issue} gives a certificate (10 years).
+MAX_HOURS = 24 * 365 * 10
 
 
 class UsageError(Exception):
@@ -105,6 +108,31 @@ class Settings:
             raise UsageError(f"--cert/--key: cannot use this certificate and key ({e})") from None
 
 
+def _number(kind: type, low: float, high: float, what: str, note: str = "") -> Any:
+    """
+    An argparse type: a number of C{kind} from C{low} to C{high}, else an
+    error that says what is expected (C{what}, then the bounds, then
+    C{note}).  A lower bound of 0 for a float means "more than 0".
+    """
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        strict = kind is float and low == 0
+        if value is None or not math.isfinite(value) or value > high or value < low or (strict and value <= 0):
+            bound = f"more than 0 and at most {high:g}" if strict else f"from {low:g} to {high:g}"
+            raise argparse.ArgumentTypeError(f"expected {what} {bound}{note}, got {text!r}")
+        return value
+
+    return parse
+
+
+#: Seconds for --connect-timeout, as the config key connect_timeout allows.
+seconds = _number(float, 0, 3600, "a number of seconds")
+
+
 def _commonOptions(parser: argparse.ArgumentParser, suppress: bool) -> None:
     default = argparse.SUPPRESS if suppress else None
     group = parser.add_argument_group("connection options (before or after the command)")
@@ -114,7 +142,7 @@ def _commonOptions(parser: argparse.ArgumentParser, suppress: bool) -> None:
     group.add_argument("--cert", metavar="FILE", default=default, help="client certificate (PEM, may hold its chain)")
     group.add_argument("--key", metavar="FILE", default=default, help="private key of the client certificate (PEM)")
     group.add_argument("--ca", metavar="FILE", default=default, help="CA certificate(s) that sign the server certificate (PEM)")
-    group.add_argument("--connect-timeout", metavar="SECONDS", type=float, default=default,
+    group.add_argument("--connect-timeout", metavar="SECONDS", type=seconds, default=default,
                        help="give up on TP after this long (default 15)")
     group.add_argument("--transport", choices=("auto", "quic", "tls"), default=default,
                        help="QUIC (UDP) or TLS (TCP) to TP; auto (default) tries QUIC first and falls back to TLS")
@@ -142,14 +170,14 @@ def buildParser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("connect", help="connect stdin/stdout to HOST:PORT through TP (for ssh ProxyCommand)",
                        description="Connect standard input and output to HOST:PORT through TP. "
-                       "Prints one status line on stderr. Use as ssh -o ProxyCommand=\"tp connect %%h:%%p\".")
+                       "Prints one status line on stderr. Use as ssh -o ProxyCommand=\"tp connect %h:%p\".")
     p.add_argument("target", metavar="HOST:PORT")
     _commonOptions(p, suppress=True)
 
     p = sub.add_parser("up", help="forward 127.0.0.1:LOCALPORT to HOST:PORT through TP",
                        description="Listen on 127.0.0.1:LOCALPORT and forward each connection to HOST:PORT through TP.")
     p.add_argument("target", metavar="HOST:PORT")
-    p.add_argument("localport", metavar="LOCALPORT", type=int)
+    p.add_argument("localport", metavar="LOCALPORT", type=_number(int, 0, 65535, "a port number", " (0 picks a free port)"))
     p.add_argument("--bind", metavar="ADDRESS", default="127.0.0.1", help="local address to listen on (default 127.0.0.1)")
     p.add_argument("-u", "--udp", action="store_true",
                    help="forward UDP instead of TCP: each local source address is a flow (QUIC datagrams, or framed on TLS)")
@@ -161,10 +189,10 @@ def buildParser() -> argparse.ArgumentParser:
                        "need a client certificate allowed for NAME. Reconnects by itself if TP goes away.")
     p.add_argument("local", metavar="LOCALHOST:PORT")
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--public", metavar="BINDPORT", nargs="?", const=0, type=int,
+    mode.add_argument("--public", metavar="BINDPORT", nargs="?", const=0, type=_number(int, 0, 65535, "a port number", " (0 or none: TP picks one)"),
                       help="public mode: TP listens on BINDPORT (or a port it picks and reports)")
     mode.add_argument("--e2e", metavar="NAME", help="E2E mode: TP serves the name NAME")
-    p.add_argument("--keepalive", metavar="SECONDS", type=float, default=15.0,
+    p.add_argument("--keepalive", metavar="SECONDS", type=_number(float, 0.5, 3600, "a number of seconds"), default=15.0,
                    help="ping TP this often; give up on it after 3 times as long (default 15)")
     _commonOptions(p, suppress=True)
 
@@ -172,14 +200,15 @@ def buildParser() -> argparse.ArgumentParser:
                        description="Make a dev CA, a server certificate for localhost/127.0.0.1/::1, a client "
                        "certificate, and DIR/server.toml + DIR/client.toml that work together on loopback.")
     p.add_argument("directory", metavar="DIR")
-    p.add_argument("--port", type=int, default=8443, help="port for the dev server (default 8443)")
+    p.add_argument("--port", type=_number(int, 1, 65535, "a port number"), default=8443, help="port for the dev server (default 8443)")
     p.add_argument("--force", action="store_true", help="replace an existing dev environment in DIR")
 
     p = sub.add_parser("issue", help="issue a client certificate from the dev CA in DIR",
                        description="Issue a client certificate for NAME from DIR/ca.pem and DIR/ca.key; writes DIR/NAME.pem and DIR/NAME.key.")
     p.add_argument("directory", metavar="DIR")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--hours", type=float, default=12, help="validity in hours (default 12)")
+    p.add_argument("--hours", type=_number(float, 0, MAX_HOURS, "a number of hours"), default=12,
+                   help=f"validity in hours, more than 0, at most {MAX_HOURS} (10 years; default 12)")
     return parser
 
 
@@ -202,7 +231,7 @@ def resolveSettings(args: argparse.Namespace) -> Settings:
         value = getattr(args, name, None)
         if value:
             overrides[name] = os.path.abspath(value) if name != "server" else value
-    if getattr(args, "connect_timeout", None):
+    if getattr(args, "connect_timeout", None) is not None:
         overrides["connectTimeout"] = args.connect_timeout
     if getattr(args, "transport", None):
         overrides["transport"] = args.transport
@@ -355,8 +384,6 @@ def runInitDev(args: argparse.Namespace, stdout: Any) -> int:
     home = Path(args.directory).expanduser().resolve()
     if (home / "server.toml").exists() and not args.force:
         raise UsageError(f"{home} already holds a dev environment; use --force to replace it (and its CA)")
-    if not 1 <= args.port <= 65535:
-        raise UsageError("--port must be from 1 to 65535")
     initDev(home, args.port)
     stdout.write(
         f"Made a TP dev environment in {home}:\n"
@@ -393,17 +420,11 @@ def _run(reactor: Any, args: argparse.Namespace, stderr: Any) -> defer.Deferred[
                 raise UsageError(f"--e2e: {args.e2e!r} is not a DNS name of letters, digits and hyphens (no '_', not an address)")
             hello = ClientHello("listen", mode="e2e", name=normalize(args.e2e))
         else:
-            if not 0 <= args.public <= 65535:
-                raise UsageError("--public: BINDPORT must be from 0 to 65535")
             hello = ClientHello("listen", mode="public", port=args.public)
-        if not 0.5 <= args.keepalive <= 3600:
-            raise UsageError("--keepalive: expected 0.5 to 3600 seconds")
         return runExpose(reactor, settings, local, hello, args.keepalive, stderr)
     host, port = parseHostPort(args.target, "HOST:PORT")
     if args.command == "connect":
         return runConnect(reactor, settings, host, port, stderr)
-    if not 0 <= args.localport <= 65535:
-        raise UsageError("LOCALPORT must be from 0 to 65535 (0 picks a free port and prints it)")
     if args.udp:
         return runUpUDP(reactor, settings, host, port, args.localport, args.bind, stderr)
     return runUp(reactor, settings, host, port, args.localport, args.bind, stderr)

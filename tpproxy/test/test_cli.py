@@ -176,3 +176,81 @@ class MainTests(SynchronousTestCase):
         self.assertEqual(identityOf(cert).name, "bob")
         lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
         self.assertLess(lifetime.total_seconds(), 2 * 3600 + 600)
+
+
+class NumberOptionTests(SynchronousTestCase):
+    """
+    Every numeric option of C{tp} is checked by argparse, so a bad value is
+    a one-line usage error (exit 2), not a traceback later.
+    """
+
+    def refused(self, *argv: str) -> str:
+        err = io.StringIO()
+        self.patch(cli.sys, "stderr", err)
+        exit = self.assertRaises(SystemExit, cli.buildParser().parse_args, list(argv))
+        self.assertEqual(exit.code, 2)
+        lines = err.getvalue().splitlines()
+        self.assertNotIn("Traceback", err.getvalue())
+        return lines[-1]
+
+    def test_connectTimeout(self) -> None:
+        """
+        C{--connect-timeout} takes more than 0 and at most 3600 seconds (as
+        the config key C{connect_timeout}), before or after the command.
+        """
+        for value in ("-3", "0", "nan", "inf", "3601", "soon"):
+            for argv in (["--connect-timeout", value, "connect", "h:22"], ["connect", "h:22", "--connect-timeout", value]):
+                line = self.refused(*argv)
+                self.assertIn("argument --connect-timeout: expected a number of seconds more than 0 and at most 3600", line)
+                self.assertIn(repr(value), line)
+        args = cli.buildParser().parse_args(["connect", "h:22", "--connect-timeout", "0.25"])
+        self.assertEqual(args.connect_timeout, 0.25)
+
+    def test_connectTimeoutOverridesFile(self) -> None:
+        """
+        The checked value overrides the config file's C{connect_timeout}.
+        """
+        pki = TestPKI.create(self.mktemp())
+        cert, key = pki.client("alice")
+        config = pki.directory / "client.toml"
+        config.write_text(f'server = "s:1"\ncert = "{cert}"\nkey = "{key}"\nca = "{pki.caPath}"\nconnect_timeout = 3\n')
+        args = cli.buildParser().parse_args(["--config", str(config), "--connect-timeout", "0.5", "connect", "h:22"])
+        self.assertEqual(cli.resolveSettings(args).connectTimeout, 0.5)
+
+    def test_hours(self) -> None:
+        """
+        C{tp issue --hours} takes more than 0 and at most ten years.
+        """
+        for value in ("0", "-1", "1e9", "nan", "x"):
+            self.assertIn("argument --hours: expected a number of hours more than 0 and at most 87600", self.refused("issue", "d", "n", "--hours", value))
+        self.assertEqual(cli.buildParser().parse_args(["issue", "d", "n", "--hours", "0.5"]).hours, 0.5)
+
+    def test_ports(self) -> None:
+        """
+        Port numbers: C{tp up}'s LOCALPORT and C{--public} from 0, C{tp
+        init-dev --port} from 1, to 65535.
+        """
+        self.assertIn("argument LOCALPORT: expected a port number from 0 to 65535 (0 picks a free port)", self.refused("up", "h:1", "-5"))
+        self.assertIn("argument LOCALPORT", self.refused("up", "h:1", "65536"))
+        self.assertIn("argument --public: expected a port number from 0 to 65535", self.refused("expose", "h:1", "--public", "70000"))
+        self.assertIn("argument --port: expected a port number from 1 to 65535", self.refused("init-dev", "d", "--port", "0"))
+        self.assertEqual(cli.buildParser().parse_args(["up", "h:1", "0"]).localport, 0)
+        self.assertEqual(cli.buildParser().parse_args(["expose", "h:1", "--public"]).public, 0)
+
+    def test_keepalive(self) -> None:
+        self.assertIn("argument --keepalive: expected a number of seconds from 0.5 to 3600", self.refused("expose", "h:1", "--e2e", "a.example", "--keepalive", "0.1"))
+        self.assertIn("argument --keepalive", self.refused("expose", "h:1", "--e2e", "a.example", "--keepalive", "nan"))
+
+
+class HelpTests(SynchronousTestCase):
+    def test_connectHelpShowsProxyCommand(self) -> None:
+        """
+        C{tp connect --help} shows the ProxyCommand as ssh wants it,
+        C{%h:%p} (not C{%%h:%%p}).
+        """
+        out = io.StringIO()
+        self.patch(cli.sys, "stdout", out)
+        self.assertRaises(SystemExit, cli.buildParser().parse_args, ["connect", "--help"])
+        text = " ".join(out.getvalue().split())
+        self.assertIn('ProxyCommand="tp connect %h:%p"', text)
+        self.assertNotIn("%%", text)
