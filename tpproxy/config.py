@@ -101,6 +101,8 @@ class ServerConfig:
     #: End a connection when its client certificate expires
     #: (C{server.disconnect_expired_cert}, like Teleport's).
     disconnectExpiredCert: bool = True
+    #: How long live tunnels may go on after SIGTERM (C{server.drain_timeout}).
+    drainTimeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -435,7 +437,7 @@ def parseAcme(acme: Any, base: Path) -> AcmeConfig | None:
 
 _SERVER_KEYS = {
     "listen", "certificate", "key", "client_ca", "crl", "handshake_timeout", "hello_timeout", "connect_timeout", "quic",
-    "state_dir", "disconnect_expired_cert",
+    "state_dir", "disconnect_expired_cert", "drain_timeout",
 }
 
 _TCP_LISTEN = re.compile(r"tcp6?:(\d+)(?::interface=([^:]*(?:\\:[^:]*)*))?$")
@@ -578,6 +580,7 @@ def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") 
         limits=parseLimits(data.get("limits")),
         admin=parseAdmin(data.get("admin")),
         disconnectExpiredCert=_bool(server, "disconnect_expired_cert", True, "server"),
+        drainTimeout=_seconds(server, "drain_timeout", 10, "server"),
         stateDir=_resolvePath(base, server.get("state_dir", "state"), "server.state_dir", mustExist=False),
     )
     if config.router is not None and config.router.h3 is not None and not config.quic:

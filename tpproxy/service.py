@@ -13,6 +13,7 @@ from typing import Any
 
 from OpenSSL import crypto
 from twisted.application import service, strports
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime, IReactorUDP
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger, globalLogPublisher
@@ -179,6 +180,58 @@ class UDPListenerService(service.Service):
             port, self.port = self.port, None
             return port.stopListening()
         return None
+
+
+class DrainService(service.MultiService):
+    """
+    A graceful stop.  Its children are the QUIC listeners, which close
+    every QUIC connection when they stop, so they stop only after the
+    drain.  On stop (the TCP listeners stop at the same moment, as
+    siblings): QUIC takes no new connections, every exposer is told
+    C{goaway} (it registers again at once, elsewhere where there is an
+    elsewhere), and live tunnels may finish for up to C{drainTimeout}
+    seconds; what is left then is closed, audited as C{drained}.
+    Signalling connections (C{listen}) do not hold the drain up: they
+    never end on their own.
+    """
+
+    name = "drain"
+
+    def __init__(self, factory: TPServerFactory, quicListeners: list[QuicListener], clock: IReactorTime) -> None:
+        super().__init__()
+        self.factory = factory
+        self.quicListeners = quicListeners
+        self.clock = clock
+
+    @property
+    def drainTimeout(self) -> float:
+        return self.factory.config.drainTimeout  # a reload may change it
+
+    def _busy(self) -> list[Any]:
+        return [conn for conn in self.factory.live if conn.event != "listen" or conn.hello is None]
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        for quic in self.quicListeners:
+            quic.draining = True
+        told = self.factory.registry.goaway("TP is stopping") if hasattr(self.factory.registry, "goaway") else 0
+        busy = self._busy()
+        log.info(
+            "Stopping: no new connections; {tunnels} connection(s) may finish within {timeout:g} s; {told} exposer(s) told to go away",
+            tunnels=len(busy),
+            timeout=self.drainTimeout,
+            told=told,
+        )
+        deadline = self.clock.seconds() + self.drainTimeout
+        while busy and self.clock.seconds() < deadline:
+            yield task.deferLater(self.clock, min(0.1, max(0.0, deadline - self.clock.seconds())), lambda: None)
+            busy = self._busy()
+        left = list(self.factory.live)
+        for conn in left:
+            conn.revoke("drained", f"TP stopped; the drain timeout ({self.drainTimeout:g} s) ended" if conn in busy else "TP stopped")
+        if busy:
+            log.info("Drain timeout: closed {count} connection(s) still open", count=len(busy))
+        yield super().stopService()
 
 
 def _servesName(serverTLS: ServerTLS) -> Any:
@@ -372,7 +425,9 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
         listener = strports.service(withBacklog(description, limits.backlog), listening, reactor=reactor)
         listener.setName(f"tls:{description}")
         listener.setServiceParent(top)
-    quicListeners = []
+    quicListeners: list[QuicListener] = []
+    drain = DrainService(factory.wrappedFactory, quicListeners, reactor)
+    drain.setServiceParent(top)
     resetSecret = loadResetSecret(config.stateDir) if config.quic else None
     for address in config.quic:
         # One listener per socket: a DatagramProtocol has one transport.
@@ -380,7 +435,7 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
         quicListeners.append(quic)
         udp = UDPListenerService(reactor, address, quic)
         udp.setName(f"quic:{address[0]}:{address[1]}")
-        udp.setServiceParent(top)
+        udp.setServiceParent(drain)
     metrics = makeMetrics(reactor, factory, handshaking, quicListeners)
     top.metrics = metrics  # type: ignore[attr-defined]
     counting = MetricsService(metrics)

@@ -122,7 +122,7 @@ class ReloadTestCase(TestCase):
         self.writeConfig(identities, extra=extra)
         self.service = makeService(loadServerConfig(self.configPath), reactor)
         self.service.startService()
-        self.addCleanup(self.service.stopService)
+        self.addCleanup(lambda: self.service.stopService() if self.service.running else None)
         self.reloader = self.service.reloader  # type: ignore[attr-defined]
 
     def clientConfig(self, name: str) -> str:
@@ -329,6 +329,55 @@ class QuicRevocationTests(ReloadTestCase):
         event = yield self.waitForAudit(identity="alice", result="revoked")
         self.assertEqual(event["via"], "quic")
         yield alice.proto.done
+
+
+class DrainTests(ReloadTestCase):
+    @defer.inlineCallbacks
+    def test_tunnelsFinishThenStop(self) -> Any:
+        """
+        On stop, TP takes no new connections and tells its exposer to go
+        away, while a live tunnel keeps echoing; when that tunnel ends,
+        the stop completes, well before the drain timeout.
+        """
+        self.startTP(["alice"], extra='[reverse]\npublic_interface = "127.0.0.1"\n\n[[exposures]]\nidentities = ["bob"]\npublic_ports = "1024-65535"\n\n')
+        self.configPath.write_text(self.configPath.read_text().replace("quic = false\n", "quic = false\ndrain_timeout = 60\n"))
+        self.assertTrue(self.reloader.reload()[0])
+        alice = yield self.tunnel("alice")
+        argv = tpCommand() + ["--config", self.clientConfig("bob"), "--transport", "tls", "expose", f"127.0.0.1:{self.echoPort}", "--public"]
+        exposer = Background(self, argv)
+        yield exposer.waitForStderr(b"; Ctrl-C stops")
+        started = reactor.seconds()
+        stopping = self.service.stopService()
+        self.assertNoResult(stopping)
+        told = [e for e in self.observer if "told to go away" in str(e.get("log_format", ""))]
+        self.assertEqual(told[0]["told"], 1)
+        self.assertEqual(told[0]["tunnels"], 1)
+        yield waitUntilRefused(self.port, "TP's listener while stopping")
+        self.assertEqual((yield deferToThread(alice.echo, b"still draining")), b"still draining")
+        self.assertNoResult(stopping)
+        yield deferToThread(alice.close)
+        yield stopping
+        self.assertLess(reactor.seconds() - started, 30)
+        event = yield self.waitForAudit(identity="alice", event="connect")
+        self.assertEqual(event["result"], "ok")
+        listen = yield self.waitForAudit(identity="bob", event="listen")
+        self.assertEqual((listen["result"], listen["detail"]), ("drained", "TP stopped"))
+
+    @defer.inlineCallbacks
+    def test_drainTimeout(self) -> Any:
+        """
+        A tunnel still open at the drain timeout is closed, audited as
+        C{drained}.
+        """
+        self.startTP(["alice"])
+        self.configPath.write_text(self.configPath.read_text().replace("quic = false\n", "quic = false\ndrain_timeout = 1\n"))
+        self.assertTrue(self.reloader.reload()[0])
+        alice = yield self.tunnel("alice")
+        yield self.service.stopService()
+        event = yield self.waitForAudit(identity="alice", event="connect")
+        self.assertEqual(event["result"], "drained")
+        self.assertIn("drain timeout (1 s) ended", event["detail"])
+        self.assertEqual((yield deferToThread(alice.echo, b"x")), b"")
 
 
 class ExpiryTests(ReloadTestCase):

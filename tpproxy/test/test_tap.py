@@ -62,7 +62,7 @@ class OptionsTests(SynchronousTestCase):
         svc = tap.makeService(options, MemoryReactorClock())
         self.assertTrue(IServiceCollection.providedBy(svc))
         names = sorted(s.name for s in svc)  # type: ignore[attr-defined]
-        self.assertEqual(names, ["memory", "metrics", "reload", "tls:tcp:0:interface=127.0.0.1", "tls:tcp:0:interface=127.0.0.2"])
+        self.assertEqual(names, ["drain", "memory", "metrics", "reload", "tls:tcp:0:interface=127.0.0.1", "tls:tcp:0:interface=127.0.0.2"])
 
     def test_badConfigNamesKey(self) -> None:
         """

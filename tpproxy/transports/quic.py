@@ -1068,6 +1068,10 @@ class QuicListener(DatagramProtocol):
             self.configuration, certificate=chain[0], certificate_chain=chain[1:], private_key=key
         )
 
+    #: A graceful stop is under way: no new connections, the live ones
+    #: finish (tpproxy.service.DrainService).
+    draining = False
+
     def reconfigure(
         self, cas: list[x509.Certificate], checker: Any, limits: LimitsConfig, handshakeTimeout: float, chain: list[x509.Certificate], key: Any
     ) -> None:
@@ -1130,6 +1134,9 @@ class QuicListener(DatagramProtocol):
             self._statelessReset(header.destination_cid, len(data), addr)
             return
         if len(data) < 1200 or header.packet_type != QuicPacketType.INITIAL:
+            return
+        if self.draining:
+            self._drop("draining")
             return
         self._newConnection(header, data, addr)
 
@@ -1323,6 +1330,29 @@ class ClientSession(QuicSession):
         #: Builds the protocol for a stream TP opens (tp expose over QUIC).
         self.incomingHandler: Callable[[], Any] | None = None
         self.localAddress = socket.transport.getHost() if socket.transport else None
+        #: Set by L{closeWhenIdle}: the reason to close with once the last
+        #: stream has ended.
+        self.closingWhenIdle: str | None = None
+
+    def closeWhenIdle(self, reason: str) -> None:
+        """
+        Open no more streams here and close the connection once the last
+        stream has ended (at once if none is open): a client that moved to
+        a new connection (a renewed certificate, TP going away) lets the
+        tunnels on this one run until they end.  Streams TP opens from now
+        on are refused.
+        """
+        self.closingWhenIdle = reason
+        self.incomingHandler = None
+        self._closeIfIdle()
+
+    def _closeIfIdle(self) -> None:
+        if self.closingWhenIdle is not None and not self.streams and not self.closed:
+            self.close(0, self.closingWhenIdle)
+
+    def streamEnded(self, stream: QuicStreamTransport) -> None:
+        super().streamEnded(stream)
+        self._closeIfIdle()
 
     def handshakeCompleted(self, event: events.HandshakeCompleted) -> None:
         if not self.ready.called:
