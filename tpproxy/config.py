@@ -159,6 +159,20 @@ class LimitsConfig:
     quicRetryAbove: int = 64
     #: The listen(2) backlog of TCP listeners TP makes from C{tcp:} descriptions.
     backlog: int = 4096
+    # What authenticated identities may hold (docs/operations.md):
+    #: Live tunnels over all identities.
+    tunnels: int = 50000
+    #: Live tunnels of one identity (every operation, signalling included).
+    tunnelsPerIdentity: int = 512
+    #: New tunnels of one identity per minute (a burst of as many at once).
+    tunnelsPerIdentityPerMinute: int = 1200
+    #: Live exposures (public ports and E2E names) of one identity.
+    exposuresPerIdentity: int = 32
+    #: Live UDP flows of one identity.
+    udpFlowsPerIdentity: int = 256
+    #: Seconds without a byte either way after which a tunnel is closed
+    #: (0: never).  Signalling connections have their own keepalive.
+    idleTimeout: int = 0
 
 
 _LIMIT_KEYS = {
@@ -168,6 +182,12 @@ _LIMIT_KEYS = {
     "quic_handshakes_per_source": "quicHandshakesPerSource",
     "quic_retry_above": "quicRetryAbove",
     "backlog": "backlog",
+    "tunnels": "tunnels",
+    "tunnels_per_identity": "tunnelsPerIdentity",
+    "tunnels_per_identity_per_minute": "tunnelsPerIdentityPerMinute",
+    "exposures_per_identity": "exposuresPerIdentity",
+    "udp_flows_per_identity": "udpFlowsPerIdentity",
+    "idle_timeout": "idleTimeout",
 }
 
 
@@ -182,7 +202,7 @@ def parseLimits(table: Any) -> LimitsConfig:
         if key not in table:
             continue
         value = table[key]
-        low = 0 if key == "quic_retry_above" else 1
+        low = 0 if key in ("quic_retry_above", "idle_timeout") else 1
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 1_000_000:
             raise ConfigError(f"limits.{key}: expected a whole number from {low} to 1000000, got {value!r}")
         values[attr] = value

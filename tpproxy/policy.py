@@ -206,6 +206,12 @@ class Policy:
                 return Decision(True, f"allowed by {rule.describe()}", rule.index)
         return Decision(False, f"no exposure rule lets {identity} expose the name {name}")
 
+    def exposableName(self, name: str) -> bool:
+        """
+        Could C{name} be an E2E exposure (some exposure rule names it)?
+        """
+        return any(fnmatchcase(name, n) for rule in self.exposures for n in rule.names)
+
     def mayDialExposure(self, grantedBy: ExposureRule, identity: str, name: str) -> Decision:
         """
         May C{identity} reach the E2E exposure C{name} that the exposure

@@ -234,6 +234,56 @@ class DrainService(service.MultiService):
         yield super().stopService()
 
 
+class IdleService(service.Service):
+    """
+    Closes tunnels that carried no byte either way for C{limits.idle_timeout}
+    seconds (off at 0, the default), audited as C{idle}.  It compares byte
+    counts between looks, every half timeout, so the data path pays nothing:
+    a tunnel goes between one and one and a half timeouts after its last
+    byte.  Signalling connections are left to their keepalive.
+    """
+
+    name = "idle"
+
+    def __init__(self, factory: TPServerFactory, clock: IReactorTime) -> None:
+        self.factory = factory
+        self.clock = clock
+        self.seen: dict[Any, tuple[int, float]] = {}
+        self._call: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._schedule()
+
+    def _schedule(self) -> None:
+        idle = self.factory.config.limits.idleTimeout
+        self._call = self.clock.callLater(idle / 2 if idle else 5.0, self._look)
+
+    def _look(self) -> None:
+        idle = self.factory.config.limits.idleTimeout
+        now = self.clock.seconds()
+        seen: dict[Any, tuple[int, float]] = {}
+        if idle:
+            for conn in list(self.factory.live):
+                if conn.session is None or conn.event == "listen" or conn.result != "ok":
+                    continue
+                moved = sum(conn.session.counts())
+                before = self.seen.get(conn)
+                since = before[1] if before is not None and before[0] == moved else now
+                if now - since >= idle:
+                    conn.revoke("idle", f"no bytes either way for {idle} s (limits.idle_timeout)")
+                    continue
+                seen[conn] = (moved, since)
+        self.seen = seen
+        self._schedule()
+
+    def stopService(self) -> Any:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        return super().stopService()
+
+
 def _servesName(serverTLS: ServerTLS) -> Any:
     """
     The names a shared port routes to TP: TP's own, E2E names, and names
@@ -460,6 +510,7 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
             listen=config.admin.listen,
             who=f", mutual TLS, for {', '.join(sorted(config.admin.identities))}" if config.admin.identities else "",
         )
+    IdleService(factory.wrappedFactory, reactor).setServiceParent(top)
     trimmer = MemoryTrimmer(reactor, lambda: len(factory.protocols))
     trimmer.setName("memory")
     trimmer.setServiceParent(top)

@@ -52,6 +52,8 @@ class ErrorCode(str, enum.Enum):
     BAD_SESSION = "bad_session"
     NOT_ACCEPTED = "not_accepted"
     NO_CERTIFICATE = "no_certificate"
+    LIMIT_EXCEEDED = "limit_exceeded"
+    NOT_EXPOSED = "not_exposed"
 
 
 class WireError(Exception):

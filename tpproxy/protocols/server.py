@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections import Counter, OrderedDict
 from typing import Any, Callable
 
 from twisted.internet import defer
@@ -21,9 +22,10 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tpproxy.config import ServerConfig
+from tpproxy.config import LimitsConfig, ServerConfig
 from tpproxy.dial import Dialer
 from tpproxy.firstframe import FirstFrameReader, Frame, Malformed
+from tpproxy.limits import TokenBucket
 from tpproxy.machine import Machine
 from tpproxy.pki import PeerIdentity, identityOf
 from tpproxy.protocols.relay import RelayEnd
@@ -125,6 +127,8 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
     #: session had recorded.
     revokedAs: tuple[str, str] | None = None
     _expiry: Any = None
+    #: Counted in the factory's L{Usage} (released when the connection ends).
+    _counted = False
 
     def __init__(self, factory: TPServerFactory) -> None:
         self.factory = factory
@@ -285,6 +289,12 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
         self.setTimeout(None)
         self.event = hello.op
         self.result = "aborted"  # until the request ends: the client left first
+        assert self.identity is not None
+        over = self.factory.usage.admit(self.identity.name, hello.op, self.factory.config.limits, self.factory.reactor.seconds())
+        if over is not None:
+            self.refuse(ErrorCode.LIMIT_EXCEEDED, over)
+            return
+        self._counted = True
         self.transport.pauseProducing()  # type: ignore[union-attr]
         kind: type[Any]
         if hello.op == "listen":
@@ -303,6 +313,12 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
     def _startSNI(self, name: str) -> None:
         self.event = "sni"
         self.hello = ClientHello.connect(name, 443)
+        assert self.identity is not None
+        over = self.factory.usage.admit(self.identity.name, "connect", self.factory.config.limits, self.factory.reactor.seconds())
+        if over is not None:
+            self.refuse(ErrorCode.LIMIT_EXCEEDED, over, answer=False)
+            return
+        self._counted = True
         self.session = SNISession(self, name)
         self.session.start(b"")
 
@@ -344,6 +360,9 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
     def _lost(self, reason: Failure) -> None:
         self.setTimeout(None)
         self.factory.live.discard(self)
+        if self._counted:
+            assert self.identity is not None and self.hello is not None
+            self.factory.usage.release(self.identity.name, self.hello.op)
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
         if self.session is not None:
@@ -378,6 +397,61 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
         )
 
 
+class Usage:
+    """
+    What authenticated identities hold, against C{[limits]}: live tunnels
+    (all of TP's and each identity's, by operation) and a per-minute budget
+    of new ones per identity.  Exposures are counted as their signalling
+    (C{listen}) connections, UDP flows as their C{udp} tunnels.
+    """
+
+    #: Identities whose per-minute budget is remembered at most; beyond,
+    #: the oldest is forgotten (it starts again with a full budget).
+    MAX_BUCKETS = 100_000
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.byIdentity: dict[str, Counter[str]] = {}
+        self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def admit(self, identity: str, op: str, limits: LimitsConfig, now: float) -> str | None:
+        """
+        Count a new tunnel of C{identity} for C{op}, or say which limit
+        refuses it (and count nothing).
+        """
+        held = self.byIdentity.get(identity)
+        mine = sum(held.values()) if held else 0
+        if self.total >= limits.tunnels:
+            return f"TP carries its maximum of {limits.tunnels} tunnels (limits.tunnels); try again later"
+        if mine >= limits.tunnelsPerIdentity:
+            return f"{identity} holds its maximum of {limits.tunnelsPerIdentity} tunnels (limits.tunnels_per_identity)"
+        if op == "listen" and held and held["listen"] >= limits.exposuresPerIdentity:
+            return f"{identity} holds its maximum of {limits.exposuresPerIdentity} exposures (limits.exposures_per_identity)"
+        if op == "udp" and held and held["udp"] >= limits.udpFlowsPerIdentity:
+            return f"{identity} holds its maximum of {limits.udpFlowsPerIdentity} UDP flows (limits.udp_flows_per_identity)"
+        perMinute = limits.tunnelsPerIdentityPerMinute
+        bucket = self.buckets.get(identity)
+        if bucket is None or bucket.burst != perMinute:
+            bucket = self.buckets[identity] = TokenBucket(perMinute / 60.0, perMinute)
+            if len(self.buckets) > self.MAX_BUCKETS:
+                self.buckets.popitem(last=False)
+        self.buckets.move_to_end(identity)
+        if not bucket.take(now):
+            return f"{identity} opened more than {perMinute} tunnels in a minute (limits.tunnels_per_identity_per_minute); slow down"
+        self.total += 1
+        self.byIdentity.setdefault(identity, Counter())[op] += 1
+        return None
+
+    def release(self, identity: str, op: str) -> None:
+        self.total -= 1
+        held = self.byIdentity[identity]
+        held[op] -= 1
+        if held[op] <= 0:
+            del held[op]
+        if not held:
+            del self.byIdentity[identity]
+
+
 class TPServerFactory(Factory):
     """
     Builds L{TPServerProtocol}s; wrap it in L{tpproxy.transports.tls.TLSFactory} with a
@@ -399,6 +473,8 @@ class TPServerFactory(Factory):
         self.registry: Any = registry if registry is not None else _NoReverse()
         #: Connections from connectionMade to connectionLost.
         self.live: set[TPServerProtocol] = set()
+        #: What each identity holds, against the limits.
+        self.usage = Usage()
         #: The time certificates are checked against (Unix time).
         self.wallClock: Callable[[], float] = time.time
 

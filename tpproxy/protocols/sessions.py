@@ -40,6 +40,7 @@ from zope.interface import implementer
 from tpproxy.control import ControlLoop, IControlEnd
 from tpproxy.dial import DialError
 from tpproxy.machine import Machine
+from tpproxy.names import normalize
 from tpproxy.pki import identityOf
 from tpproxy.protocols.relay import RelayEnd, noDelay, splice
 from tpproxy.reverse.registry import Exposure, PendingSession, ReverseError
@@ -119,6 +120,11 @@ class Session(Machine[Any]):
         if failure.check(DialError):
             err: DialError = failure.value  # type: ignore[assignment]
             self.conn.address = err.address
+            hello = self.conn.hello
+            if err.code is ErrorCode.RESOLVE_FAILED and hello is not None and self.factory.config.policy.exposableName(normalize(hello.host)):
+                # A name only an exposure can have, and nobody exposes it.
+                self.conn.refuse(ErrorCode.NOT_EXPOSED, f"nobody exposes {normalize(hello.host)} right now")
+                return
             self.conn.refuse(err.code, err.message)
         else:
             identity = self.conn.identity

@@ -30,6 +30,7 @@ from tpproxy.test.support import (
     deferLater,
     freePort,
     listenLocal,
+    run,
     tpCommand,
     twistCommand,
     waitForPort,
@@ -532,3 +533,107 @@ class DialerRevocationTests(ReloadTestCase):
         self.assertNotEqual(result.status, None)
         dialers["carol"].transport.write(b"carol again\n")
         yield self.waitForOutput(dialers["carol"], b"carol again\n")
+
+
+class LimitTests(ReloadTestCase):
+    @defer.inlineCallbacks
+    def test_tunnelsPerIdentity(self) -> Any:
+        """
+        Past C{tunnels_per_identity}, a new tunnel of that identity is
+        refused with C{limit_exceeded} naming the key, another identity is
+        still served, and the place comes back when a tunnel ends.
+        """
+        self.startTP(["alice", "bob"], extra="[limits]\ntunnels_per_identity = 2\n\n")
+        first = yield self.tunnel("alice")
+        yield self.tunnel("alice")
+        third = yield self.tunnel("alice")
+        self.assertEqual((third.hello["ok"], third.hello["error"]), (False, "limit_exceeded"))
+        self.assertIn("limits.tunnels_per_identity", third.hello["message"])
+        bob = yield self.tunnel("bob")
+        self.assertTrue(bob.hello["ok"])
+        yield deferToThread(first.close)
+        yield self.waitForAudit(identity="alice", result="ok")
+        again = yield self.tunnel("alice")
+        self.assertTrue(again.hello["ok"], again.hello)
+
+    @defer.inlineCallbacks
+    def test_perMinute(self) -> Any:
+        """
+        More than C{tunnels_per_identity_per_minute} new tunnels in a burst:
+        the next is refused, although none is open any more.
+        """
+        self.startTP(["alice"], extra="[limits]\ntunnels_per_identity_per_minute = 3\n\n")
+        for _ in range(3):
+            t = yield self.tunnel("alice")
+            self.assertTrue(t.hello["ok"])
+            yield deferToThread(t.close)
+        fourth = yield self.tunnel("alice")
+        self.assertEqual(fourth.hello["error"], "limit_exceeded")
+        self.assertIn("per_minute", fourth.hello["message"])
+
+    @defer.inlineCallbacks
+    def test_globalCap(self) -> Any:
+        """
+        C{tunnels} caps all identities together.
+        """
+        self.startTP(["alice", "bob"], extra="[limits]\ntunnels = 1\n\n")
+        alice = yield self.tunnel("alice")
+        self.assertTrue(alice.hello["ok"])
+        bob = yield self.tunnel("bob")
+        self.assertEqual(bob.hello["error"], "limit_exceeded")
+        self.assertIn("limits.tunnels)", bob.hello["message"])
+
+    @defer.inlineCallbacks
+    def test_exposuresPerIdentity(self) -> Any:
+        """
+        A second exposure of an identity allowed one is refused with
+        C{limit_exceeded}; C{tp expose} says so.
+        """
+        self.startTP(
+            [],
+            extra='[limits]\nexposures_per_identity = 1\n\n[reverse]\npublic_interface = "127.0.0.1"\n\n'
+            '[[exposures]]\nidentities = ["bob"]\npublic_ports = "1024-65535"\n\n',
+        )
+        argv = tpCommand() + ["--config", self.clientConfig("bob"), "--transport", "tls", "expose", f"127.0.0.1:{self.echoPort}", "--public"]
+        first = Background(self, argv)
+        yield first.waitForStderr(b"; Ctrl-C stops")
+        second = yield run(argv, stdin=None, timeout=60)
+        self.assertNotEqual(second.status, 0)
+        self.assertIn(b"limits.exposures_per_identity", second.err)
+
+    @defer.inlineCallbacks
+    def test_idleTimeout(self) -> Any:
+        """
+        With C{idle_timeout = 1}, a silent tunnel is closed (audited
+        C{idle}) while one that keeps echoing lives on past it.
+        """
+        self.startTP(["alice", "bob"], extra="[limits]\nidle_timeout = 1\n\n")
+        silent = yield self.tunnel("alice")
+        busy = yield self.tunnel("bob")
+        for _ in range(15):
+            self.assertEqual((yield deferToThread(busy.echo, b"b")), b"b")
+            yield deferLater(0.2)
+        event = yield self.waitForAudit(identity="alice", result="idle")
+        self.assertIn("limits.idle_timeout", event["detail"])
+        self.assertEqual((yield deferToThread(silent.echo, b"a")), b"")
+        self.assertFalse([e for e in audits(self.observer) if e.get("identity") == "bob"])
+
+    @defer.inlineCallbacks
+    def test_notExposed(self) -> Any:
+        """
+        C{connect} to a name only an exposure can have, which nobody
+        exposes now, is refused with C{not_exposed}, not as a name that
+        did not resolve; a name no exposure rule names still gets
+        C{resolve_failed}.
+        """
+        self.startTP(
+            [],
+            extra='[[exposures]]\nidentities = ["bob"]\nnames = "*.tp-test.invalid"\ndialers = ["alice"]\n\n'
+            '[[rules]]\nidentities = "*"\nhosts = "*.invalid"\nports = "*"\n',
+        )
+        t = yield deferToThread(Tunnel, self.pki, self.port, "alice", "svc.tp-test.invalid", 22)
+        self.addCleanup(t.close)
+        self.assertEqual((t.hello["error"], t.hello["message"]), ("not_exposed", "nobody exposes svc.tp-test.invalid right now"))
+        other = yield deferToThread(Tunnel, self.pki, self.port, "alice", "svc.elsewhere.invalid", 22)
+        self.addCleanup(other.close)
+        self.assertEqual(other.hello["error"], "resolve_failed")

@@ -126,6 +126,8 @@ class ConstantsTests(SynchronousTestCase):
                 "bad_session",
                 "not_accepted",
                 "no_certificate",
+                "limit_exceeded",
+                "not_exposed",
             },
         )
         self.assertEqual(ErrorCode.FORBIDDEN, "forbidden")
