@@ -43,6 +43,9 @@ EVENTS = ("connect", "udp", "listen", "accept", "e2e", "sni", "quic", "public")
 #: Durations of tunnels, in seconds: from a second to a day.
 DURATION_BUCKETS = (0.01, 0.1, 1, 10, 60, 300, 1800, 3600, 4 * 3600, 24 * 3600)
 
+#: Tunnel set-up times, in seconds: from a local dial to a slow resolver.
+SETUP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
 #: Reasons for a failed handshake, in the order they are looked for in the
 #: audit event's detail (lower case).  The first match names the reason;
 #: anything else is C{other}.
@@ -126,6 +129,13 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self.setup = Histogram(
+            "tp_tunnel_setup_seconds",
+            "From ClientHello to ServerHello (policy, resolution, dial or registration), by operation",
+            ["op"],
+            buckets=SETUP_BUCKETS,
+            registry=r,
+        )
         self.incoming = Counter(
             "tp_reverse_incoming",
             "Dialers announced to an exposer (reverse sessions started)",
@@ -171,6 +181,9 @@ class Metrics:
             self.bytes.labels("up", op).inc(up)
         if down:
             self.bytes.labels("down", op).inc(down)
+        setup = event.get("setup")
+        if isinstance(setup, (int, float)):
+            self.setup.labels(op).observe(setup)
         duration = event.get("duration")
         if result == "ok" and isinstance(duration, (int, float)):
             self.durations.labels(op).observe(duration)

@@ -360,6 +360,15 @@ def _quicSessions(listeners: list[QuicListener]) -> dict[tuple[str, ...], float]
     return {("half_open",): halfOpen, ("established",): max(0, sessions - halfOpen)}
 
 
+def _tunnels(factory: TPServerFactory) -> dict[tuple[str, ...], float]:
+    counts: dict[tuple[str, ...], float] = {}
+    for conn in factory.live:
+        if conn.session is not None:
+            key = (getattr(conn.transport, "carrier", "tls"), conn.event)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def makeMetrics(
     reactor: IReactorTime, factory: TLSFactory, gate: HalfOpenCounter, quicListeners: list[QuicListener]
 ) -> Metrics:
@@ -369,7 +378,7 @@ def makeMetrics(
     QUIC listeners at each scrape.
     """
     metrics = Metrics()
-    tp = factory.wrappedFactory
+    tp: TPServerFactory = factory.wrappedFactory
     registry, serverTLS = tp.registry, tp.serverTLS
     metrics.gauge(
         "tp_tls_connections", "Open TLS connections on TP's listeners, handshaking or carrying a tunnel", (),
@@ -380,6 +389,10 @@ def makeMetrics(
         lambda: {("tls",): gate.count, ("quic",): sum(q.halfOpen.count for q in quicListeners)},
     )
     metrics.gauge("tp_quic_sessions", "QUIC connections, by state", ("state",), lambda: _quicSessions(quicListeners))
+    metrics.gauge("tp_tunnels", "Live tunnels (ClientHello answered or being served), by carrier and operation", ("via", "op"), lambda: _tunnels(tp))
+    metrics.gauge(
+        "tp_identities_active", "Identities with at least one live tunnel", (), lambda: {(): len(tp.usage.byIdentity)}
+    )
     metrics.gauge(
         "tp_exposures", "Live reverse exposures, by kind", ("kind",),
         lambda: {("public",): len(registry.byPort), ("e2e",): len(registry.byName)},

@@ -129,6 +129,9 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
     _expiry: Any = None
     #: Counted in the factory's L{Usage} (released when the connection ends).
     _counted = False
+    #: When the ClientHello was read, and seconds from it to the ServerHello.
+    helloAt: float | None = None
+    setup: float | None = None
 
     def __init__(self, factory: TPServerFactory) -> None:
         self.factory = factory
@@ -249,6 +252,16 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
         if peer is not None and peer.transport is not None:
             peer.transport.abortConnection()
 
+    def answer(self, hello: ServerHello) -> None:
+        """
+        Send the successful ServerHello; the time from the ClientHello to
+        it is the audit event's C{setup} (policy, resolution, dial or
+        registration).
+        """
+        self.transport.write(hello.toFrame())  # type: ignore[union-attr]
+        if self.helloAt is not None and self.setup is None:
+            self.setup = round(self.factory.reactor.seconds() - self.helloAt, 4)
+
     def _renegotiated(self) -> None:
         self.refuse(ErrorCode.BAD_REQUEST, "unexpected renegotiation")
 
@@ -286,6 +299,7 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
 
     def _startSession(self, hello: ClientHello, rest: bytes) -> None:
         self.hello = hello
+        self.helloAt = self.factory.reactor.seconds()
         self.setTimeout(None)
         self.event = hello.op
         self.result = "aborted"  # until the request ends: the client left first
@@ -394,6 +408,7 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
             bytes_up=bytesUp,
             bytes_down=bytesDown,
             duration=round(self.factory.reactor.seconds() - self.started, 3),
+            setup=self.setup,
         )
 
 

@@ -207,7 +207,7 @@ class ConnectSession(Session):
         self.outbound = outbound
         conn.address = address
         conn.result = "ok"
-        conn.transport.write(ServerHello.success(address=address).toFrame())  # type: ignore[union-attr]
+        conn.answer(ServerHello.success(address=address))
         pending, self.pending = self.pending, b""
         splice(conn, outbound, fromA=pending)
         conn.transport.resumeProducing()  # type: ignore[union-attr]
@@ -287,9 +287,7 @@ class UdpSession(Session):
         self.flow = ServerFlow(self.factory.reactor, conn, conn.address, self.hello.port)
         conn.result = "ok"
         framing = "datagram" if self.flow.quic is not None else "stream"
-        conn.transport.write(  # type: ignore[union-attr]
-            ServerHello.success(address=conn.address, flow=self.flow.quarterId, framing=framing).toFrame()
-        )
+        conn.answer(ServerHello.success(address=conn.address, flow=self.flow.quarterId, framing=framing))
         rest, self.pending = self.pending, b""
         conn.transport.resumeProducing()  # type: ignore[union-attr]
         if rest:
@@ -374,7 +372,7 @@ class ListenSession(Session):
         conn.result = "ok"
         conn.address = exposure.describe()
         info = {"port": exposure.port} if exposure.mode == "public" else {"name": exposure.name}
-        conn.transport.write(ServerHello.success(**info).toFrame())  # type: ignore[union-attr]
+        conn.answer(ServerHello.success(**info))
         log.info("{identity} exposes {exposure}", identity=exposure.owner, exposure=exposure.describe())
         conn.transport.resumeProducing()  # type: ignore[union-attr]
         rest, self.rest = self.rest, b""
@@ -525,7 +523,7 @@ class AcceptSession(Session):
         self.exposure = pending.exposure
         conn.address = pending.exposure.describe()
         conn.detail = f"dialer {pending.dialerIdentity or pending.peer}"
-        conn.transport.write(ServerHello.success().toFrame())  # type: ignore[union-attr]
+        conn.answer(ServerHello.success())
         pending.dialer.sessionJoined(conn)
         if rest:
             conn.bytesIn += len(rest)
@@ -591,7 +589,7 @@ class E2ESession(Session):
         conn = self.conn
         conn.result = "e2e_handshake"
         conn.address = f"E2E {name}"
-        conn.transport.write(ServerHello.success(e2e=name).toFrame())  # type: ignore[union-attr]
+        conn.answer(ServerHello.success(e2e=name))
         innerFactory = TLSFactory(
             NameTLS(self.factory.serverTLS, name),
             False,

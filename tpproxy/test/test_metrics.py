@@ -237,6 +237,8 @@ class LiveScrapeTests(TestCase):
         self.assertEqual(connections("tls", "forbidden"), 1)
         self.assertEqual(s[("tp_bytes_total", (("direction", "up"), ("op", "connect")))], 11)
         self.assertEqual(s[("tp_bytes_total", (("direction", "down"), ("op", "connect")))], 11)
+        # The two answered tunnels have a set-up time; the refused one none.
+        self.assertEqual(s[("tp_tunnel_setup_seconds_count", (("op", "connect"),))], 2)
         expiry = s[("tp_certificate_expiry_seconds", (("name", "tp"),))]
         self.assertGreater(expiry, 3600)
         self.assertEqual(s[("tp_exposures", (("kind", "public"),))], 0)

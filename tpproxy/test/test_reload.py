@@ -288,6 +288,10 @@ class AdminTests(ReloadTestCase):
             },
         )
         self.assertEqual([c["name"] for c in status["certificates"]], ["tp"])
+        response = yield treq.get(f"http://127.0.0.1:{self.adminPort}/metrics", pool=self.pool)
+        metrics = yield response.text()
+        self.assertIn('tp_tunnels{op="connect",via="tls"} 1.0', metrics)
+        self.assertIn("tp_identities_active 1.0", metrics)
         self.assertGreater(status["certificates"][0]["expires_in"], 3600)
         response = yield treq.post(f"http://127.0.0.1:{self.adminPort}/reload", pool=self.pool)
         self.assertEqual(response.code, 200)
