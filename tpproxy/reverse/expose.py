@@ -1,24 +1,35 @@
-# -*- test-case-name: tpproxy.test.test_reverse -*-
+# -*- test-case-name: tpproxy.test.test_reverse,tpproxy.test.test_goaway,tpproxy.test.test_certwatch -*-
 """
-C{tp expose}: keep a signalling connection to TP and serve incoming
+C{tp expose}: keep an exposure registered with TP and serve its incoming
 sessions from a local port.
+
+The exposure lives on a signalling connection (a L{ControlProtocol}).  An
+L{Exposer} keeps one registered: after a lost connection it registers
+again with backoff; when TP says it is going away (the C{goaway} event) or
+the client certificate was renewed, it I{moves} the exposure
+make-before-break: it registers on a new connection (TP hands an exposure
+over to a new session of the same identity) and only then lets the old one
+go.  Tunnels already accepted are left alone: each runs until it ends.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import enum
+from typing import Any, Callable
 
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import backoffPolicy
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tpproxy.certwatch import LoadedSettings, Materials, loadMaterials, watchCertificate
 from tpproxy.connector import quicRefusal
 from tpproxy.control import ControlLoop, IControlEnd
 from tpproxy.firstframe import FirstFrameReader, Frame, Malformed, Raw
+from tpproxy.machine import Machine
 from tpproxy.protocols.client import Refused, TLSClientEndpoint, TunnelError, certificateRefusal, openTunnel
 from tpproxy.protocols.relay import RelayEnd, noDelay, splice
 from tpproxy.reactors import IDialReactor
@@ -27,31 +38,48 @@ from tpproxy.wire import VERSION, ClientHello, ErrorCode, ServerHello, WireError
 
 #: Seconds to wait for TP's answer to an E2E registration once connected.
 E2E_ANSWER_TIMEOUT = 150.0
+#: Seconds C{tp expose} waits, when stopping, for its signalling
+#: connections to close (TLS close_notify) before closing QUIC.
+STOP_GRACE = 2.0
 
 
 @implementer(IHandshakeListener, IControlEnd)
 class ControlProtocol(Protocol):
     """
-    The signalling connection: a C{listen} hello, TP's ServerHello (read by
+    One signalling connection: a C{listen} hello, TP's ServerHello (read by
     a L{FirstFrameReader}), then events both ways (a L{ControlLoop}).  It
-    reports to its L{Exposer}: C{registered(info)} once TP accepted the
-    exposure, C{refused(error)} if it did not (or the connection ended
-    first), C{lost(reason)} when a registered connection ends.
+    reports to its L{Exposer}, naming itself: C{registered} once TP
+    accepted the exposure, C{refused} if it did not (or the connection
+    ended first), C{goaway} when TP says it is going away, C{lost} when a
+    registered connection ends.
+
+    @ivar attempt: the L{ControlFactory} of the attempt that made it.
+    @ivar uplink: the L{Uplink} it runs on.
     """
 
     handshakeDone = False
+    retired = False
 
-    def __init__(self, exposer: Exposer) -> None:
+    def __init__(self, exposer: Exposer, attempt: ControlFactory) -> None:
         self.exposer = exposer
+        self.attempt = attempt
+        self.uplink = attempt.uplink
+        self.hello = attempt.hello
         self.reader: FirstFrameReader[ServerHello] = FirstFrameReader(ServerHello.fromObject)
         self.loop = ControlLoop(exposer.reactor, exposer.keepalive, self)
         self.answered = False
+        self.registered = False
         self.error: Exception | None = None
+        self.done: defer.Deferred[None] = defer.Deferred()
         self._answerDeadline: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
+        if self.attempt.dropped:
+            # The exposer stopped while this connection was being made.
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
         noDelay(self.transport)
-        self.transport.write(self.exposer.hello.toFrame())  # type: ignore[union-attr]
+        self.transport.write(self.hello.toFrame())  # type: ignore[union-attr]
         # Bound the TLS handshake and TP's answer: a listener that accepts
         # TCP and never speaks must not hang us.
         self._answerDeadline = self.exposer.reactor.callLater(self.exposer.settings.connectTimeout, self._noAnswer)
@@ -63,7 +91,7 @@ class ControlProtocol(Protocol):
     def handshakeCompleted(self) -> None:
         self.handshakeDone = True
         deadline = self._answerDeadline
-        if self.exposer.hello.mode == "e2e" and deadline is not None and deadline.active():
+        if self.hello.mode == "e2e" and deadline is not None and deadline.active():
             # TP may first have to get the name's certificate from its ACME
             # CA (its own bound is 120 s): wait for that answer longer.
             deadline.reset(max(self.exposer.settings.connectTimeout, E2E_ANSWER_TIMEOUT))
@@ -85,10 +113,21 @@ class ControlProtocol(Protocol):
             self._fail(Refused(hello.code or "unknown", hello.message))
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
+        self.registered = True
         self.loop.start()
-        self.exposer.registered(hello.info)
+        self.exposer.registered(self, hello.info)
         if rest:
             self.loop.feed(rest)
+
+    def retire(self) -> None:
+        """
+        The exposer is done with this connection (the exposure moved, or
+        the exposer stops): close it; its loss is not news.
+        """
+        self.retired = True
+        self.loop.stop()
+        if self.transport is not None and not self.done.called:
+            self.transport.loseConnection()
 
     # --- IControlEnd ----------------------------------------------------------
 
@@ -98,6 +137,8 @@ class ControlProtocol(Protocol):
     def controlEvent(self, event: str, fields: dict[str, Any]) -> None:
         if event == "incoming":
             self.exposer.incoming(fields["session"], fields.get("identity"), fields.get("peer") or "?")
+        elif event == "goaway":
+            self.exposer.goaway(self, str(fields.get("reason") or "no reason given"))
 
     def controlSilent(self, seconds: float) -> None:
         self.exposer.say(f"No word from TP for {seconds:g} s; reconnecting")
@@ -117,20 +158,33 @@ class ControlProtocol(Protocol):
         self.loop.stop()
         if self._answerDeadline is not None and self._answerDeadline.active():
             self._answerDeadline.cancel()
-        if self.error is not None or not self.answered:
-            self.exposer.refused(self.error or closedBeforeAnswer(reason, self.exposer.connector))
+        if self.registered:
+            self.exposer.lost(self, reason)
         else:
-            self.exposer.lost(reason)
+            self.exposer.refused(self, self.error or closedBeforeAnswer(reason, self.uplink.connector))
+        self.done.callback(None)
 
 
 class ControlFactory(Factory):
-    noisy = False
+    """
+    One attempt to register: builds the L{ControlProtocol} of a connection
+    on C{uplink} asking for C{hello}.
 
-    def __init__(self, exposer: Exposer) -> None:
+    @ivar dropped: the exposer stopped; a connection made now is closed.
+    """
+
+    noisy = False
+    dropped = False
+    protocol: ControlProtocol | None = None  # type: ignore[assignment]
+
+    def __init__(self, exposer: Exposer, uplink: Uplink, hello: ClientHello) -> None:
         self.exposer = exposer
+        self.uplink = uplink
+        self.hello = hello
 
     def buildProtocol(self, addr: Any) -> ControlProtocol:
-        return ControlProtocol(self.exposer)
+        self.protocol = ControlProtocol(self.exposer, self)
+        return self.protocol
 
 
 class LocalTarget(RelayEnd):
@@ -168,11 +222,144 @@ def closedBeforeAnswer(reason: Failure, connector: Any) -> TunnelError:
 EXPOSER_QUIC_KEEPALIVE = 3.0
 
 
-class Exposer:
+class Uplink:
     """
-    Keeps one exposure registered with TP (reconnecting with backoff) and
-    serves its sessions from C{local}.
+    How an exposer's new connections reach TP with one client
+    certificate: the settings holding it, their TLS options, and a
+    L{tpproxy.connector.Connector} (over QUIC, one connection carries the
+    signalling stream and the sessions TP opens).  A move (a renewed
+    certificate, TP going away) gets a new uplink, so a new QUIC
+    connection; the old one keeps the tunnels it carries until they end.
+
+    @param previous: the uplink this one replaces: its choice of QUIC or
+        TLS is kept.
     """
+
+    def __init__(self, exposer: Exposer, settings: Any, previous: Uplink | None = None) -> None:
+        from tpproxy.connector import Connector
+
+        self.exposer = exposer
+        self.settings = settings
+        self.tlsOptions = settings.tlsOptions()
+        self.connector = Connector(exposer.reactor, settings)
+        if previous is not None and previous.chosen is not None:
+            self.connector.chosen = previous.chosen
+        # An exposer pings TP more often over QUIC: after a TP crash, its
+        # next packet gets the stateless reset, so this bounds how long it
+        # takes to notice and register again (docs/quic.md).
+        self.connector.quicKeepalive = EXPOSER_QUIC_KEEPALIVE
+
+    @property
+    def chosen(self) -> str | None:
+        """
+        C{"quic"} or C{"tls"} once decided.
+        """
+        return self.connector.chosen
+
+    @defer.inlineCallbacks
+    def connect(self, factory: ControlFactory) -> Any:
+        """
+        A signalling connection over whatever the connector chose: a
+        stream on the QUIC connection (incoming sessions then arrive as
+        streams TP opens), or a TLS connection.
+        """
+        exposer = self.exposer
+        transport = yield self.connector.choose()
+        if transport == "tls":
+            endpoint = TLSClientEndpoint(exposer.reactor, self.settings.server, self.tlsOptions, self.settings.connectTimeout)
+            return (yield endpoint.connect(factory))
+        session = yield self.connector.quicSession(self.settings.connectTimeout)
+        session.incomingHandler = exposer.incomingStream
+        protocol = factory.buildProtocol(None)
+        session.openStream(protocol)
+        return protocol
+
+    def accept(self, session: str) -> defer.Deferred[Any]:
+        """
+        Claim an incoming session over a new TLS connection.
+        """
+        return openTunnel(
+            self.exposer.reactor, self.settings.server, self.tlsOptions, ClientHello("accept", session=session), self.settings.connectTimeout
+        )
+
+    def retire(self) -> None:
+        """
+        No new connection goes this way: the QUIC connection closes once
+        the tunnels on it have ended.
+        """
+        session = self.connector.session
+        if session is not None and not session.closed:
+            session.closeWhenIdle("the exposure moved to a new connection")
+
+    def close(self) -> None:
+        """
+        The exposer stops: close the QUIC connection now.
+        """
+        self.connector.close()
+
+
+class ExposerState(enum.Enum):
+    IDLE = "idle"
+    CONNECTING = "connecting"  # registering, nothing registered
+    WAITING = "waiting"  # nothing registered, a retry is scheduled
+    FAILED = "failed"  # the first registration failed: the command ends
+    UP = "up"  # registered
+    MOVING = "moving"  # registered, and registering on a new connection
+    MOVE_WAITING = "move_waiting"  # registered; the move failed, a retry is scheduled
+    STOPPED = "stopped"
+
+
+class Exposer(Machine[ExposerState]):
+    """
+    Keeps one exposure registered with TP and serves its sessions from
+    C{local}.
+
+    Its inputs come from its connections (each names itself; news from a
+    connection it no longer uses is dropped), from the certificate watcher
+    (C{renewed}), its retry timer and the command (C{start}, C{stop}).
+
+    @param uplink: makes an L{Uplink} (a test gives a fake).
+    """
+
+    S = ExposerState
+    TRANSITIONS = {
+        (S.IDLE, "start"): (S.CONNECTING, "_connect"),
+        (S.IDLE, "stop"): (S.STOPPED, "_stop"),
+        (S.CONNECTING, "registered"): (S.UP, "_registered"),
+        (S.CONNECTING, "refused"): (S.WAITING, "_refused"),
+        (S.CONNECTING, "firstRefused"): (S.FAILED, "_failed"),
+        # The attempt under way finishes; if it registers with the old
+        # certificate, the exposure moves at once.
+        (S.CONNECTING, "renewed"): (S.CONNECTING, "_useUplink"),
+        (S.CONNECTING, "stop"): (S.STOPPED, "_stop"),
+        (S.WAITING, "retry"): (S.CONNECTING, "_connect"),
+        (S.WAITING, "renewed"): (S.CONNECTING, "_connectWith"),
+        (S.WAITING, "stop"): (S.STOPPED, "_stop"),
+        (S.UP, "lost"): (S.WAITING, "_lost"),
+        (S.UP, "goaway"): (S.MOVING, "_goaway"),
+        (S.UP, "renewed"): (S.MOVING, "_connectWith"),
+        (S.UP, "stop"): (S.STOPPED, "_stop"),
+        (S.MOVING, "registered"): (S.UP, "_moved"),
+        (S.MOVING, "refused"): (S.MOVE_WAITING, "_moveRefused"),
+        (S.MOVING, "lost"): (S.CONNECTING, "_lostWhileMoving"),
+        (S.MOVING, "goaway"): (S.MOVING, None),  # already moving
+        (S.MOVING, "renewed"): (S.MOVING, "_useUplink"),
+        (S.MOVING, "stop"): (S.STOPPED, "_stop"),
+        (S.MOVE_WAITING, "retry"): (S.MOVING, "_connect"),
+        (S.MOVE_WAITING, "lost"): (S.WAITING, "_lostWhileMoving"),
+        (S.MOVE_WAITING, "goaway"): (S.MOVING, "_goaway"),
+        (S.MOVE_WAITING, "renewed"): (S.MOVING, "_connectWith"),
+        (S.MOVE_WAITING, "stop"): (S.STOPPED, "_stop"),
+        (S.FAILED, "renewed"): (S.FAILED, None),
+        (S.FAILED, "stop"): (S.STOPPED, "_stop"),
+        (S.STOPPED, "renewed"): (S.STOPPED, None),
+        (S.STOPPED, "stop"): (S.STOPPED, None),
+    }
+
+    active: ControlProtocol | None = None
+    attempt: ControlFactory | None = None
+    _retry: IDelayedCall | None = None
+    _goneAway: ControlProtocol | None = None
 
     def __init__(
         self,
@@ -182,54 +369,205 @@ class Exposer:
         hello: ClientHello,
         keepalive: float,
         stderr: Any,
+        uplink: Callable[..., Uplink] = Uplink,
     ) -> None:
+        self.state = ExposerState.IDLE
         self.reactor = reactor
         self.settings = settings
         self.local = local
         self.hello = hello
         self.keepalive = keepalive
         self.stderr = stderr
-        from tpproxy.connector import Connector
-
-        self.tlsOptions = settings.tlsOptions()
-        self.connector = Connector(reactor, settings)
-        # An exposer pings TP more often over QUIC: after a TP crash, its
-        # next packet gets the stateless reset, so this bounds how long it
-        # takes to notice and register again (docs/quic.md).
-        self.connector.quicKeepalive = EXPOSER_QUIC_KEEPALIVE
-        endpoint = ChosenEndpoint(self)
-        self.service = ClientService(
-            endpoint,
-            ControlFactory(self),
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=30.0),
-            clock=reactor,
-        )
-        # Registration happens on the connection, not in ClientService's
-        # prepareConnection: a failed prepareConnection leaves the connection
-        # open, and its later loss is a NoTransition in Twisted 26.10.
+        self.makeUplink = uplink
+        self.uplink = uplink(self, settings)
+        self.uplinks = [self.uplink]
+        self.retryPolicy = backoffPolicy(initialDelay=0.5, maxDelay=30.0)
+        self.failures = 0
         self.registrations = 0
         self.first: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        self.info: dict[str, Any] = {}
 
     def say(self, line: str) -> None:
         self.stderr.write(line + "\n")
         self.stderr.flush()
 
-    def registered(self, info: dict[str, Any]) -> None:
+    # --- inputs ---------------------------------------------------------------
+
+    def start(self) -> defer.Deferred[dict[str, Any]]:
+        """
+        Register; the result fires with TP's answer to the first
+        registration, or fails with why there was none.
+        """
+        self._input("start")
+        return self.first
+
+    def stop(self, quietly: bool = False) -> defer.Deferred[None]:
+        """
+        Close every connection (unless C{quietly}, saying so); fires once
+        they are closed.
+        """
+        result = self._input("stop", quietly)
+        return result if result is not None else defer.succeed(None)
+
+    def registered(self, proto: ControlProtocol, info: dict[str, Any]) -> None:
+        if proto.attempt is self.attempt:
+            self._input("registered", proto, info)
+        else:
+            proto.retire()
+
+    def refused(self, proto: ControlProtocol, error: Exception) -> None:
+        if proto.attempt is self.attempt:
+            self._refusedAttempt(error)
+
+    def _refusedAttempt(self, error: Exception) -> None:
+        self._input("firstRefused" if self.registrations == 0 else "refused", error)
+
+    def lost(self, proto: ControlProtocol, reason: Failure) -> None:
+        if proto is self.active:
+            self._input("lost", proto, reason)
+        elif proto.uplink is not self.uplink:
+            proto.uplink.retire()
+
+    def goaway(self, proto: ControlProtocol, reason: str) -> None:
+        """
+        TP is going away (it stops): register on a new connection at once.
+        """
+        if proto is self.active:
+            self._input("goaway", proto, reason)
+
+    def renewed(self, loaded: Materials) -> None:
+        """
+        The certificate watcher found a renewed certificate: move to it.
+        """
+        self.say(f"Loaded the renewed client certificate (valid until {loaded.validUntil()}); moving the exposure to it")
+        self._input("renewed", self._newUplink(LoadedSettings(self.settings, loaded)))
+
+    # --- outputs --------------------------------------------------------------
+
+    def _newUplink(self, settings: Any) -> Uplink:
+        uplink = self.makeUplink(self, settings, self.uplink)
+        self.uplinks.append(uplink)
+        return uplink
+
+    def _connect(self) -> None:
+        self._retry = None
+        hello = self.hello
+        if self.active is not None and hello.mode == "public" and not hello.port:
+            # A move takes over the port TP gave us.
+            hello = ClientHello("listen", mode="public", port=self.info.get("port"))
+        attempt = self.attempt = ControlFactory(self, self.uplink, hello)
+        connecting = self.uplink.connect(attempt)
+
+        def cannotConnect(f: Failure) -> None:
+            if attempt is self.attempt:
+                self._refusedAttempt(TunnelError(f"cannot reach TP at {self.settings.server}: {f.getErrorMessage()}"))
+
+        connecting.addErrback(cannotConnect)
+
+    def _connectWith(self, uplink: Uplink) -> None:
+        self._cancelRetry()
+        self.uplink = uplink
+        self._connect()
+
+    def _useUplink(self, uplink: Uplink) -> None:
+        self.uplink = uplink
+
+    def _scheduleRetry(self) -> None:
+        self.failures += 1
+        self._retry = self.reactor.callLater(self.retryPolicy(self.failures), self._input, "retry")
+
+    def _cancelRetry(self) -> None:
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+
+    def _where(self, info: dict[str, Any]) -> str:
+        return f"public port {info.get('port')}" if self.hello.mode == "public" else f"E2E name {info.get('name')}"
+
+    def _registered(self, proto: ControlProtocol, info: dict[str, Any]) -> None:
+        self.active = proto
+        self.attempt = None
+        self.failures = 0
         self.registrations += 1
+        self.info = info
         lhost, lport = self.local
-        where = f"public port {info.get('port')}" if self.hello.mode == "public" else f"E2E name {info.get('name')}"
         again = " again" if self.registrations > 1 else ""
         self.say(
-            f"Exposing {lhost}:{lport} as {where}{again} via {self.settings.server} (v{VERSION}, {self.connector.chosen}); Ctrl-C stops"
+            f"Exposing {lhost}:{lport} as {self._where(info)}{again} via {self.settings.server} (v{VERSION}, {proto.uplink.chosen}); Ctrl-C stops"
         )
         if not self.first.called:
             self.first.callback(info)
+        if proto.uplink is not self.uplink:
+            # Registered with a certificate renewed meanwhile: move on.
+            self._input("renewed", self.uplink)
 
-    def refused(self, error: Exception) -> None:
-        if not self.first.called:
-            self.first.errback(error)
-        else:
-            self.say(f"TP did not take the exposure: {error}; retrying")
+    def _moved(self, proto: ControlProtocol, info: dict[str, Any]) -> None:
+        old = self.active
+        self._registered(proto, info)
+        if old is not None:
+            # TP has handed the exposure over to the new session already.
+            old.retire()
+            if old.uplink is not proto.uplink:
+                old.uplink.retire()
+
+    def _refused(self, error: Exception) -> None:
+        self.attempt = None
+        self.say(f"TP did not take the exposure: {error}; retrying")
+        self._scheduleRetry()
+
+    def _failed(self, error: Exception) -> None:
+        self.attempt = None
+        self.first.errback(error)
+
+    def _moveRefused(self, error: Exception) -> None:
+        self.attempt = None
+        self.say(f"TP did not take the exposure on a new connection: {error}; keeping the current one and retrying")
+        self._scheduleRetry()
+
+    def _lost(self, proto: ControlProtocol, reason: Failure) -> None:
+        self.active = None
+        self.say(f"Lost the connection to TP ({describeTLSFailure(reason)}); reconnecting")
+        self._scheduleRetry()
+
+    def _goaway(self, proto: ControlProtocol, reason: str) -> None:
+        self._cancelRetry()
+        self._goneAway = proto
+        self.say(f"TP is going away: {reason}; reconnecting")
+        # A new connection: over QUIC, the old one goes to the TP that is
+        # going away.
+        self.uplink = self._newUplink(self.uplink.settings)
+        self._connect()
+
+    def _lostWhileMoving(self, proto: ControlProtocol, reason: Failure) -> None:
+        self.active = None
+        if proto.uplink is not self.uplink:
+            proto.uplink.retire()
+        if proto is not self._goneAway:
+            self.say(f"Lost the connection to TP ({describeTLSFailure(reason)}); reconnecting")
+
+    def _stop(self, quietly: bool) -> defer.Deferred[None]:
+        self._cancelRetry()
+        if not quietly:
+            lhost, lport = self.local
+            self.say(f"Stopping: {lhost}:{lport} is no longer exposed")
+        closing = []
+        if self.attempt is not None:
+            self.attempt.dropped = True
+        for proto in (self.active, self.attempt and self.attempt.protocol):
+            if proto is not None and not proto.done.called:
+                closing.append(proto.done)
+                proto.retire()
+        self.active = self.attempt = None
+        done = defer.DeferredList(closing)
+        done.addTimeout(STOP_GRACE, self.reactor)
+
+        def closeUplinks(_: Any) -> None:
+            for uplink in self.uplinks:
+                uplink.close()
+
+        return done.addBoth(closeUplinks)
+
+    # --- sessions -------------------------------------------------------------
 
     def incomingStream(self) -> IncomingStream:
         return IncomingStream(self)
@@ -257,14 +595,14 @@ class Exposer:
 
         target.addCallbacks(joined, failed)
 
-    def lost(self, reason: Failure) -> None:
-        self.say(f"Lost the connection to TP ({describeTLSFailure(reason)}); reconnecting")
-
     def incoming(self, session: str, identity: str | None, peer: str) -> None:
+        """
+        Over TLS, TP announced an incoming session on the signalling
+        connection: claim it on a new connection (with the current
+        certificate) and splice it to the local service.
+        """
         who = f"{identity} from {peer}" if identity else peer
-        tunnel = openTunnel(
-            self.reactor, self.settings.server, self.tlsOptions, ClientHello("accept", session=session), self.settings.connectTimeout
-        )
+        tunnel = self.uplink.accept(session)
         target = connectProtocol(HostnameEndpoint(self.reactor, self.local[0], self.local[1], timeout=10), LocalTarget())
         opened: list[Any] = []
         failedAlready: list[bool] = []
@@ -334,51 +672,25 @@ class IncomingStream(RelayEnd):
                 self.transport.loseConnection()  # type: ignore[union-attr]
 
 
-@implementer(IStreamClientEndpoint)
-class ChosenEndpoint:
-    """
-    The signalling connection over whatever the connector chose: a stream on
-    the QUIC connection (incoming sessions then arrive as streams TP opens),
-    or a TLS connection.
-    """
-
-    def __init__(self, exposer: Exposer) -> None:
-        self.exposer = exposer
-
-    @defer.inlineCallbacks
-    def connect(self, factory: Any) -> Any:
-        exposer = self.exposer
-        connector = exposer.connector
-        transport = yield connector.choose()
-        if transport == "tls":
-            endpoint = TLSClientEndpoint(exposer.reactor, exposer.settings.server, exposer.tlsOptions, exposer.settings.connectTimeout)
-            return (yield endpoint.connect(factory))
-        session = yield connector.quicSession(exposer.settings.connectTimeout)
-        session.incomingHandler = exposer.incomingStream
-        protocol = factory.buildProtocol(None)
-        session.openStream(protocol)
-        return protocol
-
-
 @defer.inlineCallbacks
 def runExpose(reactor: IDialReactor, settings: Any, local: tuple[str, int], hello: ClientHello, keepalive: float, stderr: Any) -> Any:
     """
     Register, and keep the exposure up until interrupted.  A refusal on the
     first attempt ends the command (exit status 3, or 1 if TP could not be
-    reached); after a first success, TP going away means retrying.
+    reached); after a first success, TP going away means registering again,
+    and a renewed certificate (its files rewritten) means moving to it.
     """
-    exposer = Exposer(reactor, settings, local, hello, keepalive, stderr)
-    exposer.service.startService()
     try:
-        yield exposer.service.whenConnected(failAfterFailures=1)
-    except Exception as e:
-        yield exposer.service.stopService()
-        raise TunnelError(f"cannot reach TP at {settings.server}: {e}") from None
+        loaded = loadMaterials(settings)
+    except ValueError as e:
+        raise TunnelError(str(e)) from None
+    exposer = Exposer(reactor, LoadedSettings(settings, loaded), local, hello, keepalive, stderr)
     try:
-        yield exposer.first
+        yield exposer.start()
     except Exception:
-        yield exposer.service.stopService()
+        yield exposer.stop(quietly=True)
         raise
-    reactor.addSystemEventTrigger("before", "shutdown", exposer.service.stopService)
-    reactor.addSystemEventTrigger("before", "shutdown", exposer.connector.close)
+    watcher = watchCertificate(reactor, settings, loaded, exposer.renewed, exposer.say)
+    reactor.addSystemEventTrigger("before", "shutdown", watcher.stop)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", exposer.stop)  # type: ignore[attr-defined]
     yield defer.Deferred()  # until the reactor stops

@@ -1,0 +1,367 @@
+"""
+Tests for L{tpproxy.reverse.expose.Exposer}: TP going away, a renewed
+certificate, losses and stopping, in memory (a fake TP end on a
+L{StringTransport}, time on a L{Clock}); then C{goaway} from a real TP on
+loopback, over TLS and QUIC.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.test.proto_helpers import StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tpproxy.certwatch import Materials
+from tpproxy.protocols.client import Refused, ServerAddress, TunnelError
+from tpproxy.reverse.expose import ControlFactory, ControlProtocol, Exposer, ExposerState
+from tpproxy.wire import ClientHello, ErrorCode, FrameDecoder, ServerHello, encodeEvent
+
+
+@dataclass(frozen=True)
+class FakeSettings:
+    server: ServerAddress = ServerAddress("tp.example", 443)
+    connectTimeout: float = 15.0
+
+
+class TPEnd:
+    """
+    TP's end of one fake signalling connection.
+    """
+
+    def __init__(self, proto: ControlProtocol, transport: StringTransport) -> None:
+        self.proto = proto
+        self.transport = transport
+
+    def hello(self) -> ClientHello:
+        decoder = FrameDecoder()
+        decoder.feed(self.transport.value())
+        frame = decoder.nextFrame()
+        assert frame is not None
+        return ClientHello.fromObject(frame)
+
+    def answer(self, **info: Any) -> None:
+        self.proto.dataReceived(ServerHello.success(**info).toFrame())
+
+    def refuse(self, code: ErrorCode, message: str) -> None:
+        self.proto.dataReceived(ServerHello.failure(code, message).toFrame())
+        self.close()
+
+    def send(self, event: str, **fields: Any) -> None:
+        self.proto.dataReceived(encodeEvent(event, **fields))
+
+    def close(self) -> None:
+        if not self.proto.done.called:
+            self.proto.connectionLost(Failure(ConnectionDone("closed")))
+
+    @property
+    def closedByExposer(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+
+class FakeUplink:
+    """
+    An L{tpproxy.reverse.expose.Uplink} whose connections are L{TPEnd}s.
+    """
+
+    connector = None
+    chosen = "tls"
+
+    def __init__(self, exposer: Exposer, settings: Any, previous: Any = None) -> None:
+        self.settings = settings
+        self.ends: list[TPEnd] = []
+        self.retired = False
+        self.closed = False
+        self.unreachable = False
+
+    def connect(self, factory: ControlFactory) -> defer.Deferred[Any]:
+        if self.unreachable:
+            return defer.fail(ConnectionRefusedError("nobody listens"))
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        self.ends.append(TPEnd(proto, transport))
+        return defer.succeed(proto)
+
+    def retire(self) -> None:
+        self.retired = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def someMaterials() -> Materials:
+    from tpproxy.pki import CertificateAuthority
+
+    ca = CertificateAuthority.create("test CA")
+    issued = ca.issue("alice", client=True, hours=1)
+    return Materials([ca.cert], [issued.cert], issued.key)
+
+
+class ExposerTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.stderr = io.StringIO()
+        self.uplinks: list[FakeUplink] = []
+
+        def makeUplink(exposer: Exposer, settings: Any, previous: Any = None) -> FakeUplink:
+            uplink = FakeUplink(exposer, settings, previous)
+            self.uplinks.append(uplink)
+            return uplink
+
+        self.exposer = Exposer(
+            self.clock,  # type: ignore[arg-type]
+            FakeSettings(),
+            ("127.0.0.1", 22),
+            ClientHello("listen", mode="public", port=0),
+            15.0,
+            self.stderr,
+            uplink=makeUplink,  # type: ignore[arg-type]
+        )
+
+    def ends(self) -> list[TPEnd]:
+        return [end for uplink in self.uplinks for end in uplink.ends]
+
+    def lines(self) -> list[str]:
+        return self.stderr.getvalue().splitlines()
+
+    def registered(self, port: int = 4000) -> TPEnd:
+        """
+        Start the exposer and let TP take its first registration.
+        """
+        first = self.exposer.start()
+        [end] = self.ends()
+        end.answer(port=port)
+        self.assertEqual(self.successResultOf(first), {"port": port})
+        self.assertIs(self.exposer.state, ExposerState.UP)
+        return end
+
+
+class GoawayTests(ExposerTestCase):
+    def test_goawayReconnectsAtOnce(self) -> None:
+        """
+        On C{goaway} the exposer says one line and registers on a new
+        connection (a new uplink) at once, without the clock moving; the
+        new one asks for the port TP gave the old one.  Only once TP took
+        the new registration is the old connection closed, quietly.
+        """
+        old = self.registered(4000)
+        old.send("goaway", reason="TP is stopping")
+        self.assertEqual(self.lines()[-1], "TP is going away: TP is stopping; reconnecting")
+        self.assertEqual(len(self.uplinks), 2)
+        [new] = self.uplinks[1].ends
+        self.assertEqual(new.hello().port, 4000)
+        self.assertFalse(old.closedByExposer)
+        self.assertIs(self.exposer.state, ExposerState.MOVING)
+
+        new.answer(port=4000)
+        self.assertTrue(old.closedByExposer)
+        self.assertTrue(self.uplinks[0].retired)
+        old.close()
+        self.assertIs(self.exposer.active, new.proto)
+        self.assertIs(self.exposer.state, ExposerState.UP)
+        self.assertEqual(
+            self.lines()[1:],
+            [
+                "TP is going away: TP is stopping; reconnecting",
+                "Exposing 127.0.0.1:22 as public port 4000 again via tp.example:443 (v1, tls); Ctrl-C stops",
+            ],
+        )
+
+    def test_oldConnectionLostFirst(self) -> None:
+        """
+        If TP closes the old connection (it stops) before the new
+        registration is answered, that loss says nothing more; the attempt
+        under way goes on.
+        """
+        old = self.registered()
+        old.send("goaway", reason="bye")
+        old.close()
+        self.assertIs(self.exposer.state, ExposerState.CONNECTING)
+        self.assertEqual(self.lines()[-1], "TP is going away: bye; reconnecting")
+        [new] = self.uplinks[1].ends
+        new.answer(port=4000)
+        self.assertIs(self.exposer.state, ExposerState.UP)
+        self.assertNotIn("Lost", self.stderr.getvalue())
+
+    def test_moveRefusedKeepsOld(self) -> None:
+        """
+        A refused move keeps the old registration and tries again with
+        backoff; a second goaway meanwhile tries at once.
+        """
+        old = self.registered()
+        old.send("goaway", reason="bye")
+        [new] = self.uplinks[1].ends
+        new.refuse(ErrorCode.PORT_UNAVAILABLE, "busy")
+        self.assertIs(self.exposer.state, ExposerState.MOVE_WAITING)
+        self.assertIn("keeping the current one", self.lines()[-1])
+        self.assertFalse(old.closedByExposer)
+        self.clock.advance(2)
+        self.assertIs(self.exposer.state, ExposerState.MOVING)
+        [again] = self.uplinks[1].ends[1:]
+        again.refuse(ErrorCode.PORT_UNAVAILABLE, "busy")
+        old.send("goaway", reason="really")
+        self.assertIs(self.exposer.state, ExposerState.MOVING)
+        self.assertEqual(len(self.ends()), 4)
+
+    def test_goawayFromOldConnectionIgnored(self) -> None:
+        """
+        A goaway while a move is under way starts no second one.
+        """
+        old = self.registered()
+        old.send("goaway", reason="one")
+        old.send("goaway", reason="two")
+        self.assertEqual(len(self.ends()), 2)
+        self.assertEqual(self.stderr.getvalue().count("going away"), 1)
+
+
+class LossAndStopTests(ExposerTestCase):
+    def test_lostReconnectsWithBackoff(self) -> None:
+        """
+        A lost registration (no goaway) is said and retried after a backoff
+        delay, on the same uplink.
+        """
+        old = self.registered()
+        old.close()
+        self.assertIs(self.exposer.state, ExposerState.WAITING)
+        self.assertTrue(self.lines()[-1].startswith("Lost the connection to TP"), self.lines())
+        self.assertEqual(len(self.ends()), 1)
+        self.clock.advance(0.7)
+        self.assertEqual(len(self.ends()), 1)
+        self.clock.advance(1.1)
+        self.assertEqual(len(self.uplinks), 1)
+        [_, new] = self.ends()
+        self.assertEqual(new.hello().port, 0)  # as the command asked
+        new.answer(port=4001)
+        self.assertIn("public port 4001 again", self.lines()[-1])
+
+    def test_stopSaysStopping(self) -> None:
+        """
+        Stopping says so, and not that the connection was lost; the
+        connection is closed and the uplinks too.
+        """
+        end = self.registered()
+        stopped = self.exposer.stop()
+        self.assertTrue(end.closedByExposer)
+        end.close()
+        self.successResultOf(stopped)
+        self.assertEqual(self.lines()[-1], "Stopping: 127.0.0.1:22 is no longer exposed")
+        self.assertNotIn("Lost", self.stderr.getvalue())
+        self.assertTrue(self.uplinks[0].closed)
+        self.assertIs(self.exposer.state, ExposerState.STOPPED)
+
+    def test_stopBoundedWait(self) -> None:
+        """
+        A connection that does not close within STOP_GRACE does not hold
+        the stop up.
+        """
+        self.registered()
+        stopped = self.exposer.stop()
+        self.assertNoResult(stopped)
+        self.clock.advance(2.5)
+        self.successResultOf(stopped)
+        self.assertTrue(self.uplinks[0].closed)
+
+    def test_firstRefusalFails(self) -> None:
+        """
+        A refused first registration fails C{start} with TP's code, and
+        nothing is retried.
+        """
+        first = self.exposer.start()
+        [end] = self.ends()
+        end.refuse(ErrorCode.FORBIDDEN, "no")
+        error = self.failureResultOf(first, Refused).value
+        self.assertEqual(error.code, "forbidden")
+        self.assertIs(self.exposer.state, ExposerState.FAILED)
+        self.clock.advance(60)
+        self.assertEqual(len(self.ends()), 1)
+
+    def test_firstUnreachable(self) -> None:
+        """
+        TP unreachable on the first attempt: C{start} fails saying so.
+        """
+        self.uplinks[0].unreachable = True
+        first = self.exposer.start()
+        error = self.failureResultOf(first, TunnelError).value
+        self.assertIn("cannot reach TP at tp.example:443", str(error))
+
+
+class RenewalTests(ExposerTestCase):
+    def renew(self) -> Materials:
+        loaded = someMaterials()
+        self.exposer.renewed(loaded)
+        return loaded
+
+    def test_renewalMovesMakeBeforeBreak(self) -> None:
+        """
+        A renewed certificate gets a new uplink (with the renewed
+        settings); the exposure registers there first, and only then is
+        the old connection closed and the old uplink retired.
+        """
+        old = self.registered()
+        loaded = self.renew()
+        self.assertIn("Loaded the renewed client certificate", self.lines()[-1])
+        self.assertEqual(self.uplinks[1].settings.materials()[1], loaded.chain)
+        [new] = self.uplinks[1].ends
+        self.assertFalse(old.closedByExposer)
+        self.assertFalse(self.uplinks[0].retired)
+        new.answer(port=4000)
+        self.assertTrue(old.closedByExposer)
+        self.assertTrue(self.uplinks[0].retired)
+        self.assertIs(self.exposer.uplink, self.uplinks[1])
+
+    def test_renewalWhileConnecting(self) -> None:
+        """
+        A renewal while a registration is under way lets it finish, then
+        moves at once to the renewed certificate.
+        """
+        self.exposer.start()
+        [first] = self.ends()
+        self.renew()
+        self.assertEqual(len(self.ends()), 1)
+        first.answer(port=4000)
+        self.assertIs(self.exposer.state, ExposerState.MOVING)
+        [new] = self.uplinks[1].ends
+        new.answer(port=4000)
+        self.assertTrue(first.closedByExposer)
+        self.assertIs(self.exposer.state, ExposerState.UP)
+
+    def test_renewalWhileWaiting(self) -> None:
+        """
+        A renewal while waiting to retry (perhaps TP refused the expired
+        certificate) retries at once with it.
+        """
+        old = self.registered()
+        old.close()
+        self.assertIs(self.exposer.state, ExposerState.WAITING)
+        self.renew()
+        self.assertIs(self.exposer.state, ExposerState.CONNECTING)
+        [new] = self.uplinks[1].ends
+        new.answer(port=4000)
+        self.assertIs(self.exposer.state, ExposerState.UP)
+        self.clock.advance(60)
+        self.assertEqual(len(self.ends()), 2)
+
+    def test_oldLostDuringMove(self) -> None:
+        """
+        The old connection lost during a move (not a goaway) is said; the
+        move goes on as the registration.
+        """
+        old = self.registered()
+        self.renew()
+        old.close()
+        self.assertIn("Lost the connection", self.lines()[-1])
+        self.assertIs(self.exposer.state, ExposerState.CONNECTING)
+        self.assertTrue(self.uplinks[0].retired)
+        [new] = self.uplinks[1].ends
+        new.answer(port=4000)
+        self.assertIs(self.exposer.state, ExposerState.UP)
