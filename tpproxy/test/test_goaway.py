@@ -365,3 +365,168 @@ class RenewalTests(ExposerTestCase):
         [new] = self.uplinks[1].ends
         new.answer(port=4000)
         self.assertIs(self.exposer.state, ExposerState.UP)
+
+
+# --- on loopback, with a real TP --------------------------------------------
+
+
+class Talker(protocol.Protocol):
+    """
+    One long-lived connection through a tunnel to an echo service:
+    C{echo(data)} fires with what came back.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.want = 0
+        self.waiting: defer.Deferred[bytes] | None = None
+        self.closed: defer.Deferred[None] = defer.Deferred()
+
+    def echo(self, data: bytes, timeout: float = 10) -> defer.Deferred[bytes]:
+        self.buffer, self.want = b"", len(data)
+        self.waiting = defer.Deferred()
+        self.waiting.addTimeout(timeout, reactor)
+        self.transport.write(data)  # type: ignore[union-attr]
+        return self.waiting
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if self.waiting is not None and len(self.buffer) >= self.want:
+            waiting, self.waiting = self.waiting, None
+            waiting.callback(self.buffer)
+
+    def connectionLost(self, reason: Any) -> None:
+        if self.waiting is not None:
+            waiting, self.waiting = self.waiting, None
+            waiting.callback(self.buffer)
+        self.closed.callback(None)
+
+
+def waitUntil(condition: Any, what: str, timeout: float = 10) -> defer.Deferred[None]:
+    """
+    Fires once C{condition()} is true (looked at every 20 ms); fails
+    naming C{what} after C{timeout} seconds.
+    """
+    from tpproxy.test.support import deferLater
+
+    @defer.inlineCallbacks
+    def wait() -> Any:
+        deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+        while not condition():
+            if reactor.seconds() > deadline:  # type: ignore[attr-defined]
+                raise AssertionError(f"timed out waiting for {what}")
+            yield deferLater(0.02)
+
+    return wait()
+
+
+class RealTPTestCase(TestCase):
+    """
+    A real TP (L{tpproxy.service.makeService}) on 127.0.0.1, TLS and QUIC
+    on one port number, letting C{alice} expose public ports; an echo
+    service to expose.
+    """
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        from tpproxy.test.support import Echo, auditObserver, listenLocal
+        from tpproxy.testing import TestPKI
+
+        self.pki = TestPKI.create(self.mktemp())
+        self.pki.client("alice")
+        self.observer = auditObserver(self)
+        self.echoPort, self.echo = listenLocal(self, Echo)
+
+    def startTP(self) -> None:
+        from tpproxy.service import makeService
+        from tpproxy.test.support import freePort
+        from tpproxy.testing import REVERSE_RULES, reverseTables
+
+        self.port = freePort()
+        config = self.pki.serverConfig(
+            REVERSE_RULES,
+            listen=f"tcp:{self.port}:interface=127.0.0.1",
+            quic=[f"127.0.0.1:{self.port}"],
+            **reverseTables(self.pki),
+        )
+        self.service = makeService(config, reactor)
+        self.service.startService()
+        self.addCleanup(lambda: self.service.stopService() if self.service.running else None)
+        self.registry = self.service.reloader.factory.registry  # type: ignore[attr-defined]
+        self.quicListener = self.service.reloader.quicListeners[0]  # type: ignore[attr-defined]
+
+    def quicConnections(self) -> int:
+        return len(set(self.quicListener.sessions.values()))
+
+    @defer.inlineCallbacks
+    def talk(self, port: int) -> Any:
+        talker = Talker()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), talker)
+        self.addCleanup(lambda: talker.closed.called or talker.transport.abortConnection())
+        return talker
+
+
+class GoawayLoopbackTests(RealTPTestCase):
+    @defer.inlineCallbacks
+    def goaway(self, transport: str) -> Any:
+        """
+        A real C{tp expose} over C{transport}; TP tells it to go away
+        (L{tpproxy.reverse.registry.Registry.goaway}): it says so, registers
+        again on a new connection, TP hands the port over, and a tunnel
+        accepted before keeps echoing; new dialers reach the new
+        registration.  Then SIGTERM: it says it is stopping.
+        """
+        from tpproxy.test.support import Background, echoRoundTrips, tpCommand
+        from tpproxy.test.test_integration import writeClientConfig
+
+        self.startTP()
+        config = writeClientConfig(self.pki, self.port, name="alice.toml")
+        argv = tpCommand() + ["--config", config, "--transport", transport, "expose", f"127.0.0.1:{self.echoPort}", "--public"]
+        exposer = Background(self, argv)
+        err = yield exposer.waitForStderr(b"; Ctrl-C stops")
+        self.assertIn(f"(v1, {transport})".encode(), err)
+        port = int(re.search(rb"as public port (\d+)", err).group(1))  # type: ignore[union-attr]
+        old = self.registry.byPort[port].control
+        talker = yield self.talk(port)
+        self.assertEqual((yield talker.echo(b"before goaway")), b"before goaway")
+
+        self.assertEqual(self.registry.goaway("a test says bye"), 1)
+        yield exposer.waitForStderr(b"TP is going away: a test says bye; reconnecting\n")
+        err = yield exposer.waitForStderr(b"again via")
+        self.assertIn(f"as public port {port} again via".encode(), err)
+        self.assertIsNot(self.registry.byPort[port].control, old)
+        self.assertNotIn(b"Lost the connection", exposer.stderr)
+        self.assertEqual((yield talker.echo(b"after goaway")), b"after goaway")
+        yield echoRoundTrips(port, 2, 1000)
+        return exposer, talker
+
+    @defer.inlineCallbacks
+    def stopped(self, exposer: Any) -> Any:
+        exposer.transport.signalProcess("TERM")
+        result = yield exposer.proto.done
+        self.assertEqual(result.status, 0, result)
+        self.assertIn(f"Stopping: 127.0.0.1:{self.echoPort} is no longer exposed".encode(), result.err)
+        self.assertNotIn(b"Lost the connection", result.err)
+
+    @defer.inlineCallbacks
+    def test_tls(self) -> Any:
+        """
+        Over TLS.
+        """
+        exposer, talker = yield self.goaway("tls")
+        yield self.stopped(exposer)
+
+    @defer.inlineCallbacks
+    def test_quic(self) -> Any:
+        """
+        Over QUIC: the new registration is on a new QUIC connection; the
+        old one carries the tunnel accepted before until it ends, then
+        closes.
+        """
+        exposer, talker = yield self.goaway("quic")
+        self.assertEqual(self.quicConnections(), 2)
+        talker.transport.loseConnection()
+        yield talker.closed
+        yield waitUntil(lambda: self.quicConnections() == 1, "the old QUIC connection to close")
+        yield self.stopped(exposer)
