@@ -7,19 +7,23 @@ directory).
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tpproxy import certwatch
-from tpproxy.certwatch import CertificateWatcher, LoadedSettings, Materials, loadMaterials, watchCertificate
+from tpproxy.certwatch import CertificateWatcher, LoadedSettings, Materials, followRenewals, loadMaterials, watchCertificate
 from tpproxy.cli import Settings
-from tpproxy.pki import CertificateAuthority, keyPEM, writePrivate
+from tpproxy.pki import CertificateAuthority, keyPEM, serialHex, writePrivate
 from tpproxy.protocols.client import ServerAddress
+from tpproxy.test.support import audits, echoRoundTrips, waitForAudits
+from tpproxy.test.test_goaway import RealTPTestCase, waitUntil
 
 
 class Files:
@@ -233,3 +237,202 @@ class LoadedSettingsTests(SynchronousTestCase):
         self.assertIsNotNone(loaded.tlsOptions())
         again = LoadedSettings(loaded, loadMaterials(files.settings))
         self.assertIs(again.base, files.settings)
+
+
+# --- across a renewal, on loopback with a real TP ------------------------------
+
+
+class Lines:
+    """
+    A stderr for an in-process client: C{waitFor(text)} fires once a line
+    holding C{text} was written.
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.waiting: list[tuple[str, Any]] = []
+
+    def write(self, text: str) -> None:
+        for line in text.splitlines():
+            self.lines.append(line)
+            for wanted, d in list(self.waiting):
+                if wanted in line:
+                    self.waiting.remove((wanted, d))
+                    d.callback(line)
+
+    def flush(self) -> None:
+        pass
+
+    def waitFor(self, text: str, timeout: float = 15) -> Any:
+        from twisted.internet import defer, reactor
+
+        d: defer.Deferred[str] = defer.Deferred()
+        self.waiting.append((text, d))
+        return d.addTimeout(timeout, reactor)
+
+
+def writePair(directory: Path, stem: str, issued: Any) -> None:
+    """
+    Replace C{stem}.pem and C{stem}.key as a renewing tool does (each
+    file atomically).
+    """
+    from tpproxy.pki import replacePrivate
+
+    replacePrivate(directory / f"{stem}.pem", issued.certPEM)
+    replacePrivate(directory / f"{stem}.key", issued.keyPEM)
+
+
+class RenewalLoopbackTests(RealTPTestCase):
+    """
+    A client whose certificate lives 10 minutes, renewed after it started:
+    its watcher runs on a L{Clock} set to the real time, so the old
+    certificate's notAfter can be passed for the client while TP, on the
+    real clock, still accepts it.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.now = float(int(time.time()))
+        self.clock = Clock()
+        self.clock.advance(self.now)
+        self.old = self.issue(self.now - 60, 600)
+        self.startTP()
+
+    def issue(self, start: float, seconds: float) -> Any:
+        issued = self.pki.ca.issue(
+            "alice",
+            client=True,
+            notBefore=datetime.datetime.fromtimestamp(start, datetime.timezone.utc),
+            notAfter=datetime.datetime.fromtimestamp(start + seconds, datetime.timezone.utc),
+        )
+        writePair(self.pki.directory, "alice", issued)
+        return issued
+
+    def settings(self, transport: str) -> Settings:
+        d = self.pki.directory
+        return Settings(ServerAddress("localhost", self.port), str(d / "alice.pem"), str(d / "alice.key"), str(d / "ca.pem"), 10.0, transport)
+
+    @defer.inlineCallbacks
+    def exposeAcrossRenewal(self, transport: str) -> Any:
+        """
+        An in-process exposer over C{transport}, a tunnel through it, a
+        renewal: the exposure moves to a connection with the new
+        certificate; the tunnel keeps echoing, also once the old
+        certificate's notAfter has passed on the client's clock.
+        """
+        from tpproxy.reverse.expose import Exposer
+        from tpproxy.wire import ClientHello
+
+        settings = self.settings(transport)
+        loaded = loadMaterials(settings)
+        stderr = Lines()
+        exposer = Exposer(reactor, LoadedSettings(settings, loaded), ("127.0.0.1", self.echoPort), ClientHello("listen", mode="public", port=0), 15.0, stderr)
+        info = yield exposer.start()
+        self.addCleanup(exposer.stop, True)
+        watcher = watchCertificate(self.clock, settings, loaded, exposer.renewed, exposer.say)
+        self.addCleanup(watcher.stop)
+        port = info["port"]
+        control = self.registry.byPort[port].control
+        self.assertEqual(control.conn.certificate.serial_number, self.old.cert.serial_number)
+        talker = yield self.talk(port)
+        self.assertEqual((yield talker.echo(b"before the renewal")), b"before the renewal")
+
+        new = self.issue(self.now, 3600)
+        moved = stderr.waitFor("again via")
+        self.clock.advance(30)
+        line = yield moved
+        self.assertIn(f"public port {port} again via", line)
+        control = self.registry.byPort[port].control
+        self.assertEqual(control.conn.certificate.serial_number, new.cert.serial_number)
+        self.assertEqual((yield talker.echo(b"after the renewal")), b"after the renewal")
+        yield echoRoundTrips(port, 2, 1000)
+
+        self.clock.advance(self.old.cert.not_valid_after_utc.timestamp() - self.clock.seconds() + 60)
+        self.assertEqual((yield talker.echo(b"after the old notAfter")), b"after the old notAfter")
+        yield echoRoundTrips(port, 1, 1000)
+        self.assertEqual([line for line in stderr.lines if "expire" in line], [])
+        return exposer, talker
+
+    @defer.inlineCallbacks
+    def test_exposeTLS(self) -> Any:
+        """
+        Over TLS; sessions accepted after the renewal use the new
+        certificate.
+        """
+        exposer, talker = yield self.exposeAcrossRenewal("tls")
+        talker.transport.loseConnection()
+        yield talker.closed
+
+        def accepts() -> list[str]:
+            return [e["serial"] for e in audits(self.observer) if e.get("event") == "accept"]
+
+        yield waitUntil(lambda: len(accepts()) == 4, "four accept audit events")
+        oldSerial, newSerial = serialHex(self.old.cert.serial_number), serialHex(exposer.uplink.settings.loaded.leaf.serial_number)
+        self.assertEqual(sorted(accepts()), sorted([oldSerial] + [newSerial] * 3))
+
+    @defer.inlineCallbacks
+    def test_exposeQUIC(self) -> Any:
+        """
+        Over QUIC: the old QUIC connection carries the old tunnel until it
+        ends, then closes.
+        """
+        exposer, talker = yield self.exposeAcrossRenewal("quic")
+        old = exposer.uplinks[0].connector.session
+        self.assertIsNot(old, exposer.uplink.connector.session)
+        self.assertFalse(old.closed)
+        talker.transport.loseConnection()
+        yield old.done
+
+    @defer.inlineCallbacks
+    def upAcrossRenewal(self, transport: str) -> Any:
+        """
+        C{tp up}'s forwarder with L{followRenewals}: a tunnel opened
+        before the renewal keeps echoing, one opened after uses the new
+        certificate.
+        """
+        from tpproxy.cli import Forwarder
+        from tpproxy.wire import ClientHello
+
+        settings = self.settings(transport)
+        said: list[str] = []
+        forwarder = Forwarder(reactor, settings, ClientHello.connect("127.0.0.1", self.echoPort), io.StringIO())
+        self.addCleanup(forwarder.connector.close)
+        listening = reactor.listenTCP(0, forwarder, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        local = listening.getHost().port
+        watcher = followRenewals(self.clock, settings, forwarder.connector, said.append)
+        self.addCleanup(watcher.stop)
+        before = yield self.talk(local)
+        self.assertEqual((yield before.echo(b"old certificate")), b"old certificate")
+        oldSession = forwarder.connector.session
+
+        new = self.issue(self.now, 3600)
+        self.clock.advance(30)
+        self.assertIn("Loaded the renewed client certificate", said[-1])
+        after = yield self.talk(local)
+        self.assertEqual((yield after.echo(b"new certificate")), b"new certificate")
+        self.clock.advance(600)
+        self.assertEqual((yield before.echo(b"still the old one")), b"still the old one")
+        for talker in (before, after):
+            talker.transport.loseConnection()
+            yield talker.closed
+        yield waitForAudits(self.observer, 2)
+        serials = [e["serial"] for e in audits(self.observer) if e.get("event") == "connect"]
+        self.assertEqual(sorted(serials), sorted([serialHex(self.old.cert.serial_number), serialHex(new.cert.serial_number)]))
+        return oldSession
+
+    def test_upTLS(self) -> Any:
+        """
+        C{tp up} over TLS.
+        """
+        return self.upAcrossRenewal("tls")
+
+    @defer.inlineCallbacks
+    def test_upQUIC(self) -> Any:
+        """
+        C{tp up} over QUIC: the tunnel after the renewal is on a new QUIC
+        connection; the old one closes when its tunnel has ended.
+        """
+        oldSession = yield self.upAcrossRenewal("quic")
+        self.assertIsNotNone(oldSession)
+        yield oldSession.done

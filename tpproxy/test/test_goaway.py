@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import re
-import socket
 from dataclasses import dataclass
 from typing import Any
 
