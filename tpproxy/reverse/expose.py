@@ -175,7 +175,8 @@ class ControlFactory(Factory):
 
     noisy = False
     dropped = False
-    protocol: ControlProtocol | None = None  # type: ignore[assignment]
+    #: The connection's protocol, once built.
+    built: ControlProtocol | None = None
 
     def __init__(self, exposer: Exposer, uplink: Uplink, hello: ClientHello) -> None:
         self.exposer = exposer
@@ -183,8 +184,8 @@ class ControlFactory(Factory):
         self.hello = hello
 
     def buildProtocol(self, addr: Any) -> ControlProtocol:
-        self.protocol = ControlProtocol(self.exposer, self)
-        return self.protocol
+        self.built = ControlProtocol(self.exposer, self)
+        return self.built
 
 
 class LocalTarget(RelayEnd):
@@ -553,7 +554,7 @@ class Exposer(Machine[ExposerState]):
         closing = []
         if self.attempt is not None:
             self.attempt.dropped = True
-        for proto in (self.active, self.attempt and self.attempt.protocol):
+        for proto in (self.active, self.attempt and self.attempt.built):
             if proto is not None and not proto.done.called:
                 closing.append(proto.done)
                 proto.retire()

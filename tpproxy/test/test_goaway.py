@@ -82,14 +82,23 @@ class FakeUplink:
         self.closed = False
         self.unreachable = False
 
+    #: Connections wait for L{finishConnecting} (a slow network).
+    slow = False
+
     def connect(self, factory: ControlFactory) -> defer.Deferred[Any]:
         if self.unreachable:
             return defer.fail(ConnectionRefusedError("nobody listens"))
+        if self.slow:
+            self.connecting = defer.Deferred()
+            return self.connecting.addCallback(lambda _: self._made(factory))
+        return defer.succeed(self._made(factory))
+
+    def _made(self, factory: ControlFactory) -> ControlProtocol:
         proto = factory.buildProtocol(None)
         transport = StringTransport()
         proto.makeConnection(transport)
         self.ends.append(TPEnd(proto, transport))
-        return defer.succeed(proto)
+        return proto
 
     def retire(self) -> None:
         self.retired = True
@@ -269,6 +278,29 @@ class LossAndStopTests(ExposerTestCase):
         self.clock.advance(2.5)
         self.successResultOf(stopped)
         self.assertTrue(self.uplinks[0].closed)
+
+    def test_stopWhileRegistering(self) -> None:
+        """
+        Stopping while the first registration is unanswered closes that
+        connection; one still being made is closed as soon as it is made,
+        before it sends its hello.
+        """
+        self.exposer.start()
+        [end] = self.ends()
+        stopped = self.exposer.stop(quietly=True)
+        self.assertTrue(end.closedByExposer)
+        end.close()
+        self.successResultOf(stopped)
+        self.assertEqual(self.lines(), [])
+
+        self.setUp()
+        self.uplinks[0].slow = True
+        self.exposer.start()
+        self.successResultOf(self.exposer.stop(quietly=True))
+        self.uplinks[0].connecting.callback(None)
+        [late] = self.ends()
+        self.assertEqual(late.transport.value(), b"")
+        self.assertTrue(late.transport.disconnecting)
 
     def test_firstRefusalFails(self) -> None:
         """
