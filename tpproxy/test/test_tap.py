@@ -5,6 +5,7 @@ default, and L{tpproxy.tap.makeService}.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 
 from twisted.application.service import IServiceCollection
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -35,6 +37,11 @@ from tpproxy.test.support import (
 from tpproxy.testing import TestPKI
 
 REPO = Path(tpproxy.__file__).resolve().parent.parent
+
+
+def twistdCommand() -> list[str]:
+    twistd = Path(sys.executable).with_name("twistd")
+    return [str(twistd)] if twistd.exists() else [sys.executable, "-m", "twisted.scripts.twistd"]
 
 
 class OptionsTests(SynchronousTestCase):
@@ -61,19 +68,30 @@ class OptionsTests(SynchronousTestCase):
 
         svc = tap.makeService(options, MemoryReactorClock())
         self.assertTrue(IServiceCollection.providedBy(svc))
-        names = sorted(s.name for s in svc)  # type: ignore[attr-defined]
-        self.assertEqual(names, ["drain", "memory", "metrics", "reload", "tls:tcp:0:interface=127.0.0.1", "tls:tcp:0:interface=127.0.0.2"])
+        self.assertEqual([s.name for s in svc], ["tp"])  # type: ignore[attr-defined]
+        names = sorted(s.name for s in svc.tp)  # type: ignore[attr-defined]
+        self.assertEqual(names, ["drain", "idle", "memory", "metrics", "reload", "tls:tcp:0:interface=127.0.0.1", "tls:tcp:0:interface=127.0.0.2"])
 
     def test_badConfigNamesKey(self) -> None:
         """
-        A bad value stops startup with a UsageError naming the key.
+        A bad value stops startup with one line naming the key
+        (L{SystemExit} with the message: twist prints it alone, where a
+        L{usage.UsageError} would be followed by twist's usage text).
         """
         path = self.writeConfig(
             '[server]\ncertificate = "server.pem"\nkey = "server.key"\nclient_ca = "ca.pem"\nhello_timeout = -1\n'
         )
         options = tap.Options()
-        error = self.assertRaises(usage.UsageError, options.parseOptions, ["--config", path])
-        self.assertIn("server.hello_timeout", str(error))
+        error = self.assertRaises(SystemExit, options.parseOptions, ["--config", path])
+        self.assertIsInstance(error.code, str)
+        self.assertRegex(error.code, r"^twistd? tp: bad configuration: server\.hello_timeout: ")
+        self.assertNotIn("\n", error.code)
+
+    def test_unknownOptionIsUsage(self) -> None:
+        """
+        A mistyped option is still a usage error (twist shows the usage).
+        """
+        self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["--confgi", "x"])
 
     def test_configFromEnvironment(self) -> None:
         """
@@ -84,6 +102,51 @@ class OptionsTests(SynchronousTestCase):
         options = tap.Options()
         options.parseOptions([])
         self.assertEqual(options["serverConfig"].path, str(Path(path).resolve()))
+
+
+class CannotListenTests(SynchronousTestCase):
+    """
+    L{tap.cannotListen}: one line naming the address, why, and the config
+    key to change.
+    """
+
+    def setUp(self) -> None:
+        self.pki = TestPKI.create(self.mktemp())
+        path = self.pki.directory / "server.toml"
+        path.write_text(
+            '[server]\nlisten = ["tcp:8443:interface=127.0.0.1", "tcp6:8443:interface=\\\\:\\\\:1"]\n'
+            'certificate = "server.pem"\nkey = "server.key"\nclient_ca = "ca.pem"\n'
+            '[admin]\nlisten = "tcp:9090:interface=127.0.0.1"\n'
+        )
+        self.config = loadServerConfig(path)
+
+    def line(self, interface: str, port: int, code: int) -> str:
+        text = tap.cannotListen(CannotListenError(interface, port, OSError(code, os.strerror(code))), self.config)
+        self.assertNotIn("\n", text)
+        return text
+
+    def test_inUse(self) -> None:
+        text = self.line("::1", 8443, errno.EADDRINUSE)
+        self.assertRegex(text, r"^twistd? tp: cannot listen on \[::1\]:8443: it is in use ")
+        self.assertIn("ss -ltnup 'sport = :8443'", text)
+        self.assertIn(f"choose another port in server.listen of {self.config.path}", text)
+
+    def test_adminPort(self) -> None:
+        """
+        The key named is the one whose description holds the port.
+        """
+        text = self.line("127.0.0.1", 9090, errno.EADDRINUSE)
+        self.assertIn("choose another port in admin.listen of", text)
+        self.assertNotIn("server.listen", text)
+
+    def test_privileged(self) -> None:
+        text = self.line("", 443, errno.EACCES)
+        self.assertIn("cannot listen on port 443 (all addresses): permission denied", text)
+        self.assertIn("CAP_NET_BIND_SERVICE", text)
+
+    def test_noSuchAddress(self) -> None:
+        text = self.line("192.0.2.1", 8443, errno.EADDRNOTAVAIL)
+        self.assertIn("192.0.2.1:8443: no interface of this machine has that address", text)
 
 
 class DevEnvironmentTests(SynchronousTestCase):
@@ -193,11 +256,9 @@ class ProcessTests(TestCase):
         C{TP_CONFIG}.
         """
         home, port = self.devHome()
-        twistd = Path(sys.executable).with_name("twistd")
-        argv = [str(twistd)] if twistd.exists() else [sys.executable, "-m", "twisted.scripts.twistd"]
         Background(
             self,
-            argv + ["--pidfile=", "-ny", str(REPO / "tac" / "tp.tac")],
+            twistdCommand() + ["--pidfile=", "-ny", str(REPO / "tac" / "tp.tac")],
             env=cleanEnv(TP_CONFIG=str(home / "server.toml")),
         )
         yield waitForPort(port)
@@ -206,12 +267,49 @@ class ProcessTests(TestCase):
     @defer.inlineCallbacks
     def test_badConfigStopsTwist(self) -> Any:
         """
-        C{twist tp} with a bad file exits non-zero and names the key.
+        C{twist tp} and C{twistd tp} with a bad file exit non-zero with one
+        line naming the key, and no usage text.
         """
         pki = TestPKI.create(self.mktemp())
         bad = pki.directory / "bad.toml"
         bad.write_text('[server]\ncertificate = "server.pem"\nkey = "missing.key"\nclient_ca = "ca.pem"\n')
+        for argv, program in [(twistCommand(), b"twist tp"), (twistdCommand() + ["--pidfile=", "-n"], b"twistd tp")]:
+            result = yield run(argv + ["tp", "--config", str(bad)])
+            self.assertNotEqual(result.status, 0)
+            self.assertEqual(result.out, b"")
+            lines = result.err.splitlines()
+            self.assertEqual(len(lines), 1, result.err)
+            self.assertTrue(lines[0].startswith(program + b": bad configuration: server.key: "), lines[0])
+            self.assertIn(b"does not exist", lines[0])
+
+    @defer.inlineCallbacks
+    def test_badListenDescription(self) -> Any:
+        """
+        A listen entry Twisted cannot parse is one line too.
+        """
+        pki = TestPKI.create(self.mktemp())
+        bad = pki.directory / "bad.toml"
+        bad.write_text('[server]\nlisten = ["tcp:184x5"]\ncertificate = "server.pem"\nkey = "server.key"\nclient_ca = "ca.pem"\n')
         result = yield run(twistCommand() + ["tp", "--config", str(bad)])
         self.assertNotEqual(result.status, 0)
-        self.assertIn(b"server.key", result.out + result.err)
-        self.assertIn(b"does not exist", result.out + result.err)
+        self.assertEqual(result.err.count(b"\n"), 1, result.err)
+        self.assertIn(b"twist tp: bad configuration: server.listen: 'tcp:184x5'", result.err)
+
+    @defer.inlineCallbacks
+    def test_portInUse(self) -> Any:
+        """
+        A port another program holds ends C{twist tp} with one line naming
+        the address and how to choose another port, instead of a
+        CannotListenError traceback.
+        """
+        home, port = self.devHome()
+        held = listenLocal(self, HashSink)[0]
+        server = home / "server.toml"
+        server.write_text(server.read_text().replace(f"tcp:{port}:", f"tcp:{held}:"))
+        result = yield run(twistCommand() + ["--log-format=text", "tp", "--config", str(server)])
+        self.assertNotEqual(result.status, 0)
+        self.assertNotIn(b"Traceback", result.out + result.err)
+        lines = result.err.splitlines()
+        self.assertEqual(len(lines), 1, result.err)
+        self.assertIn(f"twist tp: cannot listen on 127.0.0.1:{held}: it is in use".encode(), lines[0])
+        self.assertIn(f"choose another port in server.listen of {server}".encode(), lines[0])
