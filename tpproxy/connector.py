@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aioquic import tls
 from twisted.internet import defer
 
 from tpproxy.dial import resolveHost
@@ -33,11 +34,28 @@ QUIC_KEEPALIVE = 15.0
 CRYPTO_ERROR = 0x100
 
 
+class QuicUnavailable(TunnelError):
+    """
+    QUIC did not get through to TP: its UDP port is unreachable, or nothing
+    answered in time.  The one QUIC failure C{auto} remembers (a refused
+    certificate, or TP's certificate failing verification, says nothing
+    about whether QUIC works).
+    """
+
+
 def quicRefusal(session: ClientSession) -> TunnelError | None:
     """
     If TP closed C{session} with a TLS alert about the client certificate
     (CRYPTO_ERROR + alert), the error saying so in one line; else L{None}.
+
+    Such an alert comes only once this client has finished its side of the
+    TLS handshake (it sent its certificate after verifying TP's).  Before
+    that, a CRYPTO_ERROR close is this client's own verdict on TP's
+    certificate (or TP's on the handshake parameters), and is not about the
+    client certificate.
     """
+    if session.conn.tls.state is not tls.State.CLIENT_POST_HANDSHAKE:
+        return None
     # aioquic's private _close_event: checked before QUIC is used
     # (tpproxy.transports.quic, docs/private-apis.md).
     event = session.conn._close_event
@@ -122,7 +140,8 @@ class Connector:
             if self.mode == "quic":
                 raise
             self.lastQuicError = str(e)
-            remember(server, "tls")
+            if isinstance(e, QuicUnavailable):
+                remember(server, "tls")
             self.chosen = "tls"
             return self.chosen
         if self.mode == "auto":
@@ -160,11 +179,13 @@ class Connector:
         except defer.TimeoutError:
             session.close(0, "gave up")
             session.socket.stop()
-            raise TunnelError(f"no QUIC answer from {server} within {timeout:g} s") from None
-        except TunnelError:
+            raise QuicUnavailable(f"no QUIC answer from {server} within {timeout:g} s") from None
+        except TunnelError as e:
             refused = quicRefusal(session)
             if refused is not None:
                 raise refused from None
+            if session.unreachableReason is not None:
+                raise QuicUnavailable(str(e)) from None
             raise
         session.startKeepalive(self.quicKeepalive)
         self.session = session

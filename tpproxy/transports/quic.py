@@ -1330,6 +1330,9 @@ class ClientSession(QuicSession):
         #: Builds the protocol for a stream TP opens (tp expose over QUIC).
         self.incomingHandler: Callable[[], Any] | None = None
         self.localAddress = socket.transport.getHost() if socket.transport else None
+        #: Why TP's UDP port could not be reached before the handshake
+        #: (ICMP port unreachable), if that is how the handshake failed.
+        self.unreachableReason: str | None = None
         #: Set by L{closeWhenIdle}: the reason to close with once the last
         #: stream has ended.
         self.closingWhenIdle: str | None = None
@@ -1399,6 +1402,7 @@ class ClientSession(QuicSession):
         if not self.ready.called:
             from tpproxy.protocols.client import TunnelError
 
+            self.unreachableReason = why
             self.ready.errback(TunnelError(f"QUIC: {why}"))
             self.closed = True
             if self._timer is not None and self._timer.active():
