@@ -378,6 +378,23 @@ def runUpUDP(reactor: Any, settings: Settings, host: str, port: int, localPort: 
     yield defer.Deferred()
 
 
+def scriptName(name: str) -> str:
+    """
+    How to run the script C{name} (C{tp}, C{twist}) installed beside this
+    Python: its bare name if that is what the shell finds, else its path
+    (a virtualenv that is not activated).
+    """
+    import shutil
+
+    script = Path(sys.executable).with_name(name)
+    if not script.exists():
+        return name
+    found = shutil.which(name)
+    if found is not None and Path(found).absolute() == script.absolute():
+        return name
+    return str(script)
+
+
 def runInitDev(args: argparse.Namespace, stdout: Any) -> int:
     from tpproxy.devenv import initDev
 
@@ -390,8 +407,8 @@ def runInitDev(args: argparse.Namespace, stdout: Any) -> int:
         f"  ca.pem, ca.key (the dev CA; ca.key is mode 0600)\n"
         f"  server.pem/.key (localhost, 127.0.0.1, ::1), client.pem/.key (identity 'dev', 24 h)\n"
         f"  server.toml, client.toml\n"
-        f"Run the server:   twist tp --config {home / 'server.toml'}\n"
-        f"Use it:           tp --config {home / 'client.toml'} connect 127.0.0.1:22\n"
+        f"Run the server:   {scriptName('twist')} tp --config {home / 'server.toml'}\n"
+        f"Use it:           {scriptName('tp')} --config {home / 'client.toml'} connect 127.0.0.1:22\n"
     )
     return EXIT_OK
 

@@ -254,3 +254,24 @@ class HelpTests(SynchronousTestCase):
         text = " ".join(out.getvalue().split())
         self.assertIn('ProxyCommand="tp connect %h:%p"', text)
         self.assertNotIn("%%", text)
+
+
+class InitDevCommandsTests(SynchronousTestCase):
+    def test_commandsRunAsPrinted(self) -> None:
+        """
+        The commands C{tp init-dev} prints run as written: the scripts'
+        paths when the shell would not find them (a virtualenv that is not
+        activated), their bare names when it would.
+        """
+        import sys
+
+        twist = Path(sys.executable).with_name("twist")
+        self.assertTrue(twist.exists(), "twist is installed beside this Python")
+        home = Path(self.mktemp()).absolute()
+        for path, expected in [("/nonexistent", f"{twist} tp --config"), (str(twist.parent), "   twist tp --config")]:
+            self.patch(os, "environ", {**os.environ, "PATH": path})
+            out = io.StringIO()
+            self.patch(cli.sys, "stdout", out)
+            exit = self.assertRaises(SystemExit, cli.main, ["init-dev", str(home), "--force"])
+            self.assertEqual(exit.code, 0)
+            self.assertIn(expected, out.getvalue())
