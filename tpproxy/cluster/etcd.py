@@ -39,7 +39,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, RequestTransmissionFailed, ResponseNeverReceived
 from zope.interface import implementer
 
 from tpproxy.cluster.store import (
@@ -147,6 +147,14 @@ class Keys:
         return None
 
 
+def _timedOut(result: Any, timeout: float) -> Failure:
+    """
+    A request cancelled by its timeout fails with C{TimeoutError} (treq
+    would say C{ResponseNeverReceived}, which is retried).
+    """
+    return Failure(error.TimeoutError(f"no answer in {timeout:g} s"))
+
+
 def _errorOf(url: str, status: int, body: Any) -> StoreError:
     """
     The exception for an error answer of the gateway (C{{"error": ...,
@@ -215,7 +223,7 @@ class EtcdRoutingStore(LeasedStore):
     # --- HTTP ---------------------------------------------------------------------
 
     @inlineCallbacks
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
+    def _post(self, path: str, body: dict[str, Any], retried: bool = False) -> Any:
         """
         POST C{body} to C{/v3/PATH} of the first endpoint that accepts a
         connection, and answer its JSON.
@@ -228,11 +236,19 @@ class EtcdRoutingStore(LeasedStore):
             try:
                 d = self._http.post(f"{url}/v3/{path}", data=data, headers={b"Content-Type": [b"application/json"]})
                 d.addCallback(lambda response: content(response).addCallback(lambda raw: (response.code, raw)))
-                d.addTimeout(self.timeout, self._reactor)
+                d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=_timedOut)
                 status, raw = yield d
             except error.ConnectError as e:
                 refused.append(f"{url}: {e.__class__.__name__}")
                 continue
+            except (ResponseNeverReceived, RequestTransmissionFailed) as e:
+                # A kept-alive connection the server had closed (etcd
+                # restarted): say it again once on a new connection.  Every
+                # request here may be repeated (see docs/cluster.md).
+                if retried:
+                    self._current = (self._current + attempt + 1) % count
+                    raise StoreUnavailable(f"{url}: {e.__class__.__name__}: {e}") from e
+                return (yield self._post(path, body, retried=True))
             except Exception as e:
                 self._current = (self._current + attempt + 1) % count
                 raise StoreUnavailable(f"{url}: {e.__class__.__name__}: {e}") from e
@@ -575,6 +591,15 @@ class EtcdWatch:
             log.info("The routing watch is back, after {failures} attempts", failures=self._failures)
         self._failures = 0
         self._delay = 0.5
+
+    def reopen(self) -> None:
+        """
+        Open the stream again, from the revision after the last one seen:
+        after an outage, a stream that did not see its connection end (a
+        partition leaves TCP half-open) would wait forever.
+        """
+        if self._stream is not None and not self._stopped:
+            self._stream.stop()
 
     def stop(self) -> Deferred[None]:
         self._stopped = True

@@ -193,6 +193,11 @@ class MemoryWatch:
         if self._view.apply(event):
             self._onEvent(event)
 
+    def reopen(self) -> None:
+        """
+        Nothing to do: an in-memory watch has no connection to lose.
+        """
+
     def stop(self) -> Deferred[None]:
         self._backend.unsubscribe(self._received)
         return defer.succeed(None)

@@ -415,6 +415,8 @@ class LeasedStore:
     def start(self) -> Any:
         if self._stopped:
             raise StoreError("this store was stopped")
+        if self.lease is not None:
+            return
         yield self._lock.run(self._newLease)
         if self._loop is None:
             self._loop = LoopingCall(self._renew)
@@ -561,6 +563,8 @@ class LeasedStore:
                 "The routing store answers again, after {failures} failed renewals", failures=self._failures
             )
             self._failures = 0
+            for w in list(self._watches):
+                w.reopen()
 
     @inlineCallbacks
     def _retryReleases(self) -> Any:
@@ -577,6 +581,9 @@ class LeasedStore:
         watches, self._watches = self._watches, set()
         for w in watches:
             yield w.stop()
+        # Let a renewal or claim under way end (each request is bounded by
+        # its timeout): nothing of this store runs after stop.
+        yield self._lock.run(lambda: None)
         self.lease = None
         self._held.clear()
         self._unconfirmed.clear()

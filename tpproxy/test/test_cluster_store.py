@@ -526,6 +526,32 @@ class EtcdRoutingStoreTests(RoutingStoreContract, TestCase):
         yield a.claim(SSH, "alice")
         self.assertEqual((yield a.holders(SSH)), {Holder(SSH, "a", "alice")})
 
+    @defer.inlineCallbacks
+    def test_stalledEtcd(self) -> Any:
+        """
+        An etcd that accepts but does not answer (stopped with SIGSTOP, as
+        behind a black hole) makes calls fail with L{StoreUnavailable}
+        after the request timeout (or two: a renewal under way first), not
+        hang; when it answers again, so do
+        the calls.
+        """
+        import os
+        import signal
+
+        a = yield self.started("a")
+        pid = self.etcd.process.pid
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(os.kill, pid, signal.SIGCONT)
+        began = reactor.seconds()  # type: ignore[attr-defined]
+        failure = yield self.assertFailure(a.claim(SSH, "alice"), StoreUnavailable)
+        # At most two timeouts: a renewal under way holds the lock for one.
+        self.assertLess(reactor.seconds() - began, 2 * 2 + 1)  # type: ignore[attr-defined]
+        self.assertIn("TimeoutError", str(failure))
+        self.assertEqual(a.held(), {})
+        os.kill(pid, signal.SIGCONT)
+        yield self.eventually(lambda: a.claim(SSH, "alice").addCallback(lambda _: True), within=10)
+        self.assertEqual((yield a.holders(SSH)), {Holder(SSH, "a", "alice")})
+
     def test_startTime(self) -> None:
         """
         etcd starts (answers) within 2 s (measured: about 0.1 s idle).
