@@ -228,7 +228,11 @@ class DrainService(service.MultiService):
             busy = self._busy()
         left = list(self.factory.live)
         for conn in left:
-            conn.revoke("drained", f"TP stopped; the drain timeout ({self.drainTimeout:g} s) ended" if conn in busy else "TP stopped")
+            if conn in busy:
+                conn.revoke("drained", f"TP stopped; the drain timeout ({self.drainTimeout:g} s) ended")
+            else:
+                # A signalling connection: closed after its goaway is out.
+                conn.revoke("drained", "TP stopped", gently=True)
         if busy:
             log.info("Drain timeout: closed {count} connection(s) still open", count=len(busy))
         yield super().stopService()

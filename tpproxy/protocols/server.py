@@ -46,6 +46,7 @@ from tpproxy.reactors import IServerReactor
 from tpproxy.reverse.registry import Registry, ReverseError
 from tpproxy.transports.servertls import ServerTLS
 from tpproxy.transports.tls import describeTLSFailure
+from tpproxy.verify import leafRefusal
 from tpproxy.wire import ALPN, ClientHello, ErrorCode, ServerHello
 
 __all__ = ["LINGER", "Outbound", "OutboundFactory", "TPServerFactory", "TPServerProtocol"]
@@ -222,19 +223,48 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
         certificate then bounds how long a stolen one lasts, tunnels
         included.
         """
+        assert self.identity is not None
+        self.factory.renewals.seen(self.identity.name, self.certificate)
         if not self.factory.config.disconnectExpiredCert:
             return
-        notAfter = self.certificate.not_valid_after_utc.timestamp()
-        delay = max(0.0, notAfter - self.factory.wallClock())
-        self._expiry = self.callLater(
-            delay, self.revoke, "expired", f"the client certificate expired at {self.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
-        )
+        self._scheduleExpiry(self.certificate)
 
-    def revoke(self, result: str, detail: str) -> None:
+    def _scheduleExpiry(self, certificate: Any) -> None:
+        delay = max(0.0, certificate.not_valid_after_utc.timestamp() - self.factory.wallClock())
+        self._expiry = self.callLater(delay, self._expired, certificate)
+
+    def _expired(self, certificate: Any) -> None:
+        """
+        The certificate this connection's identity is held to expired.  If
+        the same identity has since proven itself to TP with a renewed
+        certificate that TP still accepts, the connection goes on until
+        that one expires (a long-running client moves to its renewed
+        certificate without dropping its tunnels: docs/operations.md);
+        else it ends.
+        """
+        assert self.identity is not None
+        if not self.factory.config.disconnectExpiredCert:
+            return
+        renewed = self.factory.renewals.latest(self.identity.name)
+        checker = self.factory.serverTLS.checker if self.factory.serverTLS is not None else None
+        if (
+            renewed is not None
+            and renewed.not_valid_after_utc > certificate.not_valid_after_utc
+            and renewed.not_valid_after_utc.timestamp() > self.factory.wallClock()
+            and (checker is None or leafRefusal(checker, renewed) is None)
+        ):
+            self._scheduleExpiry(renewed)
+            return
+        self.revoke("expired", f"the client certificate expired at {certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
+
+    def revoke(self, result: str, detail: str, gently: bool = False) -> None:
         """
         End this connection now, on TP's initiative (a reload that no
         longer allows it, an expired certificate): the audit event says
         C{result} and C{detail}.  The tunnel's other end closes with it.
+
+        @param gently: close after what was written (a C{goaway}) has gone
+            out, instead of aborting.
         """
         if self.state is ConnState.CLOSED or self.revokedAs is not None:
             return
@@ -248,7 +278,11 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
             detail=detail,
         )
         peer = self.peer
-        self.transport.abortConnection()  # type: ignore[union-attr]
+        if gently:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.linger()
+        else:
+            self.transport.abortConnection()  # type: ignore[union-attr]
         if peer is not None and peer.transport is not None:
             peer.transport.abortConnection()
 
@@ -467,6 +501,29 @@ class Usage:
             del self.byIdentity[identity]
 
 
+class Renewals:
+    """
+    The certificate with the latest notAfter each identity has completed a
+    handshake with (bounded: the oldest identity is forgotten first).
+    """
+
+    MAX = 100_000
+
+    def __init__(self) -> None:
+        self.byIdentity: OrderedDict[str, Any] = OrderedDict()
+
+    def seen(self, identity: str, certificate: Any) -> None:
+        known = self.byIdentity.get(identity)
+        if known is None or certificate.not_valid_after_utc > known.not_valid_after_utc:
+            self.byIdentity[identity] = certificate
+        self.byIdentity.move_to_end(identity)
+        if len(self.byIdentity) > self.MAX:
+            self.byIdentity.popitem(last=False)
+
+    def latest(self, identity: str) -> Any:
+        return self.byIdentity.get(identity)
+
+
 class TPServerFactory(Factory):
     """
     Builds L{TPServerProtocol}s; wrap it in L{tpproxy.transports.tls.TLSFactory} with a
@@ -490,6 +547,9 @@ class TPServerFactory(Factory):
         self.live: set[TPServerProtocol] = set()
         #: What each identity holds, against the limits.
         self.usage = Usage()
+        #: Each identity's latest certificate, for connections that outlive
+        #: an older one.
+        self.renewals = Renewals()
         #: The time certificates are checked against (Unix time).
         self.wallClock: Callable[[], float] = time.time
 

@@ -499,12 +499,12 @@ class RestartTests(TestCase):
     @defer.inlineCallbacks
     def test_cleanRestart(self) -> Any:
         """
-        C{twist tp} stopped with SIGTERM says goodbye to QUIC connections
-        (it did not: its socket was gone to TP by then), so the exposer
-        reconnects as soon as the new process listens.
+        C{twist tp} stopped with SIGTERM tells its exposer to go away (and
+        says goodbye to QUIC connections), so the exposer reconnects as
+        soon as the new process listens.
         """
         exposer = yield self.restartedExposer("TERM")
-        self.assertIn(b"server shutting down", exposer.stderr)
+        self.assertIn(b"TP is going away: TP is stopping", exposer.stderr)
 
     @defer.inlineCallbacks
     def test_crashRestart(self) -> Any:

@@ -405,6 +405,30 @@ class ExpiryTests(ReloadTestCase):
         self.assertEqual((yield deferToThread(dave.echo, b"d")), b"")
 
     @defer.inlineCallbacks
+    def test_renewedIdentityKeepsItsTunnels(self) -> Any:
+        """
+        A tunnel opened with a certificate about to expire goes on past its
+        notAfter once the same identity has completed a handshake with a
+        renewed certificate (what a long-running client does, client.md);
+        without that renewal, the same kind of tunnel ends at notAfter.
+        """
+        self.startTP(["frank", "gina"])
+        self.shortLived("frank", 3)
+        self.shortLived("gina", 3)
+        frank = yield self.tunnel("frank")
+        gina = yield self.tunnel("gina")
+        notAfter = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=3)
+        self.pki.client("frank")  # renewed: a day, same identity, new serial
+        renewed = yield self.tunnel("frank")
+        self.assertTrue(renewed.hello["ok"])
+        yield self.waitForAudit(identity="gina", result="expired")
+        while datetime.datetime.now(datetime.timezone.utc) < notAfter + datetime.timedelta(seconds=1):
+            yield deferLater(0.2)
+        self.assertEqual((yield deferToThread(frank.echo, b"past notAfter")), b"past notAfter")
+        self.assertEqual((yield deferToThread(gina.echo, b"x")), b"")
+        self.assertFalse([e for e in audits(self.observer) if e.get("identity") == "frank"])
+
+    @defer.inlineCallbacks
     def test_keptWhenTurnedOff(self) -> Any:
         """
         With C{disconnect_expired_cert = false}, the tunnel still echoes
