@@ -556,7 +556,13 @@ class EtcdWatch:
         if self._stopped:
             return
         if reason.check(_Compacted):
+            log.info(
+                "The routing watch's next revision was compacted ({error}): reading a new snapshot",
+                error=reason.getErrorMessage(),
+            )
             self._revision = 0
+            self._schedule()
+            return
         self._failures += 1
         if self._failures == 1:
             log.warn(

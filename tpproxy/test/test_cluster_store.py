@@ -513,6 +513,33 @@ class EtcdRoutingStoreTests(RoutingStoreContract, TestCase):
         self.assertEqual(events.count(HolderAdded(Holder(SSH, "b", "bob"))), 1)
 
     @defer.inlineCallbacks
+    def test_watchAfterCompaction(self) -> Any:
+        """
+        A watch whose next revision etcd compacted away while its stream was
+        down reads a new snapshot and delivers the difference.
+        """
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        a = yield self.started("a")
+        b = yield self.started("b")
+        yield b.claim(SSH, "bob")
+        w, events = yield self.watching(a)
+        del events[:]
+        # Break the stream (it reconnects after 0.5 s) and, meanwhile,
+        # change the state and compact the history.
+        w._stream.stop()
+        yield b.release(SSH)
+        yield b.claim(WEB, "bob")
+        answer = yield self.raw("kv/range", {"key": _b64(b"/"), "limit": "1"})
+        compacted = yield self.raw("kv/compaction", {"revision": answer["header"]["revision"], "physical": True})
+        self.assertNotIn("error", compacted)
+        yield self.eventually(lambda: len(events) == 2, within=10)
+        self.assertEqual(events, [HolderRemoved(Holder(SSH, "b", "bob")), HolderAdded(Holder(WEB, "b", "bob"))])
+        self.assertEqual(w.holders(WEB), {Holder(WEB, "b", "bob")})
+        self.assertEqual(len(clusterLog(observer, "warn", "lost its stream")), 1)
+        yield b.claim(PORT_2222, "bob")
+        yield self.eventually(lambda: HolderAdded(Holder(PORT_2222, "b", "bob")) in events, within=10)
+
+    @defer.inlineCallbacks
     def test_secondEndpoint(self) -> Any:
         """
         An endpoint that refuses connections is skipped for the next one.
