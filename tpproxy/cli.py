@@ -10,6 +10,7 @@ error code and message are printed on stderr).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -31,6 +32,8 @@ from tpproxy.protocols.relay import RelayEnd, noDelay, splice
 from tpproxy.wire import VERSION, ClientHello
 
 EXIT_OK, EXIT_TUNNEL, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
+#: Where C{tp status} looks for TP's admin listener by default.
+DEFAULT_ADMIN = "http://127.0.0.1:9090"
 #: The longest validity C{tp issue} gives a certificate (10 years).
 MAX_HOURS = 24 * 365 * 10
 
@@ -67,6 +70,25 @@ def parseHostPort(text: str, what: str, defaultPort: int | None = None) -> tuple
     return host, int(port)
 
 
+def loadMaterials(ca: str, cert: str, key: str) -> tuple[Any, Any, Any]:
+    """
+    Load the CA certificates, the client chain and its key.
+
+    @raise UsageError: naming the option whose file is missing or bad.
+    """
+    from tpproxy.pki import loadCertificates, loadKey
+
+    def load(kind: str, path: str, loader: Any) -> Any:
+        try:
+            return loader(path)
+        except FileNotFoundError:
+            raise UsageError(f"{kind}: file {path} does not exist") from None
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"{kind}: {path} is not usable ({e})") from None
+
+    return load("--ca", ca, loadCertificates), load("--cert", cert, loadCertificates), load("--key", key, loadKey)
+
+
 @dataclass(frozen=True)
 class Settings:
     server: ServerAddress
@@ -82,17 +104,7 @@ class Settings:
 
         @raise UsageError: naming the option whose file is missing or bad.
         """
-        from tpproxy.pki import loadCertificates, loadKey
-
-        def load(kind: str, path: str, loader: Any) -> Any:
-            try:
-                return loader(path)
-            except FileNotFoundError:
-                raise UsageError(f"{kind}: file {path} does not exist") from None
-            except (ValueError, TypeError) as e:
-                raise UsageError(f"{kind}: {path} is not usable ({e})") from None
-
-        return load("--ca", self.ca, loadCertificates), load("--cert", self.cert, loadCertificates), load("--key", self.key, loadKey)
+        return loadMaterials(self.ca, self.cert, self.key)
 
     def tlsOptions(self, serverName: str | None = None) -> Any:
         """
@@ -158,7 +170,8 @@ def buildParser() -> argparse.ArgumentParser:
             "  tp up db.internal:5432 5432        # then connect to 127.0.0.1:5432\n"
             "  tp expose localhost:22 --e2e ssh.laptop.example.org\n"
             "  tp expose localhost:25565 --public 25565\n"
-            "  tp init-dev ~/tp-dev && twist tp --config ~/tp-dev/server.toml\n\n"
+            "  tp init-dev ~/tp-dev && twist tp --config ~/tp-dev/server.toml\n"
+            "  tp status --admin http://127.0.0.1:9090   # what a running TP holds\n\n"
             "exit status: 0 ok, 1 TP unreachable or TLS refused, 2 bad usage or config, 3 refused by TP"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -196,6 +209,15 @@ def buildParser() -> argparse.ArgumentParser:
                    help="ping TP this often; give up on it after 3 times as long (default 15)")
     _commonOptions(p, suppress=True)
 
+    p = sub.add_parser("status", help="show what a running TP holds (its admin listener's /status)",
+                       description="Read GET /status from TP's admin listener and print its tunnels, exposures, waiting "
+                       "dialers, certificates and configuration generation as tables. With an https:// URL it "
+                       "presents the client certificate (--cert/--key) and checks TP's against --ca.")
+    p.add_argument("--admin", metavar="URL",
+                   help=f"the admin listener (default: the config key admin, else {DEFAULT_ADMIN})")
+    p.add_argument("--json", action="store_true", help="print the JSON document as TP sent it")
+    _commonOptions(p, suppress=True)
+
     p = sub.add_parser("init-dev", help="make a dev CA, certificates and configs in DIR",
                        description="Make a dev CA, a server certificate for localhost/127.0.0.1/::1, a client "
                        "certificate, and DIR/server.toml + DIR/client.toml that work together on loopback.")
@@ -212,20 +234,28 @@ def buildParser() -> argparse.ArgumentParser:
     return parser
 
 
+def readClientConfig(args: argparse.Namespace) -> ClientConfig:
+    """
+    The client config file: --config, else $TP_CONFIG, else the per-user
+    default path if it exists, else the defaults.
+    """
+    path = getattr(args, "config", None) or os.environ.get("TP_CONFIG")
+    try:
+        if path:
+            return loadClientConfig(path)
+        if defaultClientConfigPath().exists():
+            return loadClientConfig(defaultClientConfigPath())
+    except ConfigError as e:
+        raise UsageError(f"config: {e}") from None
+    return ClientConfig()
+
+
 def resolveSettings(args: argparse.Namespace) -> Settings:
     """
     Flags override the config file; the config file is --config, else
     $TP_CONFIG, else the per-user default path if it exists.
     """
-    path = getattr(args, "config", None) or os.environ.get("TP_CONFIG")
-    config = ClientConfig()
-    try:
-        if path:
-            config = loadClientConfig(path)
-        elif defaultClientConfigPath().exists():
-            config = loadClientConfig(defaultClientConfigPath())
-    except ConfigError as e:
-        raise UsageError(f"config: {e}") from None
+    config = readClientConfig(args)
     overrides = {}
     for name in ("server", "cert", "key", "ca"):
         value = getattr(args, name, None)
@@ -426,6 +456,310 @@ def runIssue(args: argparse.Namespace, stdout: Any) -> int:
     return EXIT_OK
 
 
+# --- tp status ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    """
+    Where C{tp status} reads TP's C{/status}, and how.
+
+    @ivar tls: client TLS options for an C{https} URL (else L{None}).
+    """
+
+    url: str
+    host: str
+    port: int
+    tls: Any
+    timeout: float
+    json: bool
+
+
+def statusRequest(args: argparse.Namespace) -> StatusRequest:
+    """
+    Check C{tp status}'s options before the reactor starts: the URL, and
+    for C{https} the certificate, key and CA (flags over the config file).
+
+    @raise UsageError: naming the option.
+    """
+    from urllib.parse import urlsplit
+
+    config = readClientConfig(args)
+    base = args.admin or getattr(config, "admin", None) or DEFAULT_ADMIN
+    parts = urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--admin: expected http://HOST:PORT or https://HOST:PORT, got {base!r}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise UsageError(f"--admin: bad port in {base!r}") from None
+    path = parts.path.rstrip("/")
+    if not path.endswith("/status"):
+        path += "/status"
+    host = parts.hostname
+    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    url = f"{parts.scheme}://{netloc}{path}"
+    tls = None
+    if parts.scheme == "https":
+        files = {name: getattr(args, name, None) or getattr(config, name) for name in ("cert", "key", "ca")}
+        missing = [f"--{name}" for name, value in files.items() if not value]
+        if missing:
+            raise UsageError(f"{', '.join(missing)}: needed for an https admin listener (give them as flags or in the client config)")
+        cas, chain, key = loadMaterials(files["ca"], files["cert"], files["key"])
+        tls = adminTLS(host, cas, chain, key)
+    timeout = args.connect_timeout if getattr(args, "connect_timeout", None) is not None else config.connectTimeout
+    return StatusRequest(url, host, port, tls, timeout, args.json)
+
+
+def adminTLS(host: str, cas: list[Any], chain: list[Any], key: Any) -> Any:
+    """
+    Client TLS options for TP's admin listener at C{host}: its certificate
+    checked against C{cas} and C{host}, ours presented, ALPN C{http/1.1}.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from OpenSSL import crypto
+    from twisted.internet import ssl
+
+    try:
+        trust = ssl.trustRootFromCertificates([ssl.Certificate(crypto.X509.from_cryptography(c)) for c in cas])
+        keyPEM = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        client = ssl.PrivateCertificate.loadPEM(chain[0].public_bytes(serialization.Encoding.PEM) + keyPEM)
+        return ssl.optionsForClientTLS(
+            host,
+            trustRoot=trust,
+            clientCertificate=client,
+            acceptableProtocols=[b"http/1.1"],
+            extraCertificateOptions={"extraCertChain": [crypto.X509.from_cryptography(c) for c in chain[1:]]},
+        )
+    except Exception as e:
+        raise UsageError(f"--cert/--key: cannot use this certificate and key ({e})") from None
+
+
+class AdminError(Exception):
+    """
+    TP's admin listener could not be read; the message is one line.
+
+    @ivar status: the exit status (L{EXIT_TUNNEL} or L{EXIT_REFUSED}).
+    """
+
+    def __init__(self, message: str, status: int = EXIT_TUNNEL) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _sslText(e: Exception) -> str:
+    """
+    OpenSSL's reasons in C{e} (an C{SSL.Error}), without the tuples.
+    """
+    items = e.args[0] if e.args and isinstance(e.args[0], list) else []
+    reasons = [str(item[2]) for item in items if isinstance(item, tuple) and len(item) == 3 and item[2]]
+    return "; ".join(reasons) or str(e)
+
+
+def _describeFailure(request: StatusRequest, failure: Failure) -> str:
+    """
+    One line for why the admin listener at C{request.url} did not answer.
+    """
+    from OpenSSL import SSL
+    from twisted.internet import error
+    from twisted.web.client import ResponseFailed, ResponseNeverReceived
+
+    where = f"TP's admin listener at {request.url}"
+    reasons = [failure]
+    if failure.check(ResponseNeverReceived, ResponseFailed):
+        reasons = list(failure.value.reasons) or reasons  # type: ignore[union-attr]
+    for reason in reasons:
+        if reason.check(error.ConnectionRefusedError):
+            return f"cannot reach {where}: connection refused (is [admin] listen set in the server config, on this address?)"
+        if reason.check(error.DNSLookupError):
+            return f"cannot reach {where}: {request.host} did not resolve"
+        if reason.check(defer.TimeoutError, error.TimeoutError, defer.CancelledError):
+            hint = " (if it does not speak TLS, use http://)" if request.tls is not None else ""
+            return f"no answer from {where} within {request.timeout:g} s{hint}"
+        if reason.check(SSL.Error):
+            text = _sslText(reason.value)
+            hint = ""
+            if "wrong version number" in text or "packet length too long" in text:
+                hint = " (it does not speak TLS: use http://)"
+            elif "certificate verify failed" in text:
+                hint = " (its certificate does not verify against --ca, or does not name the URL's host)"
+            elif "alert" in text:
+                hint = " (it refused this client certificate: see TP's log)"
+            return f"TLS handshake with {where} failed: {text}{hint}"
+        if reason.check(error.ConnectionLost, error.ConnectionDone):
+            hint = " (if [admin] identities is set it speaks TLS: use https:// and a client certificate)" if request.tls is None else ""
+            return f"{where} closed the connection without an answer{hint}"
+    return f"cannot read {where}: {failure.getErrorMessage()}"
+
+
+@defer.inlineCallbacks
+def fetchStatus(reactor: Any, request: StatusRequest) -> Any:
+    """
+    GET the C{/status} document; fires with C{(raw bytes, parsed)}.
+
+    @raise AdminError: one line for what went wrong.
+    """
+    from twisted.web.client import Agent, readBody
+    from twisted.web.iweb import IPolicyForHTTPS
+    from zope.interface import implementer
+
+    @implementer(IPolicyForHTTPS)
+    class Policy:
+        def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+            return request.tls
+
+    agent = Agent(reactor, contextFactory=Policy(), connectTimeout=request.timeout)
+    try:
+        d = agent.request(b"GET", request.url.encode("ascii"))
+        d.addTimeout(request.timeout, reactor)
+        response = yield d
+        body = yield readBody(response).addTimeout(request.timeout, reactor)
+    except Exception:
+        raise AdminError(_describeFailure(request, Failure())) from None
+    if response.code == 403:
+        why = body.decode("utf-8", "replace").strip() or "forbidden"
+        hint = (
+            "use https:// with a client certificate of an identity in [admin] identities"
+            if request.tls is None
+            else "its [admin] identities do not include this certificate's identity"
+        )
+        raise AdminError(f"TP's admin listener at {request.url} refused: {why} ({hint})", EXIT_REFUSED)
+    if response.code != 200:
+        why = body.decode("utf-8", "replace").strip().splitlines()
+        raise AdminError(f"TP's admin listener at {request.url} answered {response.code}: {why[0] if why else response.phrase.decode()}")
+    try:
+        document = json.loads(body)
+    except ValueError:
+        raise AdminError(f"TP's admin listener at {request.url} did not answer JSON") from None
+    if not isinstance(document, dict) or document.get("version") != 1:
+        version = document.get("version") if isinstance(document, dict) else None
+        raise AdminError(f"TP's admin listener at {request.url} answered status version {version!r}; this tp reads version 1")
+    return body, document
+
+
+def formatDuration(seconds: Any) -> str:
+    """
+    C{3.2s}, C{1m40s}, C{19h26m}, C{3d4h}; C{-} for nothing.
+    """
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return "-"
+    sign, seconds = ("-", -seconds) if seconds < 0 else ("", seconds)
+    if seconds < 60:
+        return f"{sign}{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{sign}{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{sign}{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{sign}{whole // 86400}d{whole % 86400 // 3600}h"
+
+
+def formatBytes(count: Any) -> str:
+    """
+    C{100 B}, C{2.0 KiB}, C{1.5 MiB}, ...; C{-} for nothing.
+    """
+    if not isinstance(count, int) or isinstance(count, bool):
+        return "-"
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def table(title: str, headers: list[str], rows: list[list[str]]) -> list[str]:
+    """
+    A titled table in columns, or the title and C{none}.
+    """
+    if not rows:
+        return [f"{title}: none"]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return [f"{title} ({len(rows)})", line(headers), *(line(r) for r in rows)]
+
+
+def _utc(timestamp: Any) -> str:
+    import datetime
+
+    if not isinstance(timestamp, (int, float)):
+        return "-"
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def formatStatus(document: dict[str, Any], url: str) -> str:
+    """
+    The C{/status} document (version 1) as text: a summary line, then
+    tables of tunnels, exposures, waiting dialers and certificates.
+    """
+    server = document.get("server") or {}
+    out = [
+        f"TP at {url}: up {formatDuration(server.get('uptime'))} (since {_utc(server.get('started'))}), "
+        f"config {_cell(server.get('config'))}, generation {_cell(server.get('generation'))} (loaded {_utc(server.get('loaded'))})",
+        "",
+    ]
+    tunnels = document.get("tunnels") or []
+    withState = any("state" in t for t in tunnels)
+    headers = ["IDENTITY", "OP", "DESTINATION", "TRANSPORT", "VIA", "PEER", *(["STATE"] if withState else []), "UP", "DOWN", "AGE"]
+    rows = [
+        [
+            _cell(t.get("identity")), _cell(t.get("op")), _cell(t.get("destination")), _cell(t.get("transport")),
+            _cell(t.get("via")), _cell(t.get("peer")), *([_cell(t.get("state"))] if withState else []),
+            formatBytes(t.get("bytes_up")), formatBytes(t.get("bytes_down")), formatDuration(t.get("age")),
+        ]
+        for t in tunnels
+    ]
+    out += table("Tunnels", headers, rows) + [""]
+    rows = [
+        [
+            _cell(e.get("kind")),
+            _cell(e.get("name") if e.get("name") is not None else e.get("port")),
+            _cell(e.get("identity")), _cell(e.get("via")), formatDuration(e.get("age")),
+        ]
+        for e in document.get("exposures") or []
+    ]
+    out += table("Exposures", ["KIND", "PORT/NAME", "IDENTITY", "VIA", "AGE"], rows) + [""]
+    rows = [
+        [_cell(d.get("exposure")), _cell(d.get("identity")), formatDuration(d.get("age"))]
+        for d in document.get("dialers_waiting") or []
+    ]
+    out += table("Dialers waiting", ["EXPOSURE", "IDENTITY", "WAITING"], rows) + [""]
+    rows = []
+    for c in document.get("certificates") or []:
+        left = c.get("expires_in")
+        when = f"EXPIRED {formatDuration(-left)} ago" if isinstance(left, (int, float)) and left <= 0 else formatDuration(left)
+        rows.append([_cell(c.get("name")), _cell(c.get("not_after")), when])
+    out += table("Certificates", ["NAME", "NOT AFTER", "EXPIRES IN"], rows)
+    return "\n".join(out) + "\n"
+
+
+@defer.inlineCallbacks
+def runStatus(reactor: Any, request: StatusRequest, stdout: Any, stderr: Any) -> Any:
+    """
+    C{tp status}: print TP's C{/status} as tables (or, with C{--json}, as
+    TP sent it).
+    """
+    try:
+        body, document = yield fetchStatus(reactor, request)
+    except AdminError as e:
+        stderr.write(f"tp status: {e}\n")
+        stderr.flush()
+        return e.status
+    if request.json:
+        stdout.write(body.decode("utf-8"))
+        if not body.endswith(b"\n"):
+            stdout.write("\n")
+    else:
+        stdout.write(formatStatus(document, request.url.rsplit("/status", 1)[0]))
+    stdout.flush()
+    return EXIT_OK
+
+
+
 def _run(reactor: Any, args: argparse.Namespace, stderr: Any) -> defer.Deferred[int]:
     settings = resolveSettings(args)
     if args.command == "expose":
@@ -454,20 +788,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = buildParser()
     args = parser.parse_args(argv)
     stderr = sys.stderr
+    request: StatusRequest | None = None
     try:
         if args.command == "init-dev":
             sys.exit(runInitDev(args, sys.stdout))
         if args.command == "issue":
             sys.exit(runIssue(args, sys.stdout))
         # Fail on bad settings before the reactor starts.
-        resolveSettings(args).tlsOptions()
+        if args.command == "status":
+            request = statusRequest(args)
+        else:
+            resolveSettings(args).tlsOptions()
     except UsageError as e:
         parser.exit(EXIT_USAGE, f"tp: error: {e}\n")
 
     status = {"code": EXIT_OK}
 
     def start(reactor: Any) -> defer.Deferred[None]:
-        d = defer.maybeDeferred(_run, reactor, args, stderr)
+        if args.command == "status":
+            assert request is not None
+            d = defer.maybeDeferred(runStatus, reactor, request, sys.stdout, stderr)
+        else:
+            d = defer.maybeDeferred(_run, reactor, args, stderr)
 
         def done(code: int) -> None:
             status["code"] = code
