@@ -29,6 +29,7 @@ from tpproxy.config import ClientConfig, ConfigError, defaultClientConfigPath, l
 from tpproxy.names import isCertificateName, isDestinationHost, normalize
 from tpproxy.protocols.client import Refused, ServerAddress, TPClientProtocol, TunnelError
 from tpproxy.protocols.relay import RelayEnd, noDelay, splice
+from tpproxy.reactors import IDialReactor
 from tpproxy.wire import VERSION, ClientHello
 
 EXIT_OK, EXIT_TUNNEL, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
@@ -593,7 +594,7 @@ def _describeFailure(request: StatusRequest, failure: Failure) -> str:
 
 
 @defer.inlineCallbacks
-def fetchStatus(reactor: Any, request: StatusRequest) -> Any:
+def fetchStatus(reactor: IDialReactor, request: StatusRequest) -> Any:
     """
     GET the C{/status} document; fires with C{(raw bytes, parsed)}.
 
@@ -738,7 +739,7 @@ def formatStatus(document: dict[str, Any], url: str) -> str:
 
 
 @defer.inlineCallbacks
-def runStatus(reactor: Any, request: StatusRequest, stdout: Any, stderr: Any) -> Any:
+def runStatus(reactor: IDialReactor, request: StatusRequest, stdout: Any, stderr: Any) -> Any:
     """
     C{tp status}: print TP's C{/status} as tables (or, with C{--json}, as
     TP sent it).

@@ -10,6 +10,7 @@ import re
 import socket
 import ssl as stdlib_ssl
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,52 @@ class ConnectTests(TPTestCase):
         result = yield run(tpCommand() + ["connect", "example.org:22"], env=env)
         self.assertEqual(result.status, 2, result)
         self.assertIn(b"missing --server, --cert, --key, --ca", result.err)
+
+
+class QuicFailureTests(TPTestCase):
+    """
+    How the client takes QUIC failures (docs/quic.md, "Client").
+    """
+
+    @defer.inlineCallbacks
+    def test_noQuicListenerNoticedAtOnce(self) -> Any:
+        """
+        C{--transport quic} to a port with no QUIC listener fails at once
+        (ICMP port unreachable on the connected UDP socket), not after the
+        connect timeout.
+        """
+        self.startTP(quic=False)
+        started = time.monotonic()
+        result = yield run(tpCommand() + ["--config", self.clientConfig, "--transport", "quic", "--connect-timeout", "60", "connect", "127.0.0.1:9"])
+        self.assertEqual(result.status, 1, result)
+        self.assertIn(b"UDP port unreachable", result.err)
+        self.assertLess(time.monotonic() - started, 30)
+
+    @defer.inlineCallbacks
+    def test_serverCertificateFailureDoesNotPinTLS(self) -> Any:
+        """
+        When TP's certificate does not verify (the client trusts another
+        CA), C{auto} fails on both transports, says so, and does not
+        remember TLS for this server: QUIC itself got through.
+        """
+        from tpproxy.service import makeQuicListener, makeServerFactory
+
+        self.config = self.pki.serverConfig()
+        factory = makeServerFactory(self.config, reactor)
+        tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(tcp.stopListening)
+        self.port = tcp.getHost().port
+        udp = reactor.listenUDP(self.port, makeQuicListener(self.config, reactor, factory.wrappedFactory), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(udp.stopListening)
+        self.clientConfig = writeClientConfig(self.pki, self.port)
+        other = TestPKI.create(self.mktemp())
+        env = cleanEnv(XDG_CACHE_HOME=os.path.abspath(self.mktemp()))
+        result = yield run(tpCommand() + ["--config", self.clientConfig, "--ca", other.caPath, "connect", "127.0.0.1:9"], env=env)
+        self.assertEqual(result.status, 1, result)
+        self.assertIn(b"handshake with TP failed", result.err)
+        self.assertNotIn(b"client certificate", result.err)
+        memory = Path(env["XDG_CACHE_HOME"]) / "tp" / "transport.json"
+        self.assertNotIn(f"localhost:{self.port}", memory.read_text() if memory.exists() else "")
 
 
 class CertificateTests(TPTestCase):
