@@ -29,7 +29,7 @@ from tpproxy.config import ClientConfig, ConfigError, defaultClientConfigPath, l
 from tpproxy.names import isCertificateName, isDestinationHost, normalize
 from tpproxy.protocols.client import Refused, ServerAddress, TPClientProtocol, TunnelError
 from tpproxy.protocols.relay import RelayEnd, noDelay, splice
-from tpproxy.reactors import IDialReactor
+from tpproxy.reactors import IClientReactor, IDialReactor
 from tpproxy.wire import VERSION, ClientHello
 
 EXIT_OK, EXIT_TUNNEL, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
@@ -293,7 +293,7 @@ class StdioEnd(RelayEnd):
 
 
 @defer.inlineCallbacks
-def runConnect(reactor: Any, settings: Settings, host: str, port: int, stderr: Any) -> Any:
+def runConnect(reactor: IClientReactor, settings: Settings, host: str, port: int, stderr: Any) -> Any:
     from tpproxy.connector import Connector
 
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -351,7 +351,7 @@ class LocalEnd(RelayEnd):
 
 
 class Forwarder(Factory):
-    def __init__(self, reactor: Any, settings: Settings, hello: ClientHello, stderr: Any) -> None:
+    def __init__(self, reactor: IClientReactor, settings: Settings, hello: ClientHello, stderr: Any) -> None:
         from tpproxy.connector import Connector
 
         self.reactor = reactor
@@ -365,7 +365,7 @@ class Forwarder(Factory):
 
 
 @defer.inlineCallbacks
-def runUp(reactor: Any, settings: Settings, host: str, port: int, localPort: int, bind: str, stderr: Any) -> Any:
+def runUp(reactor: IClientReactor, settings: Settings, host: str, port: int, localPort: int, bind: str, stderr: Any) -> Any:
     forwarder = Forwarder(reactor, settings, ClientHello.connect(host, port), stderr)
     reactor.addSystemEventTrigger("before", "shutdown", forwarder.connector.close)
     try:
@@ -379,11 +379,27 @@ def runUp(reactor: Any, settings: Settings, host: str, port: int, localPort: int
         f"Forwarding {address.host}:{address.port} to {target} via {settings.server} (v{VERSION}, {transport}); Ctrl-C stops\n"
     )
     stderr.flush()
+    _followRenewals(reactor, settings, forwarder.connector, stderr)
     yield defer.Deferred()  # until the reactor stops
 
 
+def _followRenewals(reactor: IClientReactor, settings: Settings, connector: Any, stderr: Any) -> None:
+    """
+    New tunnels of C{tp up} use the client certificate as renewed on disk
+    (open ones are left alone): tpproxy.certwatch.
+    """
+    from tpproxy.certwatch import followRenewals
+
+    def say(line: str) -> None:
+        stderr.write(f"tp up: {line}\n")
+        stderr.flush()
+
+    watcher = followRenewals(reactor, settings, connector, say)
+    reactor.addSystemEventTrigger("before", "shutdown", watcher.stop)
+
+
 @defer.inlineCallbacks
-def runUpUDP(reactor: Any, settings: Settings, host: str, port: int, localPort: int, bind: str, stderr: Any) -> Any:
+def runUpUDP(reactor: IClientReactor, settings: Settings, host: str, port: int, localPort: int, bind: str, stderr: Any) -> Any:
     from tpproxy.connector import Connector
     from tpproxy.transports.udp import UDPForwarder
 
@@ -406,6 +422,7 @@ def runUpUDP(reactor: Any, settings: Settings, host: str, port: int, localPort: 
         f"Forwarding UDP {address.host}:{address.port} to {target} via {settings.server} (v{VERSION}, {transport}); Ctrl-C stops\n"
     )
     stderr.flush()
+    _followRenewals(reactor, settings, connector, stderr)
     yield defer.Deferred()
 
 

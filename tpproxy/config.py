@@ -674,9 +674,11 @@ class ClientConfig:
     ca: str | None = None
     connectTimeout: float = 15.0
     transport: str = "auto"
+    #: The admin listener's URL, for C{tp status}.
+    admin: str | None = None
 
 
-_CLIENT_KEYS = {"server", "cert", "key", "ca", "connect_timeout", "transport"}
+_CLIENT_KEYS = {"server", "cert", "key", "ca", "connect_timeout", "transport", "admin"}
 
 
 def loadClientConfig(path: str | os.PathLike[str]) -> ClientConfig:
@@ -697,4 +699,9 @@ def loadClientConfig(path: str | os.PathLike[str]) -> ClientConfig:
         if data["transport"] not in ("auto", "quic", "tls"):
             raise ConfigError(f"{p}: transport: expected \"auto\", \"quic\" or \"tls\", got {data['transport']!r}")
         values["transport"] = data["transport"]
+    if "admin" in data:
+        admin = data["admin"]
+        if not isinstance(admin, str) or not admin.startswith(("http://", "https://")) or len(admin) < 10:
+            raise ConfigError(f"{p}: admin: expected the admin listener's URL, such as \"http://127.0.0.1:9090\", got {admin!r}")
+        values["admin"] = admin.rstrip("/")
     return ClientConfig(**values)

@@ -17,7 +17,7 @@ from twisted.internet import defer
 
 from tpproxy.dial import resolveHost
 from tpproxy.protocols.client import TPClientProtocol, TunnelError, certificateRefusal, openTunnel
-from tpproxy.reactors import IDialReactor
+from tpproxy.reactors import IClientReactor
 from tpproxy.transports.quic import ClientSession, clientConfiguration, connectQuic
 from tpproxy.wire import ClientHello
 
@@ -109,7 +109,7 @@ class Connector:
     @ivar chosen: C{"quic"} or C{"tls"} once decided.
     """
 
-    def __init__(self, reactor: IDialReactor, settings: Any) -> None:
+    def __init__(self, reactor: IClientReactor, settings: Any) -> None:
         self.reactor = reactor
         self.settings = settings
         self.mode = settings.transport

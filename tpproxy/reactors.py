@@ -40,3 +40,11 @@ class IServerReactor(IReactorCore, IReactorTCP, IReactorUDP, IReactorTime, IReac
     Runs a whole TP server: listeners (TCP and UDP), timers, name
     resolution and shutdown triggers (L{tpproxy.service.makeService}).
     """
+
+
+class IClientReactor(IReactorCore, IReactorTCP, IReactorUDP, IReactorTime, IReactorPluggableNameResolver):
+    """
+    Runs a TP client (C{tp connect}, C{tp up}, C{tp expose}): TCP and QUIC
+    (UDP) to TP, local listeners, timers, name resolution and shutdown
+    triggers.
+    """
