@@ -556,10 +556,14 @@ class Exposer(Machine[ExposerState]):
             self.attempt.dropped = True
         for proto in (self.active, self.attempt and self.attempt.built):
             if proto is not None and not proto.done.called:
-                closing.append(proto.done)
+                # Wait on a Deferred of our own: the timeout below cancels
+                # what it waits on, and proto.done has other waiters.
+                closed: defer.Deferred[None] = defer.Deferred()
+                proto.done.addBoth(lambda result, closed=closed: (closed.called or closed.callback(None), result)[1])
+                closing.append(closed)
                 proto.retire()
         self.active = self.attempt = None
-        done = defer.DeferredList(closing)
+        done = defer.DeferredList(closing, consumeErrors=True)
         done.addTimeout(STOP_GRACE, self.reactor)
 
         def closeUplinks(_: Any) -> None:
