@@ -665,3 +665,25 @@ class LimitTests(ReloadTestCase):
         other = yield deferToThread(Tunnel, self.pki, self.port, "alice", "svc.elsewhere.invalid", 22)
         self.addCleanup(other.close)
         self.assertEqual(other.hello["error"], "resolve_failed")
+
+
+class StatusCommandTests(ReloadTestCase):
+    @defer.inlineCallbacks
+    def test_tpStatusAgainstLiveTP(self) -> Any:
+        """
+        C{tp status} reads a live TP's C{/status}: the table names the
+        tunnel's identity and destination, and C{--json} is the document
+        TP serves.
+        """
+        self.startTP(["alice"])
+        alice = yield self.tunnel("alice")
+        self.assertEqual((yield deferToThread(alice.echo, b"status")), b"status")
+        admin = f"http://127.0.0.1:{self.adminPort}"
+        table = yield run(tpCommand() + ["status", "--admin", admin], stdin=None, timeout=60)
+        self.assertEqual(table.status, 0, table.err)
+        self.assertIn(b"alice", table.out)
+        self.assertIn(f"127.0.0.1:{self.echoPort}".encode(), table.out)
+        raw = yield run(tpCommand() + ["status", "--admin", admin, "--json"], stdin=None, timeout=60)
+        document = json.loads(raw.out)
+        self.assertEqual([t["identity"] for t in document["tunnels"]], ["alice"])
+        self.assertEqual(document["server"]["generation"], 1)
