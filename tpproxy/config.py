@@ -103,6 +103,94 @@ class ServerConfig:
     disconnectExpiredCert: bool = True
     #: How long live tunnels may go on after SIGTERM (C{server.drain_timeout}).
     drainTimeout: float = 10.0
+    #: C{[cluster]}: several instances as one service (docs/cluster.md).
+    cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig())
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """
+    C{[cluster]}: the routing store this instance shares with the other
+    instances of its service.  Without C{etcd} it is the in-memory store:
+    one instance, no peers (the default).
+    """
+
+    #: etcd client URLs; empty: the in-memory store.
+    etcd: tuple[str, ...] = ()
+    #: This instance's id, unique in the service.
+    instance: str = "local"
+    #: C{HOST:PORT} where peers reach this instance's C{peer_listen}.
+    advertise: str = ""
+    leaseTTL: int = 10
+    prefix: str = "/tp/"
+    timeout: float = 5.0
+    #: The server endpoint of the peer listener (mutual TLS).
+    peerListen: str | None = None
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.etcd)
+
+
+_CLUSTER_KEYS = {"etcd", "instance", "advertise", "lease_ttl", "prefix", "timeout", "peer_listen"}
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_PREFIX = re.compile(r"/(?:[A-Za-z0-9._-]+/)*")
+
+
+def hostPort(value: Any, key: str) -> tuple[str, int]:
+    """
+    C{HOST:PORT} (an IPv6 address as C{[ADDRESS]:PORT}), port 1-65535.
+    """
+    if isinstance(value, str):
+        host, sep, port = value.rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")
+        host = host[1:-1] if bracketed else host
+        if sep and host and port.isdigit() and 0 < int(port) < 65536 and (bracketed or ":" not in host) and not any(c.isspace() or c in "/[]" for c in host):
+            return host, int(port)
+    raise ConfigError(f"{key}: expected HOST:PORT (an IPv6 address as [ADDRESS]:PORT), got {value!r}")
+
+
+def parseCluster(table: Any) -> ClusterConfig:
+    if table is None:
+        return ClusterConfig()
+    if not isinstance(table, dict):
+        raise ConfigError("cluster: expected a table")
+    _checkKeys(table, _CLUSTER_KEYS, "cluster")
+    etcd = table.get("etcd", [])
+    if isinstance(etcd, str):
+        etcd = [etcd]
+    if not isinstance(etcd, list) or not all(isinstance(e, str) and re.fullmatch(r"https?://[^/\s]+/?", e) for e in etcd) or ("etcd" in table and not etcd):
+        raise ConfigError(f"cluster.etcd: expected a list of etcd client URLs such as \"http://10.0.0.5:2379\", got {etcd!r}")
+    instance = table.get("instance", "local")
+    if not isinstance(instance, str) or not _INSTANCE_ID.fullmatch(instance):
+        raise ConfigError(f"cluster.instance: expected an id of letters, digits, '.', '_' and '-' (at most 63), got {instance!r}")
+    if etcd and "instance" not in table:
+        raise ConfigError("cluster.instance: missing (each instance of a cluster needs its own id)")
+    advertise = table.get("advertise")
+    if advertise is not None:
+        hostPort(advertise, "cluster.advertise")
+    elif etcd:
+        raise ConfigError("cluster.advertise: missing (the HOST:PORT where the other instances reach this one's peer_listen)")
+    ttl = table.get("lease_ttl", 10)
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 2 <= ttl <= 3600:
+        raise ConfigError(f"cluster.lease_ttl: expected a whole number of seconds, at least 2, got {ttl!r}")
+    prefix = table.get("prefix", "/tp/")
+    if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
+        raise ConfigError(f"cluster.prefix: expected a key prefix that starts and ends with '/' such as \"/tp/\", got {prefix!r}")
+    peerListen = table.get("peer_listen")
+    if peerListen is not None:
+        peerListen = serverEndpoint(peerListen, "cluster.peer_listen")
+    elif etcd:
+        raise ConfigError("cluster.peer_listen: missing (an endpoint description such as \"tcp:7443\", where peers connect)")
+    return ClusterConfig(
+        etcd=tuple(etcd),
+        instance=instance,
+        advertise=advertise or "",
+        leaseTTL=ttl,
+        prefix=prefix,
+        timeout=_seconds(table, "timeout", 5, "cluster"),
+        peerListen=peerListen,
+    )
 
 
 @dataclass(frozen=True)
@@ -499,7 +587,7 @@ def _quicAddresses(value: Any, listen: list[str]) -> tuple[tuple[str, int], ...]
 
 
 def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") -> ServerConfig:
-    _checkKeys(data, {"server", "deny", "groups", "rules", "exposures", "reverse", "e2e", "acme", "router", "limits", "admin"}, "")
+    _checkKeys(data, {"server", "deny", "groups", "rules", "exposures", "reverse", "e2e", "acme", "router", "limits", "admin", "cluster"}, "")
     server = data.get("server")
     if not isinstance(server, dict):
         raise ConfigError("server: missing [server] table")
@@ -599,6 +687,7 @@ def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") 
         router=parseRouter(data.get("router"), base),
         limits=parseLimits(data.get("limits")),
         admin=parseAdmin(data.get("admin")),
+        cluster=parseCluster(data.get("cluster")),
         disconnectExpiredCert=_bool(server, "disconnect_expired_cert", True, "server"),
         drainTimeout=_seconds(server, "drain_timeout", 10, "server"),
         stateDir=_resolvePath(base, server.get("state_dir", "state"), "server.state_dir", mustExist=False),

@@ -384,6 +384,59 @@ class ServerConfigErrorTests(ServerConfigMixin, SynchronousTestCase):
         for table, message in bad:
             self.assertConfigError(message, self.parse, {"server": self.table(), "admin": table})
 
+    def test_cluster(self) -> None:
+        """
+        C{[cluster]} is the in-memory store (one instance) when absent; with
+        C{etcd} it needs C{instance}, C{advertise} and C{peer_listen}; every
+        key is checked, and a bad one names itself.
+        """
+        cluster = self.parse().cluster
+        self.assertEqual((cluster.etcd, cluster.instance, cluster.leaseTTL, cluster.prefix, cluster.timeout, cluster.peerListen), ((), "local", 10, "/tp/", 5.0, None))
+        self.assertFalse(cluster.shared)
+        good = {
+            "etcd": ["http://10.0.0.5:2379", "https://etcd.example:2379"], "instance": "tp-a.1_x", "advertise": "10.0.0.1:7443",
+            "lease_ttl": 2, "prefix": "/svc/tp/", "timeout": 2.5, "peer_listen": "tcp:7443:interface=10.0.0.1",
+        }
+        cluster = self.parse({"server": self.table(), "cluster": good}).cluster
+        self.assertEqual(
+            (cluster.etcd, cluster.instance, cluster.advertise, cluster.leaseTTL, cluster.prefix, cluster.timeout, cluster.peerListen),
+            (("http://10.0.0.5:2379", "https://etcd.example:2379"), "tp-a.1_x", "10.0.0.1:7443", 2, "/svc/tp/", 2.5, "tcp:7443:interface=10.0.0.1"),
+        )
+        self.assertTrue(cluster.shared)
+        self.assertEqual(self.parse({"server": self.table(), "cluster": {**good, "advertise": "[::1]:7443"}}).cluster.advertise, "[::1]:7443")
+        self.assertEqual(self.parse({"server": self.table(), "cluster": {**good, "etcd": "http://e:2379"}}).cluster.etcd, ("http://e:2379",))
+        bad = [
+            ({"etcd": []}, "cluster.etcd: expected a list of etcd client URLs"),
+            ({"etcd": ["10.0.0.5:2379"]}, "cluster.etcd: expected a list of etcd client URLs"),
+            ({"etcd": [1]}, "cluster.etcd: expected a list"),
+            ({"instance": "tp/a"}, "cluster.instance: expected an id"),
+            ({"instance": "-a"}, "cluster.instance: expected an id"),
+            ({"instance": "a" * 64}, "cluster.instance: expected an id"),
+            ({"instance": None}, "cluster.instance: missing"),
+            ({"advertise": None}, "cluster.advertise: missing"),
+            ({"advertise": "10.0.0.1"}, "cluster.advertise: expected HOST:PORT"),
+            ({"advertise": "10.0.0.1:0"}, "cluster.advertise: expected HOST:PORT"),
+            ({"advertise": "::1:7443"}, "cluster.advertise: expected HOST:PORT"),
+            ({"advertise": 7443}, "cluster.advertise: expected HOST:PORT"),
+            ({"lease_ttl": 1}, "cluster.lease_ttl: expected a whole number of seconds, at least 2"),
+            ({"lease_ttl": 2.5}, "cluster.lease_ttl: expected a whole number"),
+            ({"lease_ttl": True}, "cluster.lease_ttl: expected a whole number"),
+            ({"prefix": "tp/"}, "cluster.prefix: expected a key prefix"),
+            ({"prefix": "/tp"}, "cluster.prefix: expected a key prefix"),
+            ({"prefix": "/a//b/"}, "cluster.prefix: expected a key prefix"),
+            ({"timeout": 0}, "cluster.timeout: expected a number of seconds"),
+            ({"peer_listen": None}, "cluster.peer_listen: missing"),
+            ({"peer_listen": "ssl:7443"}, "cluster.peer_listen: 'ssl:7443': TP does its own TLS"),
+            ({"peer_listen": "tcp:74x"}, "cluster.peer_listen: 'tcp:74x' is not a valid endpoint description"),
+            ({"peers": 1}, "cluster: unknown key(s) peers"),
+        ]
+        for change, message in bad:
+            table = {k: v for k, v in {**good, **change}.items() if v is not None}
+            self.assertConfigError(message, self.parse, {"server": self.table(), "cluster": table})
+        self.assertConfigError("cluster: expected a table", self.parse, {"server": self.table(), "cluster": "etcd"})
+        # Without etcd, one instance: nothing is required.
+        self.assertEqual(self.parse({"server": self.table(), "cluster": {"instance": "solo"}}).cluster.instance, "solo")
+
     def test_badDeny(self) -> None:
         """
         C{[deny]} must be a table of string lists, serials in hexadecimal.
