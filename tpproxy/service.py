@@ -26,6 +26,8 @@ from tpproxy.acme.service import IssuingService
 from tpproxy.acme.store import CertificateStore, loadOrCreateKey, temporaryCertificate
 from tpproxy.admin import adminService, adminSite
 from tpproxy.certsource import DevCACertificates, FileCertificates, FirstAvailable, ICertificateSource
+from tpproxy.cluster.memory import MemoryRoutingStore
+from tpproxy.cluster.store import IRoutingStore, LeasedStore, StoreError
 from tpproxy.config import ServerConfig, loadCRL
 from tpproxy.limits import HalfOpenCounter, HalfOpenGate, raiseFileLimit
 from tpproxy.memory import MemoryTrimmer
@@ -113,17 +115,36 @@ def certificateSource(config: ServerConfig, reactor: IServerReactor, issuing: Is
     return FirstAvailable(*sources)
 
 
-def makeServerFactory(config: ServerConfig, reactor: IServerReactor, clock: IReactorTime | None = None) -> TLSFactory:
+def makeRoutingStore(config: ServerConfig, reactor: IServerReactor) -> LeasedStore:
+    """
+    The routing store of C{config.cluster}: on etcd, shared with the other
+    instances of the service; else in memory (one instance).  Not started.
+    """
+    cluster = config.cluster
+    if not cluster.shared:
+        return MemoryRoutingStore(reactor, cluster.instance, cluster.advertise, cluster.leaseTTL)
+    from tpproxy.cluster.etcd import EtcdRoutingStore
+
+    return EtcdRoutingStore(
+        reactor, list(cluster.etcd), cluster.instance, cluster.advertise, cluster.leaseTTL, cluster.prefix, cluster.timeout
+    )
+
+
+def makeServerFactory(
+    config: ServerConfig, reactor: IServerReactor, clock: IReactorTime | None = None, store: IRoutingStore | None = None
+) -> TLSFactory:
     """
     The listening factory: TLS with client certificates around the TP
-    protocol, with the registry of reverse tunnels.  Its C{wrappedFactory}
+    protocol, with the registry of reverse tunnels (claiming its routes in
+    C{store}, if given).  Its C{wrappedFactory}
     is the L{TPServerFactory} the QUIC listener shares; with C{[acme]}, its
     C{issuing} is the L{IssuingService} (else C{None}).
     """
     serverTLS = makeServerTLS(config)
     issuing = makeIssuing(config, reactor, serverTLS, clock) if config.acme is not None else None
     registry = Registry(
-        reactor, config.policy, serverTLS, certificateSource(config, reactor, issuing), config.publicInterface, config.acceptTimeout
+        reactor, config.policy, serverTLS, certificateSource(config, reactor, issuing), config.publicInterface, config.acceptTimeout,
+        store=store,
     )
     factory = TPServerFactory(config, reactor, serverTLS=serverTLS, registry=registry)
     tlsFactory = TLSFactory(serverTLS, False, factory, clock=reactor)
@@ -458,6 +479,74 @@ class ReloadService(service.Service):
         return super().stopService()
 
 
+class ServerService(service.MultiService):
+    """
+    TP's top service: starts the routing store, then (once it has a lease)
+    every listener; on stop, stops them, then the store (its lease is
+    revoked, so this instance's routes vanish at once).
+
+    The in-memory store starts at once, so a single instance starts as if
+    there were no store.  An etcd that does not answer at start is tried
+    again every second, and nothing listens meanwhile: an instance that
+    cannot claim routes or be found by its peers serves nothing.
+    """
+
+    def __init__(self, store: LeasedStore, clock: IReactorTime) -> None:
+        super().__init__()
+        self.store = store
+        self.clock = clock
+        self._childrenStarted = False
+
+    def privilegedStartService(self) -> None:
+        if isinstance(self.store, MemoryRoutingStore):
+            super().privilegedStartService()
+        # Else the listeners bind in startService, once the store answers.
+
+    def startService(self) -> None:
+        if isinstance(self.store, MemoryRoutingStore):
+            # Answers at once; a listener's error (port in use) reaches
+            # the caller as it does without a store.
+            self.store.start()
+            self._childrenStarted = True
+            super().startService()
+            return
+        service.Service.startService(self)
+        self._starting = self._start()
+
+    @defer.inlineCallbacks
+    def _start(self) -> Any:
+        failures = 0
+        while self.running:
+            try:
+                yield self.store.start()
+                break
+            except StoreError as e:
+                failures += 1
+                if failures == 1:
+                    log.warn("The routing store does not answer ({error}); not listening until it does, trying every second", error=str(e))
+                yield task.deferLater(self.clock, 1.0, lambda: None)
+        else:
+            return
+        if failures:
+            log.info("The routing store answers: instance {instance} starts listening", instance=self.store.instance.id)
+        self._childrenStarted = True
+        try:
+            for child in self:
+                child.startService()
+        except Exception:
+            log.failure("Starting TP's listeners failed")
+            raise
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        if self._childrenStarted:
+            self._childrenStarted = False
+            yield super().stopService()
+        else:
+            service.Service.stopService(self)
+        yield self.store.stop()
+
+
 def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clock: IReactorTime | None = None) -> service.MultiService:
     """
     TP's services: the TLS listeners, a QUIC listener per address, and with
@@ -469,11 +558,12 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
-    top = service.MultiService()
+    store = makeRoutingStore(config, reactor)
+    top = ServerService(store, reactor)
     before, after, hard = raiseFileLimit()
     log.info("Open files limit: {before} raised to {after} (hard limit {hard})" if after != before else "Open files limit: {after} (hard limit {hard})",
              before=before, after=after, hard=hard)
-    factory = makeServerFactory(config, reactor, clock)
+    factory = makeServerFactory(config, reactor, clock, store)
     listening: Any = factory if config.router is None else makeRouterFactory(config, reactor, factory)
     limits = config.limits
     # Connections over a cap are held unread (no TLS) for the handshake

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tpproxy.certsource import CertificateUnavailable, ICertificateSource
+from tpproxy.cluster.store import IRoutingStore, Route, RouteTaken, StoreError, StoreUnavailable
 from tpproxy.names import normalize
 from tpproxy.policy import Decision, ExposureRule, Policy
 from tpproxy.protocols.relay import RelayEnd, noDelay, splice
@@ -101,6 +102,11 @@ class Registry:
 
     @param reactor: C{IReactorTCP} (public listeners) and C{IReactorTime}
         (session expiry).
+    @param store: the routing store shared with the other instances of the
+        service (docs/cluster.md), started by the caller: each E2E name and
+        public port is claimed there before it is registered here, and
+        released when its exposure goes.  C{None}: no store (one instance,
+        nothing claimed).
     """
 
     def __init__(
@@ -111,8 +117,12 @@ class Registry:
         certificates: ICertificateSource,
         publicInterface: str = "0.0.0.0",
         acceptTimeout: float = 10.0,
+        store: IRoutingStore | None = None,
     ) -> None:
         self.reactor = reactor
+        self.store = store
+        if store is not None:
+            store.observeLoss(self._routeLost)
         self.policy = policy
         self.serverTLS = serverTLS
         self.certificates = certificates
@@ -153,9 +163,59 @@ class Registry:
         # timeout): the new session replaces the old one.
         log.info("{identity} takes over {what} from its previous session", identity=identity, what=what)
         listening, existing.listening = existing.listening, None
-        self.remove(existing)
+        # The new exposure holds the route in the store under the same key.
+        self.remove(existing, release=False)
         existing.control.closeControl(f"{what} was taken over by a new session of {identity}")
         return listening
+
+    @defer.inlineCallbacks
+    def _claim(self, route: Route, identity: str, code: ErrorCode) -> Any:
+        """
+        Hold C{route} for C{identity} in the routing store (if any), or
+        fail with L{ReverseError}: C{code} if another identity holds it
+        anywhere, L{ErrorCode.INTERNAL} if the store cannot say (then
+        nothing is registered: never two identities on one route).
+        """
+        if self.store is None:
+            return
+        try:
+            yield self.store.claim(route, identity)
+        except RouteTaken:
+            raise ReverseError(code, f"{route} is held by another identity") from None
+        except StoreUnavailable as e:
+            log.warn("Refused {route} to {identity}: the routing store is unavailable ({error})", route=str(route), identity=identity, error=str(e))
+            raise ReverseError(
+                ErrorCode.INTERNAL, f"{route} cannot be registered now: TP cannot reach its routing store to claim it; try again later"
+            ) from None
+        except StoreError as e:
+            log.warn("Refused {route} to {identity}: the routing store refused the claim ({error})", route=str(route), identity=identity, error=str(e))
+            raise ReverseError(ErrorCode.INTERNAL, f"{route} cannot be registered now: the routing store refused the claim") from None
+
+    def _release(self, route: Route) -> None:
+        """
+        Stop holding C{route} in the store, unless a live exposure of this
+        instance still holds it.  A release the store cannot take now is
+        retried by the store itself.
+        """
+        if self.store is None:
+            return
+        if (route.kind == "port" and int(route.key) in self.byPort) or (route.kind == "name" and route.key in self.byName):
+            return
+        self.store.release(route).addErrback(lambda f: f.trap(StoreError))
+
+    def _routeLost(self, taken: RouteTaken, identity: str) -> None:
+        """
+        The store lost a route this instance held for C{identity} (its
+        lease lapsed and another identity claimed the route meanwhile):
+        close the exposure that serves it here.
+        """
+        route = taken.route
+        exposure = self.byPort.get(int(route.key)) if route.kind == "port" else self.byName.get(route.key)
+        if exposure is None or exposure.owner != identity:
+            return
+        log.warn("Closing {exposure} of {identity}: its route was lost to {holders}", exposure=exposure.describe(), identity=identity, holders=sorted(taken.holders))
+        self.remove(exposure, release=False)
+        exposure.control.closeControl(f"the {exposure.describe()} was lost while TP could not reach its routing store")
 
     @defer.inlineCallbacks
     def _exposePort(self, control: Control, identity: str, port: int) -> Any:
@@ -164,7 +224,15 @@ class Registry:
             decision = self.policy.mayExposePort(identity, port)
             if not decision.allowed:
                 raise ReverseError(ErrorCode.FORBIDDEN, decision.reason)
-            kept = self._takeOver(self.byPort.get(port), identity, f"public port {port}", ErrorCode.PORT_UNAVAILABLE)
+            existing = self.byPort.get(port)
+            if existing is not None and existing.owner != identity:
+                raise ReverseError(ErrorCode.PORT_UNAVAILABLE, f"public port {port} is held by another identity")
+            yield self._claim(Route.port(port), identity, ErrorCode.PORT_UNAVAILABLE)
+            try:
+                kept = self._takeOver(self.byPort.get(port), identity, f"public port {port}", ErrorCode.PORT_UNAVAILABLE)
+            except ReverseError:
+                self._release(Route.port(port))
+                raise
             candidates = [port]
         else:
             ranges = self.policy.publicPortRanges(identity)
@@ -180,19 +248,39 @@ class Registry:
         for candidate in candidates:
             if candidate and candidate in self.byPort:
                 continue
+            if candidate and not port:
+                try:
+                    yield self._claim(Route.port(candidate), identity, ErrorCode.PORT_UNAVAILABLE)
+                except ReverseError as e:
+                    if e.code is ErrorCode.PORT_UNAVAILABLE:
+                        continue  # held elsewhere in the cluster
+                    raise
             try:
                 exposure.listening = self.reactor.listenTCP(candidate, factory, interface=self.publicInterface)
             except error.CannotListenError as e:
+                if candidate:
+                    self._release(Route.port(candidate))
                 if port:
                     raise ReverseError(ErrorCode.PORT_UNAVAILABLE, f"cannot listen on port {port}: {e.socketError}") from None
                 continue
+            if not candidate:
+                # TP picked the port: claim it now, or pick another.
+                picked = exposure.listening.getHost().port
+                try:
+                    yield self._claim(Route.port(picked), identity, ErrorCode.PORT_UNAVAILABLE)
+                except ReverseError as e:
+                    exposure.listening.stopListening()
+                    exposure.listening = None
+                    if e.code is ErrorCode.PORT_UNAVAILABLE and len(candidates) < 8:
+                        candidates.append(0)
+                        continue
+                    raise
             break
         else:
             if exposure.listening is None:
                 raise ReverseError(ErrorCode.PORT_UNAVAILABLE, "no free port in the ranges this identity may expose")
         exposure.port = exposure.listening.getHost().port
         self.byPort[exposure.port] = exposure
-        yield None
         return exposure
 
     @defer.inlineCallbacks
@@ -202,7 +290,16 @@ class Registry:
             raise ReverseError(ErrorCode.FORBIDDEN, decision.reason)
         if self.serverTLS.servesOwnName(name):
             raise ReverseError(ErrorCode.FORBIDDEN, f"{name} is a name of TP itself and cannot be exposed")
-        self._takeOver(self.byName.get(name), identity, f"E2E name {name}", ErrorCode.NAME_TAKEN)
+        existing = self.byName.get(name)
+        if existing is not None and existing.owner != identity:
+            raise ReverseError(ErrorCode.NAME_TAKEN, f"E2E name {name} is held by another identity")
+        route = Route.name(name)
+        yield self._claim(route, identity, ErrorCode.NAME_TAKEN)
+        try:
+            self._takeOver(self.byName.get(name), identity, f"E2E name {name}", ErrorCode.NAME_TAKEN)
+        except ReverseError:
+            self._release(route)
+            raise
         assert decision.rule is not None
         grantedBy = self.policy.exposures[decision.rule]
         exposure = Exposure(owner=identity, mode="e2e", control=control, name=name, grantedBy=grantedBy)
@@ -213,6 +310,7 @@ class Registry:
         except CertificateUnavailable as e:
             if self.byName.get(name) is exposure:
                 del self.byName[name]
+                self._release(route)
             raise ReverseError(ErrorCode.NO_CERTIFICATE, f"no certificate for {name}: {e}") from None
         if self.byName.get(name) is not exposure:
             raise ReverseError(ErrorCode.NAME_TAKEN, f"E2E name {name} was taken meanwhile")
@@ -246,16 +344,22 @@ class Registry:
             if decision.allowed and decision.rule is not None:
                 exposure.grantedBy = policy.exposures[decision.rule]
 
-    def remove(self, exposure: Exposure) -> None:
+    def remove(self, exposure: Exposure, release: bool = True) -> None:
         """
         The exposure's signalling connection is gone: stop listening or
-        unbind the name at once, and fail its pending dialers.
+        unbind the name at once, fail its pending dialers, and (unless
+        C{release} is false: a takeover keeps the claim) release its route
+        in the store.
         """
         if exposure.port is not None and self.byPort.get(exposure.port) is exposure:
             del self.byPort[exposure.port]
+            if release:
+                self._release(Route.port(exposure.port))
         if exposure.name is not None and self.byName.get(exposure.name) is exposure:
             del self.byName[exposure.name]
             self.serverTLS.removeName(exposure.name)
+            if release:
+                self._release(Route.name(exposure.name))
         if exposure.listening is not None:
             exposure.listening.stopListening()
             exposure.listening = None
