@@ -578,6 +578,17 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
         holdFor=config.handshakeTimeout,
         maxHeld=max(0, after - limits.handshakes - 1024),
     )
+    if config.cluster.shared:
+        from tpproxy.cluster.peer import ClusterService, PeerLinks
+
+        assert config.cluster.peerListen is not None
+        tp = factory.wrappedFactory
+        links = PeerLinks(reactor, store, tp.registry, tp.serverTLS, config.connectTimeout, config.handshakeTimeout)
+        ClusterService(links, config.cluster.peerListen).setServiceParent(top)
+        log.info(
+            "Cluster: instance {instance} on etcd {etcd} (prefix {prefix}, lease TTL {ttl} s)",
+            instance=config.cluster.instance, etcd=", ".join(config.cluster.etcd), prefix=config.cluster.prefix, ttl=config.cluster.leaseTTL,
+        )
     for description in config.listen:
         listener = strports.service(withBacklog(description, limits.backlog), listening, reactor=reactor)
         listener.setName(f"tls:{description}")

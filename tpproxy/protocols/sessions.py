@@ -14,7 +14,9 @@ these sessions:
     - L{AcceptSession}: claim an incoming session, then splice;
     - L{E2ESession}: a TLS server for an exposure's name inside the tunnel
       (L{E2EDialer} is its inside);
-    - L{SNISession}: a direct E2E dialer, chosen by the handshake's SNI.
+    - L{SNISession}: a direct E2E dialer, chosen by the handshake's SNI;
+    - L{PeerSession}: another instance of the cluster forwards a dialer of
+      a route this instance holds (a peer link, docs/cluster.md).
 
 Each is a L{Machine}: its states are an enum and its behaviour the
 C{TRANSITIONS} table at the top of its class.  Every session takes
@@ -822,3 +824,158 @@ class SNISession(Session):
     def _lost(self, reason: Failure) -> None:
         if self.sid is not None:
             self.factory.registry.dialerGone(self.sid)
+
+
+# --- a peer's dial, from another instance of the cluster ----------------------
+
+
+class PeerState(str, enum.Enum):
+    HANDSHAKE = "handshake"
+    HELLO = "hello"
+    WAITING = "waiting"
+    SPLICED = "spliced"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+@implementer(IHandshakeListener)
+class PeerSession(RelayEnd, Machine[PeerState]):
+    """
+    The holding instance's end of a peer link (docs/cluster.md): another
+    instance of the cluster (C) forwards a dialer of an E2E name or public
+    port this instance holds.  After the mutual TLS handshake, C is checked
+    against the live instances (C{link.authorize}); C sends one frame,
+    C{{"op": "peer-dial", "name": NAME, "identity": DIALER}} or
+    C{{"op": "peer-dial", "port": PORT}}; this instance checks again that
+    it holds the route and that the dialer may dial it, asks its exposer
+    for a session, answers a ServerHello frame and splices C to the
+    exposer's accept.
+
+    @param link: what checks peers (L{tpproxy.cluster.peer.PeerLinks}):
+        C{authorize(transport) -> str | None} (a refusal) and C{registry}.
+    """
+
+    S = PeerState
+    TRANSITIONS = {
+        (S.HANDSHAKE, "handshake"): (S.HELLO, "_authorize"),
+        (S.HELLO, "data"): (S.HELLO, "_hello"),
+        **_rows((S.HANDSHAKE, S.HELLO), "timeout", S.FAILED, "_timedOut"),
+        (S.HELLO, "dial"): (S.WAITING, "_dial"),
+        (S.WAITING, "data"): (S.WAITING, "_hold"),
+        (S.WAITING, "joined"): (S.SPLICED, "_join"),
+        **_rows((S.HELLO, S.WAITING), "failed", S.FAILED, "_fail"),
+        **_rows((S.WAITING, S.SPLICED, S.FAILED, S.CLOSED), "timeout", None, None),
+        **_rows((S.FAILED, S.CLOSED), "failed", None, None),
+        (S.FAILED, "data"): (S.FAILED, None),
+        **_rows((S.HANDSHAKE, S.HELLO, S.WAITING, S.SPLICED, S.FAILED), "lost", S.CLOSED, "_lost"),
+    }
+
+    sid: str | None = None
+    peerInstance = "?"
+
+    def __init__(self, link: Any, timeout: float) -> None:
+        from tpproxy.wire import FrameDecoder
+
+        self.link = link
+        self.registry = link.registry
+        self.decoder = FrameDecoder()
+        self.pending = b""
+        self.state = PeerState.HANDSHAKE
+        self.timer = link.reactor.callLater(timeout, self._input, "timeout")
+        self.what = "?"
+
+    def handshakeCompleted(self) -> None:
+        self._input("handshake")
+
+    def preSpliceData(self, data: bytes) -> None:
+        self._input("data", data)
+
+    def sessionJoined(self, acceptEnd: RelayEnd) -> None:
+        self._input("joined", acceptEnd)
+
+    def sessionFailed(self, code: ErrorCode, message: str) -> None:
+        self._input("failed", code, message)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._input("lost", reason)
+
+    def _authorize(self) -> None:
+        refusal, self.peerInstance = self.link.authorize(self.transport)
+        if refusal is not None:
+            log.warn("Refused a peer link from {peer}: {refusal}", peer=describePeer(self.transport), refusal=refusal)
+            self.sessionFailed(ErrorCode.FORBIDDEN, refusal)
+
+    def _hello(self, data: bytes) -> None:
+        try:
+            obj = self.decoder.feedFrame(data)
+        except WireError as e:
+            self.sessionFailed(e.code, e.message)
+            return
+        if obj is None:
+            return
+        self.pending = self.decoder.takeRest()
+        name, port, identity = obj.get("name"), obj.get("port"), obj.get("identity")
+        if obj.get("op") != "peer-dial" or (name is None) == (port is None):
+            self.sessionFailed(ErrorCode.BAD_REQUEST, "a peer link opens with op peer-dial and a name or a port")
+            return
+        if name is not None:
+            if not isinstance(name, str) or not isinstance(identity, str) or not identity:
+                self.sessionFailed(ErrorCode.BAD_REQUEST, "peer-dial of a name needs string fields name and identity")
+                return
+            exposure = self.registry.byName.get(normalize(name))
+            if exposure is None:
+                self.sessionFailed(ErrorCode.NOT_EXPOSED, f"E2E name {normalize(name)} is not held on this instance")
+                return
+            decision = self.registry.mayDial(exposure, identity)
+            if not decision.allowed:
+                self.sessionFailed(ErrorCode.FORBIDDEN, f"not allowed to dial {exposure.name}: {decision.reason}")
+                return
+        else:
+            if isinstance(port, bool) or not isinstance(port, int) or identity is not None:
+                self.sessionFailed(ErrorCode.BAD_REQUEST, "peer-dial of a port needs an integer port and no identity")
+                return
+            exposure = self.registry.byPort.get(port)
+            if exposure is None:
+                self.sessionFailed(ErrorCode.NOT_EXPOSED, f"public port {port} is not held on this instance")
+                return
+        peer = obj.get("peer")
+        self._input("dial", exposure, identity, peer if isinstance(peer, str) else "?")
+
+    def _dial(self, exposure: Exposure, identity: str | None, peer: str) -> None:
+        self.timer.cancel()  # the registry bounds the wait for an accept
+        self.what = exposure.describe()
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self.sid = self.registry.incoming(exposure, self, identity, f"{peer} via {self.peerInstance}")
+
+    def _hold(self, data: bytes) -> None:
+        self.pending += data
+
+    def _join(self, acceptEnd: RelayEnd) -> None:
+        self.sid = None
+        self.transport.write(ServerHello.success().toFrame())  # type: ignore[union-attr]
+        pending, self.pending = self.pending, b""
+        splice(self, acceptEnd, fromA=pending)
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def _fail(self, code: ErrorCode, message: str) -> None:
+        self.sid = None
+        if self.timer.active():
+            self.timer.cancel()
+        self.transport.write(ServerHello.failure(code, message).toFrame())  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def _timedOut(self) -> None:
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _lost(self, reason: Failure) -> None:
+        if self.timer.active():
+            self.timer.cancel()
+        if self.sid is not None:
+            self.registry.dialerGone(self.sid)
+        RelayEnd.connectionLost(self, reason)
+
+
+def describePeer(transport: Any) -> str:
+    peer = transport.getPeer()
+    return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"

@@ -132,6 +132,15 @@ class Registry:
         self.byName: dict[str, Exposure] = {}
         self.sessions: dict[str, PendingSession] = {}
         self.spent: OrderedDict[str, str] = OrderedDict()
+        #: Exposures held on other instances of the cluster, that this one
+        #: forwards dialers to over a peer link
+        #: (L{tpproxy.cluster.peer.ClusterRouter} keeps them).  A local
+        #: exposure of the same route comes first.
+        self.remoteNames: dict[str, Exposure] = {}
+        self.remotePorts: dict[int, Exposure] = {}
+        #: Called with a L{Route} when a local exposure of it went (the
+        #: cluster router then serves the route's remote holders again).
+        self.onLocalGone: Any = None
 
     # --- exposures ------------------------------------------------------------
 
@@ -239,6 +248,11 @@ class Registry:
             if not ranges:
                 raise ReverseError(ErrorCode.FORBIDDEN, f"no exposure rule lets {identity} expose a public port")
             candidates = [0] if (1, 65535) in ranges else [p for lo, hi in ranges for p in range(lo, hi + 1)][:2000]
+        if port and kept is None and port in self.remotePorts:
+            # This instance forwards the port to another holder: its
+            # exposure here takes the listening socket over.
+            remote = self.remotePorts[port]
+            kept, remote.listening = remote.listening, None
         exposure = Exposure(owner=identity, mode="public", control=control)
         factory = PublicDialerFactory(self, exposure)
         if port and kept is not None:
@@ -351,15 +365,23 @@ class Registry:
         C{release} is false: a takeover keeps the claim) release its route
         in the store.
         """
+        gone: list[Route] = []
         if exposure.port is not None and self.byPort.get(exposure.port) is exposure:
             del self.byPort[exposure.port]
+            remote = self.remotePorts.get(exposure.port)
+            if remote is not None and remote.listening is None and exposure.listening is not None:
+                # Other instances still hold the port: forward it to them.
+                remote.listening, exposure.listening = exposure.listening, None
+                remote.listening.factory = PublicDialerFactory(self, remote)
             if release:
                 self._release(Route.port(exposure.port))
+            gone.append(Route.port(exposure.port))
         if exposure.name is not None and self.byName.get(exposure.name) is exposure:
             del self.byName[exposure.name]
             self.serverTLS.removeName(exposure.name)
             if release:
                 self._release(Route.name(exposure.name))
+            gone.append(Route.name(exposure.name))
         if exposure.listening is not None:
             exposure.listening.stopListening()
             exposure.listening = None
@@ -370,6 +392,9 @@ class Registry:
                 self._spend(sid, "exposure closed")
                 pending.dialer.sessionFailed(ErrorCode.NOT_ACCEPTED, f"the {exposure.describe()} went away")
         exposure.sessions.clear()
+        if self.onLocalGone is not None:
+            for route in gone:
+                self.onLocalGone(route)
 
     def mayDial(self, exposure: Exposure, identity: str) -> Decision:
         """
@@ -384,7 +409,25 @@ class Registry:
         return self.policy.mayDialExposure(exposure.grantedBy, identity, exposure.name)
 
     def nameExposure(self, name: str) -> Exposure | None:
-        return self.byName.get(normalize(name))
+        """
+        The exposure of E2E name C{name}: this instance's, else one held
+        on another instance of the cluster (reached over a peer link).
+        """
+        name = normalize(name)
+        return self.byName.get(name) or self.remoteNames.get(name)
+
+    def failSession(self, sid: str, code: ErrorCode, message: str) -> None:
+        """
+        The pending session C{sid} cannot be joined (a peer link failed):
+        fail its dialer now.
+        """
+        pending = self.sessions.pop(sid, None)
+        if pending is None:
+            return
+        pending.timer.cancel()
+        pending.exposure.sessions.discard(sid)
+        self._spend(sid, "failed")
+        pending.dialer.sessionFailed(code, message)
 
     # --- sessions -------------------------------------------------------------
 

@@ -6,9 +6,13 @@ instances on 127.0.0.1, 127.0.0.2 and 127.0.0.3 with a real etcd.
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -17,7 +21,8 @@ from tpproxy.cluster.store import Holder, Route, StoreUnavailable
 from tpproxy.cluster.testing import _freePorts
 from tpproxy.reverse.registry import Registry, ReverseError
 from tpproxy.service import certificateSource, makeServerTLS
-from tpproxy.test.support import HashSink, listenLocal
+from tpproxy.cluster.testing import EtcdServer
+from tpproxy.test.support import Background, Echo, HashSink, deferLater, freePort, listenLocal, run, tpCommand, twistCommand
 from tpproxy.testing import REVERSE_RULES, TestPKI, reverseTables
 from tpproxy.wire import ErrorCode
 
@@ -162,3 +167,220 @@ class RegistryStoreTests(TestCase):
         self.assertIn("was lost", control.closed[0])
         self.assertIsNone(a.nameExposure("svc.localhost"))
         self.assertNotIn("svc.localhost", a.serverTLS.names)
+
+
+@defer.inlineCallbacks
+def echoThrough(host: str, port: int, size: int = 256 * 1024) -> Any:
+    """
+    One TCP connection to C{host:port}: C{size} random bytes, a half-close,
+    and exactly those bytes back (an echo behind what is tested).
+    """
+    data = os.urandom(size)
+    received: list[bytes] = []
+    done: defer.Deferred[None] = defer.Deferred()
+
+    class Client(protocol.Protocol):
+        def connectionMade(self) -> None:
+            self.transport.write(data)  # type: ignore[union-attr]
+            self.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+        def dataReceived(self, chunk: bytes) -> None:
+            received.append(chunk)
+
+        def connectionLost(self, reason: Any) -> None:
+            done.callback(None)
+
+    yield connectProtocol(TCP4ClientEndpoint(reactor, host, port), Client())
+    yield done
+    got = b"".join(received)
+    if got != data:
+        raise AssertionError(f"{host}:{port}: got {len(got)} bytes back, sent {size}")
+
+
+class ThreeInstancesTests(TestCase):
+    """
+    Three C{twist tp} processes on 127.0.0.1 (A), 127.0.0.2 (B) and
+    127.0.0.3 (C), on the same port (as behind an anycast address), sharing
+    a real etcd: what an exposer registers at A is reached through B and C
+    over peer links.
+    """
+
+    timeout = 180
+    TTL = 2
+
+    @defer.inlineCallbacks
+    def setUp(self) -> Any:
+        self.pki = TestPKI.create(self.mktemp())
+        for name in ("alice", "bob", "mallory"):
+            self.pki.client(name)
+        # One certificate for the service, valid for each instance's address.
+        self.pki.ca.issue("localhost", dns=("localhost",), ips=("127.0.0.1", "127.0.0.2", "127.0.0.3"), server=True).write(
+            self.pki.directory / "server.pem", self.pki.directory / "server.key"
+        )
+        self.etcd = yield EtcdServer.start(self)
+        self.port = freePort()
+        self.peerPort = freePort()
+        self.servers: dict[int, Background] = {}
+        for i in (1, 2, 3):
+            self.startInstance(i)
+        for i in (1, 2, 3):
+            yield self.servers[i].waitForStderr(b"Peer links on")
+            yield self.waitForListener(i)
+
+    def startInstance(self, i: int) -> Background:
+        d = self.pki.directory
+        path = d / f"tp-{i}.toml"
+        path.write_text(f"""
+[server]
+listen = "tcp:{self.port}:interface=127.0.0.{i}"
+certificate = "server.pem"
+key = "server.key"
+client_ca = "ca.pem"
+quic = false
+state_dir = "state-{i}"
+
+[[rules]]
+identities = "*"
+hosts = ["127.0.0.0/8", "*.localhost"]
+ports = "*"
+
+[[exposures]]
+identities = ["alice", "bob"]
+public_ports = "1024-65535"
+names = "*.localhost"
+dialers = ["alice", "bob"]
+
+[reverse]
+public_interface = "127.0.0.{i}"
+
+[e2e]
+ca_certificate = "ca.pem"
+ca_key = "ca.key"
+
+[cluster]
+etcd = ["{self.etcd.url}"]
+instance = "tp-{i}"
+advertise = "127.0.0.{i}:{self.peerPort}"
+peer_listen = "tcp:{self.peerPort}:interface=127.0.0.{i}"
+lease_ttl = {self.TTL}
+""")
+        for name in ("alice", "bob", "mallory"):
+            (d / f"{name}-{i}.toml").write_text(
+                f'server = "127.0.0.{i}:{self.port}"\ncert = "{d / name}.pem"\nkey = "{d / name}.key"\nca = "{self.pki.caPath}"\n'
+            )
+        server = Background(self, twistCommand() + ["--log-format=text", "--log-file=+", "tp", "--config", str(path)])
+        self.servers[i] = server
+        return server
+
+    @defer.inlineCallbacks
+    def waitForListener(self, i: int) -> Any:
+        from tpproxy.test.support import waitForPort
+
+        yield waitForPort(self.port, host=f"127.0.0.{i}")
+
+    def client(self, name: str, i: int) -> str:
+        return str(self.pki.directory / f"{name}-{i}.toml")
+
+    @defer.inlineCallbacks
+    def expose(self, local: int, *mode: str, identity: str = "alice", at: int = 1) -> Any:
+        exposer = Background(self, tpCommand() + ["--config", self.client(identity, at), "expose", f"127.0.0.1:{local}", *mode])
+        line = yield exposer.waitForStderr(b"; Ctrl-C stops")
+        match = re.search(rb"as public port (\d+)", line)
+        exposer.publicPort = int(match.group(1)) if match else None  # type: ignore[attr-defined]
+        return exposer
+
+    @defer.inlineCallbacks
+    def test_e2eThroughOtherInstances(self) -> Any:
+        """
+        An E2E name exposed at A is dialled through B and C (C{tp connect}
+        to 127.0.0.2 and 127.0.0.3): C authorizes the dialer, A checks
+        again and asks the exposer, and the bytes echo.  An identity that
+        is not among the name's dialers is refused at B.
+        """
+        echoPort, echo = listenLocal(self, Echo)
+        yield self.expose(echoPort, "--e2e", "echo.alice.localhost")
+        for i in (2, 3):
+            yield self.servers[i].waitForStderr(b"Routing E2E name echo.alice.localhost of alice to instance(s) ['tp-1']")
+        payload = os.urandom(64 * 1024)
+        for i in (2, 3, 1):
+            result = yield run(tpCommand() + ["--config", self.client("bob", i), "connect", "echo.alice.localhost:7"], stdin=payload)
+            self.assertEqual((result.status, len(result.out)), (0, len(payload)), result.err + b"\n---B\n" + self.servers[i].stderr[-3000:] + b"\n---A\n" + self.servers[1].stderr[-3000:])
+            self.assertEqual(result.out, payload)
+        self.assertEqual(echo.accepted, 3)
+        refused = yield run(tpCommand() + ["--config", self.client("mallory", 2), "connect", "echo.alice.localhost:7"], stdin=b"hi")
+        self.assertNotEqual(refused.status, 0)
+        self.assertEqual(echo.accepted, 3)
+
+    @defer.inlineCallbacks
+    def test_publicPortOnEveryInstance(self) -> Any:
+        """
+        A public port registered at A answers on B and C, on the same port
+        of their own address.
+        """
+        echoPort, echo = listenLocal(self, Echo)
+        exposer = yield self.expose(echoPort, "--public")
+        port = exposer.publicPort
+        for i in (2, 3):
+            yield self.servers[i].waitForStderr(f"Forwarding public port {port} to instance(s) ['tp-1']".encode())
+        for i in (1, 2, 3):
+            yield echoThrough(f"127.0.0.{i}", port)
+        self.assertEqual(echo.accepted, 3)
+
+    @defer.inlineCallbacks
+    def test_raceForOneName(self) -> Any:
+        """
+        alice at A and bob at B register one name at the same moment:
+        exactly one gets it, and the other is told it is taken.
+        """
+        echoPort, echo = listenLocal(self, Echo)
+        exposers = {
+            who: Background(self, tpCommand() + ["--config", self.client(who, at), "expose", f"127.0.0.1:{echoPort}", "--e2e", "race.localhost"])
+            for who, at in (("alice", 1), ("bob", 2))
+        }
+        outcomes: dict[str, str] = {}
+
+        def outcome(who: str) -> defer.Deferred[None]:
+            """
+            Fires when C{who}'s exposer says it won or lost the name.
+            """
+            exposer = exposers[who]
+            decided: defer.Deferred[None] = defer.Deferred()
+            before = exposer.proto.onStderr
+
+            def seen(err: bytes) -> None:
+                before(err)
+                if who not in outcomes and (b"; Ctrl-C stops" in err or b"name_taken" in err):
+                    outcomes[who] = "won" if b"; Ctrl-C stops" in err else "lost"
+                    decided.callback(None)
+
+            exposer.proto.onStderr = seen
+            seen(exposer.stderr)
+            return decided.addTimeout(30, reactor)
+
+        yield defer.gatherResults([outcome("alice"), outcome("bob")], consumeErrors=True)
+        self.assertEqual(sorted(outcomes.values()), ["lost", "won"], outcomes)
+
+    @defer.inlineCallbacks
+    def test_killedInstanceRoutesVanish(self) -> Any:
+        """
+        C{kill -9} A: its routes vanish from B and C within the lease TTL
+        (measured), B stops forwarding the port, and a dial through B is
+        refused instead of hanging.
+        """
+        echoPort, echo = listenLocal(self, Echo)
+        exposer = yield self.expose(echoPort, "--public")
+        port = exposer.publicPort
+        yield self.expose(echoPort, "--e2e", "gone.alice.localhost")
+        for i in (2, 3):
+            yield self.servers[i].waitForStderr(b"Routing E2E name gone.alice.localhost")
+            yield self.servers[i].waitForStderr(f"Forwarding public port {port}".encode())
+        killed = reactor.seconds()
+        os.kill(self.servers[1].transport.pid, signal.SIGKILL)
+        for i in (2, 3):
+            yield self.servers[i].waitForStderr(b"No longer routing E2E name gone.alice.localhost", timeout=self.TTL + 5)
+            yield self.servers[i].waitForStderr(f"No longer forwarding public port {port}".encode(), timeout=self.TTL + 5)
+        gap = reactor.seconds() - killed
+        print(f"\nroutes of a killed instance gone from B and C after {gap:.2f} s (lease TTL {self.TTL} s)")
+        self.assertLess(gap, self.TTL + 1)
+        result = yield run(tpCommand() + ["--config", self.client("bob", 2), "connect", "gone.alice.localhost:7"], stdin=b"hi")
+        self.assertNotEqual(result.status, 0)

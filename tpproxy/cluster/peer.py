@@ -1,0 +1,487 @@
+# -*- test-case-name: tpproxy.test.test_cluster -*-
+"""
+Peer links: how an instance of the cluster forwards a dialer to the
+instance that holds the route (docs/cluster.md).
+
+A dialer of an E2E name, or a connection to a public port, arrives at
+instance C; the exposure is held at instance A (the routing store says
+so).  C keeps a I{remote exposure} for each route held elsewhere
+(L{PeerLinks.sync}, from the store's watch): it serves the name's TLS
+and checks the dialer with its own policy as for a local exposure, and it
+listens on every public port held anywhere.  When a dialer arrives, the
+remote exposure's control (L{RemoteControl}) opens a peer link to A
+(L{PeerDial}): mutual TLS, then one C{peer-dial} frame; A's
+L{tpproxy.protocols.sessions.PeerSession} checks again, asks its exposer
+for a session and answers; the link then is the accept end of C's
+session, and the bytes splice dialer <-> C <-> A <-> exposer.
+
+Who is a peer: the other end presents a certificate whose public key is
+that of this instance's own server certificate (instances of one service
+share TP's certificate and key: it is what an anycast address needs), and
+connects from the host of a live instance's C{advertise} address, as the
+store's watch last saw it.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from typing import Any
+
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from OpenSSL import SSL, crypto
+from twisted.application import service
+from twisted.internet import defer, error
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator, IReactorTCP
+from twisted.internet.protocol import ClientFactory, Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tpproxy.cluster.store import NAME, Event, HolderAdded, HolderRemoved, Holder, IRoutingStore, IRoutingWatch, Route
+from tpproxy.config import ConfigError, hostPort
+from tpproxy.machine import Machine
+from tpproxy.protocols.relay import RelayEnd, noDelay
+from tpproxy.protocols.sessions import PeerSession
+from tpproxy.reverse.registry import Exposure, PublicDialerFactory, Registry, ReverseError
+from tpproxy.transports.tls import TLSFactory
+from tpproxy.wire import ErrorCode, FrameDecoder, ServerHello, WireError, encodeFrame
+
+log = Logger(namespace="tpproxy.cluster")
+
+#: The ALPN of a peer link: nothing else speaks it.
+PEER_ALPN = b"tp-peer/1"
+
+
+def _publicKey(cert: Any) -> bytes:
+    return cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+@implementer(IOpenSSLServerConnectionCreator, IOpenSSLClientConnectionCreator)
+class PeerTLS:
+    """
+    The TLS of peer links, both ends: TLS 1.3, TP's own certificate and
+    key (read at each connection, so a renewal or reload takes effect),
+    a certificate required from the other end, which L{pinned} checks
+    after the handshake (OpenSSL's chain check is not used: TP's server
+    certificate need not be a client certificate, nor come from the
+    client CA).
+    """
+
+    def __init__(self, serverTLS: Any) -> None:
+        self.serverTLS = serverTLS
+        self._cached: tuple[Any, SSL.Context] | None = None
+
+    def _context(self) -> SSL.Context:
+        chain, key = self.serverTLS.chain, self.serverTLS.key
+        if self._cached is not None and self._cached[0] is chain:
+            return self._cached[1]
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+        ctx.use_certificate(crypto.X509.from_cryptography(chain[0]))
+        for extra in chain[1:]:
+            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+        ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))
+        ctx.check_privatekey()
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda conn, cert, errno, depth, ok: True)
+        ctx.set_alpn_protos([PEER_ALPN])
+        ctx.set_alpn_select_callback(lambda conn, offered: PEER_ALPN if PEER_ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS)
+        self._cached = (chain, ctx)
+        return ctx
+
+    def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:
+        conn = SSL.Connection(self._context(), None)
+        conn.set_accept_state()
+        return conn
+
+    def clientConnectionForTLS(self, protocol: Any) -> SSL.Connection:
+        conn = SSL.Connection(self._context(), None)
+        conn.set_connect_state()
+        return conn
+
+    def pinned(self, transport: Any) -> bool:
+        """
+        Did the other end present a certificate with TP's own public key?
+        """
+        cert = transport.getPeerCertificate()
+        if cert is None:
+            return False
+        return _publicKey(cert.to_cryptography()) == _publicKey(self.serverTLS.chain[0])
+
+
+class RemoteControl:
+    """
+    The control of a remote exposure: a dialer waits in session C{sid} of
+    this instance's registry; open a peer link to a holder for it.
+    """
+
+    def __init__(self, links: PeerLinks, exposure: Exposure | None = None) -> None:
+        self.links = links
+        self.exposure = exposure
+
+    def sendIncoming(self, session: str, identity: str | None, peer: str) -> None:
+        assert self.exposure is not None
+        self.links.dial(self.exposure, session, identity, peer)
+
+    def closeControl(self, reason: str) -> None:
+        pass  # no signalling connection here: the holder has it
+
+    def goaway(self, reason: str) -> None:
+        pass
+
+
+class DialState(str, enum.Enum):
+    CONNECTING = "connecting"
+    ANSWER = "answer"
+    SPLICED = "spliced"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+@implementer(IHandshakeListener)
+class PeerDial(RelayEnd, Machine[DialState]):
+    """
+    This instance's end of a peer link for one waiting session: sends the
+    C{peer-dial} frame, reads the holder's ServerHello, then is the accept
+    end of session C{sid}.
+    """
+
+    S = DialState
+    TRANSITIONS = {
+        (S.CONNECTING, "handshake"): (S.ANSWER, "_send"),
+        (S.ANSWER, "data"): (S.ANSWER, "_answer"),
+        (S.ANSWER, "joined"): (S.SPLICED, "_joined"),
+        (S.ANSWER, "failed"): (S.FAILED, "_fail"),
+        (S.CONNECTING, "failed"): (S.FAILED, "_fail"),
+        (S.FAILED, "failed"): (S.FAILED, None),
+        (S.FAILED, "data"): (S.FAILED, None),
+        (S.CLOSED, "failed"): (S.CLOSED, None),
+        **{(s, "lost"): (DialState.CLOSED, "_lost") for s in (S.CONNECTING, S.ANSWER, S.SPLICED, S.FAILED)},
+    }
+
+    def __init__(self, links: PeerLinks, sid: str, exposure: Exposure, hello: dict[str, Any], instance: str) -> None:
+        self.links = links
+        self.sid = sid
+        self.exposure = exposure
+        self.hello = hello
+        self.instance = instance
+        self.decoder = FrameDecoder()
+        self.state = DialState.CONNECTING
+
+    def connectionMade(self) -> None:
+        noDelay(self.transport)
+
+    def handshakeCompleted(self) -> None:
+        self._input("handshake")
+
+    def preSpliceData(self, data: bytes) -> None:
+        self._input("data", data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._input("lost", reason)
+
+    def _send(self) -> None:
+        if not self.links.tls.pinned(self.transport):
+            self._input("failed", ErrorCode.UNREACHABLE, f"instance {self.instance} did not present TP's certificate")
+            return
+        self.transport.write(encodeFrame(self.hello))  # type: ignore[union-attr]
+
+    def _answer(self, data: bytes) -> None:
+        try:
+            obj = self.decoder.feedFrame(data)
+            if obj is None:
+                return
+            answer = ServerHello.fromObject(obj)
+        except WireError as e:
+            self._input("failed", ErrorCode.INTERNAL, f"instance {self.instance} answered badly: {e.message}")
+            return
+        if not answer.ok:
+            try:
+                code = ErrorCode(answer.code)
+            except ValueError:
+                code = ErrorCode.NOT_ACCEPTED
+            self._input("failed", code, f"{answer.message} (at instance {self.instance})")
+            return
+        self._input("joined", self.decoder.takeRest())
+
+    def _joined(self, rest: bytes) -> None:
+        registry = self.links.registry
+        try:
+            pending = registry.claim(self.sid, self.exposure.owner)
+        except ReverseError:
+            # The dialer left, or its wait ended, meanwhile.
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        pending.dialer.sessionJoined(self)
+        if rest and self.peer is not None:
+            self.bytesIn += len(rest)
+            self.peer.transport.write(rest)  # type: ignore[union-attr]
+
+    def _fail(self, code: ErrorCode, message: str) -> None:
+        self.links.registry.failSession(self.sid, code, message)
+        if self.transport is not None:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _lost(self, reason: Failure) -> None:
+        if self.peer is None:
+            self.links.registry.failSession(self.sid, ErrorCode.NOT_ACCEPTED, f"the peer link to instance {self.instance} closed")
+        RelayEnd.connectionLost(self, reason)
+
+
+class PeerDialFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, dial: PeerDial) -> None:
+        self.dial = dial
+
+    def buildProtocol(self, addr: Any) -> PeerDial:
+        return self.dial
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.dial._input("failed", ErrorCode.UNREACHABLE, f"cannot reach instance {self.dial.instance}: {reason.getErrorMessage()}")
+
+
+class PeerLinks:
+    """
+    This instance's side of the cluster's routing: the remote exposures
+    (kept from the store's watch), the peer listener's sessions, and the
+    links it opens.
+
+    @param reactor: for connections and timers.
+    @param store: the started routing store.
+    @param registry: this instance's registry.
+    @param serverTLS: TP's own certificate and key (peer links use them)
+        and the E2E names served.
+    """
+
+    def __init__(
+        self, reactor: IReactorTCP, store: IRoutingStore, registry: Registry, serverTLS: Any, connectTimeout: float = 10, helloTimeout: float = 10
+    ) -> None:
+        self.reactor = reactor
+        self.store = store
+        self.registry = registry
+        self.serverTLS = serverTLS
+        self.connectTimeout = connectTimeout
+        self.helloTimeout = helloTimeout
+        self.tls = PeerTLS(serverTLS)
+        self.watch: IRoutingWatch | None = None
+        self._early: set[Route] = set()
+        self.me = store.instance.id
+        try:
+            self.ownHost: str | None = hostPort(store.instance.advertise, "advertise")[0]
+        except ConfigError:
+            self.ownHost = None
+        registry.onLocalGone = self.sync
+
+    # --- the watch ------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def start(self) -> Any:
+        self.watch = yield self.store.watch(self._event)
+        early, self._early = self._early, set()
+        for route in sorted(early | self.watch.routes(NAME) | self.watch.routes("port")):
+            self.sync(route)
+
+    @defer.inlineCallbacks
+    def stop(self) -> Any:
+        watch, self.watch = self.watch, None
+        if watch is not None:
+            yield watch.stop()
+        for name, remote in list(self.registry.remoteNames.items()):
+            self._dropName(name, remote)
+        for port, remote in list(self.registry.remotePorts.items()):
+            del self.registry.remotePorts[port]
+            self.registry.remove(remote)
+
+    def _event(self, event: Event) -> None:
+        if self.watch is None:
+            if isinstance(event, (HolderAdded, HolderRemoved)):
+                self._early.add(event.holder.route)
+            return
+        if isinstance(event, (HolderAdded, HolderRemoved)):
+            self.sync(event.holder.route)
+        else:
+            # An instance came or went: every route may change.
+            routes = self.watch.routes(NAME) | self.watch.routes("port")
+            routes |= {Route.name(n) for n in self.registry.remoteNames} | {Route.port(p) for p in self.registry.remotePorts}
+            for route in sorted(routes):
+                self.sync(route)
+
+    def remoteHolders(self, route: Route) -> list[Holder]:
+        """
+        The holders of C{route} on other live instances, as last seen.
+        """
+        if self.watch is None:
+            return []
+        live = self.watch.instances()
+        return sorted(h for h in self.watch.holders(route) if h.instance != self.me and h.instance in live)
+
+    def sync(self, route: Route) -> None:
+        """
+        Make this instance's remote exposure of C{route} match the holders
+        last seen.
+        """
+        holders = self.remoteHolders(route)
+        if route.kind == NAME:
+            self._syncName(route.key, holders)
+        else:
+            self._syncPort(int(route.key), holders)
+
+    def _syncName(self, name: str, holders: list[Holder]) -> None:
+        registry = self.registry
+        remote = registry.remoteNames.get(name)
+        if remote is not None and (not holders or remote.owner != holders[0].identity):
+            self._dropName(name, remote)
+            remote = None
+        if not holders or self.serverTLS.servesOwnName(name):
+            return
+        if remote is None:
+            owner = holders[0].identity
+            decision = registry.policy.mayExposeName(owner, name)
+            if not decision.allowed or decision.rule is None:
+                log.warn(
+                    "Not routing E2E name {name} held by {owner} at {instances}: this instance's exposure rules do not let {owner} expose it ({reason})",
+                    name=name, owner=owner, instances=[h.instance for h in holders], reason=decision.reason,
+                )
+                return
+            control = RemoteControl(self)
+            remote = Exposure(owner=owner, mode="e2e", control=control, name=name, grantedBy=registry.policy.exposures[decision.rule])
+            control.exposure = remote
+            registry.remoteNames[name] = remote
+            log.info("Routing E2E name {name} of {owner} to instance(s) {instances}", name=name, owner=owner, instances=[h.instance for h in holders])
+        if name not in registry.byName and name not in self.serverTLS.innerNames:
+            self._serveName(name, remote)
+
+    def _serveName(self, name: str, remote: Exposure) -> None:
+        registry = self.registry
+
+        def got(result: tuple[list[Any], Any]) -> None:
+            chain, key = result
+            if registry.remoteNames.get(name) is remote and name not in registry.byName:
+                self.serverTLS.addName(name, chain, key, lambda identity: registry.mayDial(remote, identity))
+
+        def failed(f: Failure) -> None:
+            log.warn("No certificate for remote E2E name {name}: {error}", name=name, error=f.getErrorMessage())
+
+        registry.certificates.certificateFor(name).addCallbacks(got, failed)
+
+    def _dropName(self, name: str, remote: Exposure) -> None:
+        registry = self.registry
+        if registry.remoteNames.get(name) is remote:
+            del registry.remoteNames[name]
+        if name not in registry.byName:
+            self.serverTLS.removeName(name)
+        registry.remove(remote)
+        log.info("No longer routing E2E name {name} to other instances", name=name)
+
+    def _syncPort(self, port: int, holders: list[Holder]) -> None:
+        registry = self.registry
+        remote = registry.remotePorts.get(port)
+        if not holders:
+            if remote is not None:
+                del registry.remotePorts[port]
+                registry.remove(remote)
+                log.info("No longer forwarding public port {port} to other instances", port=port)
+            return
+        if remote is None:
+            remote = Exposure(owner=holders[0].identity, mode="public", control=RemoteControl(self), port=port)
+            remote.control.exposure = remote  # type: ignore[attr-defined]
+            registry.remotePorts[port] = remote
+        if port not in registry.byPort and remote.listening is None:
+            try:
+                remote.listening = self.reactor.listenTCP(port, PublicDialerFactory(registry, remote), interface=registry.publicInterface)
+            except error.CannotListenError as e:
+                log.warn("Cannot forward public port {port} held at {instances}: {error}", port=port, instances=[h.instance for h in holders], error=str(e.socketError))
+                return
+            log.info("Forwarding public port {port} to instance(s) {instances}", port=port, instances=[h.instance for h in holders])
+
+    # --- links ------------------------------------------------------------------------
+
+    def dial(self, exposure: Exposure, sid: str, identity: str | None, peer: str) -> None:
+        """
+        A dialer waits in session C{sid} for the remote C{exposure}: open a
+        peer link to one of its holders (chosen at random among the live
+        ones).
+        """
+        route = Route.name(exposure.name) if exposure.mode == "e2e" else Route.port(exposure.port)  # type: ignore[arg-type]
+        holders = self.remoteHolders(route)
+        instances = self.watch.instances() if self.watch is not None else {}
+        if not holders:
+            self.registry.failSession(sid, ErrorCode.NOT_ACCEPTED, f"no live instance holds {route} any more")
+            return
+        holder = random.choice(holders)
+        try:
+            host, port = hostPort(instances[holder.instance].advertise, "advertise")
+        except (ConfigError, KeyError):
+            self.registry.failSession(sid, ErrorCode.UNREACHABLE, f"instance {holder.instance} has no usable advertise address")
+            return
+        hello: dict[str, Any] = {"op": "peer-dial", "peer": peer, "instance": self.me}
+        if route.kind == NAME:
+            hello.update(name=route.key, identity=identity)
+        else:
+            hello["port"] = int(route.key)
+        dial = PeerDial(self, sid, exposure, hello, holder.instance)
+        factory = TLSFactory(self.tls, True, PeerDialFactory(dial), clock=self.reactor)
+        bind = (self.ownHost, 0) if self.ownHost is not None else None
+        self.reactor.connectTCP(host, port, factory, timeout=self.connectTimeout, bindAddress=bind)
+
+    def authorize(self, transport: Any) -> tuple[str | None, str]:
+        """
+        May the other end of a peer link (server side) use it?  Answers a
+        refusal (or C{None}) and the peer's instance id.
+        """
+        if not self.tls.pinned(transport):
+            return "its certificate is not TP's own", "?"
+        host = transport.getPeer().host
+        instances = self.watch.instances() if self.watch is not None else {}
+        for instance in instances.values():
+            try:
+                if instance.id != self.me and hostPort(instance.advertise, "advertise")[0] == host:
+                    return None, instance.id
+            except ConfigError:
+                continue
+        return f"{host} is not the address of a live instance of this cluster", "?"
+
+    def listenerFactory(self) -> TLSFactory:
+        """
+        The peer listener's: TP's half-closing TLS around L{PeerSession}.
+        """
+        return TLSFactory(self.tls, False, Factory.forProtocol(lambda: PeerSession(self, self.helloTimeout)), clock=self.reactor)
+
+
+class ClusterService(service.Service):
+    """
+    While running: the watch that keeps the remote exposures, and the peer
+    listener on C{peer_listen}.  Started by L{tpproxy.service.ServerService}
+    once the store has its lease.
+    """
+
+    name = "cluster"
+
+    def __init__(self, links: PeerLinks, peerListen: str) -> None:
+        self.links = links
+        self.peerListen = peerListen
+        self.port: Any = None
+        self.starting: defer.Deferred[Any] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.starting = self._start()
+        self.starting.addErrback(lambda f: log.failure("The cluster's peer listener or watch did not start", f))
+
+    @defer.inlineCallbacks
+    def _start(self) -> Any:
+        endpoint = serverFromString(self.links.reactor, self.peerListen)
+        self.port = yield endpoint.listen(self.links.listenerFactory())
+        log.info("Peer links on {listen} (instance {instance}, advertised as {advertise})",
+                 listen=self.peerListen, instance=self.links.me, advertise=self.links.store.instance.advertise)
+        yield self.links.start()
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            yield port.stopListening()
+        yield self.links.stop()
