@@ -353,7 +353,7 @@ class Registry:
         """
         self.policy = policy
         self.acceptTimeout = acceptTimeout
-        for exposure in self.byName.values():
+        for exposure in [*self.byName.values(), *self.remoteNames.values()]:
             decision = policy.mayExposeName(exposure.owner, exposure.name)  # type: ignore[arg-type]
             if decision.allowed and decision.rule is not None:
                 exposure.grantedBy = policy.exposures[decision.rule]

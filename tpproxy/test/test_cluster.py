@@ -197,6 +197,36 @@ def echoThrough(host: str, port: int, size: int = 256 * 1024) -> Any:
         raise AssertionError(f"{host}:{port}: got {len(got)} bytes back, sent {size}")
 
 
+class PeerMachineTests(TestCase):
+    """
+    The peer link's two machines obey the rules every session machine
+    does (C{tpproxy.test.test_sessions.TableTests}).
+    """
+
+    def test_tables(self) -> None:
+        from tpproxy.cluster.peer import PeerDial
+        from tpproxy.machine import IllegalTransition
+        from tpproxy.protocols.sessions import PeerSession
+
+        for cls in (PeerSession, PeerDial):
+            table = cls.TRANSITIONS
+            states = {state for state, _ in table} | {to for to, _ in table.values()}
+            self.assertEqual(states, set(type(next(iter(table))[0])), cls.__name__)
+            for state in states:
+                for name in cls.inputs():
+                    if (state, name) in table:
+                        continue
+                    machine = cls.__new__(cls)
+                    machine.state = state
+                    self.assertRaises(IllegalTransition, machine._input, name)
+            for (state, name), (to, output) in table.items():
+                if output is not None:
+                    self.assertTrue(callable(getattr(cls, output, None)), f"{cls.__name__}.{output}")
+                if state.value == "closed":
+                    self.assertEqual(to, state, f"{cls.__name__} {name}")
+            self.assertIn("lost", cls.inputs())
+
+
 class ThreeInstancesTests(TestCase):
     """
     Three C{twist tp} processes on 127.0.0.1 (A), 127.0.0.2 (B) and
@@ -236,7 +266,6 @@ listen = "tcp:{self.port}:interface=127.0.0.{i}"
 certificate = "server.pem"
 key = "server.key"
 client_ca = "ca.pem"
-quic = false
 state_dir = "state-{i}"
 
 [[rules]]
@@ -307,9 +336,13 @@ lease_ttl = {self.TTL}
             self.assertEqual((result.status, len(result.out)), (0, len(payload)), result.err + b"\n---B\n" + self.servers[i].stderr[-3000:] + b"\n---A\n" + self.servers[1].stderr[-3000:])
             self.assertEqual(result.out, payload)
         self.assertEqual(echo.accepted, 3)
+        # Over QUIC to C: the same peer link behind.
+        result = yield run(tpCommand() + ["--config", self.client("bob", 3), "--transport", "quic", "connect", "echo.alice.localhost:7"], stdin=payload)
+        self.assertEqual(result.out, payload, result.err)
+        self.assertEqual(echo.accepted, 4)
         refused = yield run(tpCommand() + ["--config", self.client("mallory", 2), "connect", "echo.alice.localhost:7"], stdin=b"hi")
         self.assertNotEqual(refused.status, 0)
-        self.assertEqual(echo.accepted, 3)
+        self.assertEqual(echo.accepted, 4)
 
     @defer.inlineCallbacks
     def test_publicPortOnEveryInstance(self) -> Any:
@@ -384,3 +417,85 @@ lease_ttl = {self.TTL}
         self.assertLess(gap, self.TTL + 1)
         result = yield run(tpCommand() + ["--config", self.client("bob", 2), "connect", "gone.alice.localhost:7"], stdin=b"hi")
         self.assertNotEqual(result.status, 0)
+
+    @defer.inlineCallbacks
+    def peerDial(self, source: str, serverTLS: Any, hello: dict[str, Any]) -> Any:
+        """
+        Open a peer link to A from C{source}, presenting C{serverTLS}'s
+        certificate and key, send C{hello}, and answer A's ServerHello (or
+        C{None} if the link closed without one).
+        """
+        from tpproxy.cluster.peer import PeerTLS
+        from tpproxy.transports.tls import TLSFactory
+        from tpproxy.wire import FrameDecoder, ServerHello, encodeFrame
+        from twisted.internet.interfaces import IHandshakeListener
+        from zope.interface import implementer
+
+        done: defer.Deferred[Any] = defer.Deferred()
+        decoder = FrameDecoder()
+
+        @implementer(IHandshakeListener)
+        class Link(protocol.Protocol):
+            answer = None
+
+            def handshakeCompleted(self) -> None:
+                self.transport.write(encodeFrame(hello))  # type: ignore[union-attr]
+
+            echoed = b""
+
+            def dataReceived(self, data: bytes) -> None:
+                if self.answer is not None:
+                    self.echoed += data
+                    if self.echoed == b"ping":
+                        self.transport.loseConnection()  # type: ignore[union-attr]
+                    return
+                obj = decoder.feedFrame(data)
+                if obj is not None:
+                    self.answer = ServerHello.fromObject(obj)
+                    if self.answer.ok:
+                        # Spliced to the exposer's service: an echo.
+                        self.transport.write(b"ping")  # type: ignore[union-attr]
+
+            def connectionLost(self, reason: Any) -> None:
+                if self.answer is not None:
+                    self.answer.info["echoed"] = self.echoed
+                done.callback(self.answer)
+
+        factory = TLSFactory(PeerTLS(serverTLS), True, protocol.ClientFactory.forProtocol(Link), clock=reactor)
+        reactor.connectTCP("127.0.0.1", self.peerPort, factory, bindAddress=(source, 0))
+        return (yield done.addTimeout(30, reactor))
+
+    @defer.inlineCallbacks
+    def test_peerLinkRefusals(self) -> Any:
+        """
+        A's peer listener serves only live instances holding TP's key: a
+        link from an address no instance advertises, or with another key
+        (a client certificate of the same CA), is refused; so is a dial of a
+        name A does not hold, or by a dialer the name's rule does not list.
+        From B with TP's key, a dial of a held name is accepted.
+        """
+        from tpproxy.pki import loadCertificates, loadKey
+
+        echoPort, echo = listenLocal(self, Echo)
+        yield self.expose(echoPort, "--e2e", "echo.alice.localhost")
+        d = self.pki.directory
+
+        class Pair:
+            def __init__(self, stem: str) -> None:
+                self.chain = loadCertificates(str(d / f"{stem}.pem"))
+                self.key = loadKey(str(d / f"{stem}.key"))
+
+        tp, alice = Pair("server"), Pair("alice")
+        dial = {"op": "peer-dial", "name": "echo.alice.localhost", "identity": "bob", "peer": "test"}
+        answer = yield self.peerDial("127.0.0.4", tp, dial)
+        self.assertEqual((answer.code, answer.message), ("forbidden", "127.0.0.4 is not the address of a live instance of this cluster"))
+        answer = yield self.peerDial("127.0.0.2", alice, dial)
+        self.assertEqual((answer.code, answer.message), ("forbidden", "its certificate is not TP's own"))
+        answer = yield self.peerDial("127.0.0.2", tp, {**dial, "name": "other.alice.localhost"})
+        self.assertEqual(answer.code, "not_exposed")
+        answer = yield self.peerDial("127.0.0.2", tp, {**dial, "identity": "mallory"})
+        self.assertEqual(answer.code, "forbidden")
+        self.assertEqual(echo.accepted, 0)
+        answer = yield self.peerDial("127.0.0.2", tp, dial)
+        self.assertEqual((answer.ok, answer.info["echoed"]), (True, b"ping"))
+        self.assertEqual(echo.accepted, 1)
