@@ -33,16 +33,17 @@ from OpenSSL import SSL, crypto
 from twisted.application import service
 from twisted.internet import defer, error
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator, IReactorTCP
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import ClientFactory, Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tpproxy.cluster.store import NAME, Event, HolderAdded, HolderRemoved, Holder, IRoutingStore, IRoutingWatch, Route
+from tpproxy.cluster.store import NAME, PORT, Event, Holder, HolderAdded, HolderRemoved, IRoutingStore, IRoutingWatch, Route
 from tpproxy.config import ConfigError, hostPort
 from tpproxy.machine import Machine
 from tpproxy.protocols.relay import RelayEnd, noDelay
+from tpproxy.reactors import IServerReactor
 from tpproxy.protocols.sessions import PeerSession
 from tpproxy.reverse.registry import Exposure, PublicDialerFactory, Registry, ReverseError
 from tpproxy.transports.tls import TLSFactory
@@ -248,7 +249,8 @@ class PeerLinks:
     (kept from the store's watch), the peer listener's sessions, and the
     links it opens.
 
-    @param reactor: for connections and timers.
+    @param reactor: for connections, listeners (public ports held
+        elsewhere) and timers.
     @param store: the started routing store.
     @param registry: this instance's registry.
     @param serverTLS: TP's own certificate and key (peer links use them)
@@ -256,7 +258,7 @@ class PeerLinks:
     """
 
     def __init__(
-        self, reactor: IReactorTCP, store: IRoutingStore, registry: Registry, serverTLS: Any, connectTimeout: float = 10, helloTimeout: float = 10
+        self, reactor: IServerReactor, store: IRoutingStore, registry: Registry, serverTLS: Any, connectTimeout: float = 10, helloTimeout: float = 10
     ) -> None:
         self.reactor = reactor
         self.store = store
@@ -280,7 +282,7 @@ class PeerLinks:
     def start(self) -> Any:
         self.watch = yield self.store.watch(self._event)
         early, self._early = self._early, set()
-        for route in sorted(early | self.watch.routes(NAME) | self.watch.routes("port")):
+        for route in sorted(early | self.watch.routes(NAME) | self.watch.routes(PORT)):
             self.sync(route)
 
     @defer.inlineCallbacks
@@ -303,7 +305,7 @@ class PeerLinks:
             self.sync(event.holder.route)
         else:
             # An instance came or went: every route may change.
-            routes = self.watch.routes(NAME) | self.watch.routes("port")
+            routes = self.watch.routes(NAME) | self.watch.routes(PORT)
             routes |= {Route.name(n) for n in self.registry.remoteNames} | {Route.port(p) for p in self.registry.remotePorts}
             for route in sorted(routes):
                 self.sync(route)

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tpproxy.certsource import CertificateUnavailable, ICertificateSource
-from tpproxy.cluster.store import IRoutingStore, Route, RouteTaken, StoreError, StoreUnavailable
+from tpproxy.cluster.store import NAME, PORT, IRoutingStore, Route, RouteTaken, StoreError, StoreUnavailable
 from tpproxy.names import normalize
 from tpproxy.policy import Decision, ExposureRule, Policy
 from tpproxy.protocols.relay import RelayEnd, noDelay, splice
@@ -189,6 +189,10 @@ class Registry:
             return
         try:
             yield self.store.claim(route, identity)
+        except ValueError as e:
+            # An identity the store cannot record (control characters, or
+            # longer than 1024 characters).
+            raise ReverseError(ErrorCode.FORBIDDEN, f"{route} cannot be held by this identity: {e}") from None
         except RouteTaken:
             raise ReverseError(code, f"{route} is held by another identity") from None
         except StoreUnavailable as e:
@@ -208,7 +212,7 @@ class Registry:
         """
         if self.store is None:
             return
-        if (route.kind == "port" and int(route.key) in self.byPort) or (route.kind == "name" and route.key in self.byName):
+        if (route.kind == PORT and int(route.key) in self.byPort) or (route.kind == NAME and route.key in self.byName):
             return
         self.store.release(route).addErrback(lambda f: f.trap(StoreError))
 
@@ -219,7 +223,7 @@ class Registry:
         close the exposure that serves it here.
         """
         route = taken.route
-        exposure = self.byPort.get(int(route.key)) if route.kind == "port" else self.byName.get(route.key)
+        exposure = self.byPort.get(int(route.key)) if route.kind == PORT else self.byName.get(route.key)
         if exposure is None or exposure.owner != identity:
             return
         log.warn("Closing {exposure} of {identity}: its route was lost to {holders}", exposure=exposure.describe(), identity=identity, holders=sorted(taken.holders))

@@ -22,7 +22,7 @@ from tpproxy.cluster.testing import _freePorts
 from tpproxy.reverse.registry import Registry, ReverseError
 from tpproxy.service import certificateSource, makeServerTLS
 from tpproxy.cluster.testing import EtcdServer
-from tpproxy.test.support import Background, Echo, HashSink, deferLater, freePort, listenLocal, run, tpCommand, twistCommand
+from tpproxy.test.support import Background, Echo, HashSink, freePort, listenLocal, run, tpCommand, twistCommand, waitForPort
 from tpproxy.testing import REVERSE_RULES, TestPKI, reverseTables
 from tpproxy.wire import ErrorCode
 
@@ -301,11 +301,8 @@ lease_ttl = {self.TTL}
         self.servers[i] = server
         return server
 
-    @defer.inlineCallbacks
     def waitForListener(self, i: int) -> Any:
-        from tpproxy.test.support import waitForPort
-
-        yield waitForPort(self.port, host=f"127.0.0.{i}")
+        return waitForPort(self.port, host=f"127.0.0.{i}")
 
     def client(self, name: str, i: int) -> str:
         return str(self.pki.directory / f"{name}-{i}.toml")
