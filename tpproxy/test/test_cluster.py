@@ -227,6 +227,26 @@ class PeerMachineTests(TestCase):
             self.assertIn("lost", cls.inputs())
 
 
+def logged(process: Background, marker: bytes, times: int = 1, timeout: float = 30) -> defer.Deferred[None]:
+    """
+    Fires once C{process} has written C{marker} to its stderr C{times}
+    times in all.
+    """
+    done: defer.Deferred[None] = defer.Deferred()
+    before = process.proto.onStderr
+
+    def seen(err: bytes) -> None:
+        if before is not None:
+            before(err)
+        if not done.called and err.count(marker) >= times:
+            process.proto.onStderr = before
+            done.callback(None)
+
+    process.proto.onStderr = seen
+    seen(process.stderr)
+    return done.addTimeout(timeout, reactor)
+
+
 class ThreeInstancesTests(TestCase):
     """
     Three C{twist tp} processes on 127.0.0.1 (A), 127.0.0.2 (B) and
@@ -395,7 +415,8 @@ lease_ttl = {self.TTL}
         """
         C{kill -9} A: its routes vanish from B and C within the lease TTL
         (measured), B stops forwarding the port, and a dial through B is
-        refused instead of hanging.
+        refused instead of hanging.  A restarted rejoins: its exposer
+        registers again and B routes to it.
         """
         echoPort, echo = listenLocal(self, Echo)
         exposer = yield self.expose(echoPort, "--public")
@@ -414,6 +435,13 @@ lease_ttl = {self.TTL}
         self.assertLess(gap, self.TTL + 1)
         result = yield run(tpCommand() + ["--config", self.client("bob", 2), "connect", "gone.alice.localhost:7"], stdin=b"hi")
         self.assertNotEqual(result.status, 0)
+        # A restarts and rejoins: the exposer registers there again, and B
+        # routes the name to it again.
+        restarted = self.startInstance(1)
+        yield restarted.waitForStderr(b"Peer links on")
+        yield logged(self.servers[2], b"Routing E2E name gone.alice.localhost", times=2, timeout=60)
+        result = yield run(tpCommand() + ["--config", self.client("bob", 2), "connect", "gone.alice.localhost:7"], stdin=b"back")
+        self.assertEqual(result.out, b"back", result.err)
 
     @defer.inlineCallbacks
     def peerDial(self, source: str, serverTLS: Any, hello: dict[str, Any]) -> Any:
