@@ -49,6 +49,7 @@ RESTART_KEYS = (
     ("router", "[router]"),
     ("acme", "[acme]"),
     ("publicInterface", "reverse.public_interface"),
+    ("cluster", "[cluster]"),
 )
 
 
