@@ -15,6 +15,14 @@ L{tpproxy.protocols.sessions.PeerSession} checks again, asks its exposer
 for a session and answers; the link then is the accept end of C's
 session, and the bytes splice dialer <-> C <-> A <-> exposer.
 
+Over TLS an exposer opens a new connection for each C{accept}, and the
+network may send it to instance B rather than A, where its signalling
+connection is.  Session ids start with the tag of the instance that made
+them (L{tpproxy.reverse.registry.instanceTag}): B sees that the id is A's,
+opens a peer link to A (L{PeerAccept}) and sends one C{peer-accept} frame;
+A claims the session for the exposer's identity as for a local accept,
+and B splices the exposer's connection to the link.
+
 Who is a peer: the other end presents a certificate whose public key is
 that of this instance's own server certificate (instances of one service
 share TP's certificate and key: it is what an anycast address needs), and
@@ -45,7 +53,7 @@ from tpproxy.machine import Machine
 from tpproxy.protocols.relay import RelayEnd, noDelay
 from tpproxy.reactors import IServerReactor
 from tpproxy.protocols.sessions import PeerSession
-from tpproxy.reverse.registry import Exposure, PublicDialerFactory, Registry, ReverseError
+from tpproxy.reverse.registry import TAG_LENGTH, AcceptEnd, Exposure, PublicDialerFactory, Registry, ReverseError, instanceTag, shortSession
 from tpproxy.transports.tls import TLSFactory
 from tpproxy.wire import ErrorCode, FrameDecoder, ServerHello, WireError, encodeFrame
 
@@ -141,11 +149,12 @@ class DialState(str, enum.Enum):
 
 
 @implementer(IHandshakeListener)
-class PeerDial(RelayEnd, Machine[DialState]):
+class PeerLink(RelayEnd, Machine[DialState]):
     """
-    This instance's end of a peer link for one waiting session: sends the
-    C{peer-dial} frame, reads the holder's ServerHello, then is the accept
-    end of session C{sid}.
+    This instance's end of a peer link it opened: sends one frame
+    (C{hello}), reads the other instance's ServerHello, then is spliced to
+    what waits here.  L{PeerDial} and L{PeerAccept} say what waits, and
+    what an answer or a failure does to it.
     """
 
     S = DialState
@@ -161,10 +170,8 @@ class PeerDial(RelayEnd, Machine[DialState]):
         **{(s, "lost"): (DialState.CLOSED, "_lost") for s in (S.CONNECTING, S.ANSWER, S.SPLICED, S.FAILED)},
     }
 
-    def __init__(self, links: PeerLinks, sid: str, exposure: Exposure, hello: dict[str, Any], instance: str) -> None:
+    def __init__(self, links: PeerLinks, hello: dict[str, Any], instance: str) -> None:
         self.links = links
-        self.sid = sid
-        self.exposure = exposure
         self.hello = hello
         self.instance = instance
         self.decoder = FrameDecoder()
@@ -207,6 +214,27 @@ class PeerDial(RelayEnd, Machine[DialState]):
         self._input("joined", self.decoder.takeRest())
 
     def _joined(self, rest: bytes) -> None:
+        raise NotImplementedError
+
+    def _fail(self, code: ErrorCode, message: str) -> None:
+        raise NotImplementedError
+
+    def _lost(self, reason: Failure) -> None:
+        RelayEnd.connectionLost(self, reason)
+
+
+class PeerDial(PeerLink):
+    """
+    A peer link for a dialer waiting in session C{sid} here: once the
+    holder answers, the link is the accept end of that session.
+    """
+
+    def __init__(self, links: PeerLinks, sid: str, exposure: Exposure, hello: dict[str, Any], instance: str) -> None:
+        super().__init__(links, hello, instance)
+        self.sid = sid
+        self.exposure = exposure
+
+    def _joined(self, rest: bytes) -> None:
         registry = self.links.registry
         try:
             pending = registry.claim(self.sid, self.exposure.owner)
@@ -230,17 +258,43 @@ class PeerDial(RelayEnd, Machine[DialState]):
         RelayEnd.connectionLost(self, reason)
 
 
-class PeerDialFactory(ClientFactory):
+class PeerAccept(PeerLink):
+    """
+    A peer link for an exposer's C{accept} that arrived here for a session
+    instance C{instance} made (C{end}, waiting in
+    L{tpproxy.protocols.sessions.AcceptSession}): once that instance
+    claimed the session for the exposer, C{end} is spliced to the link.
+    """
+
+    def __init__(self, links: PeerLinks, end: AcceptEnd, hello: dict[str, Any], instance: str) -> None:
+        super().__init__(links, hello, instance)
+        self.end = end
+
+    def _joined(self, rest: bytes) -> None:
+        self.end.linkJoined(self, rest)
+
+    def _fail(self, code: ErrorCode, message: str) -> None:
+        self.end.linkFailed(code, message)
+        if self.transport is not None:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _lost(self, reason: Failure) -> None:
+        if self.peer is None:  # told again after a failure: it ignores that
+            self.end.linkFailed(ErrorCode.NOT_ACCEPTED, f"the peer link to instance {self.instance} closed")
+        RelayEnd.connectionLost(self, reason)
+
+
+class PeerLinkFactory(ClientFactory):
     noisy = False
 
-    def __init__(self, dial: PeerDial) -> None:
-        self.dial = dial
+    def __init__(self, link: PeerLink) -> None:
+        self.link = link
 
-    def buildProtocol(self, addr: Any) -> PeerDial:
-        return self.dial
+    def buildProtocol(self, addr: Any) -> PeerLink:
+        return self.link
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self.dial._input("failed", ErrorCode.UNREACHABLE, f"cannot reach instance {self.dial.instance}: {reason.getErrorMessage()}")
+        self.link._input("failed", ErrorCode.UNREACHABLE, f"cannot reach instance {self.link.instance}: {reason.getErrorMessage()}")
 
 
 class PeerLinks:
@@ -275,6 +329,7 @@ class PeerLinks:
         except ConfigError:
             self.ownHost = None
         registry.onLocalGone = self.sync
+        registry.forwardAccept = self.accept
 
     # --- the watch ------------------------------------------------------------------
 
@@ -423,8 +478,39 @@ class PeerLinks:
             hello.update(name=route.key, identity=identity)
         else:
             hello["port"] = int(route.key)
-        dial = PeerDial(self, sid, exposure, hello, holder.instance)
-        factory = TLSFactory(self.tls, True, PeerDialFactory(dial), clock=self.reactor)
+        self._open(PeerDial(self, sid, exposure, hello, holder.instance), host, port)
+
+    def accept(self, sid: str, identity: str, end: AcceptEnd) -> None:
+        """
+        An exposer (C{identity}) sent its C{accept} of session C{sid} to
+        this instance, and another instance made that session (its tag
+        says which, L{instanceTag}): open a peer link to that instance,
+        which claims the session for C{identity} as for a local accept.
+        A tag of no live instance is refused as an unknown session.
+        """
+        tag = sid[:TAG_LENGTH]
+        instances = self.watch.instances() if self.watch is not None else {}
+        owners = [i for i in instances.values() if i.id != self.me and instanceTag(i.id) == tag]
+        if not owners:
+            log.warn("Refused accept of session {session} by {identity}: no live instance made it", session=shortSession(sid), identity=identity)
+            end.linkFailed(ErrorCode.BAD_SESSION, "unknown session")
+            return
+        owner = owners[0]
+        try:
+            host, port = hostPort(owner.advertise, "advertise")
+        except ConfigError:
+            end.linkFailed(ErrorCode.UNREACHABLE, f"instance {owner.id} has no usable advertise address")
+            return
+        log.info("Forwarding accept of session {session} by {identity} to instance {instance}", session=shortSession(sid), identity=identity, instance=owner.id)
+        hello = {"op": "peer-accept", "session": sid, "identity": identity, "instance": self.me}
+        self._open(PeerAccept(self, end, hello, owner.id), host, port)
+
+    def _open(self, link: PeerLink, host: str, port: int) -> None:
+        """
+        Connect C{link} to the peer listener at C{host:port}, from this
+        instance's advertise host (the other end checks it).
+        """
+        factory = TLSFactory(self.tls, True, PeerLinkFactory(link), clock=self.reactor)
         bind = (self.ownHost, 0) if self.ownHost is not None else None
         self.reactor.connectTCP(host, port, factory, timeout=self.connectTimeout, bindAddress=bind)
 

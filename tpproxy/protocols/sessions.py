@@ -485,6 +485,7 @@ class IncomingStreamEnd(RelayEnd):
 class AcceptState(str, enum.Enum):
     NEW = "new"
     CLAIMING = "claiming"
+    FORWARDING = "forwarding"
     SPLICED = "spliced"
     REFUSED = "refused"
     CLOSED = "closed"
@@ -494,26 +495,46 @@ class AcceptSession(Session):
     """
     C{accept}: claim the pending session (once, by its exposer), answer,
     and splice to the dialer waiting in it.
+
+    In a cluster, a session id made by another instance (over TLS each
+    accept is a new connection, which the network may send to any
+    instance) is forwarded: a peer link carries the accept to the instance
+    the id names, which claims it for this exposer with the same checks;
+    once it answers, this connection is spliced to the link.
     """
 
     S = AcceptState
     TRANSITIONS = {
         (S.NEW, "start"): (S.CLAIMING, "_claim"),
         (S.CLAIMING, "claimed"): (S.SPLICED, "_join"),
-        **_rows((S.CLAIMING, S.SPLICED, S.REFUSED), "refused", S.REFUSED, None),
-        **_rows((S.CLAIMING, S.SPLICED, S.REFUSED), "lost", S.CLOSED, None),
+        (S.CLAIMING, "forward"): (S.FORWARDING, "_forward"),
+        # The transport is paused: at most what one read brought.
+        (S.FORWARDING, "data"): (S.FORWARDING, "_hold"),
+        (S.FORWARDING, "eof"): (S.FORWARDING, None),  # the splice carries it on
+        (S.FORWARDING, "linked"): (S.SPLICED, "_linked"),
+        (S.FORWARDING, "linkFailed"): (S.REFUSED, "_linkFailed"),
+        # A link that ends after the exposer left or was refused.
+        **_rows((S.REFUSED, S.CLOSED), "linked", None, "_dropLink"),
+        **_rows((S.REFUSED, S.CLOSED), "linkFailed", None, None),
+        **_rows((S.CLAIMING, S.FORWARDING, S.SPLICED, S.REFUSED), "refused", S.REFUSED, None),
+        **_rows((S.CLAIMING, S.FORWARDING, S.SPLICED, S.REFUSED), "lost", S.CLOSED, None),
     }
 
     def __init__(self, conn: TPServerProtocol, hello: ClientHello) -> None:
         super().__init__(conn)
         self.hello = hello
         self.state = AcceptState.NEW
+        self.pending = b""
 
     def _claim(self, rest: bytes) -> None:
         identity = self.conn.identity
         assert identity is not None and self.hello.session is not None
+        registry = self.factory.registry
+        if registry.forwardAccept is not None and not registry.madeHere(self.hello.session):
+            self._input("forward", rest)
+            return
         try:
-            pending = self.factory.registry.claim(self.hello.session, identity.name)
+            pending = registry.claim(self.hello.session, identity.name)
         except ReverseError as e:
             self.conn.refuse(e.code, e.message)
             return
@@ -531,6 +552,39 @@ class AcceptSession(Session):
             conn.bytesIn += len(rest)
             conn.peer.transport.write(rest)  # type: ignore[union-attr]
         conn.transport.resumeProducing()  # type: ignore[union-attr]
+
+    # Forwarded to the instance that made the session.
+
+    def _forward(self, rest: bytes) -> None:
+        identity = self.conn.identity
+        assert identity is not None and self.hello.session is not None
+        self.pending = rest
+        self.conn.address = "a session of another instance"
+        self.factory.registry.forwardAccept(self.hello.session, identity.name, self)
+
+    def _hold(self, data: bytes) -> None:
+        self.pending += data
+
+    def linkJoined(self, link: RelayEnd, rest: bytes) -> None:
+        self._input("linked", link, rest)
+
+    def linkFailed(self, code: ErrorCode, message: str) -> None:
+        self._input("linkFailed", code, message)
+
+    def _linked(self, link: RelayEnd, rest: bytes) -> None:
+        conn = self.conn
+        conn.result = "ok"
+        conn.detail = f"forwarded to instance {getattr(link, 'instance', '?')}"
+        conn.answer(ServerHello.success())
+        pending, self.pending = self.pending, b""
+        splice(conn, link, fromA=pending, fromB=rest)
+        conn.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def _linkFailed(self, code: ErrorCode, message: str) -> None:
+        self.conn.refuse(code, message)
+
+    def _dropLink(self, link: RelayEnd, rest: bytes) -> None:
+        link.transport.loseConnection()  # type: ignore[union-attr]
 
 
 # --- E2E through a TP tunnel --------------------------------------------------
@@ -851,6 +905,12 @@ class PeerSession(RelayEnd, Machine[PeerState]):
     for a session, answers a ServerHello frame and splices C to the
     exposer's accept.
 
+    Or C forwards an exposer's accept (which the network sent to C) of a
+    session this instance made: C{{"op": "peer-accept", "session": SID,
+    "identity": EXPOSER}}.  This instance claims the session for that
+    identity as for a local accept (once, by the exposure's owner),
+    answers, and splices the waiting dialer to the link.
+
     @param link: what checks peers (L{tpproxy.cluster.peer.PeerLinks}):
         C{authorize(transport) -> str | None} (a refusal) and C{registry}.
     """
@@ -861,6 +921,7 @@ class PeerSession(RelayEnd, Machine[PeerState]):
         (S.HELLO, "data"): (S.HELLO, "_hello"),
         **_rows((S.HANDSHAKE, S.HELLO), "timeout", S.FAILED, "_timedOut"),
         (S.HELLO, "dial"): (S.WAITING, "_dial"),
+        (S.HELLO, "accepted"): (S.SPLICED, "_accepted"),
         (S.WAITING, "data"): (S.WAITING, "_hold"),
         (S.WAITING, "joined"): (S.SPLICED, "_join"),
         **_rows((S.HELLO, S.WAITING), "failed", S.FAILED, "_fail"),
@@ -914,9 +975,18 @@ class PeerSession(RelayEnd, Machine[PeerState]):
         if obj is None:
             return
         self.pending = self.decoder.takeRest()
+        op = obj.get("op")
+        if op == "peer-accept":
+            self._peerAccept(obj)
+        elif op == "peer-dial":
+            self._peerDial(obj)
+        else:
+            self.sessionFailed(ErrorCode.BAD_REQUEST, "a peer link opens with op peer-dial or peer-accept")
+
+    def _peerDial(self, obj: dict[str, Any]) -> None:
         name, port, identity = obj.get("name"), obj.get("port"), obj.get("identity")
-        if obj.get("op") != "peer-dial" or (name is None) == (port is None):
-            self.sessionFailed(ErrorCode.BAD_REQUEST, "a peer link opens with op peer-dial and a name or a port")
+        if (name is None) == (port is None):
+            self.sessionFailed(ErrorCode.BAD_REQUEST, "peer-dial needs a name or a port")
             return
         if name is not None:
             if not isinstance(name, str) or not isinstance(identity, str) or not identity:
@@ -940,6 +1010,28 @@ class PeerSession(RelayEnd, Machine[PeerState]):
                 return
         peer = obj.get("peer")
         self._input("dial", exposure, identity, peer if isinstance(peer, str) else "?")
+
+    def _peerAccept(self, obj: dict[str, Any]) -> None:
+        session, identity = obj.get("session"), obj.get("identity")
+        if not isinstance(session, str) or not isinstance(identity, str) or not identity:
+            self.sessionFailed(ErrorCode.BAD_REQUEST, "peer-accept needs string fields session and identity")
+            return
+        try:
+            pending = self.registry.claim(session, identity)
+        except ReverseError as e:
+            self.sessionFailed(e.code, e.message)
+            return
+        self._input("accepted", pending)
+
+    def _accepted(self, pending: PendingSession) -> None:
+        self.timer.cancel()
+        self.what = f"accept of {pending.exposure.describe()} via {self.peerInstance}"
+        self.transport.write(ServerHello.success().toFrame())  # type: ignore[union-attr]
+        rest, self.pending = self.pending, b""
+        pending.dialer.sessionJoined(self)
+        if rest and self.peer is not None:
+            self.bytesIn += len(rest)
+            self.peer.transport.write(rest)  # type: ignore[union-attr]
 
     def _dial(self, exposure: Exposure, identity: str | None, peer: str) -> None:
         self.timer.cancel()  # the registry bounds the wait for an accept

@@ -7,10 +7,12 @@ dialer to the exposer's C{accept} connection.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer, error
@@ -36,6 +38,29 @@ SPENT_MEMORY = 4096
 #: (a public port is open to anyone, and each waiting dialer costs a timer,
 #: an event to the exposer and, there, a connection).
 MAX_PENDING = 256
+#: Characters at the start of a session id that name the instance that
+#: made it (L{instanceTag}); the 32 after them are the secret.
+TAG_LENGTH = 8
+
+
+def instanceTag(instance: str) -> str:
+    """
+    What starts the session ids instance C{instance} makes: the first
+    L{TAG_LENGTH} characters of the base64url SHA-256 of its id (48 bits:
+    the instances of one service never share one by chance).  Any instance
+    that received an C{accept} tells from it, and from the instances its
+    watch last saw, which instance holds the session; no lookup.
+    """
+    digest = hashlib.sha256(instance.encode("utf-8")).digest()
+    return base64.urlsafe_b64encode(digest).decode("ascii")[:TAG_LENGTH]
+
+
+def shortSession(sid: str) -> str:
+    """
+    A session id as logs show it: the instance tag and 8 characters of the
+    secret (48 of its 192 bits).
+    """
+    return sid[: TAG_LENGTH + 8]
 
 
 class ReverseError(Exception):
@@ -66,6 +91,24 @@ class Control(TypingProtocol):
     def closeControl(self, reason: str) -> None: ...
 
     def goaway(self, reason: str) -> None: ...
+
+
+class AcceptEnd(TypingProtocol):
+    """
+    An exposer's C{accept} that arrived at this instance for a session
+    another instance made, while a peer link carries it there.
+    """
+
+    def linkJoined(self, link: RelayEnd, rest: bytes) -> None:
+        """
+        The instance that made the session gave it to this exposer: splice
+        to C{link} (C{rest}: what followed its answer).
+        """
+
+    def linkFailed(self, code: ErrorCode, message: str) -> None:
+        """
+        It refused, or could not be reached.
+        """
 
 
 @dataclass(eq=False)
@@ -141,6 +184,15 @@ class Registry:
         #: Called with a L{Route} when a local exposure of it went (the
         #: cluster router then serves the route's remote holders again).
         self.onLocalGone: Any = None
+        #: This instance's L{instanceTag}: every session id it makes
+        #: starts with it.
+        self.tag = instanceTag(store.instance.id if store is not None else "")
+        #: Called with a session id made by another instance, the
+        #: exposer's identity and the accept end (L{AcceptEnd}) when an
+        #: C{accept} arrives here for it: the cluster
+        #: (L{tpproxy.cluster.peer.PeerLinks.accept}) forwards it to the
+        #: instance that made it.  C{None}: one instance, every id is ours.
+        self.forwardAccept: Callable[[str, str, AcceptEnd], None] | None = None
 
     # --- exposures ------------------------------------------------------------
 
@@ -445,7 +497,8 @@ class Registry:
             log.warn("Turning away {peer}: {limit} dialers already wait for {exposure}", peer=peer, limit=MAX_PENDING, exposure=exposure.describe())
             dialer.sessionFailed(ErrorCode.NOT_ACCEPTED, f"{MAX_PENDING} dialers already wait for this exposure")
             return None
-        sid = secrets.token_urlsafe(24)  # 192 bits from the OS CSPRNG
+        # The instance's tag, then 192 bits from the OS CSPRNG.
+        sid = self.tag + secrets.token_urlsafe(24)
         timer = self.reactor.callLater(self.acceptTimeout, self._expire, sid)
         self.sessions[sid] = PendingSession(sid, exposure, dialer, identity, peer, timer)
         exposure.sessions.add(sid)
@@ -456,10 +509,17 @@ class Registry:
             owner=exposure.owner,
             peer=peer,
             identity=identity,
-            session=sid[:8],
+            session=shortSession(sid),
         )
         exposure.control.sendIncoming(sid, identity, peer)
         return sid
+
+    def madeHere(self, sid: str) -> bool:
+        """
+        Does C{sid} name this instance (else another instance of the
+        cluster made it, or nobody did)?
+        """
+        return sid.startswith(self.tag)
 
     def _expire(self, sid: str) -> None:
         pending = self.sessions.pop(sid, None)
@@ -467,7 +527,7 @@ class Registry:
             return
         pending.exposure.sessions.discard(sid)
         self._spend(sid, "expired")
-        log.info("Session {session} for {exposure} was not accepted within {timeout} s", session=sid[:8], exposure=pending.exposure.describe(), timeout=self.acceptTimeout)
+        log.info("Session {session} for {exposure} was not accepted within {timeout} s", session=shortSession(sid), exposure=pending.exposure.describe(), timeout=self.acceptTimeout)
         pending.dialer.sessionFailed(
             ErrorCode.NOT_ACCEPTED, f"the {pending.exposure.describe()} did not accept within {self.acceptTimeout:g} s"
         )
@@ -496,12 +556,12 @@ class Registry:
         pending = self.sessions.get(sid)
         if pending is None:
             why = self.spent.get(sid, "unknown")
-            log.warn("Refused accept of {why} session {session} by {identity}", why=why, session=sid[:8], identity=identity)
+            log.warn("Refused accept of {why} session {session} by {identity}", why=why, session=shortSession(sid), identity=identity)
             raise ReverseError(ErrorCode.BAD_SESSION, f"session is {why}" if why != "unknown" else "unknown session")
         if pending.exposure.owner != identity:
             log.warn(
                 "Refused accept of session {session} of {owner} by {identity}",
-                session=sid[:8], owner=pending.exposure.owner, identity=identity,
+                session=shortSession(sid), owner=pending.exposure.owner, identity=identity,
             )
             raise ReverseError(ErrorCode.BAD_SESSION, "unknown session")
         del self.sessions[sid]

@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from tpproxy.cluster.memory import MemoryBackend, MemoryRoutingStore
 from tpproxy.cluster.store import Holder, Route, StoreUnavailable
 from tpproxy.cluster.testing import _freePorts
-from tpproxy.reverse.registry import Registry, ReverseError
+from tpproxy.reverse.registry import TAG_LENGTH, Registry, ReverseError, instanceTag
 from tpproxy.service import certificateSource, makeServerTLS
 from tpproxy.cluster.testing import EtcdServer
 from tpproxy.test.support import Background, Echo, HashSink, freePort, listenLocal, run, tpCommand, twistCommand, waitForPort
@@ -45,6 +45,21 @@ class RecordingControl:
 
     def goaway(self, reason: str) -> None:
         pass
+
+
+class RecordingDialer:
+    """
+    A dialer waiting in a registry session: how it ended.
+    """
+
+    def __init__(self) -> None:
+        self.failed: list[tuple[ErrorCode, str]] = []
+
+    def sessionJoined(self, acceptEnd: Any) -> None:
+        raise AssertionError("not joined in these tests")
+
+    def sessionFailed(self, code: ErrorCode, message: str) -> None:
+        self.failed.append((code, message))
 
 
 class RegistryStoreTests(TestCase):
@@ -146,6 +161,33 @@ class RegistryStoreTests(TestCase):
         self.assertEqual(set(a.byName), {"svc.localhost"})
 
     @defer.inlineCallbacks
+    def test_sessionIdsNameTheirInstance(self) -> Any:
+        """
+        Each instance's session ids start with its tag (no other instance
+        has it), then 192 random bits: ids differ every time, and each
+        registry tells its own ids from the other's.
+        """
+        a, b = self.registries["a"], self.registries["b"]
+        self.assertEqual((a.tag, b.tag), (instanceTag("a"), instanceTag("b")))
+        self.assertNotEqual(a.tag, b.tag)
+        sids = {}
+        for instance, registry in self.registries.items():
+            control = RecordingControl()
+            exposure = yield registry.expose(control, "alice", "e2e", name=f"svc-{instance}.localhost")
+            for _ in range(2):
+                registry.incoming(exposure, RecordingDialer(), "bob", "test")
+            sids[instance] = [sid for sid, _, _ in control.incoming]
+            self.addCleanup(registry.remove, exposure)
+        for instance, own in sids.items():
+            registry = self.registries[instance]
+            other = sids["b" if instance == "a" else "a"]
+            self.assertEqual(len(set(own)), 2)
+            for sid in own:
+                self.assertEqual((len(sid), sid[:TAG_LENGTH]), (TAG_LENGTH + 32, registry.tag))
+                self.assertTrue(registry.madeHere(sid))
+            self.assertFalse(any(registry.madeHere(sid) for sid in other))
+
+    @defer.inlineCallbacks
     def test_lostRouteClosesExposure(self) -> Any:
         """
         A's lease expires while the store is out of its reach, and bob
@@ -204,11 +246,11 @@ class PeerMachineTests(TestCase):
     """
 
     def test_tables(self) -> None:
-        from tpproxy.cluster.peer import PeerDial
+        from tpproxy.cluster.peer import PeerAccept, PeerDial
         from tpproxy.machine import IllegalTransition
         from tpproxy.protocols.sessions import PeerSession
 
-        for cls in (PeerSession, PeerDial):
+        for cls in (PeerSession, PeerDial, PeerAccept):
             table = cls.TRANSITIONS
             states = {state for state, _ in table} | {to for to, _ in table.values()}
             self.assertEqual(states, set(type(next(iter(table))[0])), cls.__name__)
@@ -442,6 +484,75 @@ lease_ttl = {self.TTL}
         yield logged(self.servers[2], b"Routing E2E name gone.alice.localhost", times=2, timeout=60)
         result = yield run(tpCommand() + ["--config", self.client("bob", 2), "connect", "gone.alice.localhost:7"], stdin=b"back")
         self.assertEqual(result.out, b"back", result.err)
+
+    def tlsOptions(self, name: str) -> Any:
+        from tpproxy.pki import loadCertificates, loadKey
+        from tpproxy.transports.tls import clientTLS
+
+        d = self.pki.directory
+        return clientTLS("localhost", loadCertificates(str(d / "ca.pem")), loadCertificates(str(d / f"{name}.pem")), loadKey(str(d / f"{name}.key")))
+
+    def acceptAt(self, i: int, session: str, identity: str = "alice") -> Any:
+        """
+        An exposer's C{accept} of C{session}, over a new TLS connection to
+        instance C{i}.
+        """
+        from tpproxy.protocols.client import ServerAddress, openTunnel
+        from tpproxy.wire import ClientHello
+
+        return openTunnel(reactor, ServerAddress(f"127.0.0.{i}", self.port), self.tlsOptions(identity), ClientHello("accept", session=session))
+
+    @defer.inlineCallbacks
+    def test_acceptLandsOnAnotherInstance(self) -> Any:
+        """
+        The TLS fallback: an exposer signals at A, and the network sends its
+        C{accept} connections to B.  B sees from the session id that A made
+        the session and forwards the accept over a peer link; A claims it
+        for the exposer's identity, as for a local accept, and the dial
+        works, for a dialer at A and for one at C (dialer -> C -> A -> B ->
+        exposer).  The same checks hold across the hop: another identity's
+        accept, a forged id (with A's tag or none), a used id, all refused
+        with C{bad_session}.
+        """
+        from tpproxy.protocols.client import Refused, ServerAddress, TLSClientEndpoint
+        from tpproxy.reverse.expose import LocalTarget
+        from tpproxy.protocols.relay import splice
+        from tpproxy.test.test_reverse import ControlClient
+        from tpproxy.wire import ClientHello
+
+        echoPort, echo = listenLocal(self, Echo)
+        factory = protocol.Factory.forProtocol(lambda: ControlClient(ClientHello("listen", mode="public", port=0)))
+        control = yield TLSClientEndpoint(reactor, ServerAddress("127.0.0.1", self.port), self.tlsOptions("alice")).connect(factory)
+        self.addCleanup(lambda: control.lost.called or control.transport.abortConnection())
+        answer = yield control.answer
+        self.assertTrue(answer.ok, answer)
+        public = answer.info["port"]
+        yield self.servers[3].waitForStderr(f"Forwarding public port {public} to instance(s) ['tp-1']".encode())
+
+        @defer.inlineCallbacks
+        def acceptAtB(sid: str) -> Any:
+            tunnel = yield self.acceptAt(2, sid)
+            local = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", echoPort), LocalTarget())
+            splice(tunnel, local, fromA=tunnel.rest, fromB=local.pending)
+            tunnel.transport.resumeProducing()
+            local.transport.resumeProducing()
+
+        for i, dialled in enumerate((1, 3)):
+            dial = echoThrough(f"127.0.0.{dialled}", public)
+            incoming = yield control.incoming.get()
+            sid = incoming["session"]
+            if i == 0:
+                tag = sid[:TAG_LENGTH]
+                self.assertEqual(tag, instanceTag("tp-1"))
+                for forged, who in ((sid, "bob"), (tag + sid[TAG_LENGTH:][::-1], "alice"), (sid[TAG_LENGTH:], "alice")):
+                    e = yield self.assertFailure(self.acceptAt(2, forged, who), Refused)
+                    self.assertEqual((e.code, e.message.split(" (at")[0]), ("bad_session", "unknown session"), forged)
+            yield acceptAtB(sid)
+            yield dial
+            e = yield self.assertFailure(self.acceptAt(2, sid), Refused)
+            self.assertEqual((e.code, e.message), ("bad_session", "session is used (at instance tp-1)"))
+        self.assertEqual(echo.accepted, 2)
+        self.assertEqual(self.servers[2].stderr.count(b"Forwarding accept of session"), 6)
 
     @defer.inlineCallbacks
     def peerDial(self, source: str, serverTLS: Any, hello: dict[str, Any]) -> Any:
