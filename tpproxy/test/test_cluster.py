@@ -239,6 +239,37 @@ def echoThrough(host: str, port: int, size: int = 256 * 1024) -> Any:
         raise AssertionError(f"{host}:{port}: got {len(got)} bytes back, sent {size}")
 
 
+class OpenTunnel(protocol.Protocol):
+    """
+    A TCP connection kept open across a test: each L{roundTrip} sends
+    bytes and fires once they came back (an echo behind what is tested).
+    """
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.expected = b""
+        self.echoed: defer.Deferred[None] | None = None
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def roundTrip(self, data: bytes, timeout: float = 10) -> defer.Deferred[None]:
+        self.expected += data
+        self.echoed = defer.Deferred()
+        self.transport.write(data)  # type: ignore[union-attr]
+        return self.echoed.addTimeout(timeout, reactor)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.echoed is not None and self.received == self.expected:
+            echoed, self.echoed = self.echoed, None
+            echoed.callback(None)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.callback(None)
+        if self.echoed is not None:
+            echoed, self.echoed = self.echoed, None
+            echoed.errback(AssertionError(f"the tunnel closed: {reason.getErrorMessage()}"))
+
+
 class PeerMachineTests(TestCase):
     """
     The peer link's two machines obey the rules every session machine
@@ -553,6 +584,57 @@ lease_ttl = {self.TTL}
             self.assertEqual((e.code, e.message), ("bad_session", "session is used (at instance tp-1)"))
         self.assertEqual(echo.accepted, 2)
         self.assertEqual(self.servers[2].stderr.count(b"Forwarding accept of session"), 6)
+
+    @defer.inlineCallbacks
+    def test_etcdStoppedAndRestarted(self) -> Any:
+        """
+        etcd stops mid-test: open tunnels (at A, and through B over a peer
+        link) keep echoing, and a new dial through B still reaches A's
+        exposer (B routes from what its watch last saw); a new registration
+        is refused, saying the routing store cannot be reached.  etcd
+        restarts (same data): the lease survived, the watches come back,
+        the open tunnels are untouched, and the refused registration goes
+        through and is routed through B.
+        """
+        echoPort, echo = listenLocal(self, Echo)
+        exposer = yield self.expose(echoPort, "--public")
+        port = exposer.publicPort
+        yield self.servers[2].waitForStderr(f"Forwarding public port {port} to instance(s) ['tp-1']".encode())
+        tunnels = []
+        for i in (1, 2):
+            tunnel = OpenTunnel()
+            yield connectProtocol(TCP4ClientEndpoint(reactor, f"127.0.0.{i}", port), tunnel)
+            self.addCleanup(lambda t=tunnel: t.lost.called or t.transport.abortConnection())
+            yield tunnel.roundTrip(b"before " * 1000)
+            tunnels.append(tunnel)
+
+        yield self.etcd.stop()
+        yield self.servers[1].waitForStderr(b"The routing store is unavailable")
+        yield self.servers[2].waitForStderr(b"The routing watch lost its stream")
+        for tunnel in tunnels:
+            yield tunnel.roundTrip(b"during " * 1000)
+        yield echoThrough("127.0.0.2", port, 64 * 1024)
+        refused = yield run(tpCommand() + ["--config", self.client("alice", 1), "expose", f"127.0.0.1:{echoPort}", "--e2e", "late.alice.localhost"])
+        self.assertNotEqual(refused.status, 0)
+        self.assertIn(b"cannot reach its routing store", refused.err)
+        self.assertEqual(echo.accepted, 3)
+
+        yield self.etcd.run()
+        yield logged(self.servers[1], b"The routing store answers again")
+        yield logged(self.servers[2], b"The routing watch is back")
+        for tunnel in tunnels:
+            yield tunnel.roundTrip(b"after " * 1000)
+        self.assertFalse(any(tunnel.lost.called for tunnel in tunnels))
+        # The lease survived the outage (etcd renews every lease on its
+        # return): nothing was claimed again, nothing closed.
+        self.assertNotIn(b"of instance tp-1 was lost", self.servers[1].stderr)
+        self.assertNotIn(b"its route was lost", self.servers[1].stderr)
+        yield self.expose(echoPort, "--e2e", "late.alice.localhost")
+        yield self.servers[2].waitForStderr(b"Routing E2E name late.alice.localhost of alice to instance(s) ['tp-1']")
+        result = yield run(tpCommand() + ["--config", self.client("bob", 2), "connect", "late.alice.localhost:7"], stdin=b"recovered")
+        self.assertEqual(result.out, b"recovered", result.err)
+        yield echoThrough("127.0.0.2", port, 64 * 1024)
+        self.assertEqual(echo.accepted, 5)
 
     @defer.inlineCallbacks
     def peerDial(self, source: str, serverTLS: Any, hello: dict[str, Any]) -> Any:
