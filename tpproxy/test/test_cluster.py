@@ -300,6 +300,41 @@ class PeerMachineTests(TestCase):
             self.assertIn("lost", cls.inputs())
 
 
+class PeerSessionTests(TestCase):
+    @defer.inlineCallbacks
+    def test_noDelay(self) -> Any:
+        """
+        The holder's end of a peer link turns Nagle's algorithm off, as
+        every relay end does: its answer must not wait for a delayed ACK.
+        """
+        from tpproxy.protocols.sessions import PeerSession
+
+        class Link:
+            def __init__(self) -> None:
+                self.reactor = reactor
+                self.registry = None
+
+        made: defer.Deferred[Any] = defer.Deferred()
+        lost: defer.Deferred[None] = defer.Deferred()
+
+        class Recording(PeerSession):
+            def connectionMade(self) -> None:
+                super().connectionMade()
+                made.callback(self.transport.getTcpNoDelay())  # type: ignore[union-attr]
+
+            def connectionLost(self, reason: Any) -> None:
+                super().connectionLost(reason)
+                lost.callback(None)
+
+        port = reactor.listenTCP(0, protocol.Factory.forProtocol(lambda: Recording(Link(), 10)), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), protocol.Protocol())
+        noDelay = yield made
+        client.transport.loseConnection()
+        yield lost
+        self.assertTrue(noDelay)
+
+
 def logged(process: Background, marker: bytes, times: int = 1, timeout: float = 30) -> defer.Deferred[None]:
     """
     Fires once C{process} has written C{marker} to its stderr C{times}
