@@ -49,10 +49,9 @@ from zope.interface import implementer
 
 from tpproxy.cluster.store import NAME, PORT, Event, Holder, HolderAdded, HolderRemoved, IRoutingStore, IRoutingWatch, Route
 from tpproxy.config import ConfigError, hostPort
-from tpproxy.machine import Machine
 from tpproxy.protocols.relay import RelayEnd, noDelay
 from tpproxy.reactors import IServerReactor
-from tpproxy.protocols.sessions import PeerSession
+from tpproxy.protocols.sessions import MachineEnd, PeerSession
 from tpproxy.reverse.registry import TAG_LENGTH, AcceptEnd, Exposure, PublicDialerFactory, Registry, ReverseError, instanceTag, shortSession
 from tpproxy.transports.tls import TLSFactory
 from tpproxy.wire import ErrorCode, FrameDecoder, ServerHello, WireError, encodeFrame
@@ -149,7 +148,7 @@ class DialState(str, enum.Enum):
 
 
 @implementer(IHandshakeListener)
-class PeerLink(RelayEnd, Machine[DialState]):
+class PeerLink(MachineEnd):
     """
     This instance's end of a peer link it opened: sends one frame
     (C{hello}), reads the other instance's ServerHello, then is spliced to
@@ -179,15 +178,6 @@ class PeerLink(RelayEnd, Machine[DialState]):
 
     def connectionMade(self) -> None:
         noDelay(self.transport)
-
-    def handshakeCompleted(self) -> None:
-        self._input("handshake")
-
-    def preSpliceData(self, data: bytes) -> None:
-        self._input("data", data)
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._input("lost", reason)
 
     def _send(self) -> None:
         if not self.links.tls.pinned(self.transport):

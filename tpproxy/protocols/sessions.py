@@ -65,6 +65,29 @@ class Outbound(RelayEnd):
         noDelay(self.transport)
 
 
+class MachineEnd(RelayEnd, Machine[Any]):
+    """
+    A relay end whose every event is an input of its transition table: the
+    TLS handshake, bytes before the splice, the registry's C{joined} and
+    C{failed}, and the connection's loss.
+    """
+
+    def handshakeCompleted(self) -> None:
+        self._input("handshake")
+
+    def preSpliceData(self, data: bytes) -> None:
+        self._input("data", data)
+
+    def sessionJoined(self, acceptEnd: RelayEnd) -> None:
+        self._input("joined", acceptEnd)
+
+    def sessionFailed(self, code: ErrorCode, message: str) -> None:
+        self._input("failed", code, message)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._input("lost", reason)
+
+
 class OutboundFactory(Factory):
     protocol = Outbound
     noisy = False
@@ -687,7 +710,7 @@ class DialerState(str, enum.Enum):
 
 
 @implementer(IHandshakeListener)
-class E2EDialer(RelayEnd, Machine[DialerState]):
+class E2EDialer(MachineEnd):
     """
     The inside of an E2E connection made through a TP tunnel: a TLS server
     for the exposure's name runs inside the tunnel; once the dialer's
@@ -715,21 +738,6 @@ class E2EDialer(RelayEnd, Machine[DialerState]):
         self.framed = framed
         self.pending = b""
         self.state = DialerState.HANDSHAKE
-
-    def handshakeCompleted(self) -> None:
-        self._input("handshake")
-
-    def preSpliceData(self, data: bytes) -> None:
-        self._input("data", data)
-
-    def sessionJoined(self, acceptEnd: RelayEnd) -> None:
-        self._input("joined", acceptEnd)
-
-    def sessionFailed(self, code: ErrorCode, message: str) -> None:
-        self._input("failed", code, message)
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._input("lost", reason)
 
     def _handshook(self) -> None:
         outer = self.outer
@@ -893,7 +901,7 @@ class PeerState(str, enum.Enum):
 
 
 @implementer(IHandshakeListener)
-class PeerSession(RelayEnd, Machine[PeerState]):
+class PeerSession(MachineEnd):
     """
     The holding instance's end of a peer link (docs/cluster.md): another
     instance of the cluster (C) forwards a dialer of an E2E name or public
@@ -949,21 +957,6 @@ class PeerSession(RelayEnd, Machine[PeerState]):
         # As every relay end: else the answer on the link waits for the
         # other end's delayed ACK (~40 ms a connection, measured).
         noDelay(self.transport)
-
-    def handshakeCompleted(self) -> None:
-        self._input("handshake")
-
-    def preSpliceData(self, data: bytes) -> None:
-        self._input("data", data)
-
-    def sessionJoined(self, acceptEnd: RelayEnd) -> None:
-        self._input("joined", acceptEnd)
-
-    def sessionFailed(self, code: ErrorCode, message: str) -> None:
-        self._input("failed", code, message)
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._input("lost", reason)
 
     def _authorize(self) -> None:
         refusal, self.peerInstance = self.link.authorize(self.transport)
