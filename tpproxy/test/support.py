@@ -369,33 +369,38 @@ def waitForAudits(observer: EventLoggingObserver, count: int, timeout: float = 1
 
 
 @defer.inlineCallbacks
+def echoThrough(host: str, port: int, size: int = 256 * 1024, label: str = "") -> Any:
+    """
+    One TCP connection to C{host:port}: C{size} random bytes, a half-close,
+    and exactly those bytes back before the close (an echo behind what is
+    tested).
+    """
+    data = os.urandom(size)
+    received: list[bytes] = []
+    done: defer.Deferred[None] = defer.Deferred()
+
+    class Client(protocol.Protocol):
+        def connectionMade(self) -> None:
+            self.transport.write(data)  # type: ignore[union-attr]
+            self.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+        def dataReceived(self, chunk: bytes) -> None:
+            received.append(chunk)
+
+        def connectionLost(self, reason: Any) -> None:
+            done.callback(None)
+
+    yield connectProtocol(TCP4ClientEndpoint(reactor, host, port), Client())
+    yield done
+    got = b"".join(received)
+    if (len(got), sha256(got)) != (size, sha256(data)):
+        raise AssertionError(f"{label or f'{host}:{port}'}: got {len(got)} bytes back, sent {size}")
+
+
 def echoRoundTrips(port: int, count: int, size: int) -> Any:
     """
-    C{count} concurrent TCP connections to C{port} (on 127.0.0.1), each
-    sending C{size} random bytes, half-closing, and expecting exactly those
-    bytes back before the close (an echo behind whatever is tested).
+    C{count} concurrent L{echoThrough}s to C{port} on 127.0.0.1.
     """
-    @defer.inlineCallbacks
-    def one(i: int) -> Any:
-        data = os.urandom(size)
-        received: list[bytes] = []
-        done: defer.Deferred[None] = defer.Deferred()
-
-        class Client(protocol.Protocol):
-            def connectionMade(self) -> None:
-                self.transport.write(data)  # type: ignore[union-attr]
-                self.transport.loseWriteConnection()  # type: ignore[union-attr]
-
-            def dataReceived(self, chunk: bytes) -> None:
-                received.append(chunk)
-
-            def connectionLost(self, reason: Any) -> None:
-                done.callback(None)
-
-        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Client())
-        yield done
-        got = b"".join(received)
-        if (len(got), sha256(got)) != (size, sha256(data)):
-            raise AssertionError(f"tunnel {i}: got {len(got)} bytes, expected {size}")
-
-    yield defer.gatherResults([one(i) for i in range(count)], consumeErrors=True)
+    return defer.gatherResults(
+        [echoThrough("127.0.0.1", port, size, f"tunnel {i}") for i in range(count)], consumeErrors=True
+    )

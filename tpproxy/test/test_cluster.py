@@ -22,7 +22,7 @@ from tpproxy.cluster.testing import _freePorts
 from tpproxy.reverse.registry import TAG_LENGTH, Registry, ReverseError, instanceTag
 from tpproxy.service import certificateSource, makeServerTLS
 from tpproxy.cluster.testing import EtcdServer
-from tpproxy.test.support import Background, Echo, HashSink, freePort, listenLocal, run, tpCommand, twistCommand, waitForPort
+from tpproxy.test.support import Background, Echo, HashSink, echoThrough, freePort, listenLocal, run, tpCommand, twistCommand, waitForPort
 from tpproxy.testing import REVERSE_RULES, TestPKI, reverseTables
 from tpproxy.wire import ErrorCode
 
@@ -209,34 +209,6 @@ class RegistryStoreTests(TestCase):
         self.assertIn("was lost", control.closed[0])
         self.assertIsNone(a.nameExposure("svc.localhost"))
         self.assertNotIn("svc.localhost", a.serverTLS.names)
-
-
-@defer.inlineCallbacks
-def echoThrough(host: str, port: int, size: int = 256 * 1024) -> Any:
-    """
-    One TCP connection to C{host:port}: C{size} random bytes, a half-close,
-    and exactly those bytes back (an echo behind what is tested).
-    """
-    data = os.urandom(size)
-    received: list[bytes] = []
-    done: defer.Deferred[None] = defer.Deferred()
-
-    class Client(protocol.Protocol):
-        def connectionMade(self) -> None:
-            self.transport.write(data)  # type: ignore[union-attr]
-            self.transport.loseWriteConnection()  # type: ignore[union-attr]
-
-        def dataReceived(self, chunk: bytes) -> None:
-            received.append(chunk)
-
-        def connectionLost(self, reason: Any) -> None:
-            done.callback(None)
-
-    yield connectProtocol(TCP4ClientEndpoint(reactor, host, port), Client())
-    yield done
-    got = b"".join(received)
-    if got != data:
-        raise AssertionError(f"{host}:{port}: got {len(got)} bytes back, sent {size}")
 
 
 class OpenTunnel(protocol.Protocol):
