@@ -97,9 +97,6 @@ class ServerTLS:
         self.checker = checker
         self.clientCAs = clientCAs
         self.names: dict[str, SSL.Context] = {}
-        #: When each served certificate expires (Unix time): C{"tp"} for
-        #: TP's own, else the E2E name.  Read by the metrics.
-        self.expiry: dict[str, float] = {}
         self.innerNames: dict[str, SSL.Context] = {}
         self.nameVerify: dict[str, Any] = {}
         #: Each E2E name's chain and key, to rebuild its contexts when the
@@ -178,7 +175,6 @@ class ServerTLS:
         self.ownNames = _certificateNames(chain[0])
         self.chain = chain
         self.key = key
-        self.expiry["tp"] = chain[0].not_valid_after_utc.timestamp()
 
     def _decide(self, conn: SSL.Connection, leaf: x509.Certificate) -> Refusal | None:
         """
@@ -225,7 +221,6 @@ class ServerTLS:
         self.innerNames[name] = self._context(chain, key, verify, "inner")
         self.nameVerify[name] = verify
         self._nameCertificates[name] = (chain, key)
-        self.expiry[name] = chain[0].not_valid_after_utc.timestamp()
 
     def replaceName(self, name: str, chain: list[x509.Certificate], key: object) -> bool:
         """
@@ -240,8 +235,16 @@ class ServerTLS:
         self.names[name] = self._context(chain, key, verify, "name")
         self.innerNames[name] = self._context(chain, key, verify, "inner")
         self._nameCertificates[name] = (chain, key)
-        self.expiry[name] = chain[0].not_valid_after_utc.timestamp()
         return True
+
+    @property
+    def expiry(self) -> dict[str, float]:
+        """
+        When each served certificate expires (Unix time): C{"tp"} for TP's
+        own, else the E2E name (for the metrics and C{/status}).
+        """
+        served = {"tp": self.chain, **{name: chain for name, (chain, _) in self._nameCertificates.items()}}
+        return {name: chain[0].not_valid_after_utc.timestamp() for name, chain in served.items()}
 
     def reconfigure(
         self, clientCAs: list[x509.Certificate], checker: ClientCertChecker, chain: list[x509.Certificate] | None = None, key: object = None
@@ -267,7 +270,6 @@ class ServerTLS:
         self.innerNames.pop(name, None)
         self.nameVerify.pop(name, None)
         self._nameCertificates.pop(name, None)
-        self.expiry.pop(name, None)
 
     def servesOwnName(self, name: str) -> bool:
         """
