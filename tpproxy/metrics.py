@@ -37,9 +37,6 @@ from zope.interface import implementer
 
 import tpproxy
 
-#: Operations as audit events name them (C{event}).
-EVENTS = ("connect", "udp", "listen", "accept", "e2e", "sni", "quic", "public")
-
 #: Durations of tunnels, in seconds: from a second to a day.
 DURATION_BUCKETS = (0.01, 0.1, 1, 10, 60, 300, 1800, 3600, 4 * 3600, 24 * 3600)
 
