@@ -570,21 +570,20 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
     # timeout, as long as that leaves 1024 descriptors besides the
     # half-open ones for real work.
     handshaking = HalfOpenCounter(limits.handshakes, limits.handshakesPerSource)
-    listening = HalfOpenGate(
-        listening,
-        handshaking,
-        reactor,
-        log,
-        holdFor=config.handshakeTimeout,
-        maxHeld=max(0, after - limits.handshakes - 1024),
-    )
+
+    def gate(factory: Any) -> HalfOpenGate:
+        return HalfOpenGate(
+            factory, handshaking, reactor, log, holdFor=config.handshakeTimeout, maxHeld=max(0, after - limits.handshakes - 1024)
+        )
+
+    listening = gate(listening)
     if config.cluster.shared:
         from tpproxy.cluster.peer import ClusterService, PeerLinks
 
         assert config.cluster.peerListen is not None
         tp = factory.wrappedFactory
         links = PeerLinks(reactor, store, tp.registry, tp.serverTLS, config.connectTimeout, config.handshakeTimeout)
-        ClusterService(links, config.cluster.peerListen).setServiceParent(top)
+        ClusterService(links, config.cluster.peerListen, gate).setServiceParent(top)
         log.info(
             "Cluster: instance {instance} on etcd {etcd} (prefix {prefix}, lease TTL {ttl} s)",
             instance=config.cluster.instance, etcd=", ".join(config.cluster.etcd), prefix=config.cluster.prefix, ttl=config.cluster.leaseTTL,

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import enum
 import random
-from typing import Any
+from typing import Any, Callable
 
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from OpenSSL import SSL, crypto
@@ -537,9 +537,13 @@ class ClusterService(service.Service):
 
     name = "cluster"
 
-    def __init__(self, links: PeerLinks, peerListen: str) -> None:
+    def __init__(self, links: PeerLinks, peerListen: str, gate: Callable[[Any], Any] = lambda factory: factory) -> None:
         self.links = links
         self.peerListen = peerListen
+        #: Wraps the listener's factory: the server's half-open gate, so a
+        #: flood of unfinished handshakes on the peer port is capped like
+        #: one on TP's own port.
+        self.gate = gate
         self.port: Any = None
         self.starting: defer.Deferred[Any] | None = None
 
@@ -551,7 +555,7 @@ class ClusterService(service.Service):
     @defer.inlineCallbacks
     def _start(self) -> Any:
         endpoint = serverFromString(self.links.reactor, self.peerListen)
-        self.port = yield endpoint.listen(self.links.listenerFactory())
+        self.port = yield endpoint.listen(self.gate(self.links.listenerFactory()))
         log.info("Peer links on {listen} (instance {instance}, advertised as {advertise})",
                  listen=self.peerListen, instance=self.links.me, advertise=self.links.store.instance.advertise)
         yield self.links.start()

@@ -9,20 +9,31 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 from typing import Any
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
 from tpproxy.cluster.memory import MemoryBackend, MemoryRoutingStore
 from tpproxy.cluster.store import Holder, Route, StoreUnavailable
-from tpproxy.cluster.testing import _freePorts
+from tpproxy.cluster.testing import EtcdServer, _freePorts
 from tpproxy.reverse.registry import TAG_LENGTH, Registry, ReverseError, instanceTag
 from tpproxy.service import certificateSource, makeServerTLS
-from tpproxy.cluster.testing import EtcdServer
-from tpproxy.test.support import Background, Echo, HashSink, echoThrough, freePort, listenLocal, run, tpCommand, twistCommand, waitForPort
+from tpproxy.test.support import (
+    Background,
+    Echo,
+    HashSink,
+    echoThrough,
+    freePort,
+    listenLocal,
+    run,
+    tpCommand,
+    twistCommand,
+    waitForPort,
+)
 from tpproxy.testing import REVERSE_RULES, TestPKI, reverseTables
 from tpproxy.wire import ErrorCode
 
@@ -307,6 +318,64 @@ class PeerSessionTests(TestCase):
         self.assertTrue(noDelay)
 
 
+class PeerListenerGateTests(TestCase):
+    @defer.inlineCallbacks
+    def test_halfOpenCapped(self) -> Any:
+        """
+        The peer listener takes the server's half-open gate: a silent
+        connection from one source beyond its per-source cap gets no
+        protocol (closed at accept here, as no place to hold it is
+        allowed), as on TP's own port (docs/hardening.md).
+        """
+        from twisted.logger import Logger
+
+        from tpproxy.cluster.peer import ClusterService
+        from tpproxy.limits import HalfOpenCounter, HalfOpenGate
+
+        accepted: list[protocol.Protocol] = []
+
+        class Silent(protocol.Protocol):
+            def connectionMade(self) -> None:
+                accepted.append(self)
+
+        class Links:
+            def __init__(self) -> None:
+                self.reactor = reactor
+                self.me = "a"
+                self.store = type("S", (), {"instance": type("I", (), {"advertise": "127.0.0.1:0"})()})()
+
+            def listenerFactory(self) -> protocol.Factory:
+                return protocol.Factory.forProtocol(Silent)
+
+            def start(self) -> Any:
+                return defer.succeed(None)
+
+            def stop(self) -> Any:
+                return defer.succeed(None)
+
+        gates: list[HalfOpenGate] = []
+
+        def gate(factory: Any) -> HalfOpenGate:
+            gates.append(HalfOpenGate(factory, HalfOpenCounter(100, 2), reactor, Logger(), holdFor=30))
+            return gates[-1]
+
+        port = freePort()
+        svc = ClusterService(Links(), f"tcp:{port}:interface=127.0.0.1", gate)  # type: ignore[arg-type]
+        svc.startService()
+        yield svc.starting
+        self.addCleanup(svc.stopService)
+        clients = []
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
+            self.addCleanup(s.close)
+            clients.append(s)
+        for _ in range(200):
+            if gates and gates[0].refused == 1:
+                break
+            yield deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual((len(accepted), gates[0].refused), (2, 1))
+
+
 def logged(process: Background, marker: bytes, times: int = 1, timeout: float = 30) -> defer.Deferred[None]:
     """
     Fires once C{process} has written C{marker} to its stderr C{times}
@@ -553,8 +622,8 @@ lease_ttl = {self.TTL}
         with C{bad_session}.
         """
         from tpproxy.protocols.client import Refused, ServerAddress, TLSClientEndpoint
-        from tpproxy.reverse.expose import LocalTarget
         from tpproxy.protocols.relay import splice
+        from tpproxy.reverse.expose import LocalTarget
         from tpproxy.test.test_reverse import ControlClient
         from tpproxy.wire import ClientHello
 
@@ -650,11 +719,12 @@ lease_ttl = {self.TTL}
         certificate and key, send C{hello}, and answer A's ServerHello (or
         C{None} if the link closed without one).
         """
+        from twisted.internet.interfaces import IHandshakeListener
+        from zope.interface import implementer
+
         from tpproxy.cluster.peer import PeerTLS
         from tpproxy.transports.tls import TLSFactory
         from tpproxy.wire import FrameDecoder, ServerHello, encodeFrame
-        from twisted.internet.interfaces import IHandshakeListener
-        from zope.interface import implementer
 
         done: defer.Deferred[Any] = defer.Deferred()
         decoder = FrameDecoder()
