@@ -396,12 +396,13 @@ def logged(process: Background, marker: bytes, times: int = 1, timeout: float = 
     return done.addTimeout(timeout, reactor)
 
 
-class ThreeInstancesTests(TestCase):
+class ThreeInstances:
     """
     Three C{twist tp} processes on 127.0.0.1 (A), 127.0.0.2 (B) and
     127.0.0.3 (C), on the same port (as behind an anycast address), sharing
-    a real etcd: what an exposer registers at A is reached through B and C
-    over peer links.
+    a real etcd; mixed into a L{TestCase}.  C{alice} and C{bob} may expose
+    C{*.localhost} and public ports and dial each other's names;
+    C{mallory} may connect but not dial.
     """
 
     timeout = 180
@@ -483,6 +484,14 @@ lease_ttl = {self.TTL}
         match = re.search(rb"as public port (\d+)", line)
         exposer.publicPort = int(match.group(1)) if match else None  # type: ignore[attr-defined]
         return exposer
+
+
+
+class ThreeInstancesTests(ThreeInstances, TestCase):
+    """
+    What an exposer registers at A is reached through B and C over peer
+    links.
+    """
 
     @defer.inlineCallbacks
     def test_e2eThroughOtherInstances(self) -> Any:
