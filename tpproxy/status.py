@@ -50,17 +50,20 @@ def serverStatus(
     registry = factory.registry
     exposures = []
     for exposure in [*getattr(registry, "byPort", {}).values(), *getattr(registry, "byName", {}).values()]:
-        control = getattr(exposure.control, "conn", None)
-        exposures.append(
-            {
-                "kind": exposure.mode,
-                "port": exposure.port,
-                "name": exposure.name,
-                "identity": exposure.owner,
-                "via": getattr(getattr(control, "transport", None), "carrier", "tls"),
-                "age": round(t - control.started, 3) if control is not None else None,
-            }
-        )
+        # One row per signalling connection: a pool has several.
+        for member in exposure.members:
+            control = getattr(member.control, "conn", None)
+            exposures.append(
+                {
+                    "kind": exposure.mode,
+                    "port": exposure.port,
+                    "name": exposure.name,
+                    "identity": exposure.owner,
+                    "members": len(exposure.members),
+                    "via": getattr(getattr(control, "transport", None), "carrier", "tls"),
+                    "age": round(t - control.started, 3) if control is not None else None,
+                }
+            )
     waiting = []
     for pending in getattr(registry, "sessions", {}).values():
         waiting.append(

@@ -209,7 +209,10 @@ class ClientHello:
     - C{udp}: open a UDP flow to C{host}:C{port} (see L{tpproxy.transports.udp}).
     - C{listen}: expose something, in C{mode} C{public} (TP listens on
       C{port}, 0 = TP picks) or C{e2e} (TP serves C{name}).  The connection
-      then carries events (L{encodeEvent}).
+      then carries events (L{encodeEvent}).  C{member} (optional) names
+      the exposer's link: a C{listen} of the same identity and member
+      replaces that link's registration (a reconnect); one with another
+      member joins the exposure's pool (docs/protocol.md).
     - C{accept}: this new connection serves the incoming C{session}.
 
     C{host} is a destination host (L{tpproxy.names.isDestinationHost}),
@@ -224,6 +227,7 @@ class ClientHello:
     mode: str | None = None
     name: str | None = None
     session: str | None = None
+    member: str | None = None
     version: int = VERSION
 
     @classmethod
@@ -243,6 +247,8 @@ class ClientHello:
                 obj["port"] = self.port
             else:
                 obj["name"] = self.name
+            if self.member is not None:
+                obj["member"] = self.member
         elif self.op == "accept":
             obj["session"] = self.session
         return encodeFrame(obj)
@@ -290,20 +296,24 @@ class ClientHello:
     @classmethod
     def _listen(cls, obj: dict[str, Any]) -> ClientHello:
         mode = obj.get("mode")
+        member = obj.get("member")
+        if member is not None and (not isinstance(member, str) or not _MEMBER.fullmatch(member)):
+            raise _bad("field 'member' must be 1-64 characters of A-Z a-z 0-9 _ -")
         if mode == "public":
             port = obj.get("port", 0)
             if type(port) is not int or not 0 <= port <= 65535:
                 raise _bad("field 'port' must be an integer from 0 (TP picks) to 65535")
-            return cls(op="listen", mode=mode, port=port)
+            return cls(op="listen", mode=mode, port=port, member=member)
         if mode == "e2e":
             name = obj.get("name")
             if not isinstance(name, str) or not isCertificateName(name):
                 raise _bad("field 'name' must be a DNS name of letters, digits and hyphens (no '_', not an address)")
-            return cls(op="listen", mode=mode, name=normalize(name))
+            return cls(op="listen", mode=mode, name=normalize(name), member=member)
         raise _bad("field 'mode' must be 'public' or 'e2e'")
 
 
 _SESSION = re.compile(r"[A-Za-z0-9_-]{16,128}")
+_MEMBER = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 #: Events on a C{listen} connection, and the fields each carries.

@@ -388,7 +388,7 @@ class ListenSession(Session):
         self.rest = rest
         identity = self.conn.identity
         assert identity is not None
-        d = self.factory.registry.expose(self, identity.name, self.hello.mode, port=self.hello.port, name=self.hello.name)
+        d = self.factory.registry.expose(self, identity.name, self.hello.mode, port=self.hello.port, name=self.hello.name, member=self.hello.member)
         d.addCallbacks(lambda exposure: self._input("registered", exposure), lambda f: self._input("registerFailed", f))
 
     def _listening(self, exposure: Exposure) -> None:
@@ -415,7 +415,7 @@ class ListenSession(Session):
             self.conn.refuse(ErrorCode.INTERNAL, "internal error")
 
     def _unregister(self, exposure: Exposure) -> None:
-        self.factory.registry.remove(exposure)
+        self.factory.registry.leave(exposure, self)
 
     def _control(self, data: bytes) -> None:
         self.loop.feed(data)
@@ -472,7 +472,7 @@ class ListenSession(Session):
     def _lost(self, reason: Failure) -> None:
         self.loop.stop()
         if self.exposure is not None:
-            self.factory.registry.remove(self.exposure)
+            self.factory.registry.leave(self.exposure, self)
             log.info("{identity} no longer exposes {exposure}", identity=self.exposure.owner, exposure=self.exposure.describe())
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import random
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -112,18 +113,71 @@ class AcceptEnd(TypingProtocol):
 
 
 @dataclass(eq=False)
-class Exposure:
-    owner: str
-    mode: str
+class Member:
+    """
+    One signalling connection of an exposure (a pool has several).
+
+    @ivar key: the C{member} its C{listen} named (L{tpproxy.wire.ClientHello}),
+        or C{None} (a client that names none): a new C{listen} of the same
+        identity and key replaces this member's connection (a reconnect
+        that beat the old connection's timeout).
+    @ivar sessions: the pending sessions it was told of.
+    """
+
     control: Control
-    port: int | None = None
-    name: str | None = None
-    listening: Any = None
+    key: str | None = None
     sessions: set[str] = field(default_factory=set)
-    #: The exposure rule that let C{owner} expose C{name}, recorded when
-    #: the name was registered: its dialers, and no other rule's, may dial
-    #: this exposure.  C{None} for a public port (which has no dialers).
-    grantedBy: ExposureRule | None = None
+
+
+class Exposure:
+    """
+    A public port or an E2E name held by one identity, served by one or
+    more signalling connections (L{Member}s: a B{pool}), each told of
+    dialers in turn (at random).
+    """
+
+    def __init__(
+        self,
+        owner: str,
+        mode: str,
+        control: Control,
+        port: int | None = None,
+        name: str | None = None,
+        grantedBy: ExposureRule | None = None,
+        member: str | None = None,
+    ) -> None:
+        self.owner = owner
+        self.mode = mode
+        self.port = port
+        self.name = name
+        self.listening: Any = None
+        self.sessions: set[str] = set()
+        #: The exposure rule that let C{owner} expose C{name}, recorded
+        #: when the name was registered: its dialers, and no other rule's,
+        #: may dial this exposure.  C{None} for a public port (which has
+        #: no dialers).
+        self.grantedBy = grantedBy
+        self.members: list[Member] = [Member(control, member)]
+
+    @property
+    def control(self) -> Control:
+        """
+        The first member's control (the only one, but in a pool).
+        """
+        return self.members[0].control
+
+    def memberOf(self, control: Control) -> Member | None:
+        for member in self.members:
+            if member.control is control:
+                return member
+        return None
+
+    def pick(self) -> Member:
+        """
+        The member to tell of a new dialer: one at random (the members of
+        a pool share its dialers).
+        """
+        return self.members[0] if len(self.members) == 1 else random.choice(self.members)
 
     def describe(self) -> str:
         return f"public port {self.port}" if self.mode == "public" else f"E2E name {self.name}"
@@ -137,6 +191,7 @@ class PendingSession:
     dialerIdentity: str | None
     peer: str
     timer: Any
+    member: Member | None = None
 
 
 class Registry:
@@ -197,37 +252,44 @@ class Registry:
     # --- exposures ------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def expose(self, control: Control, identity: str, mode: str, port: int = 0, name: str | None = None) -> Any:
+    def expose(self, control: Control, identity: str, mode: str, port: int = 0, name: str | None = None, member: str | None = None) -> Any:
         """
-        Register an exposure for C{identity}.
+        Register an exposure for C{identity}, served by C{control}.  If
+        C{identity} already exposes that name or port here, C{control}
+        joins it (L{_join}): as a new member of its pool, or, with the
+        C{member} key of one of its members, in that member's place.
 
         @return: a Deferred firing with the L{Exposure}, or failing with
             L{ReverseError}.
         """
         if mode == "public":
-            return (yield self._exposePort(control, identity, port))
+            return (yield self._exposePort(control, identity, port, member))
         assert name is not None
-        return (yield self._exposeName(control, identity, name))
+        return (yield self._exposeName(control, identity, name, member))
 
-    def _takeOver(self, existing: Exposure | None, identity: str, what: str, code: ErrorCode) -> Any:
+    def _join(self, existing: Exposure, control: Control, identity: str, member: str | None) -> Exposure:
         """
-        Make room for a new exposure of C{identity}.  Returns the listening
-        port of a public exposure it replaces, for the new one to keep
-        (closing and binding it again in one turn would fail: Twisted closes
-        a port on the next turn).
+        C{identity} exposes C{existing} again, with C{control}.  A member
+        with the same C{member} key (a reconnect that beat the old
+        connection's timeout, or a move to a renewed certificate) hands
+        over to it: its old connection is closed, and the sessions it was
+        told of stay pending (their C{accept}s name the session, not the
+        connection).  Another key makes C{control} a new member of the
+        exposure's pool.  The route stays claimed in the store as it was.
         """
-        if existing is None:
-            return None
         if existing.owner != identity:
-            raise ReverseError(code, f"{what} is held by another identity")
-        # The same identity again (a reconnect that beat the old connection's
-        # timeout): the new session replaces the old one.
-        log.info("{identity} takes over {what} from its previous session", identity=identity, what=what)
-        listening, existing.listening = existing.listening, None
-        # The new exposure holds the route in the store under the same key.
-        self.remove(existing, release=False)
-        existing.control.closeControl(f"{what} was taken over by a new session of {identity}")
-        return listening
+            what = existing.describe()
+            raise ReverseError(ErrorCode.PORT_UNAVAILABLE if existing.mode == "public" else ErrorCode.NAME_TAKEN, f"{what} is held by another identity")
+        what = existing.describe()
+        same = next((m for m in existing.members if m.key == member), None)
+        if same is not None:
+            old, same.control = same.control, control
+            log.info("{identity} takes over {what} from its previous session", identity=identity, what=what)
+            old.closeControl(f"{what} was taken over by a new session of {identity}")
+        else:
+            existing.members.append(Member(control, member))
+            log.info("{identity} adds a member to the pool of {what} ({count} members)", identity=identity, what=what, count=len(existing.members))
+        return existing
 
     @defer.inlineCallbacks
     def _claim(self, route: Route, identity: str, code: ErrorCode) -> Any:
@@ -280,36 +342,35 @@ class Registry:
             return
         log.warn("Closing {exposure} of {identity}: its route was lost to {holders}", exposure=exposure.describe(), identity=identity, holders=sorted(taken.holders))
         self.remove(exposure, release=False)
-        exposure.control.closeControl(f"the {exposure.describe()} was lost while TP could not reach its routing store")
+        for member in exposure.members:
+            member.control.closeControl(f"the {exposure.describe()} was lost while TP could not reach its routing store")
 
     @defer.inlineCallbacks
-    def _exposePort(self, control: Control, identity: str, port: int) -> Any:
+    def _exposePort(self, control: Control, identity: str, port: int, member: str | None) -> Any:
         kept = None
         if port:
             decision = self.policy.mayExposePort(identity, port)
             if not decision.allowed:
                 raise ReverseError(ErrorCode.FORBIDDEN, decision.reason)
             existing = self.byPort.get(port)
-            if existing is not None and existing.owner != identity:
-                raise ReverseError(ErrorCode.PORT_UNAVAILABLE, f"public port {port} is held by another identity")
+            if existing is not None:
+                return self._join(existing, control, identity, member)
             yield self._claim(Route.port(port), identity, ErrorCode.PORT_UNAVAILABLE)
-            try:
-                kept = self._takeOver(self.byPort.get(port), identity, f"public port {port}", ErrorCode.PORT_UNAVAILABLE)
-            except ReverseError:
-                self._release(Route.port(port))
-                raise
+            existing = self.byPort.get(port)
+            if existing is not None:  # registered while the store answered
+                return self._join(existing, control, identity, member)
             candidates = [port]
         else:
             ranges = self.policy.publicPortRanges(identity)
             if not ranges:
                 raise ReverseError(ErrorCode.FORBIDDEN, f"no exposure rule lets {identity} expose a public port")
             candidates = [0] if (1, 65535) in ranges else [p for lo, hi in ranges for p in range(lo, hi + 1)][:2000]
-        if port and kept is None and port in self.remotePorts:
+        if port and port in self.remotePorts:
             # This instance forwards the port to another holder: its
             # exposure here takes the listening socket over.
             remote = self.remotePorts[port]
             kept, remote.listening = remote.listening, None
-        exposure = Exposure(owner=identity, mode="public", control=control)
+        exposure = Exposure(owner=identity, mode="public", control=control, member=member)
         factory = PublicDialerFactory(self, exposure)
         if port and kept is not None:
             kept.factory = factory
@@ -354,25 +415,23 @@ class Registry:
         return exposure
 
     @defer.inlineCallbacks
-    def _exposeName(self, control: Control, identity: str, name: str) -> Any:
+    def _exposeName(self, control: Control, identity: str, name: str, member: str | None) -> Any:
         decision = self.policy.mayExposeName(identity, name)
         if not decision.allowed:
             raise ReverseError(ErrorCode.FORBIDDEN, decision.reason)
         if self.serverTLS.servesOwnName(name):
             raise ReverseError(ErrorCode.FORBIDDEN, f"{name} is a name of TP itself and cannot be exposed")
         existing = self.byName.get(name)
-        if existing is not None and existing.owner != identity:
-            raise ReverseError(ErrorCode.NAME_TAKEN, f"E2E name {name} is held by another identity")
+        if existing is not None:
+            return self._join(existing, control, identity, member)
         route = Route.name(name)
         yield self._claim(route, identity, ErrorCode.NAME_TAKEN)
-        try:
-            self._takeOver(self.byName.get(name), identity, f"E2E name {name}", ErrorCode.NAME_TAKEN)
-        except ReverseError:
-            self._release(route)
-            raise
+        existing = self.byName.get(name)
+        if existing is not None:  # registered while the store answered
+            return self._join(existing, control, identity, member)
         assert decision.rule is not None
         grantedBy = self.policy.exposures[decision.rule]
-        exposure = Exposure(owner=identity, mode="e2e", control=control, name=name, grantedBy=grantedBy)
+        exposure = Exposure(owner=identity, mode="e2e", control=control, name=name, grantedBy=grantedBy, member=member)
         # Hold the name while the certificate is fetched.
         self.byName[name] = exposure
         try:
@@ -381,6 +440,8 @@ class Registry:
             if self.byName.get(name) is exposure:
                 del self.byName[name]
                 self._release(route)
+            for joined in exposure.members[1:]:
+                joined.control.closeControl(f"no certificate for {name}")
             raise ReverseError(ErrorCode.NO_CERTIFICATE, f"no certificate for {name}: {e}") from None
         if self.byName.get(name) is not exposure:
             raise ReverseError(ErrorCode.NAME_TAKEN, f"E2E name {name} was taken meanwhile")
@@ -394,10 +455,10 @@ class Registry:
 
         @return: how many were told.
         """
-        exposures = [*self.byPort.values(), *self.byName.values()]
-        for exposure in exposures:
-            exposure.control.goaway(reason)
-        return len(exposures)
+        members = [m for exposure in [*self.byPort.values(), *self.byName.values()] for m in exposure.members]
+        for member in members:
+            member.control.goaway(reason)
+        return len(members)
 
     def reconfigure(self, policy: Policy, acceptTimeout: float) -> None:
         """
@@ -414,12 +475,40 @@ class Registry:
             if decision.allowed and decision.rule is not None:
                 exposure.grantedBy = policy.exposures[decision.rule]
 
+    def leave(self, exposure: Exposure, control: Control) -> None:
+        """
+        The signalling connection C{control} of C{exposure} is gone.  The
+        last member takes the exposure with it (L{remove}).  Else the
+        dialers it was told of and that still wait are told to another
+        member at once: the pool serves them, and no new dialer is sent
+        to a member whose connection is known dead.
+        """
+        member = exposure.memberOf(control)
+        if member is None:
+            return  # replaced by a new connection of the same member
+        if len(exposure.members) == 1:
+            self.remove(exposure)
+            return
+        exposure.members.remove(member)
+        log.info(
+            "A member of the pool of {exposure} of {owner} left ({count} remain)",
+            exposure=exposure.describe(), owner=exposure.owner, count=len(exposure.members),
+        )
+        for sid in sorted(member.sessions):
+            pending = self.sessions.get(sid)
+            if pending is None:
+                continue
+            other = pending.member = exposure.pick()
+            other.sessions.add(sid)
+            other.control.sendIncoming(sid, pending.dialerIdentity, pending.peer)
+        member.sessions.clear()
+
     def remove(self, exposure: Exposure, release: bool = True) -> None:
         """
-        The exposure's signalling connection is gone: stop listening or
-        unbind the name at once, fail its pending dialers, and (unless
-        C{release} is false: a takeover keeps the claim) release its route
-        in the store.
+        The exposure goes (its last signalling connection is gone, or its
+        route was lost): stop listening or unbind the name at once, fail
+        its pending dialers, and (unless C{release} is false) release its
+        route in the store.
         """
         gone: list[Route] = []
         if exposure.port is not None and self.byPort.get(exposure.port) is exposure:
@@ -448,6 +537,8 @@ class Registry:
                 self._spend(sid, "exposure closed")
                 pending.dialer.sessionFailed(ErrorCode.NOT_ACCEPTED, f"the {exposure.describe()} went away")
         exposure.sessions.clear()
+        for member in exposure.members:
+            member.sessions.clear()
         if self.onLocalGone is not None:
             for route in gone:
                 self.onLocalGone(route)
@@ -481,7 +572,7 @@ class Registry:
         if pending is None:
             return
         pending.timer.cancel()
-        pending.exposure.sessions.discard(sid)
+        self._forget(pending)
         self._spend(sid, "failed")
         pending.dialer.sessionFailed(code, message)
 
@@ -500,8 +591,10 @@ class Registry:
         # The instance's tag, then 192 bits from the OS CSPRNG.
         sid = self.tag + secrets.token_urlsafe(24)
         timer = self.reactor.callLater(self.acceptTimeout, self._expire, sid)
-        self.sessions[sid] = PendingSession(sid, exposure, dialer, identity, peer, timer)
+        member = exposure.pick()
+        self.sessions[sid] = PendingSession(sid, exposure, dialer, identity, peer, timer, member)
         exposure.sessions.add(sid)
+        member.sessions.add(sid)
         audit.info(
             "incoming {peer} for {exposure} of {owner}",
             event="incoming",
@@ -511,7 +604,7 @@ class Registry:
             identity=identity,
             session=shortSession(sid),
         )
-        exposure.control.sendIncoming(sid, identity, peer)
+        member.control.sendIncoming(sid, identity, peer)
         return sid
 
     def madeHere(self, sid: str) -> bool:
@@ -525,12 +618,18 @@ class Registry:
         pending = self.sessions.pop(sid, None)
         if pending is None:
             return
-        pending.exposure.sessions.discard(sid)
+        self._forget(pending)
         self._spend(sid, "expired")
         log.info("Session {session} for {exposure} was not accepted within {timeout} s", session=shortSession(sid), exposure=pending.exposure.describe(), timeout=self.acceptTimeout)
         pending.dialer.sessionFailed(
             ErrorCode.NOT_ACCEPTED, f"the {pending.exposure.describe()} did not accept within {self.acceptTimeout:g} s"
         )
+
+    @staticmethod
+    def _forget(pending: PendingSession) -> None:
+        pending.exposure.sessions.discard(pending.id)
+        if pending.member is not None:
+            pending.member.sessions.discard(pending.id)
 
     def _spend(self, sid: str, why: str) -> None:
         self.spent[sid] = why
@@ -541,7 +640,7 @@ class Registry:
         pending = self.sessions.pop(sid, None)
         if pending is not None:
             pending.timer.cancel()
-            pending.exposure.sessions.discard(sid)
+            self._forget(pending)
             self._spend(sid, "dialer left")
 
     def claim(self, sid: str, identity: str) -> PendingSession:
@@ -566,7 +665,7 @@ class Registry:
             raise ReverseError(ErrorCode.BAD_SESSION, "unknown session")
         del self.sessions[sid]
         pending.timer.cancel()
-        pending.exposure.sessions.discard(sid)
+        self._forget(pending)
         self._spend(sid, "used")
         return pending
 

@@ -108,20 +108,32 @@ class RegistryStoreTests(TestCase):
         """
         a, b = self.registries["a"], self.registries["b"]
         route = Route.name("svc.localhost")
-        exposure = yield a.expose(RecordingControl(), "alice", "e2e", name="svc.localhost")
+        first = RecordingControl()
+        exposure = yield a.expose(first, "alice", "e2e", name="svc.localhost")
         self.assertEqual(self.holders(route), {Holder(route, "a", "alice")})
         e = yield self.assertFailure(b.expose(RecordingControl(), "bob", "e2e", name="svc.localhost"), ReverseError)
         self.assertEqual((e.code, e.message), (ErrorCode.NAME_TAKEN, "E2E name svc.localhost is held by another identity"))
         self.assertIsNone(b.nameExposure("svc.localhost"))
         pooled = yield b.expose(RecordingControl(), "alice", "e2e", name="svc.localhost")
         self.assertEqual(self.holders(route), {Holder(route, "a", "alice"), Holder(route, "b", "alice")})
-        # A takeover by alice's new session at A keeps the claim.
-        again = yield a.expose(RecordingControl(), "alice", "e2e", name="svc.localhost")
-        self.assertEqual(exposure.control.closed, ["E2E name svc.localhost was taken over by a new session of alice"])
+        # A takeover by alice's new session of the same member at A keeps
+        # the claim and the exposure.
+        second = RecordingControl()
+        again = yield a.expose(second, "alice", "e2e", name="svc.localhost")
+        self.assertIs(again, exposure)
+        self.assertEqual(first.closed, ["E2E name svc.localhost was taken over by a new session of alice"])
         self.assertEqual(self.holders(route), {Holder(route, "a", "alice"), Holder(route, "b", "alice")})
-        a.remove(exposure)  # the old session's connection ends: nothing changes
+        a.leave(exposure, first)  # the old session's connection ends: nothing changes
+        self.assertEqual([m.control for m in exposure.members], [second])
         self.assertEqual(self.holders(route), {Holder(route, "a", "alice"), Holder(route, "b", "alice")})
-        a.remove(again)
+        # Another member of alice's joins the pool at A; the route is
+        # released when the last member leaves.
+        third = RecordingControl()
+        joined = yield a.expose(third, "alice", "e2e", name="svc.localhost", member="other")
+        self.assertEqual(([m.control for m in joined.members], third.closed, second.closed), ([second, third], [], []))
+        a.leave(exposure, second)
+        self.assertEqual(self.holders(route), {Holder(route, "a", "alice"), Holder(route, "b", "alice")})
+        a.leave(exposure, third)
         b.remove(pooled)
         self.assertEqual(self.holders(route), set())
         yield b.expose(RecordingControl(), "bob", "e2e", name="svc.localhost")
