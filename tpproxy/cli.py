@@ -151,7 +151,8 @@ def _commonOptions(parser: argparse.ArgumentParser, suppress: bool) -> None:
     group = parser.add_argument_group("connection options (before or after the command)")
     group.add_argument("--config", metavar="FILE", default=default,
                        help="client config (TOML); default $TP_CONFIG, else ~/.config/tp/client.toml")
-    group.add_argument("--server", metavar="HOST:PORT", default=default, help="the TP server (port defaults to 443)")
+    group.add_argument("--server", metavar="HOST:PORT", default=default, action="append",
+                       help="the TP server (port defaults to 443); tp expose takes several, keeping a link to each")
     group.add_argument("--cert", metavar="FILE", default=default, help="client certificate (PEM, may hold its chain)")
     group.add_argument("--key", metavar="FILE", default=default, help="private key of the client certificate (PEM)")
     group.add_argument("--ca", metavar="FILE", default=default, help="CA certificate(s) that sign the server certificate (PEM)")
@@ -208,6 +209,10 @@ def buildParser() -> argparse.ArgumentParser:
     mode.add_argument("--e2e", metavar="NAME", help="E2E mode: TP serves the name NAME")
     p.add_argument("--keepalive", metavar="SECONDS", type=_number(float, 0.5, 3600, "a number of seconds"), default=15.0,
                    help="ping TP this often; give up on it after 3 times as long (default 15)")
+    p.add_argument("--links", metavar="N", type=_number(int, 1, 16, "a number of links"), default=2,
+                   help="keep a signalling connection to up to N of the addresses a server name resolves to (several "
+                   "addresses of one family: several TP instances), so the exposure survives losing one; "
+                   "each --server given gets its own (default 2; 1: one connection per --server)")
     _commonOptions(p, suppress=True)
 
     p = sub.add_parser("status", help="show what a running TP holds (its admin listener's /status)",
@@ -251,6 +256,11 @@ def readClientConfig(args: argparse.Namespace) -> ClientConfig:
     return ClientConfig()
 
 
+def _servers(args: argparse.Namespace) -> list[str]:
+    value = getattr(args, "server", None) or []
+    return [value] if isinstance(value, str) else list(value)
+
+
 def resolveSettings(args: argparse.Namespace) -> Settings:
     """
     Flags override the config file; the config file is --config, else
@@ -258,8 +268,11 @@ def resolveSettings(args: argparse.Namespace) -> Settings:
     """
     config = readClientConfig(args)
     overrides = {}
+    servers = _servers(args)
+    if len(servers) > 1 and getattr(args, "command", None) != "expose":
+        raise UsageError("--server: only tp expose takes several (one signalling connection to each); give one")
     for name in ("server", "cert", "key", "ca"):
-        value = getattr(args, name, None)
+        value = (servers[0] if servers else None) if name == "server" else getattr(args, name, None)
         if value:
             overrides[name] = os.path.abspath(value) if name != "server" else value
     if getattr(args, "connect_timeout", None) is not None:
@@ -790,7 +803,8 @@ def _run(reactor: Any, args: argparse.Namespace, stderr: Any) -> defer.Deferred[
             hello = ClientHello("listen", mode="e2e", name=normalize(args.e2e))
         else:
             hello = ClientHello("listen", mode="public", port=args.public)
-        return runExpose(reactor, settings, local, hello, args.keepalive, stderr)
+        servers = [ServerAddress(*parseHostPort(text, "--server", defaultPort=443)) for text in _servers(args)]
+        return runExpose(reactor, settings, local, hello, args.keepalive, stderr, servers=servers or None, links=args.links)
     host, port = parseHostPort(args.target, "HOST:PORT")
     if args.command == "connect":
         return runConnect(reactor, settings, host, port, stderr)

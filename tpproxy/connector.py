@@ -164,7 +164,7 @@ class Connector:
     def _connectQuic(self, timeout: float) -> Any:
         server = self.settings.server
         try:
-            addresses = yield resolveHost(self.reactor, server.host, server.port).addTimeout(timeout, self.reactor)
+            addresses = yield resolveHost(self.reactor, server.connectHost, server.port).addTimeout(timeout, self.reactor)
         except defer.TimeoutError:
             raise TunnelError(f"resolving {server.host} took longer than {timeout:g} s") from None
         if not addresses:

@@ -58,6 +58,9 @@ from tpproxy.wire import ErrorCode, FrameDecoder, ServerHello, WireError, encode
 
 log = Logger(namespace="tpproxy.cluster")
 
+#: Seconds dials avoid an instance a peer link could not reach, while
+#: other holders remain (its lease may take up to its TTL to end).
+SUSPECT_FOR = 10.0
 #: The ALPN of a peer link: nothing else speaks it.
 PEER_ALPN = b"tp-peer/1"
 
@@ -157,6 +160,8 @@ class PeerLink(MachineEnd):
     """
 
     S = DialState
+    #: The other instance answered (a ServerHello, either way).
+    answered = False
     TRANSITIONS = {
         (S.CONNECTING, "handshake"): (S.ANSWER, "_send"),
         (S.ANSWER, "data"): (S.ANSWER, "_answer"),
@@ -194,6 +199,7 @@ class PeerLink(MachineEnd):
         except WireError as e:
             self._input("failed", ErrorCode.INTERNAL, f"instance {self.instance} answered badly: {e.message}")
             return
+        self.answered = True
         if not answer.ok:
             try:
                 code = ErrorCode(answer.code)
@@ -219,12 +225,17 @@ class PeerDial(PeerLink):
     holder answers, the link is the accept end of that session.
     """
 
-    def __init__(self, links: PeerLinks, sid: str, exposure: Exposure, hello: dict[str, Any], instance: str) -> None:
+    def __init__(self, links: PeerLinks, sid: str, exposure: Exposure, hello: dict[str, Any], instance: str, tried: frozenset[str] = frozenset()) -> None:
         super().__init__(links, hello, instance)
         self.sid = sid
         self.exposure = exposure
+        #: The holders tried for this dialer before this one.
+        self.tried = tried | {instance}
+        self.settled = False
 
     def _joined(self, rest: bytes) -> None:
+        self.settled = True
+        self.links.reached(self.instance)
         registry = self.links.registry
         try:
             pending = registry.claim(self.sid, self.exposure.owner)
@@ -238,13 +249,16 @@ class PeerDial(PeerLink):
             self.peer.transport.write(rest)  # type: ignore[union-attr]
 
     def _fail(self, code: ErrorCode, message: str) -> None:
-        self.links.registry.failSession(self.sid, code, message)
+        self.settled = True
+        self.links.dialFailed(self, code, message)
         if self.transport is not None:
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _lost(self, reason: Failure) -> None:
-        if self.peer is None:
-            self.links.registry.failSession(self.sid, ErrorCode.NOT_ACCEPTED, f"the peer link to instance {self.instance} closed")
+        if self.peer is None and not self.settled:
+            # Closed before the holder answered (it died, or is stopping).
+            self.settled = True
+            self.links.dialFailed(self, ErrorCode.UNREACHABLE, f"the peer link to instance {self.instance} closed before it answered")
         RelayEnd.connectionLost(self, reason)
 
 
@@ -320,6 +334,11 @@ class PeerLinks:
             self.ownHost = None
         registry.onLocalGone = self.sync
         registry.forwardAccept = self.accept
+        #: Instances a peer link could not reach, and until when dials
+        #: avoid them (L{SUSPECT_FOR}): known dead before their lease ends.
+        self.suspects: dict[str, float] = {}
+        #: The holders last logged for each route routed elsewhere.
+        self.routedTo: dict[Route, list[str]] = {}
 
     # --- the watch ------------------------------------------------------------------
 
@@ -396,7 +415,7 @@ class PeerLinks:
             remote = Exposure(owner=owner, mode="e2e", control=control, name=name, grantedBy=registry.policy.exposures[decision.rule])
             control.exposure = remote
             registry.remoteNames[name] = remote
-            log.info("Routing E2E name {name} of {owner} to instance(s) {instances}", name=name, owner=owner, instances=[h.instance for h in holders])
+        self._holdersSeen(Route.name(name), holders, "Routing E2E name {name} of {owner} to instance(s) {instances}", name=name, owner=remote.owner)
         if name not in registry.byName and name not in self.serverTLS.innerNames:
             self._serveName(name, remote)
 
@@ -413,8 +432,19 @@ class PeerLinks:
 
         registry.certificates.certificateFor(name).addCallbacks(got, failed)
 
+    def _holdersSeen(self, route: Route, holders: list[Holder], message: str, **fields: Any) -> None:
+        """
+        Log C{message} with the holders' instances when they changed since
+        last logged for C{route}.
+        """
+        instances = [h.instance for h in holders]
+        if self.routedTo.get(route) != instances:
+            self.routedTo[route] = instances
+            log.info(message, instances=instances, **fields)
+
     def _dropName(self, name: str, remote: Exposure) -> None:
         registry = self.registry
+        self.routedTo.pop(Route.name(name), None)
         if registry.remoteNames.get(name) is remote:
             del registry.remoteNames[name]
         if name not in registry.byName:
@@ -426,6 +456,7 @@ class PeerLinks:
         registry = self.registry
         remote = registry.remotePorts.get(port)
         if not holders:
+            self.routedTo.pop(Route.port(port), None)
             if remote is not None:
                 del registry.remotePorts[port]
                 registry.remove(remote)
@@ -435,40 +466,82 @@ class PeerLinks:
             remote = Exposure(owner=holders[0].identity, mode="public", control=RemoteControl(self), port=port)
             remote.control.exposure = remote  # type: ignore[attr-defined]
             registry.remotePorts[port] = remote
+        if remote.listening is not None:
+            self._holdersSeen(Route.port(port), holders, "Forwarding public port {port} to instance(s) {instances}", port=port)
         if port not in registry.byPort and remote.listening is None:
             try:
                 remote.listening = self.reactor.listenTCP(port, PublicDialerFactory(registry, remote), interface=registry.publicInterface)
             except error.CannotListenError as e:
                 log.warn("Cannot forward public port {port} held at {instances}: {error}", port=port, instances=[h.instance for h in holders], error=str(e.socketError))
                 return
-            log.info("Forwarding public port {port} to instance(s) {instances}", port=port, instances=[h.instance for h in holders])
+            self._holdersSeen(Route.port(port), holders, "Forwarding public port {port} to instance(s) {instances}", port=port)
 
     # --- links ------------------------------------------------------------------------
 
-    def dial(self, exposure: Exposure, sid: str, identity: str | None, peer: str) -> None:
+    def dial(self, exposure: Exposure, sid: str, identity: str | None, peer: str, tried: frozenset[str] = frozenset()) -> None:
         """
         A dialer waits in session C{sid} for the remote C{exposure}: open a
-        peer link to one of its holders (chosen at random among the live
-        ones).
+        peer link to one of its holders, at random among the live ones not
+        C{tried} yet for it, avoiding those a link recently failed to reach
+        (L{suspects}) while there are others.
         """
-        route = Route.name(exposure.name) if exposure.mode == "e2e" else Route.port(exposure.port)  # type: ignore[arg-type]
-        holders = self.remoteHolders(route)
+        route = self._route(exposure)
+        holders = [h for h in self.remoteHolders(route) if h.instance not in tried]
         instances = self.watch.instances() if self.watch is not None else {}
         if not holders:
-            self.registry.failSession(sid, ErrorCode.NOT_ACCEPTED, f"no live instance holds {route} any more")
+            if tried:
+                self.registry.failSession(sid, ErrorCode.UNREACHABLE, f"no live instance holding {route} could be reached (tried {', '.join(sorted(tried))})")
+            else:
+                self.registry.failSession(sid, ErrorCode.NOT_ACCEPTED, f"no live instance holds {route} any more")
             return
-        holder = random.choice(holders)
+        now = self.reactor.seconds()
+        for instance, until in list(self.suspects.items()):
+            if until <= now:
+                del self.suspects[instance]
+        trusted = [h for h in holders if h.instance not in self.suspects]
+        holder = random.choice(trusted or holders)
         try:
             host, port = hostPort(instances[holder.instance].advertise, "advertise")
         except (ConfigError, KeyError):
-            self.registry.failSession(sid, ErrorCode.UNREACHABLE, f"instance {holder.instance} has no usable advertise address")
+            self.dial(exposure, sid, identity, peer, tried | {holder.instance})
             return
         hello: dict[str, Any] = {"op": "peer-dial", "peer": peer, "instance": self.me}
         if route.kind == NAME:
             hello.update(name=route.key, identity=identity)
         else:
             hello["port"] = int(route.key)
-        self._open(PeerDial(self, sid, exposure, hello, holder.instance), host, port)
+        self._open(PeerDial(self, sid, exposure, hello, holder.instance, tried), host, port)
+
+    def dialFailed(self, link: PeerDial, code: ErrorCode, message: str) -> None:
+        """
+        The peer link C{link} did not join its dialer.  If the holder could
+        not be reached (or no longer holds the route), and the dialer still
+        waits, try another holder: a pool fails over.  Else the dialer
+        fails with the holder's answer.
+        """
+        if not link.answered:
+            # Not reached at all (refused, timed out, closed, or not TP):
+            # dials avoid it for a while.
+            self.suspects[link.instance] = self.reactor.seconds() + SUSPECT_FOR
+        pending = self.registry.sessions.get(link.sid)
+        if pending is None:
+            return  # the dialer left, or its wait ended
+        others = {h.instance for h in self.remoteHolders(self._route(link.exposure))} - link.tried
+        if others and (not link.answered or code is ErrorCode.NOT_EXPOSED):
+            log.info("Session {session}: {message}; trying another holder", session=shortSession(link.sid), message=message)
+            self.dial(link.exposure, link.sid, pending.dialerIdentity, str(link.hello.get("peer", "?")), link.tried)
+            return
+        self.registry.failSession(link.sid, code, message)
+
+    def reached(self, instance: str) -> None:
+        """
+        A peer link to C{instance} was answered: it is not suspect.
+        """
+        self.suspects.pop(instance, None)
+
+    @staticmethod
+    def _route(exposure: Exposure) -> Route:
+        return Route.name(exposure.name) if exposure.mode == "e2e" else Route.port(exposure.port)  # type: ignore[arg-type]
 
     def accept(self, sid: str, identity: str, end: AcceptEnd) -> None:
         """

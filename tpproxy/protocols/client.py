@@ -68,11 +68,23 @@ class Refused(TunnelError):
 
 @dataclass(frozen=True)
 class ServerAddress:
+    """
+    Where TP is: C{host} (the name its certificate is checked against, and
+    else resolved) and C{port}; C{address}, if set, is the one address of
+    C{host} to connect to (an exposer's link to one instance).
+    """
+
     host: str
     port: int
+    address: str | None = None
+
+    @property
+    def connectHost(self) -> str:
+        return self.address or self.host
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        text = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return f"{text} (at {self.address})" if self.address else text
 
 
 @implementer(IHandshakeListener)
@@ -249,7 +261,7 @@ class TLSClientEndpoint:
 
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         tlsFactory = TLSFactory(self.tlsOptions, True, factory, clock=self.reactor)
-        endpoint = HostnameEndpoint(self.reactor, self.server.host, self.server.port, timeout=max(1, int(self.timeout)))
+        endpoint = HostnameEndpoint(self.reactor, self.server.connectHost, self.server.port, timeout=max(1, int(self.timeout)))
         return endpoint.connect(tlsFactory).addCallback(lambda tlsProtocol: tlsProtocol.wrappedProtocol)
 
 
@@ -273,7 +285,7 @@ def openTunnel(
     """
     ready: defer.Deferred[TPClientProtocol] = defer.Deferred()
     factory = TLSFactory(tlsOptions, True, Factory.forProtocol(lambda: TPClientProtocol(hello, ready, innerTLS)), clock=reactor)
-    endpoint = HostnameEndpoint(reactor, server.host, server.port, timeout=max(1, int(timeout)))
+    endpoint = HostnameEndpoint(reactor, server.connectHost, server.port, timeout=max(1, int(timeout)))
     connecting = endpoint.connect(factory)
     connected: list[Any] = []
 

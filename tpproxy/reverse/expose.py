@@ -15,6 +15,8 @@ go.  Tunnels already accepted are left alone: each runs until it ends.
 from __future__ import annotations
 
 import enum
+import secrets
+from dataclasses import replace
 from typing import Any, Callable
 
 from twisted.application.internet import backoffPolicy
@@ -352,6 +354,8 @@ class Exposer(Machine[ExposerState]):
         (S.MOVE_WAITING, "renewed"): (S.MOVING, "_connectWith"),
         (S.MOVE_WAITING, "stop"): (S.STOPPED, "_stop"),
         (S.FAILED, "renewed"): (S.FAILED, None),
+        # One link of several: another registered, so this one tries again.
+        (S.FAILED, "retry"): (S.CONNECTING, "_connect"),
         (S.FAILED, "stop"): (S.STOPPED, "_stop"),
         (S.STOPPED, "renewed"): (S.STOPPED, None),
         (S.STOPPED, "stop"): (S.STOPPED, None),
@@ -361,6 +365,11 @@ class Exposer(Machine[ExposerState]):
     attempt: ControlFactory | None = None
     _retry: IDelayedCall | None = None
     _goneAway: ControlProtocol | None = None
+    #: A first registration that fails is retried like a later one
+    #: (L{ExposerLinks} sets it once another link is up).
+    keepTrying = False
+    #: Starts each line this exposer says (L{ExposerLinks}: which link).
+    label = ""
 
     def __init__(
         self,
@@ -389,7 +398,7 @@ class Exposer(Machine[ExposerState]):
         self.info: dict[str, Any] = {}
 
     def say(self, line: str) -> None:
-        self.stderr.write(line + "\n")
+        self.stderr.write(self.label + line + "\n")
         self.stderr.flush()
 
     # --- inputs ---------------------------------------------------------------
@@ -410,6 +419,15 @@ class Exposer(Machine[ExposerState]):
         result = self._input("stop", quietly)
         return result if result is not None else defer.succeed(None)
 
+    def keepGoing(self) -> None:
+        """
+        Another link of this exposure is up: a first registration that
+        fails here is retried, and one that failed already is tried again.
+        """
+        self.keepTrying = True
+        if self.state is ExposerState.FAILED:
+            self._input("retry")
+
     def registered(self, proto: ControlProtocol, info: dict[str, Any]) -> None:
         if proto.attempt is self.attempt:
             self._input("registered", proto, info)
@@ -421,7 +439,7 @@ class Exposer(Machine[ExposerState]):
             self._refusedAttempt(error)
 
     def _refusedAttempt(self, error: Exception) -> None:
-        self._input("firstRefused" if self.registrations == 0 else "refused", error)
+        self._input("firstRefused" if self.registrations == 0 and not self.keepTrying else "refused", error)
 
     def lost(self, proto: ControlProtocol, reason: Failure) -> None:
         if proto is self.active:
@@ -455,7 +473,7 @@ class Exposer(Machine[ExposerState]):
         hello = self.hello
         if self.active is not None and hello.mode == "public" and not hello.port:
             # A move takes over the port TP gave us.
-            hello = ClientHello("listen", mode="public", port=self.info.get("port"))
+            hello = replace(hello, port=self.info.get("port") or 0)
         attempt = self.attempt = ControlFactory(self, self.uplink, hello)
         connecting = self.uplink.connect(attempt)
 
@@ -677,25 +695,160 @@ class IncomingStream(RelayEnd):
                 self.transport.loseConnection()  # type: ignore[union-attr]
 
 
+#: Signalling connections C{tp expose} keeps by default to the addresses
+#: one server name resolves to (C{--links}).
+DEFAULT_LINKS = 2
+
+
+class ExposerLinks:
+    """
+    One exposure kept on several signalling connections (B{links}), each
+    an L{Exposer} of its own to one TP instance: exposer HA.  Each link
+    names itself in its C{listen} (C{member}), so TP tells a reconnect of a
+    link from another link: links that land on one instance form a pool
+    there, and links on several instances hold the route on each (the
+    cluster sends a dial to any live holder, docs/cluster.md).
+
+    The command is up once one link is registered; a link whose first
+    registration fails then keeps trying with backoff.  It fails only if
+    every link's first registration failed.  A public port TP picks is
+    asked for on the other links once the first link has it.
+    """
+
+    def __init__(self, links: list[Exposer]) -> None:
+        self.links = links
+        self.first: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        self.errors: list[Failure] = []
+        if len(links) > 1:
+            for link in links:
+                link.label = f"[{link.settings.server}] "
+
+    def start(self) -> defer.Deferred[dict[str, Any]]:
+        hello = self.links[0].hello
+        if hello.mode == "public" and not hello.port:
+            self._startInTurn(list(self.links))
+        else:
+            for link in self.links:
+                self._start(link)
+        return self.first
+
+    def _start(self, link: Exposer) -> None:
+        link.start().addCallbacks(lambda info: self._up(link, info), lambda f: self._failed(link, f))
+
+    def _startInTurn(self, waiting: list[Exposer]) -> None:
+        """
+        Register the links one at a time until one is up (a public port
+        TP picks: the others then ask for that port).
+        """
+        link = waiting.pop(0)
+
+        def up(info: dict[str, Any]) -> None:
+            for other in waiting:
+                other.hello = replace(other.hello, port=info.get("port") or 0)
+                self._start(other)
+            self._up(link, info)
+
+        def failed(f: Failure) -> None:
+            self._failed(link, f)
+            if waiting and not self.first.called:
+                self._startInTurn(waiting)
+
+        link.start().addCallbacks(up, failed)
+
+    def _up(self, link: Exposer, info: dict[str, Any]) -> None:
+        for other in self.links:
+            if other is not link:
+                other.keepGoing()
+        if not self.first.called:
+            self.first.callback(info)
+
+    def _failed(self, link: Exposer, f: Failure) -> None:
+        self.errors.append(f)
+        if self.first.called:
+            link.keepGoing()
+        elif len(self.errors) == len(self.links):
+            # Every link failed: the command ends with the first error TP
+            # gave (a refusal says more than an unreachable instance).
+            refusals = [e for e in self.errors if e.check(Refused)]
+            self.first.errback((refusals or self.errors)[0])
+
+    def stop(self, quietly: bool = False) -> defer.Deferred[Any]:
+        return defer.DeferredList([link.stop(quietly) for link in self.links], consumeErrors=True)
+
+    def renewed(self, loaded: Materials) -> None:
+        for link in self.links:
+            link.renewed(loaded)
+
+    def say(self, line: str) -> None:
+        self.links[0].stderr.write(line + "\n")
+        self.links[0].stderr.flush()
+
+
 @defer.inlineCallbacks
-def runExpose(reactor: IDialReactor, settings: Any, local: tuple[str, int], hello: ClientHello, keepalive: float, stderr: Any) -> Any:
+def linkAddresses(reactor: IDialReactor, servers: list[Any], links: int) -> Any:
+    """
+    The servers an exposer keeps a link to: each of C{servers}, and, for a
+    name that resolves to several addresses of one family (its first
+    answer's), up to C{links} of them, each pinned to its address.  One
+    address per family is taken as one host (C{localhost}, or a host with
+    IPv4 and IPv6): one link, unpinned.  A name that does not resolve now
+    gets one unpinned link, which reports that itself.
+    """
+    from tpproxy.dial import resolveHost
+
+    result = []
+    for server in servers:
+        try:
+            addresses = yield resolveHost(reactor, server.host, server.port)  # type: ignore[arg-type]
+        except Exception:
+            addresses = []
+        if addresses:
+            family = ":" in addresses[0]
+            addresses = list(dict.fromkeys(a for a in addresses if (":" in a) == family))
+        if links > 1 and len(addresses) > 1:
+            result.extend(replace(server, address=a) for a in addresses[:links])
+        else:
+            result.append(server)
+    return result
+
+
+@defer.inlineCallbacks
+def runExpose(
+    reactor: IDialReactor,
+    settings: Any,
+    local: tuple[str, int],
+    hello: ClientHello,
+    keepalive: float,
+    stderr: Any,
+    servers: list[Any] | None = None,
+    links: int = DEFAULT_LINKS,
+) -> Any:
     """
     Register, and keep the exposure up until interrupted.  A refusal on the
     first attempt ends the command (exit status 3, or 1 if TP could not be
     reached); after a first success, TP going away means registering again,
     and a renewed certificate (its files rewritten) means moving to it.
+
+    @param servers: the TP servers to keep a link to (default: the
+        settings' one); see L{linkAddresses} and L{ExposerLinks}.
     """
     try:
         loaded = loadMaterials(settings)
     except ValueError as e:
         raise TunnelError(str(e)) from None
-    exposer = Exposer(reactor, LoadedSettings(settings, loaded), local, hello, keepalive, stderr)
+    targets = yield linkAddresses(reactor, servers or [settings.server], links)
+    group = ExposerLinks(
+        [
+            Exposer(reactor, LoadedSettings(replace(settings, server=server), loaded), local, replace(hello, member=secrets.token_urlsafe(12)), keepalive, stderr)
+            for server in targets
+        ]
+    )
     try:
-        yield exposer.start()
+        yield group.start()
     except Exception:
-        yield exposer.stop(quietly=True)
+        yield group.stop(quietly=True)
         raise
-    watcher = watchCertificate(reactor, settings, loaded, exposer.renewed, exposer.say)
+    watcher = watchCertificate(reactor, settings, loaded, group.renewed, group.say)
     reactor.addSystemEventTrigger("before", "shutdown", watcher.stop)  # type: ignore[attr-defined]
-    reactor.addSystemEventTrigger("before", "shutdown", exposer.stop)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", group.stop)  # type: ignore[attr-defined]
     yield defer.Deferred()  # until the reactor stops
