@@ -470,11 +470,7 @@ class Exposer(Machine[ExposerState]):
 
     def _connect(self) -> None:
         self._retry = None
-        hello = self.hello
-        if self.active is not None and hello.mode == "public" and not hello.port:
-            # A move takes over the port TP gave us.
-            hello = replace(hello, port=self.info.get("port") or 0)
-        attempt = self.attempt = ControlFactory(self, self.uplink, hello)
+        attempt = self.attempt = ControlFactory(self, self.uplink, self.hello)
         connecting = self.uplink.connect(attempt)
 
         def cannotConnect(f: Failure) -> None:
@@ -509,6 +505,10 @@ class Exposer(Machine[ExposerState]):
         self.failures = 0
         self.registrations += 1
         self.info = info
+        if self.hello.mode == "public" and not self.hello.port and info.get("port"):
+            # TP picked the port: reconnects and moves ask for it again
+            # (and the other links of an exposer ask for it too).
+            self.hello = replace(self.hello, port=info["port"])
         lhost, lport = self.local
         again = " again" if self.registrations > 1 else ""
         self.say(

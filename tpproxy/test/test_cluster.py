@@ -815,3 +815,138 @@ class ThreeInstancesTests(ThreeInstances, TestCase):
         answer = yield self.peerDial("127.0.0.2", tp, dial)
         self.assertEqual((answer.ok, answer.info["echoed"]), (True, b"ping"))
         self.assertEqual(echo.accepted, 1)
+
+
+class Named(protocol.Protocol):
+    """
+    Says its factory's C{name} and closes: which backend a dial reached.
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.accepted += 1  # type: ignore[attr-defined]
+        self.transport.write(self.factory.name)  # type: ignore[attr-defined,union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+@defer.inlineCallbacks
+def whoAnswers(host: str, port: int, timeout: float = 15) -> Any:
+    """
+    Connect to C{host:port} and read until the close: what the backend
+    behind it said (b"" if the dial failed after connecting).
+    """
+    received: list[bytes] = []
+    done: defer.Deferred[None] = defer.Deferred()
+
+    class Reader(protocol.Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            received.append(data)
+
+        def connectionLost(self, reason: Any) -> None:
+            done.callback(None)
+
+    proto = yield connectProtocol(TCP4ClientEndpoint(reactor, host, port, timeout=timeout), Reader())
+    yield done.addTimeout(timeout, reactor, onTimeoutCancel=lambda *_: proto.transport.abortConnection())
+    return b"".join(received)
+
+
+class HighAvailabilityTests(ThreeInstances, TestCase):
+    """
+    Exposer HA (one C{tp expose} with links to A and B) and pools (two
+    exposers of one identity at A), with real processes: dials spread over
+    the holders, and none fails once a lost holder is known.
+    """
+
+    def exposeTo(self, local: int, *args: str, at: int = 1) -> Background:
+        return Background(self, tpCommand() + ["--config", self.client("alice", at), "expose", f"127.0.0.1:{local}", *args])
+
+    def backend(self, name: bytes) -> tuple[int, Any]:
+        port, factory = listenLocal(self, Named)
+        factory.name = name
+        return port, factory
+
+    @defer.inlineCallbacks
+    def test_exposerOnTwoInstances(self) -> Any:
+        """
+        One exposer with C{--server} A and B (public port TP picks at A,
+        then asked for at B): C forwards to both and dials spread over
+        them.  C{kill -9} A: no dial through C fails, before or after C
+        drops A from the route (the gap is measured), and dials through B
+        go on.  A restarted: the exposer's link to A registers again and
+        C routes to both again.
+        """
+        backendPort, backend = self.backend(b"svc")
+        exposer = self.exposeTo(backendPort, "--public", "--transport", "tls", "--server", f"127.0.0.1:{self.port}", "--server", f"127.0.0.2:{self.port}")
+        yield logged(exposer, b"; Ctrl-C stops", times=2)
+        ports = set(re.findall(rb"as public port (\d+)", exposer.stderr))
+        self.assertEqual(len(ports), 1, exposer.stderr)
+        port = int(ports.pop())
+        self.assertIn(f"[127.0.0.1:{self.port}] Exposing".encode(), exposer.stderr)
+        self.assertIn(f"[127.0.0.2:{self.port}] Exposing".encode(), exposer.stderr)
+        yield self.servers[3].waitForStderr(f"Forwarding public port {port} to instance(s) ['tp-1', 'tp-2']".encode())
+        for _ in range(20):
+            self.assertEqual((yield whoAnswers("127.0.0.3", port)), b"svc")
+        viaC = [self.servers[i].stderr.count(b"via tp-3") for i in (1, 2)]
+        self.assertTrue(all(viaC), f"dials through C reached A and B {viaC} times")
+
+        killed = reactor.seconds()
+        os.kill(self.servers[1].transport.pid, signal.SIGKILL)
+        updated = self.servers[3].waitForStderr(f"Forwarding public port {port} to instance(s) ['tp-2']".encode(), timeout=self.TTL + 5)
+        routeGone: list[float] = []
+        updated.addCallback(lambda _: routeGone.append(reactor.seconds() - killed))
+        failures, before, after = [], 0, 0
+        while after < 20:
+            try:
+                answer = yield whoAnswers("127.0.0.3", port)
+            except Exception as e:
+                answer = repr(e).encode()
+            if answer != b"svc":
+                failures.append((reactor.seconds() - killed, answer))
+            if routeGone:
+                after += 1
+            else:
+                before += 1
+        yield updated
+        print(f"\nkill -9 A: C dropped A from the route after {routeGone[0]:.2f} s (TTL {self.TTL} s); dials through C: {before} before, {after} after, {len(failures)} failed")
+        self.assertEqual(failures, [])
+        self.assertGreater(before, 0)
+        self.assertEqual((yield whoAnswers("127.0.0.2", port)), b"svc")
+
+        restarted = self.startInstance(1)
+        yield restarted.waitForStderr(b"Peer links on")
+        yield logged(exposer, f"[127.0.0.1:{self.port}] Exposing 127.0.0.1:{backendPort} as public port {port} again".encode(), timeout=60)
+        yield logged(self.servers[3], f"Forwarding public port {port} to instance(s) ['tp-1', 'tp-2']".encode(), times=2)
+        self.assertEqual((yield whoAnswers("127.0.0.1", port)), b"svc")
+
+    @defer.inlineCallbacks
+    def test_poolOfTwoExposers(self) -> Any:
+        """
+        Two exposers of alice at A for one public port, each in front of
+        its own backend: dials at A and through C reach both.  C{kill -9}
+        one exposer: once A has seen its connection end, every dial (at A
+        and through C) reaches the other, none fails.
+        """
+        onePort, one = self.backend(b"one")
+        twoPort, two = self.backend(b"two")
+        port = freePort()
+        first = self.exposeTo(onePort, "--public", str(port), "--transport", "tls")
+        yield first.waitForStderr(b"; Ctrl-C stops")
+        second = self.exposeTo(twoPort, "--public", str(port), "--transport", "tls")
+        yield second.waitForStderr(b"; Ctrl-C stops")
+        yield self.servers[1].waitForStderr(f"adds a member to the pool of public port {port} (2 members)".encode())
+        yield self.servers[3].waitForStderr(f"Forwarding public port {port} to instance(s) ['tp-1']".encode())
+        answers = []
+        for host in ("127.0.0.1", "127.0.0.3"):
+            for _ in range(20):
+                answers.append((yield whoAnswers(host, port)))
+        self.assertEqual(set(answers), {b"one", b"two"}, answers)
+        self.assertTrue(one.accepted and two.accepted)
+
+        os.kill(second.transport.pid, signal.SIGKILL)
+        yield self.servers[1].waitForStderr(f"A member of the pool of public port {port} of alice left (1 remain)".encode())
+        reached = two.accepted
+        answers = []
+        for host in ("127.0.0.1", "127.0.0.3"):
+            for _ in range(20):
+                answers.append((yield whoAnswers(host, port)))
+        self.assertEqual(answers, [b"one"] * 40)
+        self.assertEqual(two.accepted, reached)

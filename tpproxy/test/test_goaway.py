@@ -236,7 +236,7 @@ class LossAndStopTests(ExposerTestCase):
     def test_lostReconnectsWithBackoff(self) -> None:
         """
         A lost registration (no goaway) is said and retried after a backoff
-        delay, on the same uplink.
+        delay, on the same uplink, for the public port TP picked.
         """
         old = self.registered()
         old.close()
@@ -248,9 +248,11 @@ class LossAndStopTests(ExposerTestCase):
         self.clock.advance(1.1)
         self.assertEqual(len(self.uplinks), 1)
         [_, new] = self.ends()
-        self.assertEqual(new.hello().port, 0)  # as the command asked
-        new.answer(port=4001)
-        self.assertIn("public port 4001 again", self.lines()[-1])
+        # The port TP picked before: the exposure keeps its address (and
+        # an exposer's other links ask for the same one).
+        self.assertEqual(new.hello().port, 4000)
+        new.answer(port=4000)
+        self.assertIn("public port 4000 again", self.lines()[-1])
 
     def test_stopSaysStopping(self) -> None:
         """
