@@ -30,7 +30,7 @@ import time
 from typing import Any, Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from twisted.logger import ILogObserver
 from zope.interface import implementer
@@ -70,21 +70,24 @@ def failureReason(detail: object) -> str:
 
 class _Callback(Collector):
     """
-    A gauge family read at scrape time from C{read()}, which returns
-    C{{label values: value}}.
+    A gauge (or, with C{counter}, a counter) family read at scrape time
+    from C{read()}, which returns C{{label values: value}}.
     """
 
-    def __init__(self, name: str, documentation: str, labels: tuple[str, ...], read: Callable[[], Mapping[tuple[str, ...], float]]):
+    def __init__(
+        self, name: str, documentation: str, labels: tuple[str, ...], read: Callable[[], Mapping[tuple[str, ...], float]], counter: bool = False
+    ):
         self.name = name
         self.documentation = documentation
         self.labels = labels
         self.read = read
+        self.family = CounterMetricFamily if counter else GaugeMetricFamily
 
     def describe(self) -> Iterable[Any]:
-        return [GaugeMetricFamily(self.name, self.documentation, labels=list(self.labels))]
+        return [self.family(self.name, self.documentation, labels=list(self.labels))]
 
     def collect(self) -> Iterable[Any]:
-        family = GaugeMetricFamily(self.name, self.documentation, labels=list(self.labels))
+        family = self.family(self.name, self.documentation, labels=list(self.labels))
         for values, value in sorted(self.read().items()):
             family.add_metric(list(values), float(value))
         yield family
@@ -148,13 +151,14 @@ class Metrics:
         Info("tp_build", "The TP version running", registry=r).info({"version": tpproxy.__version__})
 
     def gauge(
-        self, name: str, documentation: str, labels: tuple[str, ...], read: Callable[[], Mapping[tuple[str, ...], float]]
+        self, name: str, documentation: str, labels: tuple[str, ...], read: Callable[[], Mapping[tuple[str, ...], float]], counter: bool = False
     ) -> None:
         """
-        Register a gauge family whose values C{read()} returns at each
-        scrape, as C{{(label value, ...): value}}.
+        Register a gauge family (or, with C{counter}, a counter family
+        kept by its owner) whose values C{read()} returns at each scrape,
+        as C{{(label value, ...): value}}.
         """
-        self.registry.register(_Callback(name, documentation, labels, read))
+        self.registry.register(_Callback(name, documentation, labels, read, counter))
 
     def __call__(self, event: Mapping[str, Any]) -> None:
         """

@@ -422,6 +422,13 @@ def makeMetrics(
         "tp_exposures", "Live reverse exposures, by kind", ("kind",),
         lambda: {("public",): len(registry.byPort), ("e2e",): len(registry.byName)},
     )
+    metrics.gauge(
+        "tp_exposure_members", "Signalling connections serving live exposures (a pool has several), by kind", ("kind",),
+        lambda: {
+            ("public",): sum(len(e.members) for e in registry.byPort.values()),
+            ("e2e",): sum(len(e.members) for e in registry.byName.values()),
+        },
+    )
     metrics.gauge("tp_dialers_waiting", "Dialers waiting for an exposer to accept", (), lambda: {(): len(registry.sessions)})
     metrics.gauge(
         "tp_certificate_expiry_seconds",
@@ -547,6 +554,26 @@ class ServerService(service.MultiService):
         yield self.store.stop()
 
 
+def clusterMetrics(metrics: Metrics, store: Any, links: Any) -> None:
+    """
+    The cluster's gauges and counters: whether the routing store answers,
+    the instances and remote routes this instance sees, and its peer
+    links' outcomes (L{tpproxy.cluster.peer.PeerLinks.outcomes}).
+    """
+    metrics.gauge("tp_cluster_store_up", "1 while the routing store answers this instance's lease renewals, else 0", (),
+                  lambda: {(): 0 if store.failedRenewals else 1})
+    metrics.gauge("tp_cluster_store_unavailable", "Lease renewals the routing store did not answer", (),
+                  lambda: {(): store.unavailableTotal}, counter=True)
+    metrics.gauge("tp_cluster_instances", "Live instances of the cluster, as this instance's watch last saw them", (),
+                  lambda: {(): len(links.watch.instances()) if links.watch is not None else 0})
+    metrics.gauge(
+        "tp_cluster_remote_routes", "Routes held only on other instances that this one forwards, by kind", ("kind",),
+        lambda: {("public",): len(links.registry.remotePorts), ("e2e",): len(links.registry.remoteNames)},
+    )
+    metrics.gauge("tp_cluster_peer_links", "Peer links this instance opened, by kind (dial, accept) and result", ("kind", "result"),
+                  lambda: dict(links.outcomes), counter=True)
+
+
 def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clock: IReactorTime | None = None) -> service.MultiService:
     """
     TP's services: the TLS listeners, a QUIC listener per address, and with
@@ -584,6 +611,7 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
         tp = factory.wrappedFactory
         links = PeerLinks(reactor, store, tp.registry, tp.serverTLS, config.connectTimeout, config.handshakeTimeout)
         ClusterService(links, config.cluster.peerListen, gate).setServiceParent(top)
+        top.links = links  # type: ignore[attr-defined]
         log.info(
             "Cluster: instance {instance} on etcd {etcd} (prefix {prefix}, lease TTL {ttl} s)",
             instance=config.cluster.instance, etcd=", ".join(config.cluster.etcd), prefix=config.cluster.prefix, ttl=config.cluster.leaseTTL,
@@ -604,6 +632,8 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
         udp.setName(f"quic:{address[0]}:{address[1]}")
         udp.setServiceParent(drain)
     metrics = makeMetrics(reactor, factory, handshaking, quicListeners)
+    if config.cluster.shared:
+        clusterMetrics(metrics, store, top.links)  # type: ignore[attr-defined]
     top.metrics = metrics  # type: ignore[attr-defined]
     counting = MetricsService(metrics)
     counting.setName("metrics")

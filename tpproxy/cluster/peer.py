@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import enum
 import random
+from collections import Counter
 from typing import Any, Callable
 
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -236,6 +237,7 @@ class PeerDial(PeerLink):
     def _joined(self, rest: bytes) -> None:
         self.settled = True
         self.links.reached(self.instance)
+        self.links.outcomes["dial", "ok"] += 1
         registry = self.links.registry
         try:
             pending = registry.claim(self.sid, self.exposure.owner)
@@ -275,9 +277,11 @@ class PeerAccept(PeerLink):
         self.end = end
 
     def _joined(self, rest: bytes) -> None:
+        self.links.outcomes["accept", "ok"] += 1
         self.end.linkJoined(self, rest)
 
     def _fail(self, code: ErrorCode, message: str) -> None:
+        self.links.outcomes["accept", code.value] += 1
         self.end.linkFailed(code, message)
         if self.transport is not None:
             self.transport.loseConnection()  # type: ignore[union-attr]
@@ -339,6 +343,9 @@ class PeerLinks:
         self.suspects: dict[str, float] = {}
         #: The holders last logged for each route routed elsewhere.
         self.routedTo: dict[Route, list[str]] = {}
+        #: Peer links opened, by (kind, result): C{ok}, C{retried} (a
+        #: dial sent to another holder) or the error code (metrics).
+        self.outcomes: Counter[tuple[str, str]] = Counter()
 
     # --- the watch ------------------------------------------------------------------
 
@@ -529,8 +536,10 @@ class PeerLinks:
         others = {h.instance for h in self.remoteHolders(self._route(link.exposure))} - link.tried
         if others and (not link.answered or code is ErrorCode.NOT_EXPOSED):
             log.info("Session {session}: {message}; trying another holder", session=shortSession(link.sid), message=message)
+            self.outcomes["dial", "retried"] += 1
             self.dial(link.exposure, link.sid, pending.dialerIdentity, str(link.hello.get("peer", "?")), link.tried)
             return
+        self.outcomes["dial", code.value] += 1
         self.registry.failSession(link.sid, code, message)
 
     def reached(self, instance: str) -> None:

@@ -384,7 +384,14 @@ class LeasedStore:
         renewal the store answered was more than the TTL ago.  What this
         instance holds is then claimed again (or lost) when the store
         answers.
+    @ivar failedRenewals: renewals in a row the store did not answer
+        (0: it answers).
+    @ivar unavailableTotal: renewals the store did not answer since start.
     """
+
+    @property
+    def failedRenewals(self) -> int:
+        return self._failures
 
     def __init__(self, clock: IReactorTime, instance: str, advertise: str, ttl: int) -> None:
         if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
@@ -405,6 +412,7 @@ class LeasedStore:
         self._loopDone: Deferred[Any] | None = None
         self._deadline = 0.0
         self._failures = 0
+        self.unavailableTotal = 0
         self._observers: list[Callable[[RouteTaken, str], None]] = []
         self._watches: set[Any] = set()
         self._stopped = False
@@ -543,6 +551,7 @@ class LeasedStore:
                 yield self._retryReleases()
         except StoreUnavailable as e:
             self._failures += 1
+            self.unavailableTotal += 1
             if self._failures == 1:
                 log.warn(
                     "The routing store is unavailable ({error}); instance {instance} keeps serving what it holds and retries every {every:g} s",

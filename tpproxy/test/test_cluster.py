@@ -432,6 +432,7 @@ class ThreeInstances:
         self.etcd = yield EtcdServer.start(self)
         self.port = freePort()
         self.peerPort = freePort()
+        self.adminPort = freePort()
         self.servers: dict[int, Background] = {}
         for i in (1, 2, 3):
             self.startInstance(i)
@@ -474,6 +475,9 @@ instance = "tp-{i}"
 advertise = "127.0.0.{i}:{self.peerPort}"
 peer_listen = "tcp:{self.peerPort}:interface=127.0.0.{i}"
 lease_ttl = {self.TTL}
+
+[admin]
+listen = "tcp:{self.adminPort}:interface=127.0.0.{i}"
 """)
         for name in ("alice", "bob", "mallory"):
             (d / f"{name}-{i}.toml").write_text(
@@ -482,6 +486,23 @@ lease_ttl = {self.TTL}
         server = Background(self, twistCommand() + ["--log-format=text", "--log-file=+", "tp", "--config", str(path)])
         self.servers[i] = server
         return server
+
+    @defer.inlineCallbacks
+    def metricsOf(self, i: int) -> Any:
+        """
+        Instance C{i}'s C{/metrics}, as C{{(name, ((label, value), ...)): value}}.
+        """
+        import treq
+        from prometheus_client.parser import text_string_to_metric_families
+        from twisted.web.client import HTTPConnectionPool
+
+        response = yield treq.get(f"http://127.0.0.{i}:{self.adminPort}/metrics", pool=HTTPConnectionPool(reactor, persistent=False))
+        text = yield response.text()
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
 
     def waitForListener(self, i: int) -> Any:
         return waitForPort(self.port, host=f"127.0.0.{i}")
@@ -715,9 +736,15 @@ class ThreeInstancesTests(ThreeInstances, TestCase):
         self.assertNotEqual(refused.status, 0)
         self.assertIn(b"cannot reach its routing store", refused.err)
         self.assertEqual(echo.accepted, 3)
+        # Counted: the store is down for A, and renewals went unanswered.
+        down = yield self.metricsOf(1)
+        self.assertEqual(down[("tp_cluster_store_up", ())], 0)
+        self.assertGreater(down[("tp_cluster_store_unavailable_total", ())], 0)
 
         yield self.etcd.run()
         yield logged(self.servers[1], b"The routing store answers again")
+        up = yield self.metricsOf(1)
+        self.assertEqual(up[("tp_cluster_store_up", ())], 1)
         yield logged(self.servers[2], b"The routing watch is back")
         for tunnel in tunnels:
             yield tunnel.roundTrip(b"after " * 1000)
@@ -906,6 +933,11 @@ class HighAvailabilityTests(ThreeInstances, TestCase):
             else:
                 before += 1
         yield updated
+        metrics = yield self.metricsOf(3)
+        self.assertGreater(metrics[("tp_cluster_peer_links_total", (("kind", "dial"), ("result", "retried")))], 0)
+        self.assertEqual(metrics[("tp_cluster_peer_links_total", (("kind", "dial"), ("result", "ok")))], 20 + before + after)
+        self.assertNotIn(("tp_cluster_peer_links_total", (("kind", "dial"), ("result", "unreachable"))), metrics)
+        self.assertEqual((metrics[("tp_cluster_instances", ())], metrics[("tp_cluster_remote_routes", (("kind", "public"),))]), (2, 1))
         print(f"\nkill -9 A: C dropped A from the route after {routeGone[0]:.2f} s (TTL {self.TTL} s); dials through C: {before} before, {after} after, {len(failures)} failed")
         self.assertEqual(failures, [])
         self.assertGreater(before, 0)
