@@ -654,7 +654,7 @@ class ServerOptionTests(SynchronousTestCase):
         """
         argv = ["expose", "127.0.0.1:22", "--e2e", "x.example", "--server", "a", "--server", "b:8443"]
         args = cli.buildParser().parse_args(argv + self.files)
-        self.assertEqual(args.server, ["a", "b:8443"])
+        self.assertEqual(cli._servers(args), ["a", "b:8443"])
         settings = cli.resolveSettings(args)
         self.assertEqual(settings.server, ServerAddress("a", 443))
         self.assertEqual(args.links, 2)
