@@ -151,7 +151,9 @@ def _commonOptions(parser: argparse.ArgumentParser, suppress: bool) -> None:
     group = parser.add_argument_group("connection options (before or after the command)")
     group.add_argument("--config", metavar="FILE", default=default,
                        help="client config (TOML); default $TP_CONFIG, else ~/.config/tp/client.toml")
-    group.add_argument("--server", metavar="HOST:PORT", default=default, action="append",
+    # After the command, --server lands in its own list (argparse would
+    # replace the one given before the command with it): _servers joins them.
+    group.add_argument("--server", metavar="HOST:PORT", default=default, action="append", dest="serverAfter" if suppress else "server",
                        help="the TP server (port defaults to 443); tp expose takes several, keeping a link to each")
     group.add_argument("--cert", metavar="FILE", default=default, help="client certificate (PEM, may hold its chain)")
     group.add_argument("--key", metavar="FILE", default=default, help="private key of the client certificate (PEM)")
@@ -257,8 +259,14 @@ def readClientConfig(args: argparse.Namespace) -> ClientConfig:
 
 
 def _servers(args: argparse.Namespace) -> list[str]:
-    value = getattr(args, "server", None) or []
-    return [value] if isinstance(value, str) else list(value)
+    """
+    The --server values, those before the command then those after it.
+    """
+    found: list[str] = []
+    for name in ("server", "serverAfter"):
+        value = getattr(args, name, None) or []
+        found += [value] if isinstance(value, str) else list(value)
+    return found
 
 
 def resolveSettings(args: argparse.Namespace) -> Settings:
@@ -765,6 +773,23 @@ def formatStatus(document: dict[str, Any], url: str) -> str:
         when = f"EXPIRED {formatDuration(-left)} ago" if isinstance(left, (int, float)) and left <= 0 else formatDuration(left)
         rows.append([_cell(c.get("name")), _cell(c.get("not_after")), when])
     out += table("Certificates", ["NAME", "NOT AFTER", "EXPIRES IN"], rows)
+    cluster = document.get("cluster")
+    if isinstance(cluster, dict):
+        live = ", ".join(_cell(i.get("id")) for i in cluster.get("instances") or [])
+        out += [
+            "",
+            f"Cluster: instance {_cell(cluster.get('instance'))}, routing store {'up' if cluster.get('store_up') else 'UNAVAILABLE'}, live instances: {live or '-'}",
+            "",
+        ]
+        rows = [
+            [
+                _cell(r.get("kind")),
+                _cell(r.get("name") if r.get("name") is not None else r.get("port")),
+                _cell(r.get("identity")), ", ".join(str(i) for i in r.get("instances") or []) or "-",
+            ]
+            for r in cluster.get("remote") or []
+        ]
+        out += table("Routed to other instances", ["KIND", "PORT/NAME", "IDENTITY", "HELD AT"], rows)
     return "\n".join(out) + "\n"
 
 

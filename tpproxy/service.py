@@ -647,7 +647,7 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
     if config.admin is not None:
         started = reactor.seconds()
         admin, adminTLS = makeAdmin(
-            config, metrics, tp.serverTLS, reactor, lambda: serverStatus(tp, reloader, started, reactor.seconds), reloader.reload
+            config, metrics, tp.serverTLS, reactor, lambda: serverStatus(tp, reloader, started, reactor.seconds, getattr(top, "links", None)), reloader.reload
         )
         if adminTLS is not None:
             reloader.alsoTLS.append(adminTLS)

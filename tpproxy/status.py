@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 from typing import Any, Callable
 
+from tpproxy.cluster.store import Route
 from tpproxy.protocols.server import TPServerFactory, TPServerProtocol
 
 STATUS_VERSION = 1
@@ -42,9 +43,11 @@ def serverStatus(
     reloader: Any,
     started: float,
     now: Callable[[], float],
+    links: Any = None,
 ) -> dict[str, Any]:
     """
-    The C{/status} document of the server whose TP factory is C{factory}.
+    The C{/status} document of the server whose TP factory is C{factory}
+    (with C{links}, a L{tpproxy.cluster.peer.PeerLinks}: its cluster).
     """
     t = now()
     registry = factory.registry
@@ -80,7 +83,7 @@ def serverStatus(
         certificates.append({"name": name, "not_after": when.strftime("%Y-%m-%dT%H:%M:%SZ"), "expires_in": round(notAfter - t, 1)})
     tunnels = [_tunnel(conn, t) for conn in factory.live if conn.hello is not None]
     tunnels.sort(key=lambda entry: -entry["age"])
-    return {
+    document = {
         "version": STATUS_VERSION,
         "server": {
             "started": started,
@@ -93,4 +96,36 @@ def serverStatus(
         "exposures": exposures,
         "dialers_waiting": waiting,
         "certificates": certificates,
+    }
+    if links is not None:
+        document["cluster"] = clusterStatus(links)
+    return document
+
+
+def clusterStatus(links: Any) -> dict[str, Any]:
+    """
+    The C{cluster} part of C{/status}: this instance, whether the routing
+    store answers, the live instances its watch saw, and the routes it
+    forwards to other instances (with their holders).
+    """
+    registry = links.registry
+    remote = []
+    for kind, table in (("public", registry.remotePorts), ("e2e", registry.remoteNames)):
+        for key, exposure in sorted(table.items()):
+            route = Route.port(key) if kind == "public" else Route.name(key)
+            remote.append(
+                {
+                    "kind": kind,
+                    "port": exposure.port,
+                    "name": exposure.name,
+                    "identity": exposure.owner,
+                    "instances": [h.instance for h in links.remoteHolders(route)],
+                }
+            )
+    instances = links.watch.instances() if links.watch is not None else {}
+    return {
+        "instance": links.me,
+        "store_up": not links.store.failedRenewals,
+        "instances": [{"id": i.id, "advertise": i.advertise} for i in sorted(instances.values(), key=lambda i: i.id)],
+        "remote": remote,
     }

@@ -743,8 +743,12 @@ class ExposerLinks:
         link = waiting.pop(0)
 
         def up(info: dict[str, Any]) -> None:
+            # Every other link asks for this port: those still waiting, and
+            # those that failed before (tried again by _up).
+            for other in self.links:
+                if other is not link:
+                    other.hello = replace(other.hello, port=info.get("port") or 0)
             for other in waiting:
-                other.hello = replace(other.hello, port=info.get("port") or 0)
                 self._start(other)
             self._up(link, info)
 

@@ -504,6 +504,17 @@ listen = "tcp:{self.adminPort}:interface=127.0.0.{i}"
             for sample in family.samples
         }
 
+    @defer.inlineCallbacks
+    def statusOf(self, i: int) -> Any:
+        """
+        Instance C{i}'s C{/status} document.
+        """
+        import treq
+        from twisted.web.client import HTTPConnectionPool
+
+        response = yield treq.get(f"http://127.0.0.{i}:{self.adminPort}/status", pool=HTTPConnectionPool(reactor, persistent=False))
+        return (yield response.json())
+
     def waitForListener(self, i: int) -> Any:
         return waitForPort(self.port, host=f"127.0.0.{i}")
 
@@ -910,6 +921,14 @@ class HighAvailabilityTests(ThreeInstances, TestCase):
         self.assertIn(f"[127.0.0.1:{self.port}] Exposing".encode(), exposer.stderr)
         self.assertIn(f"[127.0.0.2:{self.port}] Exposing".encode(), exposer.stderr)
         yield self.servers[3].waitForStderr(f"Forwarding public port {port} to instance(s) ['tp-1', 'tp-2']".encode())
+        status = yield self.statusOf(3)
+        self.assertEqual(
+            (status["cluster"]["instance"], status["cluster"]["store_up"], [i["id"] for i in status["cluster"]["instances"]]),
+            ("tp-3", True, ["tp-1", "tp-2", "tp-3"]),
+        )
+        self.assertEqual(
+            status["cluster"]["remote"], [{"kind": "public", "port": port, "name": None, "identity": "alice", "instances": ["tp-1", "tp-2"]}]
+        )
         for _ in range(20):
             self.assertEqual((yield whoAnswers("127.0.0.3", port)), b"svc")
         viaC = [self.servers[i].stderr.count(b"via tp-3") for i in (1, 2)]

@@ -114,6 +114,30 @@ class FormatTests(SynchronousTestCase):
         self.assertIn("\nDialers waiting: none\n", text)
         self.assertEqual(rows(text, "Certificates")[1][2], "EXPIRED 2h00m ago")
 
+    def test_cluster(self) -> None:
+        """
+        A clustered TP's document has a C{cluster} part: a line with the
+        instance, whether the routing store answers and the live
+        instances, then the routes held elsewhere with their holders.
+        Without it (one instance) neither appears.
+        """
+        cluster = {
+            "instance": "tp-3",
+            "store_up": False,
+            "instances": [{"id": "tp-1", "advertise": "10.0.0.1:7443"}, {"id": "tp-3", "advertise": "10.0.0.3:7443"}],
+            "remote": [
+                {"kind": "public", "port": 40022, "name": None, "identity": "alice", "instances": ["tp-1", "tp-2"]},
+                {"kind": "e2e", "port": None, "name": "nas.example.org", "identity": "bob", "instances": []},
+            ],
+        }
+        text = cli.formatStatus({**DOCUMENT, "cluster": cluster}, "u")
+        self.assertIn("\nCluster: instance tp-3, routing store UNAVAILABLE, live instances: tp-1, tp-3\n", text)
+        self.assertEqual(
+            rows(text, "Routed to other instances"),
+            [["KIND", "PORT/NAME", "IDENTITY", "HELD AT"], ["public", "40022", "alice", "tp-1, tp-2"], ["e2e", "nas.example.org", "bob", "-"]],
+        )
+        self.assertNotIn("Cluster", cli.formatStatus(DOCUMENT, "u"))
+
     def test_units(self) -> None:
         self.assertEqual(
             [cli.formatDuration(s) for s in (0.25, 59.94, 60, 3599, 3600, 86399, 90000, None)],
