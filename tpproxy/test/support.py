@@ -163,7 +163,13 @@ class Background:
         self.stderrSeen = defer.Deferred()
         self._onStderr(b"".join(self.proto.err))
         self.stderrSeen.addTimeout(timeout, reactor)
-        return self.stderrSeen
+
+        def timedOut(f: Any) -> Any:
+            f.trap(defer.TimeoutError)
+            ended = "it exited" if self.proto.done.called else "it still runs"
+            raise AssertionError(f"no {marker!r} on stderr within {timeout:g} s ({ended}); its stderr ends:\n{self.stderr[-3000:].decode(errors='replace')}")
+
+        return self.stderrSeen.addErrback(timedOut)
 
     @property
     def stderr(self) -> bytes:

@@ -437,7 +437,8 @@ class ThreeInstances:
         for i in (1, 2, 3):
             self.startInstance(i)
         for i in (1, 2, 3):
-            yield self.servers[i].waitForStderr(b"Peer links on")
+            # Three processes start at once on a busy 2-core machine.
+            yield self.servers[i].waitForStderr(b"Peer links on", timeout=60)
             yield self.waitForListener(i)
 
     def startInstance(self, i: int) -> Background:
