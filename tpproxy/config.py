@@ -105,6 +105,10 @@ class ServerConfig:
     drainTimeout: float = 10.0
     #: C{[cluster]}: several instances as one service (docs/cluster.md).
     cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig())
+    #: C{server.workers}: processes on this machine (docs/workers.md).
+    workers: int = 1
+    #: Which worker this process is (C{twist tp --worker I}), else C{None}.
+    worker: int | None = None
 
 
 @dataclass(frozen=True)
@@ -545,7 +549,7 @@ def parseAcme(acme: Any, base: Path) -> AcmeConfig | None:
 
 _SERVER_KEYS = {
     "listen", "certificate", "key", "client_ca", "crl", "handshake_timeout", "hello_timeout", "connect_timeout", "quic",
-    "state_dir", "disconnect_expired_cert", "drain_timeout",
+    "state_dir", "disconnect_expired_cert", "drain_timeout", "workers",
 }
 
 _TCP_LISTEN = re.compile(r"tcp6?:(\d+)(?::interface=([^:]*(?:\\:[^:]*)*))?$")
@@ -691,11 +695,21 @@ def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") 
         disconnectExpiredCert=_bool(server, "disconnect_expired_cert", True, "server"),
         drainTimeout=_seconds(server, "drain_timeout", 10, "server"),
         stateDir=_resolvePath(base, server.get("state_dir", "state"), "server.state_dir", mustExist=False),
+        workers=_workers(server.get("workers", 1)),
     )
+    from tpproxy.workers import checkWorkers
+
+    checkWorkers(config)
     if config.router is not None and config.router.h3 is not None and not config.quic:
         raise ConfigError("router.h3: an HTTP/3 answer needs QUIC (server.quic is false)")
     checkServerFiles(config)
     return config
+
+
+def _workers(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise ConfigError(f"server.workers: expected a whole number of processes from 1 to 64, got {value!r}")
+    return value
 
 
 def checkServerFiles(config: ServerConfig) -> None:

@@ -475,6 +475,11 @@ class ReloadService(service.Service):
         super().startService()
         if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGHUP, self._hangup)
+        from tpproxy.workers import takeHeldHangup
+
+        if takeHeldHangup():
+            # A worker told to reload while it was starting.
+            self.reactor.callLater(0, self.reloader.reload)
 
     def _hangup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reloader.reload)

@@ -44,6 +44,7 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "Server configuration file (TOML). Default: $TP_CONFIG, else the dev default."],
+        ["worker", None, None, "Run as worker I of server.workers (the pool starts its workers so; not for operators).", int],
     ]
 
     def postOptions(self) -> None:
@@ -64,6 +65,14 @@ class Options(usage.Options):
                 home = ensureDevEnvironment()
                 self["serverConfig"] = loadServerConfig(home / "server.toml")
                 self["devHome"] = home
+            worker = self["worker"]
+            if worker is not None:
+                from tpproxy.workers import workerConfig
+
+                config = self["serverConfig"]
+                if not 0 <= worker < config.workers:
+                    raise ConfigError(f"--worker {worker}: server.workers is {config.workers}, so workers are 0 to {config.workers - 1}")
+                self["serverConfig"] = workerConfig(config, worker)
         except ConfigError as e:
             raise SystemExit(f"{programName()}: bad configuration: {e}") from None
 
@@ -149,6 +158,20 @@ def makeService(options: Options, reactor: IServerReactor | None = None) -> Serv
     logbridge.install()  # aioquic's log lines go to the log, not to [stderr#error]
 
     config: ServerConfig = options["serverConfig"]
+    if config.workers > 1:
+        # The pool: it runs no TP itself, but a worker process per core.
+        from tpproxy.workers import makeWorkerPool
+
+        return ServerService(makeWorkerPool(config, reactor), config)
+    if config.worker is not None:
+        from tpproxy.workers import ReusePortReactor, holdHangups
+
+        holdHangups()
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor  # type: ignore[assignment]
+        reactor = ReusePortReactor(reactor)  # type: ignore[assignment]
     svc = ServerService(_make(config, reactor), config)
     home = options.get("devHome")
     if home is not None:
