@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -68,6 +66,7 @@ from harness import (
     peakRSSMB,
     ratio,
     requireTP,
+    startEtcd,
     startServer,
     tpSource,
     tpVersions,
@@ -146,10 +145,6 @@ class Cluster:
         self.dir = directory
         self.procs = Processes(directory)
         requireTP()
-        etcd = shutil.which("etcd") or "/usr/bin/etcd"
-        if not Path(etcd).exists():
-            raise BenchError("etcd is not installed (Debian: apt-get install etcd-server)")
-        self.etcd = etcd
         #: Local port of each chain's `tp up`.
         self.entry: dict[str, int] = {}
         #: Process name -> pid, for the CPU figures.
@@ -160,18 +155,7 @@ class Cluster:
         pki = d / "pki"
         makePKI(pki)
 
-        # etcd, as tpproxy.cluster.testing runs it for the tests.
-        clientPort, etcdPeerPort = freePorts(2)
-        url, peer = f"http://127.0.0.1:{clientPort}", f"http://127.0.0.1:{etcdPeerPort}"
-        self.procs.start("etcd", [
-            self.etcd, "--name", "tp-bench", "--data-dir", d / "etcd",
-            "--listen-client-urls", url, "--advertise-client-urls", url,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"tp-bench={peer}",
-            "--heartbeat-interval", "10", "--election-timeout", "100",
-            "--logger", "zap", "--log-level", "warn",
-        ])
-        self.waitForEtcd(clientPort)
+        url, clientPort = startEtcd(self.procs, d / "etcd")
 
         # The sink (bench.py's), then A and B.
         self.sinkPort = startServer(self.procs, "sink", [sys.executable, Path(__file__).resolve().with_name("bench.py"), "--sink"])
@@ -203,29 +187,6 @@ class Cluster:
             self.entry[chain] = local
         self.ports = {"tp": port, "peer": peerPort, "etcd": clientPort, "sink": self.sinkPort, **{f"tp_up_{c}": p for c, p in self.entry.items()}}
         self.pids = {name: proc.pid for name, proc in self.procs.procs.items() if name not in ("etcd", "sink")}
-
-    def waitForEtcd(self, port: int, timeout: float = 20) -> None:
-        """
-        Ask etcd's C{/health} until it answers C{true} (it has elected
-        itself).
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            self.procs.check()
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                    s.settimeout(0.5)
-                    s.sendall(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-                    data = b""
-                    while chunk := s.recv(4096):
-                        data += chunk
-                if b'"health":"true"' in data:
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise BenchError(f"etcd did not answer within {timeout:g} s:\n{self.procs.logTail('etcd')}")
-            time.sleep(0.05)
 
     def cpu(self) -> dict[str, float]:
         return {name: cpuSeconds(pid) for name, pid in self.pids.items()}

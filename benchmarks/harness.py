@@ -293,6 +293,44 @@ def startServer(procs: Processes, name: str, argv: Sequence[str | Path]) -> int:
     return int(line.split()[1])
 
 
+def startEtcd(procs: Processes, directory: Path, timeout: float = 20) -> tuple[str, int]:
+    """
+    A one-member etcd on free loopback ports with its data in C{directory}
+    and fast elections (as C{tpproxy.cluster.testing} runs it for the
+    tests); returns its client URL and port once C{/health} says true.
+    """
+    etcd = shutil.which("etcd") or "/usr/bin/etcd"
+    if not Path(etcd).exists():
+        raise BenchError("etcd is not installed (Debian: apt-get install etcd-server)")
+    clientPort, peerPort = freePorts(2)
+    url, peer = f"http://127.0.0.1:{clientPort}", f"http://127.0.0.1:{peerPort}"
+    procs.start("etcd", [
+        etcd, "--name", "tp-bench", "--data-dir", directory,
+        "--listen-client-urls", url, "--advertise-client-urls", url,
+        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", f"tp-bench={peer}",
+        "--heartbeat-interval", "10", "--election-timeout", "100",
+        "--logger", "zap", "--log-level", "warn",
+    ])
+    deadline = time.monotonic() + timeout
+    while True:
+        procs.check()
+        try:
+            with socket.create_connection(("127.0.0.1", clientPort), timeout=0.5) as s:
+                s.settimeout(0.5)
+                s.sendall(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+            if b'"health":"true"' in data:
+                return url, clientPort
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise BenchError(f"etcd did not answer within {timeout:g} s:\n{procs.logTail('etcd')}")
+        time.sleep(0.05)
+
+
 def serveThreaded(handle: Callable[[socket.socket], None]) -> None:
     """
     In a helper server process: listen on 127.0.0.1 (a port of the
