@@ -414,6 +414,10 @@ def makeMetrics(
         lambda: {("tls",): gate.count, ("quic",): sum(q.halfOpen.count for q in quicListeners)},
     )
     metrics.gauge("tp_quic_sessions", "QUIC connections, by state", ("state",), lambda: _quicSessions(quicListeners))
+    metrics.gauge(
+        "tp_quic_forwarded_datagrams", "QUIC packets handed to the worker that owns their connection (docs/workers.md)", (),
+        lambda: {(): sum(q.forwarded for q in quicListeners)}, counter=True,
+    )
     metrics.gauge("tp_tunnels", "Live tunnels (ClientHello answered or being served), by carrier and operation", ("via", "op"), lambda: _tunnels(tp))
     metrics.gauge(
         "tp_identities_active", "Identities with at least one live tunnel", (), lambda: {(): len(tp.usage.byIdentity)}
@@ -636,6 +640,16 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
         udp = UDPListenerService(reactor, address, quic)
         udp.setName(f"quic:{address[0]}:{address[1]}")
         udp.setServiceParent(drain)
+    if config.worker is not None and quicListeners:
+        # QUIC packets of a client whose address changed may reach another
+        # worker: route them by connection id (docs/workers.md).
+        from tpproxy.transports.cidroute import installTaggedIds
+        from tpproxy.workers import QuicForwarder, QuicForwardService
+
+        installTaggedIds(config.worker)
+        assert config.stateDir is not None
+        assert resetSecret is not None
+        QuicForwardService(reactor, QuicForwarder(config.stateDir, resetSecret, config.worker, quicListeners)).setServiceParent(drain)
     metrics = makeMetrics(reactor, factory, handshaking, quicListeners)
     if config.cluster.shared:
         clusterMetrics(metrics, store, top.links)  # type: ignore[attr-defined]

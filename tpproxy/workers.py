@@ -15,6 +15,8 @@ connections and UDP flows over the workers.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
 import signal
@@ -26,12 +28,13 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, error
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
 from tpproxy.config import ConfigError, ServerConfig, hostPort
+from tpproxy.transports.cidroute import decodeForward, encodeForward
 
 log = Logger(namespace="tpproxy.workers")
 
@@ -204,7 +207,12 @@ class WorkerProtocol(ProcessProtocol):
         self.buffer += data
         *records, self.buffer = self.buffer.split(b"\n")
         for record in records:
-            self._event(record)
+            try:
+                self._event(record)
+            except Exception:
+                # Never let one event stop the pool reading this worker (it
+                # would block on a full pipe).
+                log.failure("Worker {worker}: a log event could not be written", worker=self.worker)
 
     def _event(self, record: bytes) -> None:
         text = record.strip(b"\x1e \r\t")
@@ -354,6 +362,96 @@ def _how(reason: Failure) -> str:
         return f"killed by signal {value.signal}"
     code = getattr(value, "exitCode", None)
     return f"exit status {code}" if code is not None else reason.getErrorMessage()
+
+
+class QuicForwarder(DatagramProtocol):
+    """
+    A worker's end of QUIC packet routing between workers (issue 14 part
+    B, L{tpproxy.transports.cidroute}): a Unix datagram socket in the
+    abstract namespace, named after TP's state directory and the worker
+    (a path in the state directory would often pass the 108 bytes a
+    socket path may have).  Each QUIC listener of this worker hands it the
+    packets whose connection id names another worker (L{send}); what
+    another worker sends here goes to the same-numbered listener as if it
+    came from the network.
+
+    Any local process may send to an abstract socket, so each message
+    carries an HMAC-SHA256 (16 bytes) keyed from the QUIC reset secret the
+    workers share in the state directory (mode 0700): a message without
+    the right one is dropped.
+    """
+
+    def __init__(self, stateDir: str, secret: bytes, worker: int, listeners: list[Any]) -> None:
+        self.stateDir = stateDir
+        self.key = hashlib.sha256(b"tp worker forwarding\0" + secret).digest()
+        self.space = hashlib.sha256(os.path.abspath(stateDir).encode("utf-8")).hexdigest()[:16]
+        self.worker = worker
+        self.listeners = listeners
+        #: Packets that could not be handed over (the owner is not running).
+        self.undelivered = 0
+        #: Messages dropped for a bad MAC or framing.
+        self.rejected = 0
+        self.received = 0
+
+    def path(self, worker: int) -> str:
+        return f"\0tp-quic-{self.space}-w{worker}"
+
+    def _mac(self, message: bytes) -> bytes:
+        return hmac.digest(self.key, message, "sha256")[:16]
+
+    def attach(self) -> None:
+        for index, listener in enumerate(self.listeners):
+            listener.worker = self.worker
+            listener.forward = lambda owner, data, addr, index=index: self.send(index, owner, data, addr)
+
+    def send(self, listener: int, owner: int, data: bytes, addr: tuple[str, int]) -> None:
+        if self.transport is None:
+            return
+        message = encodeForward(listener, addr, data)
+        try:
+            self.transport.write(self._mac(message) + message, self.path(owner))  # type: ignore[call-arg]
+        except OSError:
+            self.undelivered += 1
+
+    def datagramReceived(self, signed: bytes, addr: Any) -> None:
+        mac, message = signed[:16], signed[16:]
+        try:
+            if not hmac.compare_digest(mac, self._mac(message)):
+                raise ValueError("bad MAC")
+            index, client, data = decodeForward(message)
+        except ValueError:
+            self.rejected += 1
+            return
+        if index < len(self.listeners):
+            self.received += 1
+            self.listeners[index].datagramReceived(data, client)
+
+
+class QuicForwardService(service.Service):
+    """
+    Runs a worker's L{QuicForwarder}: its socket exists while the worker
+    runs (a stale one of a killed worker is replaced).
+    """
+
+    def __init__(self, reactor: Any, forwarder: QuicForwarder) -> None:
+        self.reactor = reactor
+        self.forwarder = forwarder
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        path = self.forwarder.path(self.forwarder.worker)
+        self.port = self.reactor.listenUNIXDatagram(path, self.forwarder, maxPacketSize=65536 + 64)
+        self.forwarder.attach()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        for listener in self.forwarder.listeners:
+            listener.forward = None
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
 
 
 def makeWorkerPool(config: ServerConfig, reactor: Any = None) -> service.MultiService:

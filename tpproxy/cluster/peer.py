@@ -33,6 +33,7 @@ store's watch last saw it.
 from __future__ import annotations
 
 import enum
+import os
 import random
 from collections import Counter
 from typing import Any, Callable
@@ -632,7 +633,26 @@ class ClusterService(service.Service):
     def startService(self) -> None:
         super().startService()
         self.starting = self._start()
-        self.starting.addErrback(lambda f: log.failure("The cluster's peer listener or watch did not start", f))
+        self.starting.addErrback(self._failed)
+
+    def _failed(self, failure: Failure) -> None:
+        """
+        Without its peer listener or watch this instance is no part of the
+        cluster, though it would still serve what it holds: stop it (exit
+        status 1), so that what runs it (systemd, the worker pool) starts
+        it again, and say why in one line.
+        """
+        if failure.check(error.CannotListenError):
+            e = failure.value
+            log.critical(
+                "Cannot listen on cluster.peer_listen {listen}: {error}; stopping",
+                listen=self.peerListen, error=str(getattr(e, "socketError", e)),
+            )
+        else:
+            log.failure("The cluster's peer listener or watch did not start; stopping", failure)
+        reactor = self.links.reactor
+        reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)  # type: ignore[attr-defined]
+        reactor.stop()  # type: ignore[attr-defined]
 
     @defer.inlineCallbacks
     def _start(self) -> Any:

@@ -62,6 +62,29 @@ def freePort(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def freePortRun(count: int, host: str = "127.0.0.1") -> int:
+    """
+    A port P such that P to P + count - 1 are all free on C{host} now (for
+    workers, whose listeners take consecutive ports).
+    """
+    while True:
+        base = freePort(host=host)
+        if base + count > 65535:
+            continue
+        held = []
+        try:
+            for port in range(base + 1, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(s)
+                s.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -405,7 +405,16 @@ def logged(process: Background, marker: bytes, times: int = 1, timeout: float = 
 
     process.proto.onStderr = seen
     seen(process.stderr)
-    return done.addTimeout(timeout, reactor)
+
+    def timedOut(f: Any) -> Any:
+        f.trap(defer.TimeoutError)
+        ended = "it exited" if process.proto.done.called else "it still runs"
+        raise AssertionError(
+            f"{process.stderr.count(marker)} of {times} {marker!r} on stderr within {timeout:g} s ({ended}); "
+            f"its stderr ends:\n{process.stderr[-4000:].decode(errors='replace')}"
+        )
+
+    return done.addTimeout(timeout, reactor).addErrback(timedOut)
 
 
 class ThreeInstances:
@@ -1002,3 +1011,42 @@ class HighAvailabilityTests(ThreeInstances, TestCase):
                 answers.append((yield whoAnswers(host, port)))
         self.assertEqual(answers, [b"one"] * 40)
         self.assertEqual(two.accepted, reached)
+
+
+class PeerListenerInUseTests(TestCase):
+    """
+    An instance that cannot listen on its peer port is no part of the
+    cluster: it stops with one line saying why (exit status 1), so that
+    what runs it starts it again.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_peerPortInUse(self) -> Any:
+        pki = TestPKI.create(self.mktemp())
+        d = pki.directory
+        pki.ca.issue("localhost", dns=("localhost",), ips=("127.0.0.1",), server=True).write(d / "server.pem", d / "server.key")
+        etcd = yield EtcdServer.start(self)
+        taken = reactor.listenTCP(0, protocol.Factory.forProtocol(protocol.Protocol), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        peerPort = taken.getHost().port
+        path = d / "tp.toml"
+        path.write_text(f"""
+[server]
+listen = "tcp:{freePort()}:interface=127.0.0.1"
+certificate = "server.pem"
+key = "server.key"
+client_ca = "ca.pem"
+quic = false
+
+[cluster]
+etcd = ["{etcd.url}"]
+instance = "tp-1"
+advertise = "127.0.0.1:{peerPort}"
+peer_listen = "tcp:{peerPort}:interface=127.0.0.1"
+""")
+        result = yield run(twistCommand() + ["--log-format=text", "--log-file=+", "tp", "--config", str(path)], timeout=45)
+        self.assertEqual(result.status, 1, result.err[-3000:])
+        self.assertIn(f"Cannot listen on cluster.peer_listen tcp:{peerPort}:interface=127.0.0.1: ".encode(), result.err)
+        self.assertIn(b"Address already in use", result.err)

@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tpproxy.cluster.testing import EtcdServer
 from tpproxy.config import ConfigError, loadServerConfig
-from tpproxy.test.support import Background, Echo, echoThrough, freePort, listenLocal, run, tpCommand, twistCommand, waitForPort
+from tpproxy.test.support import Background, Echo, echoThrough, freePort, freePortRun, listenLocal, run, tpCommand, twistCommand, waitForPort
 from tpproxy.test.test_cluster import logged
 from tpproxy.testing import TestPKI
 from tpproxy.workers import ReusePortReactor, shiftPort, workerConfig
@@ -223,12 +223,10 @@ class WorkerConfigTests(SynchronousTestCase):
         self.assertIn("admin.listen: with server.workers above 1 this must be a tcp: or tcp6: endpoint", str(caught.exception))
 
 
-class WorkersProcessTests(TestCase):
+class TwoWorkers:
     """
-    One C{twist tp} with C{workers = 2} and a real etcd: two worker
-    processes share TP's port and serve tunnels; a killed worker is
-    restarted while the other serves; SIGHUP reloads both; SIGTERM stops
-    all.
+    One C{twist tp} with C{workers = 2} and a real etcd, each worker with
+    its admin listener; mixed into a L{TestCase}.
     """
 
     timeout = 120
@@ -240,13 +238,14 @@ class WorkersProcessTests(TestCase):
         d = self.pki.directory
         self.pki.ca.issue("localhost", dns=("localhost",), ips=("127.0.0.1",), server=True).write(d / "server.pem", d / "server.key")
         self.etcd = yield EtcdServer.start(self)
-        self.port, self.peerPort, self.adminPort = freePort(), freePort(), freePort()
+        self.port, self.peerPort, self.adminPort = freePort(), freePortRun(2), freePortRun(2)
         self.config = d / "server.toml"
         self.config.write_text(serverToml(self.pki, self.port, self.peerPort, self.adminPort, self.etcd.url))
         self.client = d / "alice.toml"
         self.client.write_text(f'server = "127.0.0.1:{self.port}"\ncert = "{d / "alice.pem"}"\nkey = "{d / "alice.key"}"\nca = "{self.pki.caPath}"\n')
         self.master = Background(self, twistCommand() + ["--log-format=text", "--log-file=+", "tp", "--config", str(self.config)])
         yield logged(self.master, b"Peer links on", times=2, timeout=60)
+        yield logged(self.master, b"Admin listener on", times=2, timeout=60)
         yield waitForPort(self.port)
 
     def pids(self) -> dict[int, int]:
@@ -272,6 +271,15 @@ class WorkersProcessTests(TestCase):
             yield echoThrough("127.0.0.1", localPort, 16 * 1024)
         self.assertEqual(echo.accepted, count)
         yield up.stop()
+
+
+
+class WorkersProcessTests(TwoWorkers, TestCase):
+    """
+    Two worker processes share TP's port and serve tunnels; a killed
+    worker is restarted while the other serves; SIGHUP reloads both;
+    SIGTERM stops all.
+    """
 
     @defer.inlineCallbacks
     def test_workersShareThePort(self) -> Any:
@@ -335,3 +343,68 @@ class WorkersProcessTests(TestCase):
         for pid in pids.values():
             with self.assertRaises(ProcessLookupError):
                 os.kill(pid, 0)
+
+
+class QuicRoutingProcessTests(TwoWorkers, TestCase):
+    """
+    QUIC packets routed by connection id between two workers (issue 14
+    part B): a client that changes its address mid-transfer keeps its
+    connection whichever worker its new 4-tuple hashes to.
+    """
+
+    @defer.inlineCallbacks
+    def forwarded(self) -> Any:
+        import treq
+        from prometheus_client.parser import text_string_to_metric_families
+        from twisted.web.client import HTTPConnectionPool
+
+        total = 0.0
+        for worker in (0, 1):
+            response = yield treq.get(f"http://127.0.0.1:{self.adminPort + worker}/metrics", pool=HTTPConnectionPool(reactor, persistent=False))
+            text = yield response.text()
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "tp_quic_forwarded_datagrams_total":
+                        total += sample.value
+        return total
+
+    @defer.inlineCallbacks
+    def test_clientMovesBetweenWorkers(self) -> Any:
+        """
+        The client rebinds its UDP socket (a new source port: the kernel
+        may give the new 4-tuple to the other worker) after each 64 KiB
+        echoed, until at least one packet was forwarded between workers
+        and twice more after; every byte comes back, in order, on the same
+        connection.
+        """
+        from tpproxy.pki import loadCertificates, loadKey
+        from tpproxy.protocols.client import TPClientProtocol
+        from tpproxy.transports.quic import clientConfiguration, connectQuic
+        from tpproxy.wire import ClientHello
+
+        echoPort, echo = listenLocal(self, Echo)
+        d = self.pki.directory
+        config = clientConfiguration("localhost", loadCertificates(str(d / "ca.pem")), loadCertificates(str(d / "alice.pem")), loadKey(str(d / "alice.key")))
+        session = connectQuic(reactor, ("127.0.0.1", self.port), config)
+        self.addCleanup(lambda: (session.closed or session.close(0, "done"), session.socket.stop()))
+        yield session.ready
+        ready: defer.Deferred[Any] = defer.Deferred()
+        session.openStream(TPClientProtocol(ClientHello.connect("127.0.0.1", echoPort), ready))
+        end = yield ready
+        end.transport.resumeProducing()
+        sent = b""
+        rebinds, after = 0, 0
+        while after < 2:
+            chunk = os.urandom(64 * 1024)
+            sent += chunk
+            end.transport.write(chunk)
+            yield waitFor(lambda: len(end.rest) >= len(sent), timeout=20)
+            self.assertEqual(end.rest, sent)
+            session.rebind()
+            rebinds += 1
+            self.assertLess(rebinds, 40, "40 new source ports, and not one packet went to the other worker")
+            if (yield self.forwarded()):
+                after += 1
+        self.assertEqual(echo.accepted, 1)
+        self.assertFalse(session.closed)
+        print(f"\n{rebinds} rebinds, {(yield self.forwarded()):g} packets forwarded between workers")

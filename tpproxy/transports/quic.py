@@ -45,6 +45,7 @@ from tpproxy.limits import HalfOpenCounter, RateLimitedLog, TokenBucket, sourceP
 from tpproxy.pki import identityOf, replacePrivate
 from tpproxy.privates import PrivateAPIError, PrivateName, privateProblems
 from tpproxy.reactors import IUDPReactor
+from tpproxy.transports.cidroute import workerOf
 from tpproxy.transports.h3 import H3_ALPN, H3Responder, H3Response
 from tpproxy.verify import AlertRefused, ClientVerifier
 from tpproxy.wire import ALPN
@@ -1071,6 +1072,13 @@ class QuicListener(DatagramProtocol):
     #: A graceful stop is under way: no new connections, the live ones
     #: finish (tpproxy.service.DrainService).
     draining = False
+    #: With workers: this one's number, and C{forward(worker, datagram,
+    #: addr)}, which hands a packet for another worker's connection to it
+    #: (L{tpproxy.workers.QuicForwarder}).
+    worker: int | None = None
+    forward: Any = None
+    #: Packets handed to another worker.
+    forwarded = 0
 
     def reconfigure(
         self, cas: list[x509.Certificate], checker: Any, limits: LimitsConfig, handshakeTimeout: float, chain: list[x509.Certificate], key: Any
@@ -1130,6 +1138,14 @@ class QuicListener(DatagramProtocol):
         if session is not None:
             session.datagramReceived(data, addr)
             return
+        if self.forward is not None and header.packet_type != QuicPacketType.INITIAL:
+            owner = workerOf(header.destination_cid)
+            if owner is not None and owner != self.worker:
+                # Another worker's connection, whose client's address
+                # changed (docs/workers.md): that worker answers it.
+                self.forwarded += 1
+                self.forward(owner, data, addr)
+                return
         if not data[0] & 0x80:
             self._statelessReset(header.destination_cid, len(data), addr)
             return
