@@ -312,20 +312,13 @@ def startEtcd(procs: Processes, directory: Path, timeout: float = 20) -> tuple[s
         "--heartbeat-interval", "10", "--election-timeout", "100",
         "--logger", "zap", "--log-level", "warn",
     ])
+    from tpproxy.cluster.testing import etcdAnswers
+
     deadline = time.monotonic() + timeout
     while True:
         procs.check()
-        try:
-            with socket.create_connection(("127.0.0.1", clientPort), timeout=0.5) as s:
-                s.settimeout(0.5)
-                s.sendall(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-                data = b""
-                while chunk := s.recv(4096):
-                    data += chunk
-            if b'"health":"true"' in data:
-                return url, clientPort
-        except OSError:
-            pass
+        if etcdAnswers(clientPort):
+            return url, clientPort
         if time.monotonic() > deadline:
             raise BenchError(f"etcd did not answer within {timeout:g} s:\n{procs.logTail('etcd')}")
         time.sleep(0.05)

@@ -828,7 +828,9 @@ def _run(reactor: Any, args: argparse.Namespace, stderr: Any) -> defer.Deferred[
             hello = ClientHello("listen", mode="e2e", name=normalize(args.e2e))
         else:
             hello = ClientHello("listen", mode="public", port=args.public)
-        servers = [ServerAddress(*parseHostPort(text, "--server", defaultPort=443)) for text in _servers(args)]
+        # --server flags, else the config file's server (a list: a link each).
+        texts = _servers(args) or list(readClientConfig(args).servers)
+        servers = [ServerAddress(*parseHostPort(text, "--server", defaultPort=443)) for text in texts]
         return runExpose(reactor, settings, local, hello, args.keepalive, stderr, servers=servers or None, links=args.links)
     host, port = parseHostPort(args.target, "HOST:PORT")
     if args.command == "connect":

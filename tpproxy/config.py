@@ -779,6 +779,9 @@ class ClientConfig:
     transport: str = "auto"
     #: The admin listener's URL, for C{tp status}.
     admin: str | None = None
+    #: Every server of a list C{server}: C{tp expose} keeps a link to
+    #: each (the other commands use the first, C{server}).
+    servers: tuple[str, ...] = ()
 
 
 _CLIENT_KEYS = {"server", "cert", "key", "ca", "connect_timeout", "transport", "admin"}
@@ -790,9 +793,13 @@ def loadClientConfig(path: str | os.PathLike[str]) -> ClientConfig:
     _checkKeys(data, _CLIENT_KEYS, str(p))
     values: dict[str, Any] = {}
     if "server" in data:
-        if not isinstance(data["server"], str) or not data["server"]:
-            raise ConfigError(f"{p}: server: expected \"HOST:PORT\"")
-        values["server"] = data["server"]
+        server = data["server"]
+        if isinstance(server, list) and server and all(isinstance(s, str) and s for s in server):
+            values["server"], values["servers"] = server[0], tuple(server)
+        elif isinstance(server, str) and server:
+            values["server"], values["servers"] = server, (server,)
+        else:
+            raise ConfigError(f"{p}: server: expected \"HOST:PORT\", or a list of them (tp expose keeps a link to each)")
     for name in ("cert", "key", "ca"):
         if name in data:
             values[name] = _resolvePath(p.parent, data[name], f"{p}: {name}", mustExist=False)

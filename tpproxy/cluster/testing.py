@@ -48,7 +48,7 @@ def _freePorts(count: int) -> list[int]:
             s.close()
 
 
-def _answers(port: int) -> bool:
+def etcdAnswers(port: int) -> bool:
     """
     Does etcd on C{port} answer C{/health} with C{true}?  (Blocking, but
     on loopback with a short timeout.)
@@ -123,7 +123,7 @@ class EtcdServer:
         began = self._clock.seconds()
         with open(self.logPath, "ab") as logFile:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logFile, stderr=logFile)
-        while not _answers(self.clientPort):
+        while not etcdAnswers(self.clientPort):
             if self.process.poll() is not None:
                 if b"address already in use" in self.log()[-4000:]:
                     raise _PortTaken()

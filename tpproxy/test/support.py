@@ -56,13 +56,18 @@ def twistCommand() -> list[str]:
     return [sys.executable, "-m", "twisted.application.twist"]
 
 
-def freePort(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
+def freePort(family: int = socket.AF_INET, host: str = "0.0.0.0") -> int:
+    """
+    A TCP port free now.  By default checked on every IPv4 address (a
+    wildcard bind fails where any address holds the port): tests listen on
+    127.0.0.1, .2 and .3, and tests running in parallel pick ports too.
+    """
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def freePortRun(count: int, host: str = "127.0.0.1") -> int:
+def freePortRun(count: int, host: str = "0.0.0.0") -> int:
     """
     A port P such that P to P + count - 1 are all free on C{host} now (for
     workers, whose listeners take consecutive ports).

@@ -915,15 +915,22 @@ class HighAvailabilityTests(ThreeInstances, TestCase):
     @defer.inlineCallbacks
     def test_exposerOnTwoInstances(self) -> Any:
         """
-        One exposer with C{--server} A and B (public port TP picks at A,
-        then asked for at B): C forwards to both and dials spread over
+        One exposer linked to A and B (its client config lists both; a
+        public port TP picks at A, then asked for at B): C forwards to both and dials spread over
         them.  C{kill -9} A: no dial through C fails, before or after C
         drops A from the route (the gap is measured), and dials through B
         go on.  A restarted: the exposer's link to A registers again and
         C routes to both again.
         """
         backendPort, backend = self.backend(b"svc")
-        exposer = self.exposeTo(backendPort, "--public", "--transport", "tls", "--server", f"127.0.0.1:{self.port}", "--server", f"127.0.0.2:{self.port}")
+        # The client config lists both servers (tp expose keeps a link to
+        # each; the --server flags do the same, tested in test_exposer_links).
+        d = self.pki.directory
+        config = d / "alice-ha.toml"
+        config.write_text(
+            f'server = ["127.0.0.1:{self.port}", "127.0.0.2:{self.port}"]\ncert = "{d / "alice.pem"}"\nkey = "{d / "alice.key"}"\nca = "{self.pki.caPath}"\n'
+        )
+        exposer = Background(self, tpCommand() + ["--config", str(config), "expose", f"127.0.0.1:{backendPort}", "--public", "--transport", "tls"])
         yield logged(exposer, b"; Ctrl-C stops", times=2)
         ports = set(re.findall(rb"as public port (\d+)", exposer.stderr))
         self.assertEqual(len(ports), 1, exposer.stderr)

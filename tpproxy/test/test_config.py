@@ -601,6 +601,7 @@ class ClientConfigTests(ServerConfigMixin, SynchronousTestCase):
                 key=str(d / "keys" / "me.key"),
                 ca="/etc/tp/ca.pem",
                 connectTimeout=5.0,
+                servers=("tp.example.org:443",),
             ),
         )
 
@@ -623,6 +624,16 @@ class ClientConfigTests(ServerConfigMixin, SynchronousTestCase):
         config = loadClientConfig(self.write("client.toml", 'cert = "~/tp/me.pem"\n'))
         self.assertEqual(config.cert, str(home.resolve() / "tp" / "me.pem"))
 
+    def test_serverList(self) -> None:
+        """
+        C{server} may be a list: C{tp expose} keeps a link to each, the
+        other commands use the first.
+        """
+        config = loadClientConfig(self.write("client.toml", 'server = ["a.example:443", "b.example:8443"]\n'))
+        self.assertEqual((config.server, config.servers), ("a.example:443", ("a.example:443", "b.example:8443")))
+        config = loadClientConfig(self.write("client.toml", 'server = "a.example:443"\n'))
+        self.assertEqual((config.server, config.servers), ("a.example:443", ("a.example:443",)))
+
     def test_unknownKey(self) -> None:
         """
         Unknown keys are refused, naming the file and the keys.
@@ -637,6 +648,9 @@ class ClientConfigTests(ServerConfigMixin, SynchronousTestCase):
         cases = [
             ('server = ""', 'server: expected "HOST:PORT"'),
             ("server = 443", 'server: expected "HOST:PORT"'),
+            ("server = []", 'server: expected "HOST:PORT", or a list of them'),
+            ('server = ["a:1", ""]', 'server: expected "HOST:PORT", or a list of them'),
+            ('server = ["a:1", 2]', 'server: expected "HOST:PORT", or a list of them'),
             ('cert = ""', "cert: expected a file path"),
             ("key = 1", "key: expected a file path"),
             ('ca = ["a"]', "ca: expected a file path"),
