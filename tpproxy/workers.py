@@ -404,14 +404,20 @@ class QuicForwarder(DatagramProtocol):
             listener.worker = self.worker
             listener.forward = lambda owner, data, addr, index=index: self.send(index, owner, data, addr)
 
-    def send(self, listener: int, owner: int, data: bytes, addr: tuple[str, int]) -> None:
+    def send(self, listener: int, owner: int, data: bytes, addr: tuple[str, int]) -> bool:
+        """
+        Hand C{data} to worker C{owner}; C{False} if it is not there to
+        take it (not running, or more workers than run now).
+        """
         if self.transport is None:
-            return
+            return False
         message = encodeForward(listener, addr, data)
         try:
             self.transport.write(self._mac(message) + message, self.path(owner))  # type: ignore[call-arg]
         except OSError:
             self.undelivered += 1
+            return False
+        return True
 
     def datagramReceived(self, signed: bytes, addr: Any) -> None:
         mac, message = signed[:16], signed[16:]

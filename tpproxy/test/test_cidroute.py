@@ -10,7 +10,7 @@ from typing import Any
 
 from aioquic.quic import connection
 from aioquic.quic.configuration import QuicConfiguration
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tpproxy.transports.cidroute import CID_LENGTH, decodeForward, encodeForward, installTaggedIds, tagFor, workerOf
 from tpproxy.workers import QuicForwarder
@@ -79,7 +79,7 @@ class Sent:
         self.sent.append((data, path))
 
 
-class ForwarderTests(SynchronousTestCase):
+class ForwarderTests(TestCase):
     """
     L{QuicForwarder}: what one worker sends, the other takes only with the
     MAC of their shared secret.
@@ -94,7 +94,7 @@ class ForwarderTests(SynchronousTestCase):
 
     def test_delivered(self) -> None:
         a, b, listener = self.pair()
-        a.send(0, 1, b"quic packet", ("192.0.2.7", 5000))
+        self.assertTrue(a.send(0, 1, b"quic packet", ("192.0.2.7", 5000)))
         [(message, path)] = a.transport.sent  # type: ignore[union-attr]
         self.assertEqual(path, b.path(1))
         self.assertTrue(path.startswith("\0tp-quic-"))
@@ -116,6 +116,20 @@ class ForwarderTests(SynchronousTestCase):
         b2.datagramReceived(good[:-1] + bytes([good[-1] ^ 1]), None)
         b2.datagramReceived(b"short", None)
         self.assertEqual((listener.got, listener2.got, b.rejected, b2.rejected), ([], [], 1, 2))
+
+    def test_ownerNotRunning(self) -> None:
+        """
+        A packet for a worker whose socket is not there is not delivered,
+        and the listener is told so (it then answers it as a packet of an
+        unknown connection).
+        """
+        from twisted.internet import reactor
+
+        a = QuicForwarder(self.mktemp(), b"s" * 32, 0, [Listener()])
+        port = reactor.listenUNIXDatagram(a.path(0), a)
+        self.addCleanup(port.stopListening)
+        self.assertFalse(a.send(0, 7, b"quic packet", ("192.0.2.7", 5000)))
+        self.assertEqual(a.undelivered, 1)
 
     def test_otherStateDirOtherSpace(self) -> None:
         """

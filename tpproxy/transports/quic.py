@@ -1074,7 +1074,7 @@ class QuicListener(DatagramProtocol):
     draining = False
     #: With workers: this one's number, and C{forward(worker, datagram,
     #: addr)}, which hands a packet for another worker's connection to it
-    #: (L{tpproxy.workers.QuicForwarder}).
+    #: and says whether it could (L{tpproxy.workers.QuicForwarder}).
     worker: int | None = None
     forward: Any = None
     #: Packets handed to another worker.
@@ -1140,11 +1140,12 @@ class QuicListener(DatagramProtocol):
             return
         if self.forward is not None and header.packet_type != QuicPacketType.INITIAL:
             owner = workerOf(header.destination_cid)
-            if owner is not None and owner != self.worker:
+            if owner is not None and owner != self.worker and self.forward(owner, data, addr):
                 # Another worker's connection, whose client's address
-                # changed (docs/workers.md): that worker answers it.
+                # changed (docs/workers.md): that worker answers it.  (A
+                # worker that is not running gets nothing: the packet is
+                # then answered as one for an unknown connection.)
                 self.forwarded += 1
-                self.forward(owner, data, addr)
                 return
         if not data[0] & 0x80:
             self._statelessReset(header.destination_cid, len(data), addr)
