@@ -649,7 +649,7 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
         installTaggedIds(config.worker)
         assert config.stateDir is not None
         assert resetSecret is not None
-        QuicForwardService(reactor, QuicForwarder(config.stateDir, resetSecret, config.worker, quicListeners)).setServiceParent(drain)
+        QuicForwardService(reactor, QuicForwarder(config.stateDir, resetSecret, config.worker, quicListeners, reactor)).setServiceParent(drain)
     metrics = makeMetrics(reactor, factory, handshaking, quicListeners)
     if config.cluster.shared:
         clusterMetrics(metrics, store, top.links)  # type: ignore[attr-defined]

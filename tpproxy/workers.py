@@ -367,34 +367,57 @@ def _how(reason: Failure) -> str:
 class QuicForwarder(DatagramProtocol):
     """
     A worker's end of QUIC packet routing between workers (issue 14 part
-    B, L{tpproxy.transports.cidroute}): a Unix datagram socket in the
-    abstract namespace, named after TP's state directory and the worker
-    (a path in the state directory would often pass the 108 bytes a
-    socket path may have).  Each QUIC listener of this worker hands it the
-    packets whose connection id names another worker (L{send}); what
-    another worker sends here goes to the same-numbered listener as if it
-    came from the network.
+    B, L{tpproxy.transports.cidroute}): a UDP socket on 127.0.0.1 with big
+    buffers, whose port the worker writes to C{quic-wI.port} in the state
+    directory.  (Unix datagram sockets were measured first: Linux queues at
+    most C{net.unix.max_dgram_qlen} messages per socket, 10 by default,
+    and QUIC's bursts overflowed it.)  Each QUIC listener of this worker
+    hands it the packets whose connection id names another worker
+    (L{send}); what another worker sends here goes to the same-numbered
+    listener as if it came from the network.
 
-    Any local process may send to an abstract socket, so each message
-    carries an HMAC-SHA256 (16 bytes) keyed from the QUIC reset secret the
-    workers share in the state directory (mode 0700): a message without
-    the right one is dropped.
+    Any local process may send to a loopback port, so each message carries
+    an HMAC-SHA256 (16 bytes) keyed from the QUIC reset secret the workers
+    share in the state directory (mode 0700): a message without the right
+    one is dropped.
     """
 
-    def __init__(self, stateDir: str, secret: bytes, worker: int, listeners: list[Any]) -> None:
+    #: Seconds a worker's port, read from its file, is used before the
+    #: file is read again (a restarted worker binds a new port).
+    PORT_TTL = 1.0
+
+    def __init__(self, stateDir: str, secret: bytes, worker: int, listeners: list[Any], clock: Any = None) -> None:
         self.stateDir = stateDir
         self.key = hashlib.sha256(b"tp worker forwarding\0" + secret).digest()
-        self.space = hashlib.sha256(os.path.abspath(stateDir).encode("utf-8")).hexdigest()[:16]
         self.worker = worker
         self.listeners = listeners
+        self.clock = clock
+        self.ports: dict[int, tuple[int | None, float]] = {}
         #: Packets that could not be handed over (the owner is not running).
         self.undelivered = 0
         #: Messages dropped for a bad MAC or framing.
         self.rejected = 0
         self.received = 0
 
-    def path(self, worker: int) -> str:
-        return f"\0tp-quic-{self.space}-w{worker}"
+    def portFile(self, worker: int) -> str:
+        return os.path.join(self.stateDir, f"quic-w{worker}.port")
+
+    def portOf(self, worker: int) -> int | None:
+        """
+        Worker C{worker}'s forwarding port, as its file said at most
+        L{PORT_TTL} ago; C{None} if it has none (not running).
+        """
+        now = self.clock.seconds() if self.clock is not None else 0.0
+        cached = self.ports.get(worker)
+        if cached is not None and now - cached[1] < self.PORT_TTL:
+            return cached[0]
+        try:
+            with open(self.portFile(worker)) as f:
+                port: int | None = int(f.read().strip())
+        except (OSError, ValueError):
+            port = None
+        self.ports[worker] = (port, now)
+        return port
 
     def _mac(self, message: bytes) -> bytes:
         return hmac.digest(self.key, message, "sha256")[:16]
@@ -409,14 +432,15 @@ class QuicForwarder(DatagramProtocol):
         Hand C{data} to worker C{owner}; C{False} if it is not there to
         take it (not running, or more workers than run now).
         """
-        if self.transport is None:
+        port = self.portOf(owner)
+        if self.transport is None or port is None:
+            self.undelivered += 1
             return False
         message = encodeForward(listener, addr, data)
         try:
-            self.transport.write(self._mac(message) + message, self.path(owner))  # type: ignore[call-arg]
+            self.transport.write(self._mac(message) + message, ("127.0.0.1", port))
         except OSError:
-            self.undelivered += 1
-            return False
+            self.undelivered += 1  # dropped, as the network may drop a packet
         return True
 
     def datagramReceived(self, signed: bytes, addr: Any) -> None:
@@ -435,8 +459,8 @@ class QuicForwarder(DatagramProtocol):
 
 class QuicForwardService(service.Service):
     """
-    Runs a worker's L{QuicForwarder}: its socket exists while the worker
-    runs (a stale one of a killed worker is replaced).
+    Runs a worker's L{QuicForwarder}: its socket, and the file that names
+    its port, exist while the worker runs.
     """
 
     def __init__(self, reactor: Any, forwarder: QuicForwarder) -> None:
@@ -445,15 +469,27 @@ class QuicForwardService(service.Service):
         self.port: Any = None
 
     def startService(self) -> None:
+        from tpproxy.transports.quic import _bigBuffers
+
         super().startService()
-        path = self.forwarder.path(self.forwarder.worker)
-        self.port = self.reactor.listenUNIXDatagram(path, self.forwarder, maxPacketSize=65536 + 64)
-        self.forwarder.attach()
+        forwarder = self.forwarder
+        self.port = self.reactor.listenUDP(0, forwarder, interface="127.0.0.1", maxPacketSize=65536 + 64)
+        _bigBuffers(self.port)
+        os.makedirs(forwarder.stateDir, mode=0o700, exist_ok=True)
+        path = forwarder.portFile(forwarder.worker)
+        with open(path + ".new", "w") as f:
+            f.write(f"{self.port.getHost().port}\n")
+        os.replace(path + ".new", path)
+        forwarder.attach()
 
     def stopService(self) -> Any:
         super().stopService()
         for listener in self.forwarder.listeners:
             listener.forward = None
+        try:
+            os.unlink(self.forwarder.portFile(self.forwarder.worker))
+        except OSError:
+            pass
         if self.port is not None:
             port, self.port = self.port, None
             return port.stopListening()

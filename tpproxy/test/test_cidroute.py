@@ -6,6 +6,7 @@ L{tpproxy.workers.QuicForwarder}).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from aioquic.quic import connection
@@ -73,10 +74,10 @@ class Listener:
 
 class Sent:
     def __init__(self) -> None:
-        self.sent: list[tuple[bytes, str]] = []
+        self.sent: list[tuple[bytes, Any]] = []
 
-    def write(self, data: bytes, path: str) -> None:
-        self.sent.append((data, path))
+    def write(self, data: bytes, addr: Any) -> None:
+        self.sent.append((data, addr))
 
 
 class ForwarderTests(TestCase):
@@ -86,19 +87,22 @@ class ForwarderTests(TestCase):
     """
 
     def pair(self, secret: bytes = b"s" * 32) -> tuple[QuicForwarder, QuicForwarder, Listener]:
+        stateDir = self.mktemp()
+        os.makedirs(stateDir)
         listener = Listener()
-        a = QuicForwarder("/var/lib/tp", b"s" * 32, 0, [Listener()])
-        b = QuicForwarder("/var/lib/tp", secret, 1, [listener])
+        a = QuicForwarder(stateDir, b"s" * 32, 0, [Listener()])
+        b = QuicForwarder(stateDir, secret, 1, [listener])
+        with open(b.portFile(1), "w") as f:
+            f.write("40001\n")
         a.transport = Sent()  # type: ignore[assignment]
         return a, b, listener
 
     def test_delivered(self) -> None:
         a, b, listener = self.pair()
         self.assertTrue(a.send(0, 1, b"quic packet", ("192.0.2.7", 5000)))
-        [(message, path)] = a.transport.sent  # type: ignore[union-attr]
-        self.assertEqual(path, b.path(1))
-        self.assertTrue(path.startswith("\0tp-quic-"))
-        b.datagramReceived(message, None)
+        [(message, addr)] = a.transport.sent  # type: ignore[union-attr]
+        self.assertEqual(addr, ("127.0.0.1", 40001))
+        b.datagramReceived(message, ("127.0.0.1", 40000))
         self.assertEqual(listener.got, [(b"quic packet", ("192.0.2.7", 5000))])
 
     def test_forgedRejected(self) -> None:
@@ -119,23 +123,26 @@ class ForwarderTests(TestCase):
 
     def test_ownerNotRunning(self) -> None:
         """
-        A packet for a worker whose socket is not there is not delivered,
-        and the listener is told so (it then answers it as a packet of an
-        unknown connection).
+        A packet for a worker with no port file (not running, or fewer
+        workers than the id names) is not sent, and the listener is told
+        so (it then answers it as a packet of an unknown connection).
         """
-        from twisted.internet import reactor
-
-        a = QuicForwarder(self.mktemp(), b"s" * 32, 0, [Listener()])
-        port = reactor.listenUNIXDatagram(a.path(0), a)
-        self.addCleanup(port.stopListening)
+        a, b, listener = self.pair()
         self.assertFalse(a.send(0, 7, b"quic packet", ("192.0.2.7", 5000)))
-        self.assertEqual(a.undelivered, 1)
+        self.assertEqual((a.transport.sent, a.undelivered), ([], 1))  # type: ignore[union-attr]
 
-    def test_otherStateDirOtherSpace(self) -> None:
+    def test_portReadAgain(self) -> None:
         """
-        Two TPs on one host (other state directories) use other socket
-        names.
+        A restarted worker's new port is used once the cached one is
+        L{QuicForwarder.PORT_TTL} old.
         """
-        one = QuicForwarder("/var/lib/tp-a", b"s" * 32, 0, [])
-        two = QuicForwarder("/var/lib/tp-b", b"s" * 32, 0, [])
-        self.assertNotEqual(one.path(0), two.path(0))
+        from twisted.internet.task import Clock
+
+        a, b, listener = self.pair()
+        a.clock = Clock()
+        self.assertEqual(a.portOf(1), 40001)
+        with open(b.portFile(1), "w") as f:
+            f.write("40002\n")
+        self.assertEqual(a.portOf(1), 40001)
+        a.clock.advance(QuicForwarder.PORT_TTL)
+        self.assertEqual(a.portOf(1), 40002)
