@@ -50,6 +50,7 @@ RESTART_KEYS = (
     ("acme", "[acme]"),
     ("publicInterface", "reverse.public_interface"),
     ("cluster", "[cluster]"),
+    ("workers", "server.workers"),
 )
 
 

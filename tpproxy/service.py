@@ -649,7 +649,7 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
         installTaggedIds(config.worker)
         assert config.stateDir is not None
         assert resetSecret is not None
-        QuicForwardService(reactor, QuicForwarder(config.stateDir, resetSecret, config.worker, quicListeners, reactor)).setServiceParent(drain)
+        QuicForwardService(reactor, QuicForwarder(config.stateDir, resetSecret, config.worker, quicListeners, reactor, config.workers)).setServiceParent(drain)
     metrics = makeMetrics(reactor, factory, handshaking, quicListeners)
     if config.cluster.shared:
         clusterMetrics(metrics, store, top.links)  # type: ignore[attr-defined]
@@ -658,8 +658,16 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
     counting.setName("metrics")
     counting.setServiceParent(top)
     tp = factory.wrappedFactory
+    from tpproxy.config import loadServerConfig
+
+    load: Any = loadServerConfig
+    if config.worker is not None:
+        # A worker reloads the file as it runs it (its ports and instance id).
+        from tpproxy.workers import workerConfig
+
+        load = lambda path, worker=config.worker: workerConfig(loadServerConfig(path), worker)  # noqa: E731
     reloader = Reloader(
-        config, tp, tp.serverTLS, quicListeners, handshaking, metrics, acmeManaged=config.acme is not None and bool(config.acme.names)
+        config, tp, tp.serverTLS, quicListeners, handshaking, metrics, acmeManaged=config.acme is not None and bool(config.acme.names), load=load
     )
     top.reloader = reloader  # type: ignore[attr-defined]
     ReloadService(reloader, reactor).setServiceParent(top)

@@ -158,20 +158,21 @@ def makeService(options: Options, reactor: IServerReactor | None = None) -> Serv
     logbridge.install()  # aioquic's log lines go to the log, not to [stderr#error]
 
     config: ServerConfig = options["serverConfig"]
-    if config.workers > 1:
+    if config.workers > 1 and config.worker is None:
         # The pool: it runs no TP itself, but a worker process per core.
         from tpproxy.workers import makeWorkerPool
 
         return ServerService(makeWorkerPool(config, reactor), config)
     if config.worker is not None:
-        from tpproxy.workers import ReusePortReactor, holdHangups
+        from tpproxy.workers import ReusePortReactor, dieWithPool, exclusivePorts, holdHangups
 
         holdHangups()
+        dieWithPool()
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
             reactor = _reactor  # type: ignore[assignment]
-        reactor = ReusePortReactor(reactor)  # type: ignore[assignment]
+        reactor = ReusePortReactor(reactor, exclusivePorts(config))  # type: ignore[assignment]
     svc = ServerService(_make(config, reactor), config)
     home = options.get("devHome")
     if home is not None:

@@ -51,6 +51,38 @@ STOP_GRACE = 15.0
 _earlyHangups: list[int] = []
 
 
+def exclusivePorts(config: ServerConfig) -> frozenset[int]:
+    """
+    The ports worker C{config.worker} alone listens on: its peer listener
+    and its admin listener.
+    """
+    ports = set()
+    for description in (config.cluster.peerListen, config.admin.listen if config.admin is not None else None):
+        match = _ENDPOINT_PORT.match(description or "")
+        if match is not None:
+            ports.add(int(match.group(2)))
+    return frozenset(ports)
+
+
+def dieWithPool() -> None:
+    """
+    A worker: receive SIGTERM when the pool that started it dies (Linux
+    PR_SET_PDEATHSIG), so that a pool killed outright leaves no worker
+    behind to hold its ports and its instance id.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        log.warn("This system cannot end a worker with its pool (no prctl)")
+    pool = os.environ.get("TP_POOL_PID")
+    if pool is not None and str(os.getppid()) != pool:
+        # The pool died before the call: do not run orphaned.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def holdHangups() -> None:
     """
     A worker, from its start until its reload service runs: remember a
@@ -78,8 +110,12 @@ class ReusePortReactor:
     wrapped reactor's, and it provides the same interfaces.
     """
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, exclusive: frozenset[int] = frozenset()) -> None:
         self._reactor = reactor
+        #: Ports this worker alone listens on (its peer and admin ports,
+        #: and ports the kernel picks): bound without SO_REUSEPORT, so a
+        #: second process on one of them fails as it should.
+        self.exclusive = exclusive | {0}
         directlyProvides(self, *providedBy(reactor))
 
     def __getattr__(self, name: str) -> Any:
@@ -100,6 +136,8 @@ class ReusePortReactor:
         return sock, family
 
     def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        if port in self.exclusive:
+            return self._reactor.listenTCP(port, factory, backlog, interface)
         sock, family = self._socket(socket.SOCK_STREAM, port, interface)
         try:
             sock.listen(backlog)
@@ -110,6 +148,8 @@ class ReusePortReactor:
             sock.close()  # the reactor holds its own duplicate
 
     def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> Any:
+        if port in self.exclusive:
+            return self._reactor.listenUDP(port, protocol, interface, maxPacketSize)
         sock, family = self._socket(socket.SOCK_DGRAM, port, interface)
         try:
             return self._reactor.adoptDatagramPort(sock.fileno(), family, protocol, maxPacketSize)
@@ -156,7 +196,7 @@ def workerConfig(config: ServerConfig, worker: int) -> ServerConfig:
     admin = config.admin
     if admin is not None:
         admin = replace(admin, listen=shiftPort(admin.listen, worker, "admin.listen"))
-    return replace(config, cluster=cluster, admin=admin, workers=1, worker=worker)
+    return replace(config, cluster=cluster, admin=admin, worker=worker)
 
 
 def checkWorkers(config: ServerConfig) -> None:
@@ -280,6 +320,16 @@ class WorkerPool(service.Service):
     def startService(self) -> None:
         super().startService()
         log.info("Starting {count} workers of {config}", count=self.count, config=self.config.path)
+        if self.config.stateDir is not None:
+            if self.config.quic:
+                # Made once, here: workers that started at once would each
+                # make their own, and their forwarding MACs and stateless
+                # resets would not match.
+                from tpproxy.transports.quic import loadResetSecret
+
+                loadResetSecret(self.config.stateDir)
+            for worker in range(64):
+                self._forgetPort(worker)
         for worker in range(self.count):
             self.spawn(worker)
         if threading.current_thread() is threading.main_thread():
@@ -289,16 +339,29 @@ class WorkerPool(service.Service):
         self.restarts.pop(worker, None)
         proto = WorkerProtocol(self, worker)
         argv = self.argv(worker)
-        self.reactor.spawnProcess(proto, argv[0], argv, env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r"})
+        env = dict(os.environ, TP_POOL_PID=str(os.getpid()))
+        self.reactor.spawnProcess(proto, argv[0], argv, env=env, childFDs={0: "w", 1: "r", 2: "r"})
         self.workers[worker] = proto
         self.started[worker] = self.reactor.seconds()
         log.info("Worker {worker} started (pid {pid})", worker=worker, pid=proto.pid)
+
+    def _forgetPort(self, worker: int) -> None:
+        """
+        Remove worker C{worker}'s forwarding port file: a worker that is
+        gone must not be sent packets at a port someone else may take.
+        """
+        if self.config.stateDir is not None:
+            try:
+                os.unlink(os.path.join(self.config.stateDir, f"quic-w{worker}.port"))
+            except OSError:
+                pass
 
     def ended(self, proto: WorkerProtocol, reason: Failure) -> None:
         worker = proto.worker
         if self.workers.get(worker) is not proto:
             return
         del self.workers[worker]
+        self._forgetPort(worker)
         if not self.running:
             log.info("Worker {worker} (pid {pid}) stopped: {how}", worker=worker, pid=proto.pid, how=_how(reason))
             return
@@ -386,8 +449,10 @@ class QuicForwarder(DatagramProtocol):
     #: file is read again (a restarted worker binds a new port).
     PORT_TTL = 1.0
 
-    def __init__(self, stateDir: str, secret: bytes, worker: int, listeners: list[Any], clock: Any = None) -> None:
+    def __init__(self, stateDir: str, secret: bytes, worker: int, listeners: list[Any], clock: Any = None, workers: int = 64) -> None:
         self.stateDir = stateDir
+        #: How many workers the pool runs (ids naming others are not routed).
+        self.workers = workers
         self.key = hashlib.sha256(b"tp worker forwarding\0" + secret).digest()
         self.worker = worker
         self.listeners = listeners
@@ -432,11 +497,11 @@ class QuicForwarder(DatagramProtocol):
         Hand C{data} to worker C{owner}; C{False} if it is not there to
         take it (not running, or more workers than run now).
         """
-        port = self.portOf(owner)
+        port = self.portOf(owner) if owner < self.workers else None
         if self.transport is None or port is None:
             self.undelivered += 1
             return False
-        message = encodeForward(listener, addr, data)
+        message = encodeForward(owner, listener, addr, data)
         try:
             self.transport.write(self._mac(message) + message, ("127.0.0.1", port))
         except OSError:
@@ -448,13 +513,15 @@ class QuicForwarder(DatagramProtocol):
         try:
             if not hmac.compare_digest(mac, self._mac(message)):
                 raise ValueError("bad MAC")
-            index, client, data = decodeForward(message)
+            worker, index, client, data = decodeForward(message)
+            if worker != self.worker:
+                raise ValueError(f"for worker {worker}")  # a stale port
         except ValueError:
             self.rejected += 1
             return
         if index < len(self.listeners):
             self.received += 1
-            self.listeners[index].datagramReceived(data, client)
+            self.listeners[index].datagramReceived(data, client, forwarded=True)
 
 
 class QuicForwardService(service.Service):

@@ -585,7 +585,10 @@ class PeerLinks:
         """
         factory = TLSFactory(self.tls, True, PeerLinkFactory(link), clock=self.reactor)
         bind = (self.ownHost, 0) if self.ownHost is not None else None
-        self.reactor.connectTCP(host, port, factory, timeout=self.connectTimeout, bindAddress=bind)
+        # Well inside the dialer's wait, so that a holder whose host does
+        # not answer leaves time to try another.
+        timeout = max(1.0, min(self.connectTimeout, self.registry.acceptTimeout / 4))
+        self.reactor.connectTCP(host, port, factory, timeout=timeout, bindAddress=bind)
 
     def authorize(self, transport: Any) -> tuple[str | None, str]:
         """

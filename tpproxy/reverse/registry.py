@@ -286,6 +286,13 @@ class Registry:
             old, same.control = same.control, control
             log.info("{identity} takes over {what} from its previous session", identity=identity, what=what)
             old.closeControl(f"{what} was taken over by a new session of {identity}")
+            # The dialers told to the old connection (most likely dead:
+            # that is why the exposer connected again) are told again here;
+            # an accept is single-use, so a second one is refused.
+            for sid in sorted(same.sessions):
+                pending = self.sessions.get(sid)
+                if pending is not None:
+                    control.sendIncoming(sid, pending.dialerIdentity, pending.peer)
         else:
             existing.members.append(Member(control, member))
             log.info("{identity} adds a member to the pool of {what} ({count} members)", identity=identity, what=what, count=len(existing.members))
@@ -440,12 +447,19 @@ class Registry:
             if self.byName.get(name) is exposure:
                 del self.byName[name]
                 self._release(route)
-            for joined in exposure.members[1:]:
-                joined.control.closeControl(f"no certificate for {name}")
+            # Connections that joined (or took over) while the certificate
+            # was fetched were told they are listening: they are not.
+            for joined in exposure.members:
+                if joined.control is not control:
+                    joined.control.closeControl(f"no certificate for {name}")
             raise ReverseError(ErrorCode.NO_CERTIFICATE, f"no certificate for {name}: {e}") from None
         if self.byName.get(name) is not exposure:
             raise ReverseError(ErrorCode.NAME_TAKEN, f"E2E name {name} was taken meanwhile")
         self.serverTLS.addName(name, chain, key, lambda ident: self.mayDial(exposure, ident))
+        if exposure.memberOf(control) is None:
+            # A new connection of the same member took over meanwhile: it
+            # holds the exposure; this one is refused.
+            raise ReverseError(ErrorCode.NAME_TAKEN, f"E2E name {name} was taken over by a newer session of {identity}")
         return exposure
 
     def goaway(self, reason: str) -> int:

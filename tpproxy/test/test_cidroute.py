@@ -56,10 +56,10 @@ class TagTests(SynchronousTestCase):
 class ForwardTests(SynchronousTestCase):
     def test_roundTrip(self) -> None:
         for addr in (("127.0.0.1", 4433), ("::1", 1), ("2001:db8::5", 65535), ("10.1.2.3", 0)):
-            self.assertEqual(decodeForward(encodeForward(3, addr, b"packet")), (3, addr, b"packet"))
+            self.assertEqual(decodeForward(encodeForward(9, 3, addr, b"packet")), (9, 3, addr, b"packet"))
 
     def test_garbage(self) -> None:
-        for bad in (b"", b"\x00" * 10, b"\x00\x05" + b"\x00" * 18):
+        for bad in (b"", b"\x00" * 10, b"\x00\x00\x05" + b"\x00" * 18):
             with self.assertRaises(ValueError):
                 decodeForward(bad)
 
@@ -68,7 +68,8 @@ class Listener:
     def __init__(self) -> None:
         self.got: list[tuple[bytes, Any]] = []
 
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
+    def datagramReceived(self, data: bytes, addr: Any, forwarded: bool = False) -> None:
+        assert forwarded
         self.got.append((data, addr))
 
 
@@ -121,6 +122,29 @@ class ForwarderTests(TestCase):
         b2.datagramReceived(b"short", None)
         self.assertEqual((listener.got, listener2.got, b.rejected, b2.rejected), ([], [], 1, 2))
 
+    def test_forOtherWorkerRejected(self) -> None:
+        """
+        A message signed for worker 1 that reaches another worker (a stale
+        port now someone else's) is dropped: the destination is inside
+        what the MAC covers.
+        """
+        a, b, listener = self.pair()
+        a.send(0, 1, b"quic packet", ("192.0.2.7", 5000))
+        [(message, _)] = a.transport.sent  # type: ignore[union-attr]
+        other = QuicForwarder(a.stateDir, b"s" * 32, 2, [Listener()])
+        other.datagramReceived(message, None)
+        self.assertEqual((other.received, other.rejected), (0, 1))
+
+    def test_beyondPoolNotForwarded(self) -> None:
+        """
+        An id naming a worker number the pool does not run is not
+        forwarded, even if a port file for it is there.
+        """
+        a, b, listener = self.pair()
+        a.workers = 1
+        self.assertFalse(a.send(0, 1, b"quic packet", ("192.0.2.7", 5000)))
+        self.assertEqual(a.transport.sent, [])  # type: ignore[union-attr]
+
     def test_ownerNotRunning(self) -> None:
         """
         A packet for a worker with no port file (not running, or fewer
@@ -146,3 +170,31 @@ class ForwarderTests(TestCase):
         self.assertEqual(a.portOf(1), 40001)
         a.clock.advance(QuicForwarder.PORT_TTL)
         self.assertEqual(a.portOf(1), 40002)
+
+
+class NoLoopTests(TestCase):
+    """
+    A packet another worker handed over is never handed on: with a stale
+    port file that names this worker's own forwarding port, one packet
+    from the network used to circle forever (found in review).
+    """
+
+    def test_forwardedNotForwardedAgain(self) -> None:
+        from tpproxy.transports.quic import QuicListener
+
+        handed: list[Any] = []
+        # Only what datagramReceived reads of an unknown short-header packet.
+        listener = QuicListener.__new__(QuicListener)
+        listener.configuration = QuicConfiguration(is_client=False)
+        listener.sessions = {}
+        listener.forward = lambda owner, data, addr: handed.append(owner) or True
+        listener.worker = 0
+        listener.forwarded = 0
+        resets: list[bytes] = []
+        listener._statelessReset = lambda cid, size, addr: resets.append(cid)  # type: ignore[method-assign]
+        cid = bytes([tagFor(1)]) + b"\x11" * 7
+        packet = bytes([0x40]) + cid + b"\x00" * 40  # a short-header packet
+        listener.datagramReceived(packet, ("192.0.2.7", 5000))
+        self.assertEqual((handed, listener.forwarded), ([1], 1))
+        listener.datagramReceived(packet, ("192.0.2.7", 5000), forwarded=True)
+        self.assertEqual((handed, resets), ([1], [cid]))

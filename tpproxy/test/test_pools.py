@@ -211,3 +211,86 @@ class MemberFieldTests(SynchronousTestCase):
                 ClientHello.fromObject({"v": 1, "op": "listen", "mode": "e2e", "name": "svc.example.org", "member": member})
             self.assertEqual(caught.exception.code, ErrorCode.BAD_REQUEST)
             self.assertIn("field 'member'", caught.exception.message)
+
+
+class Pending:
+    """
+    A certificate source whose answer the test gives (L{CertificateUnavailable}
+    or a certificate), to act while a registration waits for it.
+    """
+
+    def __init__(self) -> None:
+        self.waiting: list[defer.Deferred[Any]] = []
+
+    def certificateFor(self, name: str) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.waiting.append(d)
+        return d
+
+
+class RaceTests(TestCase):
+    """
+    Pools while a registration waits for its name's certificate, and
+    takeovers of a member with dialers waiting (found in review).
+    """
+
+    def setUp(self) -> None:
+        self.pki = TestPKI.create(self.mktemp())
+        config = self.pki.serverConfig(REVERSE_RULES, **reverseTables(self.pki, exposers=("alice", "bob")))
+        self.registry = Registry(Clock(), config.policy, makeServerTLS(config), certificateSource(config, reactor), "127.0.0.1")  # type: ignore[arg-type]
+
+    def test_takeoverRetellsDialers(self) -> Any:
+        """
+        A takeover by the same member tells the new connection of the
+        dialers the old one was told of (the old one is most likely dead),
+        with the same session ids.
+        """
+        old = RecordingControl()
+        exposure = self.successResultOf(self.registry.expose(old, "alice", "e2e", name="svc.localhost", member="m1"))
+        sids = [self.registry.incoming(exposure, RecordingDialer(), "bob", f"192.0.2.1:{i}") for i in range(3)]
+        new = RecordingControl()
+        self.successResultOf(self.registry.expose(new, "alice", "e2e", name="svc.localhost", member="m1"))
+        self.assertEqual(sorted(s for s, _, _ in new.incoming), sorted(sids))
+        for sid in sids:
+            self.registry.claim(sid, "alice")  # each still claimable, once
+
+    def test_certificateFailsAfterJoin(self) -> Any:
+        """
+        While the first registration of a name waits for its certificate,
+        a second member joins and the first member's connection is taken
+        over; the certificate then cannot be had: every connection but
+        the one whose registration failed is closed, none is left
+        believing it exposes the name.
+        """
+        from tpproxy.certsource import CertificateUnavailable
+
+        source = Pending()
+        self.registry.certificates = source  # type: ignore[assignment]
+        first, joined, newer = RecordingControl(), RecordingControl(), RecordingControl()
+        registering = self.registry.expose(first, "alice", "e2e", name="svc.localhost", member="m1")
+        self.successResultOf(self.registry.expose(joined, "alice", "e2e", name="svc.localhost", member="m2"))
+        self.successResultOf(self.registry.expose(newer, "alice", "e2e", name="svc.localhost", member="m1"))
+        source.waiting[0].errback(CertificateUnavailable("the CA is down"))
+        e = self.failureResultOf(registering, ReverseError).value
+        self.assertEqual(e.code, ErrorCode.NO_CERTIFICATE)
+        self.assertIsNone(self.registry.nameExposure("svc.localhost"))
+        self.assertEqual((joined.closed, newer.closed), (["no certificate for svc.localhost"], ["no certificate for svc.localhost"]))
+
+    def test_takenOverWhileFetching(self) -> Any:
+        """
+        The first member's connection is taken over while the certificate
+        is fetched: when it comes, the old registration is refused and the
+        newer connection holds the name.
+        """
+        source = Pending()
+        self.registry.certificates = source  # type: ignore[assignment]
+        first, newer = RecordingControl(), RecordingControl()
+        registering = self.registry.expose(first, "alice", "e2e", name="svc.localhost", member="m1")
+        exposure = self.successResultOf(self.registry.expose(newer, "alice", "e2e", name="svc.localhost", member="m1"))
+        chain, key = self.successResultOf(certificateSource(self.pki.serverConfig(REVERSE_RULES, **reverseTables(self.pki)), reactor).certificateFor("svc.localhost"))
+        source.waiting[0].callback((chain, key))
+        e = self.failureResultOf(registering, ReverseError).value
+        self.assertIn("taken over by a newer session", e.message)
+        self.assertIs(self.registry.nameExposure("svc.localhost"), exposure)
+        self.assertEqual([m.control for m in exposure.members], [newer])
+        self.assertIn("svc.localhost", self.registry.serverTLS.names)  # the name is served

@@ -58,8 +58,8 @@ class ReusePortReactorTests(TestCase):
         them; a listener without C{SO_REUSEPORT} cannot join.
         """
         proxy = ReusePortReactor(reactor)
-        first, a = self.listen(proxy)
-        port = first.getHost().port
+        port = freePort()
+        first, a = self.listen(proxy, port)
         second, b = self.listen(proxy, port)
         self.assertEqual(second.getHost().port, port)
         with self.assertRaises(error.CannotListenError):
@@ -68,6 +68,21 @@ class ReusePortReactorTests(TestCase):
             yield echoThroughClosed(port)
         self.assertEqual(a.accepted + b.accepted, 40)
         self.assertTrue(a.accepted and b.accepted, (a.accepted, b.accepted))
+
+    def test_exclusivePorts(self) -> None:
+        """
+        A worker's own ports (peer, admin) and ports the kernel picks are
+        bound without SO_REUSEPORT: a second listener there fails, as two
+        processes on one peer port must.
+        """
+        port = freePort()
+        proxy = ReusePortReactor(reactor, frozenset({port}))
+        self.listen(proxy, port)
+        with self.assertRaises(error.CannotListenError):
+            proxy.listenTCP(port, protocol.Factory(), interface="127.0.0.1")
+        picked, _ = self.listen(proxy, 0)
+        with self.assertRaises(error.CannotListenError):
+            ReusePortReactor(reactor).listenTCP(picked.getHost().port, protocol.Factory(), interface="127.0.0.1")
 
     def test_portHeldWithoutReusePort(self) -> None:
         """
@@ -92,15 +107,21 @@ class ReusePortReactorTests(TestCase):
             def datagramReceived(self, data: bytes, addr: Any) -> None:
                 got.append(data)
 
-        first = proxy.listenUDP(0, Receiver(), interface="127.0.0.1")
+        port = freeUDPPort()
+        first = proxy.listenUDP(port, Receiver(), interface="127.0.0.1")
         self.addCleanup(first.stopListening)
-        port = first.getHost().port
         second = proxy.listenUDP(port, Receiver(), interface="127.0.0.1")
         self.addCleanup(second.stopListening)
         sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(sender.close)
         sender.sendto(b"hello", ("127.0.0.1", port))
         return waitFor(lambda: got == [b"hello"])
+
+
+def freeUDPPort() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @defer.inlineCallbacks
@@ -190,7 +211,7 @@ class WorkerConfigTests(SynchronousTestCase):
         w2 = workerConfig(config, 2)
         self.assertEqual(
             (w2.cluster.instance, w2.cluster.advertise, w2.cluster.peerListen, w2.admin.listen if w2.admin else None, w2.worker, w2.workers),
-            ("tp-w2", "127.0.0.1:7002", "tcp:7002:interface=127.0.0.1", "tcp:9092:interface=127.0.0.1", 2, 1),
+            ("tp-w2", "127.0.0.1:7002", "tcp:7002:interface=127.0.0.1", "tcp:9092:interface=127.0.0.1", 2, 3),
         )
         self.assertEqual((w2.listen, w2.quic, w2.policy), (config.listen, config.quic, config.policy))
 
@@ -332,6 +353,9 @@ class WorkersProcessTests(TwoWorkers, TestCase):
         yield logged(self.master, b"Reloaded", times=2)
         self.assertIn(b"w0] Reloaded", self.master.stderr)
         self.assertIn(b"w1] Reloaded", self.master.stderr)
+        # Each worker compares the file with what it runs (its own ports
+        # and id), so an unchanged file changes nothing that needs a restart.
+        self.assertNotIn(b"restart", self.master.stderr.split(b"Reloading: SIGHUP")[1])
         self.master.transport.signalProcess("TERM")
         yield self.master.proto.done
         # Each worker stopped as one twist tp does on SIGTERM (its reactor
@@ -408,3 +432,26 @@ class QuicRoutingProcessTests(TwoWorkers, TestCase):
         self.assertEqual(echo.accepted, 1)
         self.assertFalse(session.closed)
         print(f"\n{rebinds} rebinds, {(yield self.forwarded()):g} packets forwarded between workers")
+
+
+class PoolKilledTests(TwoWorkers, TestCase):
+    @defer.inlineCallbacks
+    def test_workersEndWithThePool(self) -> Any:
+        """
+        C{kill -9} the pool: its workers end too (PR_SET_PDEATHSIG), and
+        leave nothing holding TP's ports or their instance ids.
+        """
+        pids = self.pids()
+        os.kill(self.master.transport.pid, signal.SIGKILL)
+        yield self.master.proto.done
+
+        def gone() -> bool:
+            for pid in pids.values():
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    continue
+                return False
+            return True
+
+        yield waitFor(gone, timeout=30)

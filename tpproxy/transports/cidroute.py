@@ -21,9 +21,10 @@ marks an id that no load balancer may route).  Ids stay unlinkable across
 connections but for the worker number, which an observer of a connection's
 path could learn anyway.
 
-A forwarded packet travels as one Unix datagram between the workers'
-sockets in TP's state directory (mode 0700, so only TP's user can send
-one), framed by L{encodeForward}.
+A forwarded packet travels as one UDP datagram on 127.0.0.1 to the owner's
+forwarding port, framed by L{encodeForward} (which names the destination
+worker) and signed with an HMAC keyed from the secret the workers share in
+TP's state directory (L{tpproxy.workers.QuicForwarder}).
 """
 
 from __future__ import annotations
@@ -92,36 +93,36 @@ def installTaggedIds(worker: int) -> None:
         raise RuntimeError("aioquic no longer draws its connection ids from os.urandom: QUIC packets cannot be routed between workers")
 
 
-_ADDRESS = struct.Struct("!BB16sH")
+_ADDRESS = struct.Struct("!BBB16sH")
 
 
-def encodeForward(listener: int, addr: tuple[str, int], data: bytes) -> bytes:
+def encodeForward(worker: int, listener: int, addr: tuple[str, int], data: bytes) -> bytes:
     """
-    A QUIC datagram received from C{addr} on the worker's listener number
-    C{listener}, as a message to the worker that owns its connection.
+    A QUIC datagram received from C{addr} on listener number C{listener},
+    as a message to C{worker}, which owns its connection.
     """
     host, port = addr[0], addr[1]
     if ":" in host:
         family, packed = 6, socket.inet_pton(socket.AF_INET6, host)
     else:
         family, packed = 4, socket.inet_pton(socket.AF_INET, host).ljust(16, b"\0")
-    return _ADDRESS.pack(listener, family, packed, port) + data
+    return _ADDRESS.pack(worker, listener, family, packed, port) + data
 
 
-def decodeForward(message: bytes) -> tuple[int, tuple[str, int], bytes]:
+def decodeForward(message: bytes) -> tuple[int, int, tuple[str, int], bytes]:
     """
-    The listener number, client address and QUIC datagram of a message
-    from another worker.
+    The destination worker, listener number, client address and QUIC
+    datagram of a message from another worker.
 
     @raise ValueError: if it is not one.
     """
     if len(message) < _ADDRESS.size:
         raise ValueError("too short")
-    listener, family, packed, port = _ADDRESS.unpack_from(message)
+    worker, listener, family, packed, port = _ADDRESS.unpack_from(message)
     if family == 4:
         host = socket.inet_ntop(socket.AF_INET, packed[:4])
     elif family == 6:
         host = socket.inet_ntop(socket.AF_INET6, packed)
     else:
         raise ValueError(f"address family {family}")
-    return listener, (host, port), message[_ADDRESS.size :]
+    return worker, listener, (host, port), message[_ADDRESS.size :]

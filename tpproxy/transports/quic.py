@@ -1114,7 +1114,11 @@ class QuicListener(DatagramProtocol):
             # AttributeError: the port's socket is already gone.
             log.debug("QUIC send to {addr} failed: {error}", addr=addr, error=e)
 
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
+    def datagramReceived(self, data: bytes, addr: Any, forwarded: bool = False) -> None:
+        """
+        A datagram from C{addr}; C{forwarded}: another worker handed it
+        here (L{tpproxy.workers.QuicForwarder}), so it is never handed on.
+        """
         buf = Buffer(data=data)
         try:
             header = pull_quic_header(buf, host_cid_length=self.configuration.connection_id_length)
@@ -1138,7 +1142,7 @@ class QuicListener(DatagramProtocol):
         if session is not None:
             session.datagramReceived(data, addr)
             return
-        if self.forward is not None and header.packet_type != QuicPacketType.INITIAL:
+        if self.forward is not None and not forwarded and header.packet_type != QuicPacketType.INITIAL:
             owner = workerOf(header.destination_cid)
             if owner is not None and owner != self.worker and self.forward(owner, data, addr):
                 # Another worker's connection, whose client's address
