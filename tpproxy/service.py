@@ -649,8 +649,14 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
         installTaggedIds(config.worker)
         assert config.stateDir is not None
         assert resetSecret is not None
-        QuicForwardService(reactor, QuicForwarder(config.stateDir, resetSecret, config.worker, quicListeners, reactor, config.workers)).setServiceParent(drain)
+        forwarder = QuicForwarder(config.stateDir, resetSecret, config.worker, quicListeners, reactor, config.workers)
+        QuicForwardService(reactor, forwarder).setServiceParent(drain)
     metrics = makeMetrics(reactor, factory, handshaking, quicListeners)
+    if config.worker is not None and quicListeners:
+        metrics.gauge(
+            "tp_quic_forward_dropped", "QUIC packets between workers dropped: rejected (bad MAC or framing, or for another worker) or undelivered",
+            ("reason",), lambda: {("rejected",): forwarder.rejected, ("undelivered",): forwarder.undelivered}, counter=True,
+        )
     if config.cluster.shared:
         clusterMetrics(metrics, store, top.links)  # type: ignore[attr-defined]
     top.metrics = metrics  # type: ignore[attr-defined]

@@ -340,7 +340,13 @@ class WorkerPool(service.Service):
         proto = WorkerProtocol(self, worker)
         argv = self.argv(worker)
         env = dict(os.environ, TP_POOL_PID=str(os.getpid()))
-        self.reactor.spawnProcess(proto, argv[0], argv, env=env, childFDs={0: "w", 1: "r", 2: "r"})
+        try:
+            self.reactor.spawnProcess(proto, argv[0], argv, env=env, childFDs={0: "w", 1: "r", 2: "r"})
+        except OSError as e:
+            # Out of processes or memory, say: try again as after a death.
+            log.error("Cannot start worker {worker}: {error}; trying again in {delay:g} s", worker=worker, error=str(e), delay=RESTART_MAX)
+            self.restarts[worker] = self.reactor.callLater(RESTART_MAX, self.spawn, worker)
+            return
         self.workers[worker] = proto
         self.started[worker] = self.reactor.seconds()
         log.info("Worker {worker} started (pid {pid})", worker=worker, pid=proto.pid)

@@ -183,8 +183,29 @@ class PeerLink(MachineEnd):
         self.decoder = FrameDecoder()
         self.state = DialState.CONNECTING
 
+    _deadline: Any = None
+
     def connectionMade(self) -> None:
         noDelay(self.transport)
+        # The other instance answers once its exposer accepted (up to the
+        # accept timeout): one that never answers is given up on, so that
+        # the link does not stay open after its dialer is gone.
+        wait = self.links.registry.acceptTimeout + self.links.connectTimeout
+        self._deadline = self.links.reactor.callLater(wait, self._noAnswer, wait)
+
+    def _noAnswer(self, wait: float) -> None:
+        self._deadline = None
+        if self.state in (DialState.CONNECTING, DialState.ANSWER):
+            self._input("failed", ErrorCode.UNREACHABLE, f"instance {self.instance} did not answer within {wait:g} s")
+
+    def _stopDeadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._stopDeadline()
+        super().connectionLost(reason)
 
     def _send(self) -> None:
         if not self.links.tls.pinned(self.transport):
@@ -202,6 +223,7 @@ class PeerLink(MachineEnd):
             self._input("failed", ErrorCode.INTERNAL, f"instance {self.instance} answered badly: {e.message}")
             return
         self.answered = True
+        self._stopDeadline()
         if not answer.ok:
             try:
                 code = ErrorCode(answer.code)
@@ -531,6 +553,8 @@ class PeerLinks:
             # Not reached at all (refused, timed out, closed, or not TP):
             # dials avoid it for a while.
             self.suspects[link.instance] = self.reactor.seconds() + SUSPECT_FOR
+        else:
+            self.reached(link.instance)
         pending = self.registry.sessions.get(link.sid)
         if pending is None:
             return  # the dialer left, or its wait ended
@@ -545,7 +569,8 @@ class PeerLinks:
 
     def reached(self, instance: str) -> None:
         """
-        A peer link to C{instance} was answered: it is not suspect.
+        A peer link to C{instance} was answered (joined, or refused with an
+        answer): it is not suspect.
         """
         self.suspects.pop(instance, None)
 

@@ -330,6 +330,49 @@ class PeerSessionTests(TestCase):
         self.assertTrue(noDelay)
 
 
+class PeerDialDeadlineTests(TestCase):
+    @defer.inlineCallbacks
+    def test_silentHolder(self) -> Any:
+        """
+        A holder that accepts the peer link's connection and never answers
+        is given up on after the accept and connect timeouts: the dialer
+        fails with C{unreachable} saying so, and the link is closed (it
+        used to stay open after its dialer was gone; found in review).
+        """
+        from tpproxy.cluster.peer import PeerDial, PeerLinks
+
+        pki = TestPKI.create(self.mktemp())
+        config = pki.serverConfig(REVERSE_RULES, **reverseTables(pki, acceptTimeout=0.5))
+        store = MemoryRoutingStore(reactor, "a", "127.0.0.1:7443", ttl=3, backend=MemoryBackend(reactor))
+        store.start()
+        self.addCleanup(store.stop)
+        serverTLS = makeServerTLS(config)
+        registry = Registry(reactor, config.policy, serverTLS, certificateSource(config, reactor), "127.0.0.1", acceptTimeout=5, store=store)
+        links = PeerLinks(reactor, store, registry, serverTLS, connectTimeout=0.5)
+        registry.acceptTimeout = 0.5
+        silent = reactor.listenTCP(0, protocol.Factory.forProtocol(protocol.Protocol), interface="127.0.0.1")
+        self.addCleanup(silent.stopListening)
+        exposure = yield registry.expose(RecordingControl(), "alice", "e2e", name="svc.localhost")
+        self.addCleanup(registry.remove, exposure)
+        dialer = RecordingDialer()
+        registry.acceptTimeout = 30  # the dialer waits longer than the link
+        sid = registry.incoming(exposure, dialer, "bob", "192.0.2.1:1")
+        registry.acceptTimeout = 0.5
+        link = PeerDial(links, sid, exposure, {"op": "peer-dial", "name": "svc.localhost"}, "tp-silent")
+        links._open(link, "127.0.0.1", silent.getHost().port)
+        started = reactor.seconds()
+        while not dialer.failed:
+            yield deferLater(reactor, 0.05, lambda: None)
+            self.assertLess(reactor.seconds() - started, 10)
+        [(code, message)] = dialer.failed
+        self.assertEqual(code, ErrorCode.UNREACHABLE)
+        self.assertIn("instance tp-silent did not answer within 1 s", message)
+        while link.transport is not None and link.transport.connected:
+            yield deferLater(reactor, 0.05, lambda: None)
+            self.assertLess(reactor.seconds() - started, 10)
+        self.assertIn("tp-silent", links.suspects)
+
+
 class PeerListenerGateTests(TestCase):
     @defer.inlineCallbacks
     def test_halfOpenCapped(self) -> Any:

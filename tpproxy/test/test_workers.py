@@ -377,7 +377,11 @@ class QuicRoutingProcessTests(TwoWorkers, TestCase):
     """
 
     @defer.inlineCallbacks
-    def forwarded(self) -> Any:
+    def metricSum(self, name: str, **labels: str) -> Any:
+        """
+        The sum over both workers' C{/metrics} of the samples C{name} with
+        C{labels}.
+        """
         import treq
         from prometheus_client.parser import text_string_to_metric_families
         from twisted.web.client import HTTPConnectionPool
@@ -385,12 +389,14 @@ class QuicRoutingProcessTests(TwoWorkers, TestCase):
         total = 0.0
         for worker in (0, 1):
             response = yield treq.get(f"http://127.0.0.1:{self.adminPort + worker}/metrics", pool=HTTPConnectionPool(reactor, persistent=False))
-            text = yield response.text()
-            for family in text_string_to_metric_families(text):
+            for family in text_string_to_metric_families((yield response.text())):
                 for sample in family.samples:
-                    if sample.name == "tp_quic_forwarded_datagrams_total":
+                    if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                         total += sample.value
         return total
+
+    def forwarded(self) -> Any:
+        return self.metricSum("tp_quic_forwarded_datagrams_total")
 
     @defer.inlineCallbacks
     def test_clientMovesBetweenWorkers(self) -> Any:
@@ -431,6 +437,8 @@ class QuicRoutingProcessTests(TwoWorkers, TestCase):
                 after += 1
         self.assertEqual(echo.accepted, 1)
         self.assertFalse(session.closed)
+        # Every message between the workers was theirs.
+        self.assertEqual((yield self.metricSum("tp_quic_forward_dropped_total", reason="rejected")), 0)
         print(f"\n{rebinds} rebinds, {(yield self.forwarded()):g} packets forwarded between workers")
 
 
