@@ -39,6 +39,10 @@ SPENT_MEMORY = 4096
 #: (a public port is open to anyone, and each waiting dialer costs a timer,
 #: an event to the exposer and, there, a connection).
 MAX_PENDING = 256
+#: Seconds a pool member that let a session expire gets no new dialers
+#: while other members answer (a connection that died silently, such as a
+#: QUIC exposer killed outright, is only noticed after 3 x keepalive).
+MISS_MEMORY = 30.0
 #: Characters at the start of a session id that name the instance that
 #: made it (L{instanceTag}); the 32 after them are the secret.
 TAG_LENGTH = 8
@@ -127,6 +131,10 @@ class Member:
     control: Control
     key: str | None = None
     sessions: set[str] = field(default_factory=set)
+    #: When a session told to it was last not accepted in time (its
+    #: connection may be dead and not yet known to be); cleared when it
+    #: accepts one.
+    missedAt: float | None = None
 
 
 class Exposure:
@@ -172,12 +180,16 @@ class Exposure:
                 return member
         return None
 
-    def pick(self) -> Member:
+    def pick(self, now: float = 0.0) -> Member:
         """
         The member to tell of a new dialer: one at random (the members of
-        a pool share its dialers).
+        a pool share its dialers), among those that have not let a session
+        expire in the last L{MISS_MEMORY} seconds while there are such.
         """
-        return self.members[0] if len(self.members) == 1 else random.choice(self.members)
+        if len(self.members) == 1:
+            return self.members[0]
+        answering = [m for m in self.members if m.missedAt is None or now - m.missedAt >= MISS_MEMORY]
+        return random.choice(answering or self.members)
 
     def describe(self) -> str:
         return f"public port {self.port}" if self.mode == "public" else f"E2E name {self.name}"
@@ -512,7 +524,7 @@ class Registry:
             pending = self.sessions.get(sid)
             if pending is None:
                 continue
-            other = pending.member = exposure.pick()
+            other = pending.member = exposure.pick(self.reactor.seconds())
             other.sessions.add(sid)
             other.control.sendIncoming(sid, pending.dialerIdentity, pending.peer)
         member.sessions.clear()
@@ -605,7 +617,7 @@ class Registry:
         # The instance's tag, then 192 bits from the OS CSPRNG.
         sid = self.tag + secrets.token_urlsafe(24)
         timer = self.reactor.callLater(self.acceptTimeout, self._expire, sid)
-        member = exposure.pick()
+        member = exposure.pick(self.reactor.seconds())
         self.sessions[sid] = PendingSession(sid, exposure, dialer, identity, peer, timer, member)
         exposure.sessions.add(sid)
         member.sessions.add(sid)
@@ -634,6 +646,8 @@ class Registry:
             return
         self._forget(pending)
         self._spend(sid, "expired")
+        if pending.member is not None and len(pending.exposure.members) > 1:
+            pending.member.missedAt = self.reactor.seconds()
         log.info("Session {session} for {exposure} was not accepted within {timeout} s", session=shortSession(sid), exposure=pending.exposure.describe(), timeout=self.acceptTimeout)
         pending.dialer.sessionFailed(
             ErrorCode.NOT_ACCEPTED, f"the {pending.exposure.describe()} did not accept within {self.acceptTimeout:g} s"
@@ -681,6 +695,8 @@ class Registry:
         pending.timer.cancel()
         self._forget(pending)
         self._spend(sid, "used")
+        if pending.member is not None:
+            pending.member.missedAt = None
         return pending
 
 

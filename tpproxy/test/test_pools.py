@@ -294,3 +294,40 @@ class RaceTests(TestCase):
         self.assertIs(self.registry.nameExposure("svc.localhost"), exposure)
         self.assertEqual([m.control for m in exposure.members], [newer])
         self.assertIn("svc.localhost", self.registry.serverTLS.names)  # the name is served
+
+
+class MissedTests(TestCase):
+    """
+    A pool member that let a session expire gets no new dialers for a
+    while, as long as another member answers (a member whose connection
+    died silently would otherwise get its share of dialers until TP
+    notices, up to 3 x keepalive).
+    """
+
+    def test_memberThatMissedIsPassedOver(self) -> Any:
+        from tpproxy.reverse.registry import MISS_MEMORY
+
+        pki = TestPKI.create(self.mktemp())
+        config = pki.serverConfig(REVERSE_RULES, **reverseTables(pki, exposers=("alice", "bob")))
+        clock = Clock()
+        registry = Registry(clock, config.policy, makeServerTLS(config), certificateSource(config, reactor), "127.0.0.1", acceptTimeout=10)  # type: ignore[arg-type]
+        silent, answering = RecordingControl(), RecordingControl()
+        exposure = self.successResultOf(registry.expose(silent, "alice", "e2e", name="svc.localhost", member="dead"))
+        self.successResultOf(registry.expose(answering, "alice", "e2e", name="svc.localhost", member="alive"))
+        # Dialers until the silent member has been told of one, which it
+        # never accepts; the answering member accepts each of its own.
+        while not silent.incoming:
+            sid = registry.incoming(exposure, RecordingDialer(), "bob", "192.0.2.1:1")
+            if answering.incoming and answering.incoming[-1][0] == sid:
+                registry.claim(sid, "alice")
+        clock.advance(10)
+        told = len(silent.incoming)
+        for i in range(30):
+            sid = registry.incoming(exposure, RecordingDialer(), "bob", f"192.0.2.1:{i}")
+            registry.claim(sid, "alice")
+        self.assertEqual(len(silent.incoming), told)
+        # After MISS_MEMORY it gets dialers again (it may have recovered).
+        clock.advance(MISS_MEMORY)
+        for i in range(40):
+            registry.claim(registry.incoming(exposure, RecordingDialer(), "bob", f"192.0.2.2:{i}"), "alice")
+        self.assertGreater(len(silent.incoming), told)
