@@ -43,12 +43,11 @@ from harness import (
     now,
     requireTool,
     requireTP,
-    startEtcd,
     tpSource,
     tpVersions,
     workdir,
 )
-from workers_bench import SERVER_TOML, makePKI
+from workers_bench import SERVER_TOML, startBase
 
 
 def forwarded(adminPorts: list[int]) -> float:
@@ -122,11 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     with workdir("tp-quic-detour-") as d:
         procs = Processes(d)
         try:
-            pki = d / "pki"
-            makePKI(pki)
-            etcd, _ = startEtcd(procs, d / "etcd")
-            sinkPort = freePorts(1)[0]
-            procs.start("sink", [socat, "-u", f"TCP-LISTEN:{sinkPort},bind=127.0.0.1,fork,reuseaddr", "OPEN:/dev/null"])
+            pki, etcd, sinkPort = startBase(procs, d, socat)
             port = freeTCPAndUDPPort()
             peerPort, adminPort = freePorts(1)[0], freePorts(1)[0]
             config = pki / "tp.toml"

@@ -102,6 +102,20 @@ def makePKI(directory: Path) -> None:
     ca.issue("alice", client=True).write(directory / "alice.pem", directory / "alice.key")
 
 
+def startBase(procs: Processes, d: Path, socat: str) -> tuple[Path, str, int]:
+    """
+    What both worker benchmarks start first: the certificates (in
+    C{d/pki}), one etcd and a socat sink; returns the certificates'
+    directory, etcd's URL and the sink's port.
+    """
+    pki = d / "pki"
+    makePKI(pki)
+    etcd, _ = startEtcd(procs, d / "etcd")
+    sinkPort = freePorts(1)[0]
+    procs.start("sink", [socat, "-u", f"TCP-LISTEN:{sinkPort},bind=127.0.0.1,fork,reuseaddr", "OPEN:/dev/null"])
+    return pki, etcd, sinkPort
+
+
 def waitChildren(procs: list[subprocess.Popen[bytes]], timeout: float) -> float:
     """
     Wait for C{procs}; the CPU seconds they used (from their rusage).
@@ -226,11 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     with workdir("tp-workers-bench-", args.keep) as d:
         procs = Processes(d)
         try:
-            pki = d / "pki"
-            makePKI(pki)
-            etcd, _ = startEtcd(procs, d / "etcd")
-            sinkPort = freePorts(1)[0]
-            procs.start("sink", [socat, "-u", f"TCP-LISTEN:{sinkPort},bind=127.0.0.1,fork,reuseaddr", "OPEN:/dev/null"])
+            pki, etcd, sinkPort = startBase(procs, d, socat)
             other = OtherLoad()
             for r in range(rounds):
                 for workers in (1, 2):
