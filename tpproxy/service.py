@@ -9,7 +9,7 @@ import re
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from OpenSSL import crypto
 from twisted.application import service, strports
@@ -20,11 +20,7 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from tpproxy import router
-from tpproxy.acme.client import TLSALPN01, AcmeClient
-from tpproxy.acme.responders import HTTP01Responder, TLSALPN01Responder
-from tpproxy.acme.service import IssuingService
 from tpproxy.acme.store import CertificateStore, loadOrCreateKey, temporaryCertificate
-from tpproxy.admin import adminService, adminSite
 from tpproxy.certsource import DevCACertificates, FileCertificates, FirstAvailable, ICertificateSource
 from tpproxy.cluster.memory import MemoryRoutingStore
 from tpproxy.cluster.store import IRoutingStore, LeasedStore, StoreError
@@ -42,6 +38,11 @@ from tpproxy.transports.quic import ClientVerifier, QuicListener, loadResetSecre
 from tpproxy.transports.servertls import ServerTLS
 from tpproxy.transports.tls import TLSFactory
 from tpproxy.verify import ClientCertChecker
+
+if TYPE_CHECKING:
+    # Imported where used: an instance without [acme] or [admin] does not
+    # load certbot's acme, requests or twisted.web (about 12 MB of RSS).
+    from tpproxy.acme.service import IssuingService
 
 log = Logger()
 
@@ -79,6 +80,10 @@ def makeIssuing(config: ServerConfig, reactor: IServerReactor, serverTLS: Server
     C{serverTLS}'s listener; its http-01 responder is
     C{issuing.http01}, to be served by the caller.
     """
+    from tpproxy.acme.client import TLSALPN01, AcmeClient
+    from tpproxy.acme.responders import HTTP01Responder, TLSALPN01Responder
+    from tpproxy.acme.service import IssuingService
+
     acme = config.acme
     assert acme is not None
     trust = loadCertificates(acme.caBundle) if acme.caBundle else None
@@ -451,6 +456,8 @@ def makeAdmin(
     C{identities} mutual TLS with TP's certificate, client CAs and
     certificate checks (that L{ServerTLS} is returned too, for reloads).
     """
+    from tpproxy.admin import adminService, adminSite
+
     admin = config.admin
     assert admin is not None
     site = adminSite(metrics, admin.identities, status, reload)
