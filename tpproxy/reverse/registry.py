@@ -159,7 +159,6 @@ class Exposure:
         self.port = port
         self.name = name
         self.listening: Any = None
-        self.sessions: set[str] = set()
         #: The exposure rule that let C{owner} expose C{name}, recorded
         #: when the name was registered: its dialers, and no other rule's,
         #: may dial this exposure.  C{None} for a public port (which has
@@ -179,6 +178,14 @@ class Exposure:
             if member.control is control:
                 return member
         return None
+
+    @property
+    def sessions(self) -> set[str]:
+        """
+        The pending sessions of this exposure: those its members were told
+        of (each pending session is its member's).
+        """
+        return set().union(*(m.sessions for m in self.members))
 
     def pick(self, now: float = 0.0) -> Member:
         """
@@ -203,7 +210,8 @@ class PendingSession:
     dialerIdentity: str | None
     peer: str
     timer: Any
-    member: Member | None = None
+    #: The member of the exposure that was told of it.
+    member: Member
 
 
 class Registry:
@@ -556,13 +564,12 @@ class Registry:
         if exposure.listening is not None:
             exposure.listening.stopListening()
             exposure.listening = None
-        for sid in list(exposure.sessions):
+        for sid in sorted(exposure.sessions):
             pending = self.sessions.pop(sid, None)
             if pending is not None:
                 pending.timer.cancel()
                 self._spend(sid, "exposure closed")
                 pending.dialer.sessionFailed(ErrorCode.NOT_ACCEPTED, f"the {exposure.describe()} went away")
-        exposure.sessions.clear()
         for member in exposure.members:
             member.sessions.clear()
         if self.onLocalGone is not None:
@@ -610,7 +617,7 @@ class Registry:
         the exposer.  With L{MAX_PENDING} dialers already waiting, the
         dialer is turned away instead (and L{None} returned).
         """
-        if len(exposure.sessions) >= MAX_PENDING:
+        if sum(len(m.sessions) for m in exposure.members) >= MAX_PENDING:
             log.warn("Turning away {peer}: {limit} dialers already wait for {exposure}", peer=peer, limit=MAX_PENDING, exposure=exposure.describe())
             dialer.sessionFailed(ErrorCode.NOT_ACCEPTED, f"{MAX_PENDING} dialers already wait for this exposure")
             return None
@@ -619,7 +626,6 @@ class Registry:
         timer = self.reactor.callLater(self.acceptTimeout, self._expire, sid)
         member = exposure.pick(self.reactor.seconds())
         self.sessions[sid] = PendingSession(sid, exposure, dialer, identity, peer, timer, member)
-        exposure.sessions.add(sid)
         member.sessions.add(sid)
         audit.info(
             "incoming {peer} for {exposure} of {owner}",
@@ -646,7 +652,7 @@ class Registry:
             return
         self._forget(pending)
         self._spend(sid, "expired")
-        if pending.member is not None and len(pending.exposure.members) > 1:
+        if len(pending.exposure.members) > 1:
             pending.member.missedAt = self.reactor.seconds()
         log.info("Session {session} for {exposure} was not accepted within {timeout} s", session=shortSession(sid), exposure=pending.exposure.describe(), timeout=self.acceptTimeout)
         pending.dialer.sessionFailed(
@@ -655,9 +661,7 @@ class Registry:
 
     @staticmethod
     def _forget(pending: PendingSession) -> None:
-        pending.exposure.sessions.discard(pending.id)
-        if pending.member is not None:
-            pending.member.sessions.discard(pending.id)
+        pending.member.sessions.discard(pending.id)
 
     def _spend(self, sid: str, why: str) -> None:
         self.spent[sid] = why
@@ -695,8 +699,7 @@ class Registry:
         pending.timer.cancel()
         self._forget(pending)
         self._spend(sid, "used")
-        if pending.member is not None:
-            pending.member.missedAt = None
+        pending.member.missedAt = None
         return pending
 
 
