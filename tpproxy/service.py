@@ -472,12 +472,14 @@ def makeAdmin(
 class ReloadService(service.Service):
     """
     Reloads the configuration on C{SIGHUP} while running (in the main
-    thread only: a signal handler cannot be set elsewhere).
+    thread only: a signal handler cannot be set elsewhere), by calling
+    C{reloader.reload()}: a L{Reloader}, or a worker pool
+    (L{tpproxy.workers.WorkerPool}), which tells its workers.
     """
 
     name = "reload"
 
-    def __init__(self, reloader: Reloader, reactor: Any) -> None:
+    def __init__(self, reloader: Any, reactor: Any) -> None:
         self.reloader = reloader
         self.reactor = reactor
         self._previous: Any = None

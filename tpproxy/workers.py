@@ -309,7 +309,6 @@ class WorkerPool(service.Service):
         self.started: dict[int, float] = {}
         self.delays: dict[int, float] = {}
         self.restarts: dict[int, Any] = {}
-        self._previous: Any = None
 
     def twistArgv(self, worker: int) -> list[str]:
         return [
@@ -332,8 +331,6 @@ class WorkerPool(service.Service):
                 self._forgetPort(worker)
         for worker in range(self.count):
             self.spawn(worker)
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload))
 
     def spawn(self, worker: int) -> None:
         self.restarts.pop(worker, None)
@@ -395,9 +392,6 @@ class WorkerPool(service.Service):
 
     def stopService(self) -> Any:
         super().stopService()
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-            self._previous = None
         for call in self.restarts.values():
             if call.active():
                 call.cancel()
@@ -577,8 +571,12 @@ def makeWorkerPool(config: ServerConfig, reactor: Any = None) -> service.MultiSe
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
+    from tpproxy.service import ReloadService
+
     top = service.MultiService()
     pool = WorkerPool(reactor, config)
     pool.setName("workers")
     pool.setServiceParent(top)
+    # SIGHUP reloads, as for one TP: here by telling every worker.
+    ReloadService(pool, reactor).setServiceParent(top)
     return top
