@@ -9,7 +9,7 @@ import re
 import signal
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from OpenSSL import crypto
 from twisted.application import service, strports
@@ -479,19 +479,22 @@ class ReloadService(service.Service):
 
     name = "reload"
 
-    def __init__(self, reloader: Any, reactor: Any) -> None:
+    def __init__(self, reloader: Any, reactor: Any, held: Callable[[], bool] = lambda: False) -> None:
+        """
+        @param held: says, once the handler is set, whether a C{SIGHUP}
+            came before it (a worker holds one while it starts,
+            L{tpproxy.workers.holdHangups}): then reload at once.
+        """
         self.reloader = reloader
         self.reactor = reactor
+        self.held = held
         self._previous: Any = None
 
     def startService(self) -> None:
         super().startService()
         if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGHUP, self._hangup)
-        from tpproxy.workers import takeHeldHangup
-
-        if takeHeldHangup():
-            # A worker told to reload while it was starting.
+        if self.held():
             self.reactor.callLater(0, self.reloader.reload)
 
     def _hangup(self, signum: int, frame: Any) -> None:
@@ -685,7 +688,9 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
         config, tp, tp.serverTLS, quicListeners, handshaking, metrics, acmeManaged=config.acme is not None and bool(config.acme.names), load=load
     )
     top.reloader = reloader  # type: ignore[attr-defined]
-    ReloadService(reloader, reactor).setServiceParent(top)
+    from tpproxy.workers import takeHeldHangup
+
+    ReloadService(reloader, reactor, held=takeHeldHangup if config.worker is not None else lambda: False).setServiceParent(top)
     if config.admin is not None:
         started = reactor.seconds()
         admin, adminTLS = makeAdmin(

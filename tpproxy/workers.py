@@ -462,7 +462,6 @@ class QuicForwarder(DatagramProtocol):
         self.undelivered = 0
         #: Messages dropped for a bad MAC or framing.
         self.rejected = 0
-        self.received = 0
 
     def portFile(self, worker: int) -> str:
         return os.path.join(self.stateDir, f"quic-w{worker}.port")
@@ -520,7 +519,6 @@ class QuicForwarder(DatagramProtocol):
             self.rejected += 1
             return
         if index < len(self.listeners):
-            self.received += 1
             self.listeners[index].datagramReceived(data, client, forwarded=True)
 
 

@@ -496,14 +496,13 @@ class PeerLinks:
             remote = Exposure(owner=holders[0].identity, mode="public", control=RemoteControl(self), port=port)
             remote.control.exposure = remote  # type: ignore[attr-defined]
             registry.remotePorts[port] = remote
-        if remote.listening is not None:
-            self._holdersSeen(Route.port(port), holders, "Forwarding public port {port} to instance(s) {instances}", port=port)
         if port not in registry.byPort and remote.listening is None:
             try:
                 remote.listening = self.reactor.listenTCP(port, PublicDialerFactory(registry, remote), interface=registry.publicInterface)
             except error.CannotListenError as e:
                 log.warn("Cannot forward public port {port} held at {instances}: {error}", port=port, instances=[h.instance for h in holders], error=str(e.socketError))
                 return
+        if remote.listening is not None:
             self._holdersSeen(Route.port(port), holders, "Forwarding public port {port} to instance(s) {instances}", port=port)
 
     # --- links ------------------------------------------------------------------------
