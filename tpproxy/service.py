@@ -652,23 +652,28 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
         udp = UDPListenerService(reactor, address, quic)
         udp.setName(f"quic:{address[0]}:{address[1]}")
         udp.setServiceParent(drain)
-    if config.worker is not None and quicListeners:
+    if config.cluster.shared and quicListeners:
         # QUIC packets of a client whose address changed may reach another
-        # worker: route them by connection id (docs/workers.md).
+        # instance or worker: route them by connection id (docs/cluster.md).
+        from tpproxy.cluster.quicroute import QuicRouter, QuicRouteService, udpAddressOf
         from tpproxy.transports.cidroute import installTaggedIds
-        from tpproxy.workers import QuicForwarder, QuicForwardService
 
-        installTaggedIds(config.worker)
-        assert config.stateDir is not None
-        assert resetSecret is not None
-        forwarder = QuicForwarder(config.stateDir, resetSecret, config.worker, quicListeners, reactor, config.workers)
-        QuicForwardService(reactor, forwarder).setServiceParent(drain)
+        assert config.cluster.peerListen is not None
+        serverTLS = tp.serverTLS
+        router = QuicRouter(store, links, quicListeners, lambda: serverTLS.key, installTaggedIds(None), reactor)
+        QuicRouteService(reactor, router, udpAddressOf(config.cluster.peerListen)).setServiceParent(drain)
     metrics = makeMetrics(reactor, factory, handshaking, quicListeners)
-    if config.worker is not None and quicListeners:
+    if config.cluster.shared and quicListeners:
         metrics.gauge(
-            "tp_quic_forward_dropped", "QUIC packets between workers dropped: rejected (bad MAC or framing, or for another worker) or undelivered",
-            ("reason",), lambda: {("rejected",): forwarder.rejected, ("undelivered",): forwarder.undelivered}, counter=True,
+            "tp_quic_route_dropped", "QUIC packets between instances dropped: rejected (bad MAC or framing, or not for this instance's slot) or undelivered (no live holder of the slot)",
+            ("reason",), lambda: {("rejected",): router.rejected, ("undelivered",): router.undelivered}, counter=True,
         )
+        metrics.gauge(
+            "tp_quic_returned_datagrams", "QUIC packets of this instance's connections sent back through the instance that received the client's packets (a NAT in front)",
+            (), lambda: {(): router.returned}, counter=True,
+        )
+        metrics.gauge("tp_quic_slot", "The QUIC routing slot this instance's connection ids name (-1: none yet)", (),
+                      lambda: {(): -1 if router.slot is None else router.slot})
     if config.cluster.shared:
         clusterMetrics(metrics, store, top.links)  # type: ignore[attr-defined]
     top.metrics = metrics  # type: ignore[attr-defined]

@@ -15,8 +15,6 @@ connections and UDP flows over the workers.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import re
 import signal
@@ -28,13 +26,12 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, error
-from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
+from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
 from tpproxy.config import ConfigError, ServerConfig, hostPort
-from tpproxy.transports.cidroute import decodeForward, encodeForward
 
 log = Logger(namespace="tpproxy.workers")
 
@@ -319,16 +316,13 @@ class WorkerPool(service.Service):
     def startService(self) -> None:
         super().startService()
         log.info("Starting {count} workers of {config}", count=self.count, config=self.config.path)
-        if self.config.stateDir is not None:
-            if self.config.quic:
-                # Made once, here: workers that started at once would each
-                # make their own, and their forwarding MACs and stateless
-                # resets would not match.
-                from tpproxy.transports.quic import loadResetSecret
+        if self.config.stateDir is not None and self.config.quic:
+            # Made once, here: workers that started at once would each
+            # make their own, and a worker's stateless resets would not
+            # match the tokens of another's connections.
+            from tpproxy.transports.quic import loadResetSecret
 
-                loadResetSecret(self.config.stateDir)
-            for worker in range(64):
-                self._forgetPort(worker)
+            loadResetSecret(self.config.stateDir)
         for worker in range(self.count):
             self.spawn(worker)
 
@@ -348,23 +342,11 @@ class WorkerPool(service.Service):
         self.started[worker] = self.reactor.seconds()
         log.info("Worker {worker} started (pid {pid})", worker=worker, pid=proto.pid)
 
-    def _forgetPort(self, worker: int) -> None:
-        """
-        Remove worker C{worker}'s forwarding port file: a worker that is
-        gone must not be sent packets at a port someone else may take.
-        """
-        if self.config.stateDir is not None:
-            try:
-                os.unlink(os.path.join(self.config.stateDir, f"quic-w{worker}.port"))
-            except OSError:
-                pass
-
     def ended(self, proto: WorkerProtocol, reason: Failure) -> None:
         worker = proto.worker
         if self.workers.get(worker) is not proto:
             return
         del self.workers[worker]
-        self._forgetPort(worker)
         if not self.running:
             log.info("Worker {worker} (pid {pid}) stopped: {how}", worker=worker, pid=proto.pid, how=_how(reason))
             return
@@ -425,140 +407,6 @@ def _how(reason: Failure) -> str:
         return f"killed by signal {value.signal}"
     code = getattr(value, "exitCode", None)
     return f"exit status {code}" if code is not None else reason.getErrorMessage()
-
-
-class QuicForwarder(DatagramProtocol):
-    """
-    A worker's end of QUIC packet routing between workers (issue 14 part
-    B, L{tpproxy.transports.cidroute}): a UDP socket on 127.0.0.1 with big
-    buffers, whose port the worker writes to C{quic-wI.port} in the state
-    directory.  (Unix datagram sockets were measured first: Linux queues at
-    most C{net.unix.max_dgram_qlen} messages per socket, 10 by default,
-    and QUIC's bursts overflowed it.)  Each QUIC listener of this worker
-    hands it the packets whose connection id names another worker
-    (L{send}); what another worker sends here goes to the same-numbered
-    listener as if it came from the network.
-
-    Any local process may send to a loopback port, so each message carries
-    an HMAC-SHA256 (16 bytes) keyed from the QUIC reset secret the workers
-    share in the state directory (mode 0700): a message without the right
-    one is dropped.
-    """
-
-    #: Seconds a worker's port, read from its file, is used before the
-    #: file is read again (a restarted worker binds a new port).
-    PORT_TTL = 1.0
-
-    def __init__(self, stateDir: str, secret: bytes, worker: int, listeners: list[Any], clock: Any = None, workers: int = 64) -> None:
-        self.stateDir = stateDir
-        #: How many workers the pool runs (ids naming others are not routed).
-        self.workers = workers
-        self.key = hashlib.sha256(b"tp worker forwarding\0" + secret).digest()
-        self.worker = worker
-        self.listeners = listeners
-        self.clock = clock
-        self.ports: dict[int, tuple[int | None, float]] = {}
-        #: Packets that could not be handed over (the owner is not running).
-        self.undelivered = 0
-        #: Messages dropped for a bad MAC or framing.
-        self.rejected = 0
-
-    def portFile(self, worker: int) -> str:
-        return os.path.join(self.stateDir, f"quic-w{worker}.port")
-
-    def portOf(self, worker: int) -> int | None:
-        """
-        Worker C{worker}'s forwarding port, as its file said at most
-        L{PORT_TTL} ago; C{None} if it has none (not running).
-        """
-        now = self.clock.seconds() if self.clock is not None else 0.0
-        cached = self.ports.get(worker)
-        if cached is not None and now - cached[1] < self.PORT_TTL:
-            return cached[0]
-        try:
-            with open(self.portFile(worker)) as f:
-                port: int | None = int(f.read().strip())
-        except (OSError, ValueError):
-            port = None
-        self.ports[worker] = (port, now)
-        return port
-
-    def _mac(self, message: bytes) -> bytes:
-        return hmac.digest(self.key, message, "sha256")[:16]
-
-    def attach(self) -> None:
-        for index, listener in enumerate(self.listeners):
-            listener.worker = self.worker
-            listener.forward = lambda owner, data, addr, index=index: self.send(index, owner, data, addr)
-
-    def send(self, listener: int, owner: int, data: bytes, addr: tuple[str, int]) -> bool:
-        """
-        Hand C{data} to worker C{owner}; C{False} if it is not there to
-        take it (not running, or more workers than run now).
-        """
-        port = self.portOf(owner) if owner < self.workers else None
-        if self.transport is None or port is None:
-            self.undelivered += 1
-            return False
-        message = encodeForward(owner, listener, addr, data)
-        try:
-            self.transport.write(self._mac(message) + message, ("127.0.0.1", port))
-        except OSError:
-            self.undelivered += 1  # dropped, as the network may drop a packet
-        return True
-
-    def datagramReceived(self, signed: bytes, addr: Any) -> None:
-        mac, message = signed[:16], signed[16:]
-        try:
-            if not hmac.compare_digest(mac, self._mac(message)):
-                raise ValueError("bad MAC")
-            worker, index, client, data = decodeForward(message)
-            if worker != self.worker:
-                raise ValueError(f"for worker {worker}")  # a stale port
-        except ValueError:
-            self.rejected += 1
-            return
-        if index < len(self.listeners):
-            self.listeners[index].datagramReceived(data, client, forwarded=True)
-
-
-class QuicForwardService(service.Service):
-    """
-    Runs a worker's L{QuicForwarder}: its socket, and the file that names
-    its port, exist while the worker runs.
-    """
-
-    def __init__(self, reactor: Any, forwarder: QuicForwarder) -> None:
-        self.reactor = reactor
-        self.forwarder = forwarder
-        self.port: Any = None
-
-    def startService(self) -> None:
-        from tpproxy.transports.quic import _bigBuffers
-
-        super().startService()
-        forwarder = self.forwarder
-        self.port = self.reactor.listenUDP(0, forwarder, interface="127.0.0.1", maxPacketSize=65536 + 64)
-        _bigBuffers(self.port)
-        os.makedirs(forwarder.stateDir, mode=0o700, exist_ok=True)
-        path = forwarder.portFile(forwarder.worker)
-        with open(path + ".new", "w") as f:
-            f.write(f"{self.port.getHost().port}\n")
-        os.replace(path + ".new", path)
-        forwarder.attach()
-
-    def stopService(self) -> Any:
-        super().stopService()
-        for listener in self.forwarder.listeners:
-            listener.forward = None
-        try:
-            os.unlink(self.forwarder.portFile(self.forwarder.worker))
-        except OSError:
-            pass
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-        return None
 
 
 def makeWorkerPool(config: ServerConfig, reactor: Any = None) -> service.MultiService:

@@ -391,6 +391,8 @@ class PeerLinks:
             self.registry.remove(remote)
 
     def _event(self, event: Event) -> None:
+        if isinstance(event, (HolderAdded, HolderRemoved)) and event.holder.route.kind not in (NAME, PORT):
+            return  # a QUIC routing slot (tpproxy.cluster.quicroute reads them from the watch)
         if self.watch is None:
             if isinstance(event, (HolderAdded, HolderRemoved)):
                 self._early.add(event.holder.route)

@@ -46,6 +46,9 @@ _IDENTITY = re.compile(r"[^\x00-\x1f\x7f]{1,1024}")
 
 NAME = "name"
 PORT = "port"
+#: A QUIC routing slot (L{tpproxy.cluster.quicroute}): held by an
+#: instance, under its own id as the identity.
+SLOT = "quic"
 
 
 class StoreError(Exception):
@@ -83,7 +86,9 @@ class Route:
     """
     Something an exposure holds: an E2E name (C{kind} L{NAME}, C{key} the
     normalized name) or a public port (C{kind} L{PORT}, C{key} the port
-    number in decimal).  Make one with L{Route.name} or L{Route.port}.
+    number in decimal); or a QUIC routing slot an instance holds (C{kind}
+    L{SLOT}, C{key} 0-63 in decimal).  Make one with L{Route.name},
+    L{Route.port} or L{Route.slot}.
     """
 
     kind: str
@@ -102,6 +107,12 @@ class Route:
         return cls(PORT, str(port))
 
     @classmethod
+    def slot(cls, slot: int) -> Route:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < 64:
+            raise ValueError(f"not a QUIC routing slot: {slot!r}")
+        return cls(SLOT, str(slot))
+
+    @classmethod
     def parse(cls, kind: str, key: str) -> Route:
         """
         The route of C{kind} and C{key} as read back from the store.
@@ -112,6 +123,8 @@ class Route:
             route = cls.name(key)
         elif kind == PORT and key.isdigit() and key == str(int(key)):
             route = cls.port(int(key))
+        elif kind == SLOT and key.isdigit() and key == str(int(key)):
+            route = cls.slot(int(key))
         else:
             raise ValueError(f"not a route: {kind!r} {key!r}")
         if route.key != key:
@@ -119,6 +132,8 @@ class Route:
         return route
 
     def __str__(self) -> str:
+        if self.kind == SLOT:
+            return f"QUIC routing slot {self.key}"
         return f"E2E name {self.key}" if self.kind == NAME else f"public port {self.key}"
 
 

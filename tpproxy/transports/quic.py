@@ -45,7 +45,7 @@ from tpproxy.limits import HalfOpenCounter, RateLimitedLog, TokenBucket, sourceP
 from tpproxy.pki import identityOf, replacePrivate
 from tpproxy.privates import PrivateAPIError, PrivateName, privateProblems
 from tpproxy.reactors import IUDPReactor
-from tpproxy.transports.cidroute import workerOf
+from tpproxy.transports.cidroute import slotOf
 from tpproxy.transports.h3 import H3_ALPN, H3Responder, H3Response
 from tpproxy.verify import AlertRefused, ClientVerifier
 from tpproxy.wire import ALPN
@@ -1045,6 +1045,9 @@ class QuicListener(DatagramProtocol):
         self.verifier = verifier
         self.factory = factory
         self.sessions: dict[bytes, ServerSession] = {}
+        #: Client addresses answered through another instance, and how
+        #: (L{datagramReceived}'s C{via}), oldest first.
+        self.returnVia: dict[Any, Callable[[bytes, Any], None]] = {}
         self.limits = limits if limits is not None else LimitsConfig()
         self.handshakeTimeout = handshakeTimeout
         #: Half-open connections (docs/hardening.md), against the caps.
@@ -1072,13 +1075,15 @@ class QuicListener(DatagramProtocol):
     #: A graceful stop is under way: no new connections, the live ones
     #: finish (tpproxy.service.DrainService).
     draining = False
-    #: With workers: this one's number, and C{forward(worker, datagram,
-    #: addr)}, which hands a packet for another worker's connection to it
-    #: and says whether it could (L{tpproxy.workers.QuicForwarder}).
-    worker: int | None = None
+    #: In a cluster: C{forward(slot, datagram, addr)}, which hands a
+    #: packet for another instance's connection to it and says whether it
+    #: could (L{tpproxy.cluster.quicroute.QuicRouter}).
     forward: Any = None
-    #: Packets handed to another worker.
+    #: Packets handed to another instance.
     forwarded = 0
+    #: At most this many client addresses are answered through another
+    #: instance (L{returnVia}); the oldest is forgotten first.
+    MAX_RETURN_PATHS = 65536
 
     def reconfigure(
         self, cas: list[x509.Certificate], checker: Any, limits: LimitsConfig, handshakeTimeout: float, chain: list[x509.Certificate], key: Any
@@ -1105,6 +1110,21 @@ class QuicListener(DatagramProtocol):
         _bigBuffers(self.transport)
 
     def sendDatagram(self, data: bytes, addr: Any) -> None:
+        """
+        Send C{data} to C{addr}: from this socket, or, for a client whose
+        packets arrive through another instance behind a NAT
+        (L{returnVia}), back through that instance.
+        """
+        via = self.returnVia.get(addr) if self.returnVia else None
+        if via is not None:
+            via(data, addr)
+            return
+        self.sendOut(data, addr)
+
+    def sendOut(self, data: bytes, addr: Any) -> None:
+        """
+        Send C{data} to C{addr} from this socket.
+        """
         port = self.transport if self.transport is not None else self._port
         if port is None:
             return
@@ -1114,11 +1134,24 @@ class QuicListener(DatagramProtocol):
             # AttributeError: the port's socket is already gone.
             log.debug("QUIC send to {addr} failed: {error}", addr=addr, error=e)
 
-    def datagramReceived(self, data: bytes, addr: Any, forwarded: bool = False) -> None:
+    def datagramReceived(self, data: bytes, addr: Any, forwarded: bool = False, via: Callable[[bytes, Any], None] | None = None) -> None:
         """
-        A datagram from C{addr}; C{forwarded}: another worker handed it
-        here (L{tpproxy.workers.QuicForwarder}), so it is never handed on.
+        A datagram from C{addr}.
+
+        @param forwarded: another instance received it and handed it here
+            (L{tpproxy.cluster.quicroute.QuicRouter}), so it is never
+            handed on.
+        @param via: sends a datagram back through that instance: answers
+            to C{addr} go that way until a packet from C{addr} arrives
+            otherwise (L{returnVia}).
         """
+        if via is not None:
+            self.returnVia.pop(addr, None)
+            self.returnVia[addr] = via
+            if len(self.returnVia) > self.MAX_RETURN_PATHS:
+                del self.returnVia[next(iter(self.returnVia))]
+        elif self.returnVia:
+            self.returnVia.pop(addr, None)
         buf = Buffer(data=data)
         try:
             header = pull_quic_header(buf, host_cid_length=self.configuration.connection_id_length)
@@ -1143,12 +1176,12 @@ class QuicListener(DatagramProtocol):
             session.datagramReceived(data, addr)
             return
         if self.forward is not None and not forwarded and header.packet_type != QuicPacketType.INITIAL:
-            owner = workerOf(header.destination_cid)
-            if owner is not None and owner != self.worker and self.forward(owner, data, addr):
-                # Another worker's connection, whose client's address
-                # changed (docs/workers.md): that worker answers it.  (A
-                # worker that is not running gets nothing: the packet is
-                # then answered as one for an unknown connection.)
+            owner = slotOf(header.destination_cid)
+            if owner is not None and self.forward(owner, data, addr):
+                # Another instance's connection, whose client's address
+                # changed (docs/cluster.md): that instance answers it.
+                # (A slot no live instance holds gets nothing: the packet
+                # is then answered as one for an unknown connection.)
                 self.forwarded += 1
                 return
         if not data[0] & 0x80:
