@@ -313,6 +313,20 @@ class StdioEnd(RelayEnd):
             self.done.callback(None)
 
 
+def _rebindOnSignal(reactor: IClientReactor, connector: Any, stderr: Any) -> None:
+    """
+    On SIGUSR1, move the QUIC connection to a new local UDP port, as a
+    network change would (docs/client.md), and say so on stderr.
+    """
+    import signal
+
+    def moved() -> None:
+        stderr.write(f"tp: {connector.rebind()}\n")
+        stderr.flush()
+
+    signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(moved))  # type: ignore[attr-defined]
+
+
 @defer.inlineCallbacks
 def runConnect(reactor: IClientReactor, settings: Settings, host: str, port: int, stderr: Any) -> Any:
     from tpproxy.connector import Connector
@@ -324,6 +338,7 @@ def runConnect(reactor: IClientReactor, settings: Settings, host: str, port: int
     stderr.flush()
     reactor.addSystemEventTrigger("before", "shutdown", connector.close)
     tunnel: TPClientProtocol = yield connector.open(ClientHello.connect(host, port))
+    _rebindOnSignal(reactor, connector, stderr)
     stdioDone: defer.Deferred[None] = defer.Deferred()
     tunnelDone: defer.Deferred[None] = defer.Deferred()
     tunnel.onClose = lambda end, reason: tunnelDone.called or tunnelDone.callback(None)

@@ -191,6 +191,20 @@ class Connector:
         self.session = session
         return session
 
+    def rebind(self) -> str:
+        """
+        Move the QUIC connection, if any, to a new local UDP port, as a
+        network change would (C{tp connect} does it on SIGUSR1: a way to
+        test that TP and what is in front of it follow a client whose
+        address changes).  Says what it did.
+        """
+        session = self.session
+        if session is None or session.closed:
+            return "no QUIC connection to move"
+        session.rebind()
+        host = session.localAddress
+        return f"QUIC connection moved to local UDP port {host.port}"
+
     def close(self) -> None:
         """
         Close the QUIC connection, if any, now (CONNECTION_CLOSE goes out

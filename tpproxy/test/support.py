@@ -340,7 +340,11 @@ class SSHD:
 
     @classmethod
     @defer.inlineCallbacks
-    def start(cls, testCase: TestCase) -> Any:
+    def start(cls, testCase: TestCase, netns: Any = None, where: str = "") -> Any:
+        """
+        Start sshd on 127.0.0.1; with C{netns} (L{tpproxy.test.netns.
+        Namespaces}), inside its namespace C{where}.
+        """
         import pwd
 
         self = cls()
@@ -368,8 +372,12 @@ class SSHD:
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
             f"PermitRootLogin prohibit-password\nAllowUsers {self.user}\nLogLevel ERROR\n"
         )
-        self.process = Background(testCase, [sshd, "-D", "-e", "-f", str(d / "sshd_config")])
-        yield waitForPort(self.port)
+        prefix = netns.exec(where) if netns is not None else []
+        self.process = Background(testCase, prefix + [sshd, "-D", "-e", "-f", str(d / "sshd_config")])
+        if netns is not None:
+            yield netns.waitForTCP(where, "127.0.0.1", self.port)
+        else:
+            yield waitForPort(self.port)
         return self
 
     def args(self, host: str, port: int, *command: str, proxy: str | None = None) -> list[str]:

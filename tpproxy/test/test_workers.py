@@ -438,7 +438,7 @@ class QuicRoutingProcessTests(TwoWorkers, TestCase):
         self.assertEqual(echo.accepted, 1)
         self.assertFalse(session.closed)
         # Every message between the workers was theirs.
-        self.assertEqual((yield self.metricSum("tp_quic_forward_dropped_total", reason="rejected")), 0)
+        self.assertEqual((yield self.metricSum("tp_quic_route_dropped_total", reason="rejected")), 0)
         print(f"\n{rebinds} rebinds, {(yield self.forwarded()):g} packets forwarded between workers")
 
 
