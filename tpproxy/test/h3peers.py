@@ -7,8 +7,8 @@ Chromium trusts a test's CA through the NSS database of a throwaway
 C{$HOME} (L{makeProfile}); L{fetchWithChromium} forces QUIC for one origin,
 so a page it returns was fetched over HTTP/3 (there is no TCP fallback for
 a forced origin).  Chromium touches loopback only: its host resolver maps
-every name but C{localhost} and C{127.0.0.1} to "not found", so it makes
-no DNS query (it otherwise looks up accounts.google.com,
+every name but C{localhost}, C{127.0.0.1} and the test's own to "not
+found", so it makes no DNS query (it otherwise looks up accounts.google.com,
 clients2.google.com and update.googleapis.com at start-up).
 """
 
@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from twisted.internet import defer, protocol
@@ -147,10 +147,24 @@ def _quiet(stderr: str) -> str:
     return "\n".join(line for line in stderr.splitlines() if not any(noise in line for noise in _NOISE))
 
 
-def fetchWithChromium(url: str, forceQuicOrigin: str, profileHome: str, timeout: float = 30, reactor: IProcessReactor | None = None) -> defer.Deferred[str]:
+def fetchWithChromium(
+    url: str,
+    forceQuicOrigin: str,
+    profileHome: str,
+    timeout: float = 30,
+    resolve: Mapping[str, str] | None = None,
+    reactor: IProcessReactor | None = None,
+) -> defer.Deferred[str]:
     """
     Load C{url} in headless Chromium with QUIC forced for C{forceQuicOrigin}
     (C{HOST:PORT}) and return the DOM after load.
+
+    Chromium resolves only C{localhost} (itself, to ::1 or 127.0.0.1) and the
+    names in C{resolve} (name to IP address, e.g. C{{"www.example.test":
+    "127.0.0.1"}}, for a page fetched by name, with SNI); any other name
+    fails to resolve.  QUIC cannot be forced for an IPv6 literal (Chromium
+    156 then uses TCP): for IPv6, fetch a name that C{resolve} maps to the
+    address.
 
     Each fetch runs in a fresh user-data directory under C{profileHome} (so
     nothing is cached between fetches, and fetches may run at once) with
@@ -165,8 +179,11 @@ def fetchWithChromium(url: str, forceQuicOrigin: str, profileHome: str, timeout:
     chromium = requireTool(chromiumPath() or "chromium")
     dataDir = tempfile.mkdtemp(prefix="chromium-", dir=profileHome)
     argv = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={dataDir}", f"--origin-to-force-quic-on={forceQuicOrigin}"]
+    # A name's MAP comes before the catch-all; EXCLUDEs belong to the MAP
+    # before them.  Without the catch-all Chromium looks up Google's names.
+    mapped = [f"MAP {name} [{address}]" if ":" in address else f"MAP {name} {address}" for name, address in (resolve or {}).items()]
     allowed = {"localhost", "127.0.0.1", urlsplit(url).hostname or "localhost", forceQuicOrigin.rsplit(":", 1)[0].strip("[]")}
-    rules = ", ".join(["MAP * ~NOTFOUND", *(f"EXCLUDE {host}" for host in sorted(allowed))])
+    rules = ", ".join([*mapped, "MAP * ~NOTFOUND", *(f"EXCLUDE {host}" for host in sorted(allowed - set(resolve or ())))])
     argv += [f"--host-resolver-rules={rules}", url]
     # Not TMPDIR=profileHome: Chromium's singleton socket goes there, and a
     # trial temp path is longer than a socket path may be.
@@ -226,7 +243,7 @@ class H3ServerProcess(protocol.ProcessProtocol):
 
     @ivar port: its UDP port, once listening.
     @ivar requests: the requests it logged, in order, as dicts with
-        C{method}, C{path}, C{alpn} and C{peer}.
+        C{method}, C{path}, C{authority}, C{alpn} and C{peer}.
     """
 
     def __init__(self, reactor: IProcessReactor) -> None:

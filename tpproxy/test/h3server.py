@@ -11,7 +11,8 @@ Run as a process::
 
 Once listening it writes the bound UDP port to C{--port-file} (atomically)
 and prints C{{"listening": PORT}} as its first stdout line; then one JSON
-line per request: C{{"method", "path", "alpn", "peer"}}.  It serves
+line per request: C{{"method", "path", "authority", "alpn", "peer"}}
+(C{peer} is C{HOST:PORT}, C{[HOST]:PORT} for IPv6).  It serves
 C{GET /} (a small HTML page whose body holds the marker) and
 C{GET /big?n=BYTES} (L{bigBody}); C{HEAD} too; anything else is 404 or
 405.  It asks no client certificate.
@@ -141,8 +142,11 @@ class _Connection:
             request.setdefault(name, value)
         method = request.get(b":method", b"").decode("ascii", "replace")
         target = request.get(b":path", b"").decode("ascii", "replace")
-        peer = f"{self.peer[0]}:{self.peer[1]}" if self.peer else None
-        self.server.log({"method": method, "path": target, "alpn": self.alpn, "peer": peer})
+        authority = request.get(b":authority", b"").decode("ascii", "replace")
+        peer = None
+        if self.peer is not None:
+            peer = f"[{self.peer[0]}]:{self.peer[1]}" if ":" in self.peer[0] else f"{self.peer[0]}:{self.peer[1]}"
+        self.server.log({"method": method, "path": target, "authority": authority, "alpn": self.alpn, "peer": peer})
         status, body, contentType = self.server.respond(method, target)
         fields = [(b":status", str(status).encode()), (b"server", b"tp-test-h3server"), (b"content-type", contentType.encode()), (b"cache-control", b"no-store")]
         if method == "HEAD":

@@ -146,7 +146,7 @@ class H3ServerTests(SynchronousTestCase):
         self.assertEqual(fields[b"content-type"], b"text/html; charset=utf-8")
         self.assertEqual(fields[b"content-length"], str(len(body)).encode())
         self.assertIn(b"<p id=\"marker\">M&lt;1&gt;</p>", body)
-        self.assertEqual(pair.log, [{"method": "GET", "path": "/", "alpn": "h3", "peer": "127.0.0.1:50000"}])
+        self.assertEqual(pair.log, [{"method": "GET", "path": "/", "authority": "localhost", "alpn": "h3", "peer": "127.0.0.1:50000"}])
 
     def test_big(self) -> None:
         """
@@ -266,6 +266,21 @@ class ChromiumTests(TestCase):
         request = yield server.waitForRequest("/")
         self.assertEqual((request["method"], request["alpn"]), ("GET", "h3"))
         self.assertTrue(request["peer"].startswith("127.0.0.1:"), request)
+
+    @defer.inlineCallbacks
+    def test_fetchByNameOverIPv6(self) -> Any:
+        """
+        A page fetched by a name that the fetch maps to ::1 (QUIC cannot be
+        forced for an IPv6 literal): the request carries the name.
+        """
+        self.pki.ca.issue("www.h3.test", dns=("www.h3.test",), server=True).write(self.pki.directory / "named.pem", self.pki.directory / "named.key")
+        port, server = yield startH3Server(self, str(self.pki.directory / "named.pem"), str(self.pki.directory / "named.key"), marker=self.marker, host="::1")
+        home = yield makeProfile(self.mktemp(), self.pki.ca.certPEM)
+        dom = yield fetchWithChromium(f"https://www.h3.test:{port}/", f"www.h3.test:{port}", home, resolve={"www.h3.test": "::1"})
+        self.assertIn(self.marker, dom)
+        request = yield server.waitForRequest("/")
+        self.assertEqual((request["authority"], request["alpn"]), (f"www.h3.test:{port}", "h3"))
+        self.assertTrue(request["peer"].startswith("[::1]:"), request)
 
     @defer.inlineCallbacks
     def test_untrustedCA(self) -> Any:
