@@ -321,10 +321,41 @@ class RouterConfig:
     h3: Any = None
 
 
+@dataclass(frozen=True)
+class H3Backend:
+    """
+    C{[router.h3] backend}: the HTTP/3 server that gets every QUIC
+    connection on TP's port that is not TP's (docs/quic.md).
+    """
+
+    host: str
+    port: int
+
+
+def _udpBackend(value: Any) -> H3Backend:
+    import ipaddress
+
+    example = 'such as "udp:127.0.0.1:8443" or "udp:[::1]:8443"'
+    if not isinstance(value, str) or not value.startswith("udp:"):
+        raise ConfigError(f"router.h3.backend: expected udp:ADDRESS:PORT {example}")
+    host, _, port = value[4:].rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"router.h3.backend: {value!r}: the address must be an IP address (or localhost), {example}") from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"router.h3.backend: {value!r}: expected a port 1-65535, {example}")
+    return H3Backend(host, int(port))
+
+
 def parseH3(table: Any, base: Path) -> Any:
     """
     C{[router.h3]}: the built-in HTTP/3 answer for browsers on TP's QUIC
-    port (see quic.md, "Sharing UDP/443"); C{None} if absent.
+    port, or the HTTP/3 server that gets them (L{H3Backend}) (see quic.md,
+    "Sharing UDP/443"); C{None} if absent.
     """
     from tpproxy.transports.h3 import H3Response
 
@@ -332,9 +363,14 @@ def parseH3(table: Any, base: Path) -> Any:
         return None
     if not isinstance(table, dict):
         raise ConfigError("router.h3: expected a table")
-    _checkKeys(table, {"redirect", "page", "status", "content_type", "headers"}, "router.h3")
+    _checkKeys(table, {"redirect", "page", "status", "content_type", "headers", "backend"}, "router.h3")
+    if "backend" in table:
+        others = sorted(set(table) - {"backend"})
+        if others:
+            raise ConfigError(f"router.h3: backend passes HTTP/3 to a server; {', '.join(others)} (TP's own answer) cannot go with it")
+        return _udpBackend(table["backend"])
     if ("redirect" in table) == ("page" in table):
-        raise ConfigError("router.h3: give exactly one of redirect (a URL) or page (a file)")
+        raise ConfigError("router.h3: give exactly one of backend (an HTTP/3 server), redirect (a URL) or page (a file)")
     if "redirect" in table and "content_type" in table:
         raise ConfigError("router.h3.content_type: only for page")
     headers = table.get("headers", {})

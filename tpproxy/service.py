@@ -157,6 +157,14 @@ def makeServerFactory(
     return tlsFactory
 
 
+def _h3Summary(h3: Any) -> str:
+    from tpproxy.config import H3Backend
+
+    if isinstance(h3, H3Backend):
+        return f"; QUIC that is not TP's goes to the HTTP/3 server at udp:{h3.host}:{h3.port}"
+    return f"; HTTP/3 clients get {h3.status}" if h3 is not None else ""
+
+
 def makeQuicListener(config: ServerConfig, reactor: IServerReactor, factory: TPServerFactory, resetSecret: bytes | None = None) -> QuicListener:
     """
     A QUIC listener serving streams with C{factory}, verifying client
@@ -167,12 +175,19 @@ def makeQuicListener(config: ServerConfig, reactor: IServerReactor, factory: TPS
     tlsContext = factory.serverTLS
     verifier = ClientVerifier(tlsContext.clientCAs, tlsContext.checker, reactor)
     configuration = serverConfiguration(tlsContext.chain, tlsContext.key)
+    from tpproxy.config import H3Backend
+
     h3 = config.router.h3 if config.router is not None else None
+    backend = h3 if isinstance(h3, H3Backend) else None
     if resetSecret is None:
         resetSecret = loadResetSecret(config.stateDir)
-    return QuicListener(
-        reactor, configuration, verifier, factory, h3=h3, limits=config.limits, handshakeTimeout=config.handshakeTimeout, resetSecret=resetSecret
+    listener = QuicListener(
+        reactor, configuration, verifier, factory, h3=None if backend else h3, limits=config.limits,
+        handshakeTimeout=config.handshakeTimeout, resetSecret=resetSecret,
     )
+    if backend is not None:
+        listener.useH3Backend((backend.host, backend.port))
+    return listener
 
 
 class UDPListenerService(service.Service):
@@ -663,6 +678,29 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
         router = QuicRouter(store, links, quicListeners, lambda: serverTLS.key, installTaggedIds(None), reactor)
         QuicRouteService(reactor, router, udpAddressOf(config.cluster.peerListen)).setServiceParent(drain)
     metrics = makeMetrics(reactor, factory, handshaking, quicListeners)
+    backends = [q.h3backend for q in quicListeners if q.h3backend is not None]
+    if backends:
+        metrics.gauge("tp_quic_h3_backend_flows", "QUIC connections passed to the HTTP/3 backend, live (docs/quic.md)", (),
+                      lambda: {(): sum(len(b.flows) for b in backends)})
+        metrics.gauge("tp_quic_h3_backend_connections", "QUIC connections passed to the HTTP/3 backend", (),
+                      lambda: {(): sum(b.connections for b in backends)}, counter=True)
+        metrics.gauge(
+            "tp_quic_h3_backend_datagrams", "QUIC datagrams between clients and the HTTP/3 backend, by direction", ("direction",),
+            lambda: {("to_backend",): sum(b.toBackend for b in backends), ("from_backend",): sum(b.fromBackendCount for b in backends)}, counter=True,
+        )
+
+        def backendDrops() -> dict[tuple[str, ...], float]:
+            drops: dict[tuple[str, ...], float] = {}
+            for b in backends:
+                for reason, count in b.dropped.items():
+                    drops[(reason,)] = drops.get((reason,), 0) + count
+                drops[("send_error",)] = drops.get(("send_error",), 0) + b.sendErrors
+            return drops
+
+        metrics.gauge(
+            "tp_quic_h3_backend_dropped", "QUIC datagrams the HTTP/3 routing dropped, by reason (unreadable_initial, pending_full, hello_timeout, flows_full, socket, send_error)",
+            ("reason",), backendDrops, counter=True,
+        )
     if config.cluster.shared and quicListeners:
         metrics.gauge(
             "tp_quic_route_dropped", "QUIC packets between instances dropped: rejected (bad MAC or framing, or not for this instance's slot) or undelivered (no live holder of the slot)",
@@ -746,7 +784,7 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
                 if config.router.terminateNames
                 else ""
             )
-            + (f"; HTTP/3 clients get {config.router.h3.status}" if config.router.h3 is not None else ""),
+            + _h3Summary(config.router.h3),
         )
     log.info(
         "TP serving TLS (ALPN tp/1) on {listen} and QUIC on {quic}, with {rules} policy rule(s), config {path}",

@@ -1045,6 +1045,9 @@ class QuicListener(DatagramProtocol):
         self.verifier = verifier
         self.factory = factory
         self.sessions: dict[bytes, ServerSession] = {}
+        #: With C{[router.h3] backend}: the routing of other QUIC
+        #: connections to that HTTP/3 server (L{useH3Backend}).
+        self.h3backend: Any = None
         #: Client addresses answered through another instance, and how
         #: (L{datagramReceived}'s C{via}), oldest first.
         self.returnVia: dict[Any, Callable[[bytes, Any], None]] = {}
@@ -1062,6 +1065,35 @@ class QuicListener(DatagramProtocol):
         self._second = 0
         self._attempts = 0
         self._attemptsBefore = 0
+
+    def useH3Backend(self, address: tuple[str, int]) -> None:
+        """
+        Pass every QUIC connection that does not offer ALPN C{tp/1} to the
+        HTTP/3 server at C{address}, untouched
+        (L{tpproxy.transports.h3backend}).
+        """
+        from tpproxy.transports.h3backend import H3Backend
+
+        if self.h3 is not None:
+            raise ValueError("an HTTP/3 backend and TP's own HTTP/3 answer exclude each other")
+        self.h3backend = H3Backend(
+            self.reactor, self.reactor, address, self._initialForTP, self.sendOut,
+            lambda alpn: TP_ALPN in alpn, self.configuration.connection_id_length,
+        )
+
+    def _initialForTP(self, _: Any, data: bytes, addr: Any) -> None:
+        """
+        An Initial datagram whose ClientHello offers C{tp/1}, read by the
+        HTTP/3 backend's router: TP's own.
+        """
+        header = pull_quic_header(Buffer(data=data), host_cid_length=self.configuration.connection_id_length)
+        session = self.sessions.get(header.destination_cid)
+        if session is not None:
+            session.datagramReceived(data, addr)
+        elif self.draining:
+            self._drop("draining")
+        else:
+            self._newConnection(header, data, addr)
 
     def setCertificate(self, chain: list[x509.Certificate], key: Any) -> None:
         """
@@ -1175,6 +1207,13 @@ class QuicListener(DatagramProtocol):
         if session is not None:
             session.datagramReceived(data, addr)
             return
+        backend = self.h3backend
+        if backend is not None:
+            flow = backend.flowOf(data, addr, header.destination_cid, not data[0] & 0x80)
+            if flow is not None:
+                backend.toBackend += 1
+                flow.send(data)
+                return
         if self.forward is not None and not forwarded and header.packet_type != QuicPacketType.INITIAL:
             owner = slotOf(header.destination_cid)
             if owner is not None and self.forward(owner, data, addr):
@@ -1184,10 +1223,17 @@ class QuicListener(DatagramProtocol):
                 # is then answered as one for an unknown connection.)
                 self.forwarded += 1
                 return
+        if backend is not None and header.packet_type != QuicPacketType.INITIAL:
+            # Not TP's (docs/quic.md): the HTTP/3 server's.
+            backend.forward(data, addr)
+            return
         if not data[0] & 0x80:
             self._statelessReset(header.destination_cid, len(data), addr)
             return
         if len(data) < 1200 or header.packet_type != QuicPacketType.INITIAL:
+            return
+        if backend is not None:
+            backend.initial(data, addr, header.destination_cid)
             return
         if self.draining:
             self._drop("draining")
@@ -1337,6 +1383,8 @@ class QuicListener(DatagramProtocol):
         reconnect without waiting for their idle timeout.
         """
         reason = Failure(ConnectionLost("the QUIC listener stopped"))
+        if self.h3backend is not None:
+            self.h3backend.stop()
         for session in set(self.sessions.values()):
             session.close(0, "server shutting down")
             session.abandon()
