@@ -446,3 +446,22 @@ def echoRoundTrips(port: int, count: int, size: int) -> Any:
     return defer.gatherResults(
         [echoThrough("127.0.0.1", port, size, f"tunnel {i}") for i in range(count)], consumeErrors=True
     )
+
+
+@defer.inlineCallbacks
+def scrapeMetrics(url: str) -> Any:
+    """
+    The metrics at C{url} (an admin listener's C{/metrics}), as
+    C{{(name, ((label, value), ...)): value}}.
+    """
+    import treq
+    from prometheus_client.parser import text_string_to_metric_families
+    from twisted.web.client import HTTPConnectionPool
+
+    response = yield treq.get(url, pool=HTTPConnectionPool(reactor, persistent=False))
+    text = yield response.text()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

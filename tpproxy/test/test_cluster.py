@@ -30,6 +30,7 @@ from tpproxy.test.support import (
     freePort,
     listenLocal,
     run,
+    scrapeMetrics,
     tpCommand,
     twistCommand,
     waitForPort,
@@ -540,22 +541,11 @@ listen = "tcp:{self.adminPort}:interface=127.0.0.{i}"
         self.servers[i] = server
         return server
 
-    @defer.inlineCallbacks
     def metricsOf(self, i: int) -> Any:
         """
         Instance C{i}'s C{/metrics}, as C{{(name, ((label, value), ...)): value}}.
         """
-        import treq
-        from prometheus_client.parser import text_string_to_metric_families
-        from twisted.web.client import HTTPConnectionPool
-
-        response = yield treq.get(f"http://127.0.0.{i}:{self.adminPort}/metrics", pool=HTTPConnectionPool(reactor, persistent=False))
-        text = yield response.text()
-        return {
-            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
+        return scrapeMetrics(f"http://127.0.0.{i}:{self.adminPort}/metrics")
 
     @defer.inlineCallbacks
     def statusOf(self, i: int) -> Any:

@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 
 from tpproxy.config import ConfigError, H3Backend, parseH3
 from tpproxy.test.h3peers import fetchWithChromium, makeProfile, requireChromium, startH3Server
-from tpproxy.test.support import Background, Echo, listenLocal, run, tpCommand, twistCommand, freePort, waitForPort
+from tpproxy.test.support import Background, Echo, freePort, listenLocal, run, scrapeMetrics, tpCommand, twistCommand, waitForPort
 from tpproxy.testing import TestPKI
 
 
@@ -91,19 +91,8 @@ listen = "tcp:{self.admin}:interface=127.0.0.1"
         yield waitForPort(self.admin)
         self.home = yield makeProfile(self.mktemp(), self.pki.ca.certPEM)
 
-    @defer.inlineCallbacks
     def metrics(self) -> Any:
-        import treq
-        from prometheus_client.parser import text_string_to_metric_families
-        from twisted.web.client import HTTPConnectionPool
-
-        response = yield treq.get(f"http://127.0.0.1:{self.admin}/metrics", pool=HTTPConnectionPool(reactor, persistent=False))
-        text = yield response.text()
-        found: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-        return found
+        return scrapeMetrics(f"http://127.0.0.1:{self.admin}/metrics")
 
     def fetch(self) -> defer.Deferred[str]:
         return fetchWithChromium(
