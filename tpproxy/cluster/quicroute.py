@@ -147,6 +147,7 @@ class QuicRouter(DatagramProtocol):
         self._keys: list[tuple[Any, bytes]] = []
         self._claiming: Any = None
         self._returners: dict[tuple[int, int], Callable[[bytes, Any], None]] = {}
+        self._lookups: dict[int, tuple[tuple[str, str, int] | None, float]] = {}
         self._retry: Any = None
         self.stopped = False
         #: Messages dropped for a bad MAC or framing, or not for this slot.
@@ -231,11 +232,25 @@ class QuicRouter(DatagramProtocol):
 
     # --- sending --------------------------------------------------------------------
 
+    #: Seconds an answer of L{addressOf} is used before the watch is read
+    #: again (it is asked for every packet on a moved path).
+    LOOKUP_TTL = 1.0
+
     def addressOf(self, slot: int) -> tuple[str, str, int] | None:
         """
         The instance holding C{slot}, and its routing address, as the
-        watch last saw them; C{None} if no live instance holds it.
+        watch saw them at most L{LOOKUP_TTL} seconds ago; C{None} if no
+        live instance holds it.
         """
+        now = self.clock.seconds()
+        cached = self._lookups.get(slot)
+        if cached is not None and now - cached[1] < self.LOOKUP_TTL:
+            return cached[0]
+        found = self._lookup(slot)
+        self._lookups[slot] = (found, now)
+        return found
+
+    def _lookup(self, slot: int) -> tuple[str, str, int] | None:
         watch = getattr(self.links, "watch", None)
         if watch is None:
             return None

@@ -257,6 +257,8 @@ class RouterTests(SynchronousTestCase):
         b, _ = self.router("b", "10.0.0.2:7443")
         self.assertTrue(a.forward(0, b.slot, b"p", CLIENT))
         self.successResultOf(b.store.stop())
+        self.assertTrue(a.forward(0, b.slot, b"p", CLIENT), "what the watch said is used for LOOKUP_TTL")
+        self.clock.advance(QuicRouter.LOOKUP_TTL)
         self.assertFalse(a.forward(0, b.slot, b"p", CLIENT))
 
     def test_previousKeyAccepted(self) -> None:
@@ -309,6 +311,7 @@ def bareListener() -> Any:
     listener.configuration = QuicConfiguration(is_client=False)
     listener.sessions = {}
     listener.returnVia = {}
+    listener.h3backend = None
     listener.forwarded = 0
     return listener
 
