@@ -69,6 +69,8 @@ class BackendFlow(DatagramProtocol):
 
     def send(self, data: bytes) -> None:
         self.lastSeen = self.router.clock.seconds()
+        if self.transport is None:
+            return  # the socket is gone (L{stopProtocol})
         try:
             self.transport.write(data)
         except OSError as e:
@@ -82,6 +84,21 @@ class BackendFlow(DatagramProtocol):
 
     def connectionRefused(self) -> None:
         self.router.sendErrors += 1
+
+    def stopProtocol(self) -> None:
+        """
+        The socket closed without L{close}: Twisted's epoll reactor closes
+        a connected UDP socket when an ICMP "port unreachable" comes back
+        (the backend is down) instead of calling L{connectionRefused}.
+        Count it as a send error and forget the flow, so that the client's
+        next packet opens a new socket (and finds the backend if it is
+        back) instead of writing to a closed one.
+        """
+        if self.port is None:
+            return
+        self.port = None
+        self.router.sendErrors += 1
+        self.router.lost(self)
 
     def close(self) -> None:
         port, self.port = self.port, None
@@ -298,6 +315,13 @@ class H3Backend:
         self._expirePending(now)
         if self.flows:
             self._sweepLater()
+
+    def lost(self, flow: BackendFlow) -> None:
+        """
+        C{flow}'s socket is gone: forget the flow.
+        """
+        if self.flows.get(flow.client) is flow:
+            self._forget(flow.client, flow)
 
     def _forget(self, addr: Any, flow: BackendFlow) -> None:
         del self.flows[addr]
