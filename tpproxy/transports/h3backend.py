@@ -125,7 +125,8 @@ class H3Backend:
 
     #: At most this many backend flows; new connections beyond are dropped.
     MAX_FLOWS = 16384
-    #: At most this many connection attempts whose ClientHello is not whole.
+    #: At most this many connection attempts whose ClientHello is not whole
+    #: (one more makes the oldest give up its place).
     MAX_PENDING = 1024
 
     def __init__(
@@ -233,11 +234,9 @@ class H3Backend:
         key = (addr, dcid)
         now = self.clock.seconds()
         pending = self.pending.get(key)
+        fresh = pending is None
         if pending is None:
             self._expirePending(now)
-            if len(self.pending) >= self.MAX_PENDING:
-                self._drop("pending_full")
-                return
             pending = _Pending(now)
         try:
             hello = pending.assembler.feed(data)
@@ -249,7 +248,16 @@ class H3Backend:
             return
         if hello is None:
             pending.datagrams.append(data)
-            self.pending[key] = pending
+            if fresh:
+                # A hello whole in one datagram needs no place; a new
+                # attempt past the bound takes the oldest one's, so that a
+                # flood of first halves delays nobody who sends both halves
+                # faster than MAX_PENDING others arrive.
+                if len(self.pending) >= self.MAX_PENDING:
+                    del self.pending[next(iter(self.pending))]
+                    self._drop("pending_full")
+                self.pending[key] = pending
+                self._sweepLater()
             return
         self.pending.pop(key, None)
         datagrams = pending.datagrams + [data]
@@ -313,7 +321,7 @@ class H3Backend:
             if now - flow.lastSeen >= IDLE:
                 self._forget(addr, flow)
         self._expirePending(now)
-        if self.flows:
+        if self.flows or self.pending:
             self._sweepLater()
 
     def lost(self, flow: BackendFlow) -> None:
