@@ -698,7 +698,7 @@ def makeService(config: ServerConfig, reactor: IServerReactor | None = None, clo
             return drops
 
         metrics.gauge(
-            "tp_quic_h3_backend_dropped", "QUIC datagrams the HTTP/3 routing dropped, by reason (unreadable_initial, pending_full, hello_timeout, flows_full, socket, send_error)",
+            "tp_quic_h3_backend_dropped", "QUIC datagrams the HTTP/3 routing dropped, by reason (unreadable_initial, pending_full, hello_timeout, flows_full, socket, send_error; unconfirmed_replaced and unconfirmed_timeout count flows forgotten before the client answered the backend)",
             ("reason",), backendDrops, counter=True,
         )
     if config.cluster.shared and quicListeners:

@@ -399,6 +399,39 @@ class FloodTests(RoutingTestCase):
         self.assertEqual(self.listener.sessions, {})
 
 
+    @defer.inlineCallbacks
+    def test_spoofedPacketsHoldNoSockets(self) -> Any:
+        """
+        Packets that are not Initials from addresses TP does not know
+        (garbage short headers: a spoofed source costs nothing) each open a
+        flow to the backend, but such unconfirmed flows are bounded apart
+        (the oldest makes room, counted C{unconfirmed_replaced}) and
+        forgotten after L{h3backend.HELLO_TIMEOUT} unless the client
+        answers the backend; a real h3 client connects meanwhile and keeps
+        its flow.
+        """
+        router = self.startShared(clock=self.clock)
+        router.MAX_UNCONFIRMED = 8
+        for i in range(50):
+            self.listener.datagramReceived(bytes([0x40]) + os.urandom(60), ("127.0.0.1", 31000 + i))
+        self.assertEqual(len(router.unconfirmed), 8)
+        self.assertEqual(len(router.flows), 8)
+        self.assertEqual(router.dropped["unconfirmed_replaced"], 42)
+        client = self.h3Client()
+        yield client.ready
+        fields, body = yield client.get("/")
+        self.assertIn(self.marker.encode(), body)
+        mine = [f for f in router.flows.values() if f.confirmed]
+        self.assertEqual(len(mine), 1)
+        self.clock.advance(h3backend.HELLO_TIMEOUT)
+        router.sweep()
+        self.assertEqual(list(router.flows.values()), mine)
+        self.assertEqual(router.unconfirmed, {})
+        # Every spoofed flow went, by replacement or by timeout (the real
+        # client's new flow also took the oldest one's place).
+        self.assertEqual(router.dropped["unconfirmed_replaced"] + router.dropped["unconfirmed_timeout"], 50)
+
+
 class IdleTests(RoutingTestCase):
     @defer.inlineCallbacks
     def test_idleFlowForgotten(self) -> Any:
@@ -430,7 +463,10 @@ class IdleTests(RoutingTestCase):
         self.assertIsNot(newer, flow)
         self.assertEqual(router.connections, 2)
         self.assertEqual(len(set(self.peers())), 2)
-        self.assertEqual(clock.getDelayedCalls()[0].getTime(), clock.seconds() + h3backend.IDLE / 4)
+        # The client answered the backend on the new flow: confirmed, so
+        # it is kept for IDLE, not for HELLO_TIMEOUT.
+        self.assertTrue(newer.confirmed)
+        self.assertEqual(router.unconfirmed, {})
 
 
 class BackendDownTests(RoutingTestCase):

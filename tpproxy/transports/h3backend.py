@@ -65,7 +65,12 @@ class BackendFlow(DatagramProtocol):
         self.client = client
         self.port: Any = None
         self.cids: set[bytes] = set()
-        self.lastSeen = router.clock.seconds()
+        self.lastSeen = self.started = router.clock.seconds()
+        #: The backend sent something on this flow.
+        self.answered = False
+        #: The client sent something after that: it receives what is sent
+        #: to its address, so the address is no spoofed one.
+        self.confirmed = False
 
     def send(self, data: bytes) -> None:
         self.lastSeen = self.router.clock.seconds()
@@ -123,8 +128,11 @@ class H3Backend:
     @param sendOut: sends a datagram to a client from TP's port.
     """
 
-    #: At most this many backend flows; new connections beyond are dropped.
+    #: At most this many confirmed backend flows; new connections beyond are dropped.
     MAX_FLOWS = 16384
+    #: At most this many flows not yet confirmed (L{BackendFlow.confirmed});
+    #: a new one beyond takes the oldest one's place.
+    MAX_UNCONFIRMED = 1024
     #: At most this many connection attempts whose ClientHello is not whole
     #: (one more makes the oldest give up its place).
     MAX_PENDING = 1024
@@ -147,6 +155,11 @@ class H3Backend:
         self.isTP = isTP
         self.hostCidLength = hostCidLength
         self.flows: dict[Any, BackendFlow] = {}
+        #: The flows not confirmed yet, oldest first: a packet from a
+        #: spoofed address (any non-Initial, or a forged Initial) opens a
+        #: flow and a socket, so those are bounded apart and forgotten
+        #: after L{HELLO_TIMEOUT} unless the client answers the backend.
+        self.unconfirmed: OrderedDict[Any, BackendFlow] = OrderedDict()
         self.byCid: dict[bytes, BackendFlow] = {}
         self.cidLengths: set[int] = set()
         self.pending: OrderedDict[tuple[Any, bytes], _Pending] = OrderedDict()
@@ -187,8 +200,23 @@ class H3Backend:
     def _move(self, flow: BackendFlow, addr: Any) -> None:
         if self.flows.get(flow.client) is flow:
             del self.flows[flow.client]
+        if self.unconfirmed.get(flow.client) is flow:
+            del self.unconfirmed[flow.client]
+            self.unconfirmed[addr] = flow
         flow.client = addr
         self.flows[addr] = flow
+
+    def fromClient(self, flow: BackendFlow, data: bytes) -> None:
+        """
+        A client's packet on its flow: to the backend.  The first after
+        the backend answered confirms the flow.
+        """
+        if not flow.confirmed and flow.answered:
+            flow.confirmed = True
+            if self.unconfirmed.get(flow.client) is flow:
+                del self.unconfirmed[flow.client]
+        self.toBackend += 1
+        flow.send(data)
 
     def forward(self, data: bytes, addr: Any) -> bool:
         """
@@ -200,14 +228,17 @@ class H3Backend:
             flow = self._newFlow(addr)
             if flow is None:
                 return False
-        self.toBackend += 1
-        flow.send(data)
+        self.fromClient(flow, data)
         return True
 
     def _newFlow(self, addr: Any) -> BackendFlow | None:
-        if len(self.flows) >= self.MAX_FLOWS:
+        if len(self.flows) - len(self.unconfirmed) >= self.MAX_FLOWS:
             self._drop("flows_full")
             return None
+        if len(self.unconfirmed) >= self.MAX_UNCONFIRMED:
+            oldAddr, oldest = next(iter(self.unconfirmed.items()))
+            self._forget(oldAddr, oldest)
+            self._drop("unconfirmed_replaced")
         flow = BackendFlow(self, addr)
         family = "::" if ":" in self.address[0] else "0.0.0.0"
         try:
@@ -219,6 +250,7 @@ class H3Backend:
             flow.close()
             return None
         self.flows[addr] = flow
+        self.unconfirmed[addr] = flow
         self.connections += 1
         self._sweepLater()
         return flow
@@ -283,6 +315,7 @@ class H3Backend:
         if self.flows.get(flow.client) is not flow:
             return  # forgotten
         self.fromBackendCount += 1
+        flow.answered = True
         if data and data[0] & 0x80:
             self._learn(flow, data)
         self.sendOut(data, flow.client)
@@ -309,7 +342,7 @@ class H3Backend:
 
     def _sweepLater(self) -> None:
         if self._sweeper is None or not self._sweeper.active():
-            self._sweeper = self.clock.callLater(IDLE / 4, self.sweep)
+            self._sweeper = self.clock.callLater(HELLO_TIMEOUT if self.unconfirmed or self.pending else IDLE / 4, self.sweep)
 
     def sweep(self) -> None:
         """
@@ -317,6 +350,11 @@ class H3Backend:
         did not come whole in time.
         """
         now = self.clock.seconds()
+        for addr, flow in list(self.unconfirmed.items()):
+            if now - flow.started < HELLO_TIMEOUT:
+                break
+            self._forget(addr, flow)
+            self._drop("unconfirmed_timeout")
         for addr, flow in list(self.flows.items()):
             if now - flow.lastSeen >= IDLE:
                 self._forget(addr, flow)
@@ -333,6 +371,8 @@ class H3Backend:
 
     def _forget(self, addr: Any, flow: BackendFlow) -> None:
         del self.flows[addr]
+        if self.unconfirmed.get(addr) is flow:
+            del self.unconfirmed[addr]
         for cid in flow.cids:
             if self.byCid.get(cid) is flow:
                 del self.byCid[cid]

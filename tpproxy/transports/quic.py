@@ -1211,8 +1211,7 @@ class QuicListener(DatagramProtocol):
         if backend is not None:
             flow = backend.flowOf(data, addr, header.destination_cid, not data[0] & 0x80)
             if flow is not None:
-                backend.toBackend += 1
-                flow.send(data)
+                backend.fromClient(flow, data)
                 return
         if self.forward is not None and not forwarded and header.packet_type != QuicPacketType.INITIAL:
             owner = slotOf(header.destination_cid)
