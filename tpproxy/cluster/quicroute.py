@@ -145,7 +145,6 @@ class QuicRouter(DatagramProtocol):
         self.myHost = _hostPort(store.instance.advertise)[0]
         self.slot: int | None = None
         self._keys: list[tuple[Any, bytes]] = []
-        self._claiming: Any = None
         self._returners: dict[tuple[int, int], Callable[[bytes, Any], None]] = {}
         self._lookups: dict[int, tuple[tuple[str, str, int] | None, float]] = {}
         self._retry: Any = None
@@ -168,8 +167,7 @@ class QuicRouter(DatagramProtocol):
         connection ids are unroutable (the instance still serves QUIC;
         only packets after an address change may not find it).
         """
-        self._claiming = self._claim()
-        return self._claiming
+        return self._claim()
 
     @defer.inlineCallbacks
     def _claim(self) -> Any:

@@ -20,7 +20,7 @@ from twisted.trial.unittest import TestCase
 from tpproxy.config import ConfigError, H3Backend, parseH3
 from tpproxy.test.h3peers import fetchWithChromium, makeProfile, requireChromium, startH3Server
 from tpproxy.test.support import Background, Echo, freePort, listenLocal, run, scrapeMetrics, tpCommand, twistCommand, waitForPort
-from tpproxy.testing import TestPKI
+from tpproxy.testing import TestPKI, loopbackServerTOML
 
 
 class ConfigTests(TestCase):
@@ -61,19 +61,7 @@ class SharedPortTests(TestCase):
         self.echoPort, self.echo = listenLocal(self, Echo)
         self.port, self.admin = freePort(), freePort()
         config = d / "tp.toml"
-        config.write_text(f"""
-[server]
-listen = "tcp:{self.port}:interface=127.0.0.1"
-certificate = "server.pem"
-key = "server.key"
-client_ca = "ca.pem"
-state_dir = "state"
-
-[[rules]]
-identities = "*"
-hosts = ["127.0.0.0/8"]
-ports = "*"
-
+        config.write_text(loopbackServerTOML(self.port, extra=f"""
 [router]
 backend = "tcp:127.0.0.1:{self.echoPort}"
 
@@ -82,7 +70,7 @@ backend = "udp:127.0.0.1:{self.h3port}"
 
 [admin]
 listen = "tcp:{self.admin}:interface=127.0.0.1"
-""")
+"""))
         self.client = d / "alice.toml"
         self.client.write_text(f'server = "127.0.0.1:{self.port}"\ncert = "{d / "alice.pem"}"\nkey = "{d / "alice.key"}"\nca = "{self.pki.caPath}"\n')
         self.server = Background(self, twistCommand() + ["--log-format=text", "--log-file=+", "tp", "--config", str(config)])

@@ -142,7 +142,7 @@ class H3Backend:
         reactor: IReactorUDP,
         clock: IReactorTime,
         address: tuple[str, int],
-        toTP: Callable[[Any, bytes, Any], None],
+        toTP: Callable[[bytes, Any], None],
         sendOut: Callable[[bytes, Any], None],
         isTP: Callable[[tuple[str, ...]], bool],
         hostCidLength: int = 8,
@@ -267,7 +267,7 @@ class H3Backend:
         now = self.clock.seconds()
         pending = self.pending.get(key)
         fresh = pending is None
-        if pending is None:
+        if fresh:
             self._expirePending(now)
             pending = _Pending(now)
         try:
@@ -295,7 +295,7 @@ class H3Backend:
         datagrams = pending.datagrams + [data]
         if self.isTP(hello.alpn):
             for datagram in datagrams:
-                self.toTP(None, datagram, addr)
+                self.toTP(datagram, addr)
             return
         for datagram in datagrams:
             if not self.forward(datagram, addr):

@@ -1081,7 +1081,7 @@ class QuicListener(DatagramProtocol):
             lambda alpn: TP_ALPN in alpn, self.configuration.connection_id_length,
         )
 
-    def _initialForTP(self, _: Any, data: bytes, addr: Any) -> None:
+    def _initialForTP(self, data: bytes, addr: Any) -> None:
         """
         An Initial datagram whose ClientHello offers C{tp/1}, read by the
         HTTP/3 backend's router: TP's own.
@@ -1090,10 +1090,17 @@ class QuicListener(DatagramProtocol):
         session = self.sessions.get(header.destination_cid)
         if session is not None:
             session.datagramReceived(data, addr)
-        elif self.draining:
-            self._drop("draining")
         else:
-            self._newConnection(header, data, addr)
+            self._admit(header, data, addr)
+
+    def _admit(self, header: Any, data: bytes, addr: Any) -> None:
+        """
+        A client's Initial for a new TP connection: none while draining.
+        """
+        if self.draining:
+            self._drop("draining")
+            return
+        self._newConnection(header, data, addr)
 
     def setCertificate(self, chain: list[x509.Certificate], key: Any) -> None:
         """
@@ -1234,10 +1241,7 @@ class QuicListener(DatagramProtocol):
         if backend is not None:
             backend.initial(data, addr, header.destination_cid)
             return
-        if self.draining:
-            self._drop("draining")
-            return
-        self._newConnection(header, data, addr)
+        self._admit(header, data, addr)
 
     def _drop(self, kind: str) -> None:
         self.dropped[kind] = self.dropped.get(kind, 0) + 1
