@@ -377,6 +377,14 @@ class QuicRoutingProcessTests(TwoWorkers, TestCase):
     """
 
     @defer.inlineCallbacks
+    def setUp(self) -> Any:
+        yield super().setUp()
+        # Connection ids drawn before a worker holds its slot are
+        # unroutable (docs/cluster.md): wait for both claims before the
+        # connection is made (a busy CI box once made it first).
+        yield logged(self.master, b"QUIC routing slot", times=2, timeout=60)
+
+    @defer.inlineCallbacks
     def metricSum(self, name: str, **labels: str) -> Any:
         """
         The sum over both workers' C{/metrics} of the samples C{name} with
