@@ -109,6 +109,8 @@ class ServerConfig:
     workers: int = 1
     #: Which worker this process is (C{twist tp --worker I}), else C{None}.
     worker: int | None = None
+    #: C{[webtransport]}: browsers as TP clients (docs/webtransport.md).
+    webtransport: WebTransportConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -330,6 +332,49 @@ class H3Backend:
 
     host: str
     port: int
+
+
+@dataclass(frozen=True)
+class WebTransportConfig:
+    """
+    C{[webtransport]}: browsers as TP clients over WebTransport, with
+    tokens minted on TP's TLS port (docs/webtransport.md).
+
+    @ivar path: the WebTransport URL path (C{/tp}); TP's HTTPS pages and
+        token endpoint live under it too.
+    @ivar origins: the page origins allowed to mint and use tokens
+        (C{https://app.example.org}); empty: the origins on TP's own
+        certificate names (C{https://NAME} and C{https://NAME:PORT}).
+    @ivar tokenLifetime: seconds a token lives (at most 60).
+    """
+
+    path: str = "/tp"
+    origins: tuple[str, ...] = ()
+    tokenLifetime: float = 30.0
+
+
+_ORIGIN = re.compile(r"https://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+def parseWebTransport(table: Any) -> WebTransportConfig | None:
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ConfigError("webtransport: expected a table")
+    _checkKeys(table, {"path", "origins", "token_lifetime"}, "webtransport")
+    path = table.get("path", "/tp")
+    if not isinstance(path, str) or not re.fullmatch(r"/[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*", path):
+        raise ConfigError(f"webtransport.path: expected an absolute path such as \"/tp\" (letters, digits, . _ ~ -), got {path!r}")
+    origins = table.get("origins", [])
+    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+        raise ConfigError("webtransport.origins: expected a list of origins such as \"https://app.example.org\"")
+    for origin in origins:
+        if not _ORIGIN.fullmatch(origin):
+            raise ConfigError(f"webtransport.origins: {origin!r} is not an https origin (https://HOST or https://HOST:PORT, no path)")
+    lifetime = table.get("token_lifetime", 30)
+    if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) or not 0 < lifetime <= 60:
+        raise ConfigError(f"webtransport.token_lifetime: expected seconds, more than 0 and at most 60, got {lifetime!r}")
+    return WebTransportConfig(path, tuple(o.lower() for o in origins), float(lifetime))
 
 
 def _udpBackend(value: Any) -> H3Backend:
@@ -627,7 +672,7 @@ def _quicAddresses(value: Any, listen: list[str]) -> tuple[tuple[str, int], ...]
 
 
 def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") -> ServerConfig:
-    _checkKeys(data, {"server", "deny", "groups", "rules", "exposures", "reverse", "e2e", "acme", "router", "limits", "admin", "cluster"}, "")
+    _checkKeys(data, {"server", "deny", "groups", "rules", "exposures", "reverse", "e2e", "acme", "router", "limits", "admin", "cluster", "webtransport"}, "")
     server = data.get("server")
     if not isinstance(server, dict):
         raise ConfigError("server: missing [server] table")
@@ -732,12 +777,21 @@ def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") 
         drainTimeout=_seconds(server, "drain_timeout", 10, "server"),
         stateDir=_resolvePath(base, server.get("state_dir", "state"), "server.state_dir", mustExist=False),
         workers=_workers(server.get("workers", 1)),
+        webtransport=parseWebTransport(data.get("webtransport")),
     )
     from tpproxy.workers import checkWorkers
 
     checkWorkers(config)
     if config.router is not None and config.router.h3 is not None and not config.quic:
         raise ConfigError("router.h3: an HTTP/3 answer needs QUIC (server.quic is false)")
+    if config.webtransport is not None:
+        if not config.quic:
+            raise ConfigError("webtransport: WebTransport runs on QUIC (server.quic is false)")
+        if config.router is not None and isinstance(config.router.h3, H3Backend):
+            raise ConfigError(
+                "webtransport: cannot go with router.h3.backend: both are HTTP/3 on TP's UDP port, and nothing in a "
+                "QUIC Initial tells a WebTransport session from a page load (docs/webtransport.md)"
+            )
     checkServerFiles(config)
     return config
 

@@ -29,7 +29,8 @@ from tpproxy.limits import HalfOpenCounter, HalfOpenGate, raiseFileLimit
 from tpproxy.memory import MemoryTrimmer
 from tpproxy.metrics import Metrics
 from tpproxy.pki import CertificateAuthority, loadCertificates, loadKey
-from tpproxy.protocols.server import TPServerFactory
+from tpproxy.protocols.server import HTTP11, TPServerFactory
+from tpproxy.wire import ALPN
 from tpproxy.reactors import IServerReactor
 from tpproxy.reload import Reloader
 from tpproxy.reverse.registry import Registry
@@ -71,7 +72,11 @@ def makeServerTLS(config: ServerConfig) -> ServerTLS:
     crls = (loadCRL(config.crl, cas),) if config.crl else ()
     checker = ClientCertChecker(config.deniedIdentities, config.deniedSerials, crls)
     chain, key = serverCertificate(config)
-    return ServerTLS(chain, key, cas, checker)
+    # With [webtransport], browsers fetch tokens over HTTPS on this port
+    # (after the same client-certificate handshake): http/1.1 comes after
+    # tp/1, so a client offering both is a TP client.
+    alpn = (ALPN, HTTP11) if config.webtransport is not None else (ALPN,)
+    return ServerTLS(chain, key, cas, checker, alpn=alpn)
 
 
 def makeIssuing(config: ServerConfig, reactor: IServerReactor, serverTLS: ServerTLS, clock: IReactorTime | None = None) -> IssuingService:
@@ -152,6 +157,13 @@ def makeServerFactory(
         store=store,
     )
     factory = TPServerFactory(config, reactor, serverTLS=serverTLS, registry=registry)
+    if config.webtransport is not None:
+        from tpproxy.web.site import makeSite
+        from tpproxy.webtoken import Gate
+
+        wt = config.webtransport
+        factory.gate = Gate(lambda: serverTLS.key, lambda: serverTLS.chain, wt.origins, wt.tokenLifetime, wt.path)  # type: ignore[attr-defined]
+        factory.web = makeSite(factory.gate, reactor)  # type: ignore[attr-defined]
     tlsFactory = TLSFactory(serverTLS, False, factory, clock=reactor)
     tlsFactory.issuing = issuing  # type: ignore[attr-defined]
     return tlsFactory
@@ -187,6 +199,8 @@ def makeQuicListener(config: ServerConfig, reactor: IServerReactor, factory: TPS
     )
     if backend is not None:
         listener.useH3Backend((backend.host, backend.port))
+    if config.webtransport is not None:
+        listener.useWebTransport(factory.gate)  # type: ignore[attr-defined]
     return listener
 
 

@@ -67,7 +67,7 @@ class TestPKI:
         C{groups}, C{exposures}, C{reverse}, C{e2e}, C{acme}, C{router}, C{limits} and C{admin}, which are
         tables of their own.
         """
-        extra = {name: server.pop(name) for name in ("deny", "groups", "exposures", "reverse", "e2e", "acme", "router", "limits", "admin") if name in server}
+        extra = {name: server.pop(name) for name in ("deny", "groups", "exposures", "reverse", "e2e", "acme", "router", "limits", "admin", "webtransport") if name in server}
         table: dict[str, Any] = {
             "listen": "tcp:0:interface=127.0.0.1",
             "certificate": "server.pem",

@@ -52,6 +52,8 @@ from tpproxy.wire import ALPN, ClientHello, ErrorCode, ServerHello
 __all__ = ["LINGER", "Outbound", "OutboundFactory", "TPServerFactory", "TPServerProtocol"]
 
 log = Logger(namespace="tpproxy.server")
+#: The ALPN of TP's HTTPS pages for browsers (with C{[webtransport]}).
+HTTP11 = b"http/1.1"
 audit = Logger(namespace="tpproxy.audit")
 
 #: How long a refused peer has to read its ServerHello before TP hangs up.
@@ -202,6 +204,9 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
         except (ValueError, AttributeError) as e:
             self.refuse(ErrorCode.FORBIDDEN, f"no usable identity in the client certificate: {e}")
             return
+        if self.transport.negotiatedProtocol == HTTP11 and self.factory.web is not None:  # type: ignore[union-attr]
+            self._serveWeb()
+            return
         self._watchExpiry()
         sniName = getattr(self.transport, "tpSNIName", None)
         if sniName is not None:
@@ -215,6 +220,22 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
             return
         self.result = "hello_timeout"
         self.setTimeout(self.factory.config.helloTimeout)
+
+    def _serveWeb(self) -> None:
+        """
+        A browser with a verified client certificate (ALPN C{http/1.1},
+        offered with C{[webtransport]}): TP's HTTPS pages and token endpoint
+        (L{tpproxy.web.site}) serve the connection from now on, in place of
+        this protocol.  It is no tunnel: no audit event of its own (a
+        minted token is audited).
+        """
+        self.setTimeout(None)
+        self.factory.live.discard(self)
+        self.state = ConnState.CLOSED
+        tls = self.transport
+        channel = self.factory.web.buildProtocol(tls.getPeer())  # type: ignore[union-attr]
+        tls.wrappedProtocol = channel  # type: ignore[union-attr]
+        channel.makeConnection(tls)
 
     def _watchExpiry(self) -> None:
         """
@@ -338,6 +359,10 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
         self.event = hello.op
         self.result = "aborted"  # until the request ends: the client left first
         assert self.identity is not None
+        allowed = getattr(self.transport, "tpOperations", None)
+        if allowed is not None and hello.op not in allowed:
+            self.refuse(ErrorCode.BAD_REQUEST, f"operation {hello.op!r} is not served over {self.transport.carrier}: only {', '.join(sorted(allowed))}")  # type: ignore[union-attr]
+            return
         over = self.factory.usage.admit(self.identity.name, hello.op, self.factory.config.limits, self.factory.reactor.seconds())
         if over is not None:
             self.refuse(ErrorCode.LIMIT_EXCEEDED, over)
@@ -552,6 +577,9 @@ class TPServerFactory(Factory):
         self.renewals = Renewals()
         #: The time certificates are checked against (Unix time).
         self.wallClock: Callable[[], float] = time.time
+        #: With C{[webtransport]}: the site (a L{twisted.web.server.Site})
+        #: that serves browsers on ALPN C{http/1.1} (L{tpproxy.web.site}).
+        self.web: Any = None
 
     def buildProtocol(self, addr: Any) -> TPServerProtocol:
         return TPServerProtocol(self)

@@ -140,11 +140,11 @@ class H3Responder:
     @param peer: for log messages.
     """
 
-    def __init__(self, conn: Any, response: H3Response, peer: str = "") -> None:
+    def __init__(self, conn: Any, response: H3Response, peer: str = "", webtransport: bool = False) -> None:
         self.conn = conn
         self.response = response
         self.peer = peer
-        self.http = H3Connection(conn)
+        self.http = H3Connection(conn, enable_webtransport=webtransport)
         #: Bytes received per request stream (at most MAX_REQUESTS entries).
         self.received: dict[int, int] = {}
         self.answered: set[int] = set()

@@ -935,8 +935,15 @@ class ServerSession(QuicSession):
     def handleEvent(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.ProtocolNegotiated):
             # Emitted inside the handshake, before any stream can exist.
-            if event.alpn_protocol == H3_ALPN and self.conn.tpAnonymous and self.listener.h3 is not None:
-                self.responder = H3Responder(self.conn, self.listener.h3, str(_address(self.peer)))
+            if event.alpn_protocol == H3_ALPN and self.conn.tpAnonymous:
+                if self.listener.webtransport is not None:
+                    from tpproxy.transports.webtransport import WebTransportResponder
+
+                    self.responder = WebTransportResponder(
+                        self.conn, self.listener.h3, str(_address(self.peer)), self, self.listener.webtransport
+                    )
+                elif self.listener.h3 is not None:
+                    self.responder = H3Responder(self.conn, self.listener.h3, str(_address(self.peer)))
             return
         if self.responder is not None and isinstance(event, _H3_EVENTS):
             self.responder.handleEvent(event)
@@ -981,6 +988,9 @@ class ServerSession(QuicSession):
     def terminated(self, event: events.ConnectionTerminated) -> None:
         super().terminated(event)
         refusal = self.conn.tpRefusal
+        ended = getattr(self.responder, "terminated", None)
+        if ended is not None:
+            ended(f"the QUIC connection closed: {event.reason_phrase or event.error_code}")
         if self.responder is not None:
             # A browser's connection: no TP identity, nothing to audit.
             log.debug(
@@ -1040,6 +1050,11 @@ class QuicListener(DatagramProtocol):
         elif h3 is None and H3_ALPN in protocols:
             raise ValueError("the QUIC configuration offers h3, but there is no H3 response")
         self.h3 = h3
+        #: With C{[webtransport]}: the L{tpproxy.webtoken.Gate} of browser
+        #: sessions (L{useWebTransport}).
+        self.webtransport: Any = None
+        #: WebTransport CONNECTs: accepted, and refused by reason.
+        self.webtransportSessions: dict[str, int] = {}
         self.reactor = reactor
         self.configuration = configuration
         self.verifier = verifier
@@ -1080,6 +1095,25 @@ class QuicListener(DatagramProtocol):
             self.reactor, self.reactor, address, self._initialForTP, self.sendOut,
             lambda alpn: TP_ALPN in alpn, self.configuration.connection_id_length,
         )
+
+    def useWebTransport(self, gate: Any) -> None:
+        """
+        Also serve WebTransport sessions of browsers (ALPN C{h3}, no client
+        certificate asked; identity from a token C{gate} checks:
+        L{tpproxy.transports.webtransport}).
+        """
+        if self.h3backend is not None:
+            raise ValueError("WebTransport and an HTTP/3 backend exclude each other")
+        self.webtransport = gate
+        protocols = list(self.configuration.alpn_protocols or [])
+        if H3_ALPN not in protocols:
+            self.configuration = dataclasses.replace(self.configuration, alpn_protocols=protocols + [H3_ALPN])
+
+    def webtransportAccepted(self) -> None:
+        self.webtransportSessions["accepted"] = self.webtransportSessions.get("accepted", 0) + 1
+
+    def webtransportRefused(self, reason: str) -> None:
+        self.webtransportSessions[reason] = self.webtransportSessions.get(reason, 0) + 1
 
     def _initialForTP(self, data: bytes, addr: Any) -> None:
         """
@@ -1315,7 +1349,7 @@ class QuicListener(DatagramProtocol):
             resetSecret=self.resetSecret,
         )
         conn.tpVerifier = self.verifier
-        if self.h3 is not None:
+        if self.h3 is not None or self.webtransport is not None:
             conn.tpAnonymousAlpn = frozenset({H3_ALPN})
         session = ServerSession(self, conn, addr, prefix)
         session.startDeadline(self.handshakeTimeout)

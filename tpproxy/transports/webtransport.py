@@ -1,0 +1,307 @@
+# -*- test-case-name: tpproxy.test.test_webtransport -*-
+"""
+WebTransport sessions on TP's QUIC listener: browsers as TP clients
+(issue 15; docs/webtransport.md).
+
+A browser's connection negotiates ALPN C{h3} and presents no client
+certificate (the WebTransport API has no way to).  Its extended CONNECT
+(C{:protocol webtransport}) on TP's path carries a token minted on TP's
+TLS port, where the browser did present its certificate
+(L{tpproxy.webtoken}); only with a valid token, from an allowed
+C{Origin}, is the session accepted, and it then is that certificate's
+identity.  Nothing of a stream is served before: a stream of a session
+that is not accepted is reset unread.
+
+Each bidirectional stream of an accepted session is a TP tunnel: the same
+L{tpproxy.protocols.server.TPServerProtocol} as a TLS connection or a QUIC
+stream serves it (ClientHello, policy, limits, audit with C{via:
+webtransport}).  UDP flows use the session's datagrams: each payload is the
+flow id (a QUIC variable-length integer) and the packet, as on TP's own
+QUIC.  Only C{connect} and C{udp} are served: a browser exposes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from aioquic.h3.events import DataReceived, DatagramReceived, HeadersReceived, WebTransportStreamDataReceived
+from aioquic.quic import events
+from twisted.logger import Logger
+
+from tpproxy.transports.h3 import H3Responder, H3Response
+from tpproxy.webtoken import Gate, Grant, TokenError
+
+log = Logger(namespace="tpproxy.webtransport")
+
+#: WebTransport sessions one QUIC connection may hold at once.
+MAX_SESSIONS = 4
+#: Refused CONNECTs after which the connection is closed.
+MAX_REFUSALS = 8
+#: The start of a WebTransport bidirectional stream: the signal value 0x41
+#: as a two-byte QUIC variable-length integer.
+_BIDI_SIGNAL = b"\x40\x41"
+#: What a request other than a WebTransport CONNECT gets, without
+#: C{[router.h3]}.
+NOT_FOUND = H3Response.page("Not found: this is a TP server.\n", "text/plain; charset=utf-8", status=404)
+
+
+def _streamTransport() -> type:
+    from tpproxy.transports.quic import QuicStreamTransport
+
+    class WebTransportStream(QuicStreamTransport):
+        """
+        A bidirectional stream of a WebTransport session, as a TP tunnel's
+        transport.
+        """
+
+        carrier = "webtransport"
+        #: What a browser may ask for (L{tpproxy.protocols.server}).
+        tpOperations = frozenset({"connect", "udp"})
+
+    return WebTransportStream
+
+
+class WebTransportSession:
+    """
+    One accepted session: what its streams' transports see as their
+    C{session} (the QUIC connection, its clock and transmit, and this
+    session's identity and UDP flows).
+
+    @ivar grant: the token it was opened with.
+    """
+
+    def __init__(self, responder: WebTransportResponder, server: Any, sessionId: int, grant: Grant, origin: str) -> None:
+        self.responder = responder
+        self.server = server
+        self.sessionId = sessionId
+        self.grant = grant
+        self.origin = origin
+        self.peerCertificate = grant.certificate
+        self.conn = server.conn
+        self.clock = server.clock
+        self.blocked = server.blocked
+        #: UDP flows by flow id (tpproxy.transports.udp).
+        self.flows: dict[int, Any] = {}
+        self.streams: dict[int, Any] = {}
+        self.closed = False
+
+    @property
+    def peer(self) -> Any:
+        return self.server.peer
+
+    def host(self) -> Any:
+        return self.server.host()
+
+    def transmitSoon(self) -> None:
+        self.server.transmitSoon()
+
+    def newStream(self, streamId: int) -> Any:
+        from tpproxy.transports.quic import _address
+
+        stream = _streamTransport()(self, streamId)
+        self.streams[streamId] = stream
+        self.server.streams[streamId] = stream
+        protocol = self.server.listener.factory.buildProtocol(_address(self.peer))
+        stream.attach(protocol)
+        protocol.handshakeCompleted()
+        return stream
+
+    def openStream(self, protocol: Any) -> Any:
+        raise NotImplementedError("TP opens no streams to a browser")
+
+    def streamEnded(self, stream: Any) -> None:
+        self.streams.pop(stream.streamId, None)
+        self.server.streamEnded(stream)
+
+    def datagramReceived(self, data: bytes) -> None:
+        from tpproxy.transports.udp import decodeFlowDatagram
+
+        decoded = decodeFlowDatagram(data)
+        if decoded is not None:
+            flow = self.flows.get(decoded[0])
+            if flow is not None:
+                flow.fromPeer(decoded[1])
+
+    def sendFlowDatagram(self, quarterId: int, payload: bytes) -> None:
+        from tpproxy.transports.udp import encodeFlowDatagram
+
+        if self.closed or self.server.closed:
+            return
+        self.responder.http.send_datagram(self.sessionId, encodeFlowDatagram(quarterId, payload))
+        self.server.transmitSoon()
+
+    def end(self, why: str) -> None:
+        """
+        The session is over (the browser closed it, or its connection
+        ended): so are its tunnels.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        for stream in list(self.streams.values()):
+            stream.abortConnection()
+        log.info("WebTransport session {session} of {identity} ended: {why}", session=self.sessionId, identity=self.grant and _identity(self.grant), why=why)
+
+
+def _identity(grant: Grant) -> str:
+    from tpproxy.pki import identityOf
+
+    try:
+        return identityOf(grant.certificate).name
+    except ValueError:
+        return "?"
+
+
+class WebTransportResponder(H3Responder):
+    """
+    The server side of a browser's HTTP/3 connection when WebTransport is
+    on: WebTransport CONNECTs on the gate's path open sessions (with a
+    token), other requests get C{response} (C{[router.h3]}) or 404.
+
+    @param server: the connection's L{tpproxy.transports.quic.ServerSession}.
+    @param gate: checks tokens and origins.
+    """
+
+    def __init__(self, conn: Any, response: H3Response | None, peer: str, server: Any, gate: Gate) -> None:
+        super().__init__(conn, response or NOT_FOUND, peer, webtransport=True)
+        self.server = server
+        self.gate = gate
+        self.sessions: dict[int, WebTransportSession] = {}
+        #: Client bidirectional streams that carry WebTransport (not
+        #: requests: no request limits apply; flow control does).
+        self.wtStreams: set[int] = set()
+        self.refusals = 0
+
+    def handleEvent(self, event: events.QuicEvent) -> None:
+        if self.closed:
+            return
+        if isinstance(event, events.StreamDataReceived):
+            streamId = event.stream_id
+            if streamId not in self.wtStreams:
+                if streamId % 4 == 0 and streamId not in self.received and event.data[:2] == _BIDI_SIGNAL:
+                    self.wtStreams.add(streamId)
+                elif not self._admit(streamId, len(event.data)):
+                    return
+        elif isinstance(event, events.StreamReset):
+            stream = self.server.streams.get(event.stream_id)
+            if stream is not None and event.stream_id in self.wtStreams:
+                stream.reset()
+            session = self.sessions.get(event.stream_id)
+            if session is not None:
+                self._endSession(session, "the browser reset the session's stream")
+            if event.stream_id in self.refused:
+                return
+        elif isinstance(event, events.StopSendingReceived):
+            if event.stream_id in self.refused:
+                return
+        elif not isinstance(event, events.DatagramFrameReceived):
+            return
+        for h3event in self.http.handle_event(event):
+            if isinstance(h3event, WebTransportStreamDataReceived):
+                self._streamData(h3event)
+            elif isinstance(h3event, DatagramReceived):
+                session = self.sessions.get(h3event.stream_id)
+                if session is not None:
+                    session.datagramReceived(h3event.data)
+            elif isinstance(h3event, HeadersReceived):
+                headers = dict(h3event.headers)
+                if headers.get(b":method") == b"CONNECT" and headers.get(b":protocol") == b"webtransport":
+                    self._connect(h3event, headers)
+                else:
+                    self._answer(h3event)
+            elif isinstance(h3event, DataReceived) and h3event.stream_ended:
+                session = self.sessions.get(h3event.stream_id)
+                if session is not None:
+                    self._endSession(session, "the browser closed it")
+
+    # --- sessions -------------------------------------------------------------
+
+    def _respond(self, streamId: int, status: int, body: str = "", end: bool = True) -> None:
+        headers = [(b":status", str(status).encode()), (b"sec-webtransport-http3-draft", b"draft02")]
+        if body:
+            headers.append((b"content-type", b"text/plain; charset=utf-8"))
+        self.http.send_headers(streamId, headers, end_stream=end and not body)
+        if body:
+            self.http.send_data(streamId, body.encode("utf-8"), end_stream=True)
+
+    def _connect(self, event: HeadersReceived, headers: dict[bytes, bytes]) -> None:
+        streamId = event.stream_id
+        if streamId in self.answered:
+            return
+        self.answered.add(streamId)
+        target = urlsplit(headers.get(b":path", b"").decode("utf-8", "replace"))
+        origin = headers[b"origin"].decode("utf-8", "replace") if b"origin" in headers else None
+        try:
+            if target.path != self.gate.path:
+                raise TokenError("wrong_path", f"WebTransport is served on {self.gate.path}, not {target.path[:100]!r}")
+            if len(self.sessions) >= MAX_SESSIONS:
+                raise TokenError("too_many_sessions", f"at most {MAX_SESSIONS} WebTransport sessions per connection")
+            token = parse_qs(target.query).get("token", [None])[0]
+            grant = self.gate.redeem(token, origin, self.server.clock.seconds())
+            from tpproxy.verify import leafRefusal
+
+            serverTLS = self.server.listener.factory.serverTLS
+            refused = leafRefusal(serverTLS.checker, grant.certificate) if serverTLS is not None else None
+            if refused is not None:
+                raise TokenError("certificate", f"the token's client certificate is refused now: {refused.reason}")
+        except TokenError as e:
+            self.refusals += 1
+            log.info(
+                "WebTransport session from {peer} (origin {origin}) refused: {reason} - {message}",
+                peer=self.peer, origin=origin, reason=e.reason, message=e.message,
+            )
+            self.server.listener.webtransportRefused(e.reason)
+            status = 404 if e.reason == "wrong_path" else 429 if e.reason in ("too_many_sessions", "busy") else 403
+            self._respond(streamId, status, f"{e.reason}: {e.message}\n")
+            if self.refusals >= MAX_REFUSALS:
+                self._close(0x107, "too many refused WebTransport sessions")  # H3_EXCESSIVE_LOAD
+            return
+        assert origin is not None
+        session = WebTransportSession(self, self.server, streamId, grant, origin)
+        self.sessions[streamId] = session
+        # An identity now: the connection's receive budget may grow as for
+        # tp/1 (it stays fixed for anonymous HTTP/3).
+        self.conn.tpAnonymous = False
+        self._respond(streamId, 200, end=False)
+        self.server.listener.webtransportAccepted()
+        log.info(
+            "WebTransport session {session} from {peer} as {identity} (origin {origin}, token {token})",
+            session=streamId, peer=self.peer, identity=_identity(grant), origin=origin, token=grant.id[:8],
+        )
+
+    def _streamData(self, event: WebTransportStreamDataReceived) -> None:
+        streamId = event.stream_id
+        stream = self.server.streams.get(streamId)
+        if stream is None:
+            session = self.sessions.get(event.session_id)
+            if session is None or session.closed or streamId % 4 != 0:
+                # Not an accepted session's (or a unidirectional stream,
+                # which TP has no use for): reset, unread.
+                self._refuseStream(streamId)
+                return
+            stream = session.newStream(streamId)
+        stream.received(event.data, event.stream_ended)
+
+    def _refuseStream(self, streamId: int) -> None:
+        if streamId in self.refused:
+            return
+        self.refused.add(streamId)
+        self.wtStreams.discard(streamId)
+        self._stop(streamId, 0x10C)  # H3_REQUEST_REJECTED
+        if streamId % 4 == 0:
+            try:
+                self.conn.reset_stream(streamId, 0x10C)
+            except ValueError:
+                pass
+
+    def _endSession(self, session: WebTransportSession, why: str) -> None:
+        self.sessions.pop(session.sessionId, None)
+        session.end(why)
+
+    def terminated(self, why: str) -> None:
+        """
+        The QUIC connection ended: so did its sessions.
+        """
+        for session in list(self.sessions.values()):
+            self._endSession(session, why)
