@@ -142,3 +142,74 @@ class BrowserTests(TestCase):
         self.assertEqual(result["address"], "127.0.0.1")
         self.assertEqual(echo.accepted, 1)
         self.assertEqual(self.quic.webtransportSessions.get("accepted"), 1)
+
+    @defer.inlineCallbacks
+    def test_forbidden(self) -> Any:
+        """
+        A destination the policy does not allow alice: the page gets a
+        TPError with code C{forbidden} and TP's own message; the refusal is
+        audited as alice's, via webtransport.
+        """
+        page = self.page({"do": "mint"}, {"do": "connect"}, {"do": "tcp", "host": "127.0.0.2", "port": 22})
+        result = yield page.waitFor(lambda r: r.get("do") == "tcp")
+        self.assertEqual(result.get("error"), "forbidden", result)
+        self.assertIn("alice", result["message"])
+        self.assertIn("127.0.0.2", result["message"])
+        refused = [e for e in audits(self.audits) if e.get("via") == "webtransport"]
+        self.assertEqual([(e["identity"], e["result"]) for e in refused], [("alice", "forbidden")])
+
+    @defer.inlineCallbacks
+    def test_refusedTokens(self) -> Any:
+        """
+        No token, an expired one, a replayed one, one for another origin
+        and one signed with another key: each session is refused before
+        anything is served (no tunnel is audited; the page never got a
+        session to open a stream on), and TP counts each reason.  A fresh
+        token still works after.
+        """
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from tpproxy import webtoken
+
+        gate = self.tp.gate
+        cert = loadCertificates(str(self.pki.directory / "alice.pem"))[0]
+        now = reactor.seconds()
+        expired = webtoken.mint(gate.keys()[0], cert, self.origin, now - 120, 30)
+        otherOrigin = webtoken.mint(gate.keys()[0], cert, "https://other.example", now, 30)
+        otherKey = webtoken.mint(webtoken.tokenKey(ec.generate_private_key(ec.SECP256R1())), cert, self.origin, now, 30)
+        page = self.page(
+            {"do": "connect", "token": ""},
+            {"do": "connect", "token": expired},
+            {"do": "connect", "token": otherOrigin},
+            {"do": "connect", "token": otherKey},
+            {"do": "mint"},
+            {"do": "connect"},
+            {"do": "close"},
+            {"do": "connect"},
+            {"do": "mint"},
+            {"do": "connect"},
+            {"do": "tcp", "host": "127.0.0.1", "port": listenLocal(self, Echo)[0]},
+        )
+        yield page.waitFor(lambda r: r.get("done"))
+        connects = [r for r in page.results if r.get("do") == "connect"]
+        self.assertEqual([r.get("connected", r.get("error")) for r in connects], ["session_refused"] * 4 + [True, "session_refused", True], connects)
+        self.assertEqual(
+            self.quic.webtransportSessions,
+            {"no_token": 1, "expired": 1, "wrong_audience": 1, "bad_signature": 1, "accepted": 2, "replayed": 1},
+        )
+        tunnels = [e for e in audits(self.audits) if e.get("via") == "webtransport"]
+        self.assertEqual([(e["identity"], e["result"]) for e in tunnels], [("alice", "ok")])
+
+    @defer.inlineCallbacks
+    def test_dnsOverUDP(self) -> Any:
+        """
+        A UDP flow from the page: a DNS query through TP to a resolver on
+        loopback, in WebTransport datagrams, and its answer back.
+        """
+        dns = DNSResponder()
+        port = reactor.listenUDP(0, dns, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        page = self.page({"do": "mint"}, {"do": "connect"}, {"do": "dns", "host": "127.0.0.1", "port": port.getHost().port, "name": "example.test"})
+        result = yield page.waitFor(lambda r: r.get("do") == "dns")
+        self.assertEqual((result.get("id"), result.get("answers"), result.get("address")), (True, 1, "192.0.2.53"), result)
+        self.assertEqual(dns.queries, 1)
