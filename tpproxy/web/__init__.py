@@ -1,5 +1,5 @@
 """
-Files TP serves to browsers: C{static/} holds TP.js (C{tp.js}) and the SSH
-demo (C{ssh.html}, C{ssh-demo.js}, C{xterm.css}), the latter two built from
-npm packages by C{web/build.sh} at the top of the repository.
+TP for browsers: the HTTPS pages and token endpoint on TP's TLS port
+(L{tpproxy.web.site}), and the files it serves (C{static/}: C{tp.js}, the
+SSH demo).  See docs/webtransport.md.
 """
