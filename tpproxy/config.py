@@ -351,6 +351,9 @@ class WebTransportConfig:
     path: str = "/tp"
     origins: tuple[str, ...] = ()
     tokenLifetime: float = 30.0
+    #: Serve browsers' HTTP/3 a short-lived certificate of TP's own, whose
+    #: hash pages get with their token (C{certificate_hashes}).
+    certificateHashes: bool = True
 
 
 _ORIGIN = re.compile(r"https://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
@@ -361,7 +364,7 @@ def parseWebTransport(table: Any) -> WebTransportConfig | None:
         return None
     if not isinstance(table, dict):
         raise ConfigError("webtransport: expected a table")
-    _checkKeys(table, {"path", "origins", "token_lifetime"}, "webtransport")
+    _checkKeys(table, {"path", "origins", "token_lifetime", "certificate_hashes"}, "webtransport")
     path = table.get("path", "/tp")
     if not isinstance(path, str) or not re.fullmatch(r"/[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*", path):
         raise ConfigError(f"webtransport.path: expected an absolute path such as \"/tp\" (letters, digits, . _ ~ -), got {path!r}")
@@ -374,7 +377,7 @@ def parseWebTransport(table: Any) -> WebTransportConfig | None:
     lifetime = table.get("token_lifetime", 30)
     if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) or not 0 < lifetime <= 60:
         raise ConfigError(f"webtransport.token_lifetime: expected seconds, more than 0 and at most 60, got {lifetime!r}")
-    return WebTransportConfig(path, tuple(o.lower() for o in origins), float(lifetime))
+    return WebTransportConfig(path, tuple(o.lower() for o in origins), float(lifetime), _bool(table, "certificate_hashes", True, "webtransport"))
 
 
 def _udpBackend(value: Any) -> H3Backend:

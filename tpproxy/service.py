@@ -163,6 +163,14 @@ def makeServerFactory(
 
         wt = config.webtransport
         factory.gate = Gate(lambda: serverTLS.key, lambda: serverTLS.chain, wt.origins, wt.tokenLifetime, wt.path)  # type: ignore[attr-defined]
+        if wt.certificateHashes:
+            from tpproxy.transports.webtransport import HashedCertificate
+            from tpproxy.webtoken import certificateHosts
+
+            if HashedCertificate.servable(serverTLS.key):
+                factory.gate.certificate = HashedCertificate(lambda: certificateHosts(serverTLS.chain[0]), reactor)  # type: ignore[attr-defined]
+            else:
+                log.warn("webtransport.certificate_hashes: TP's key is not ECDSA P-256, so browsers get TP's own certificate on WebTransport")
         factory.web = makeSite(factory.gate, reactor)  # type: ignore[attr-defined]
     tlsFactory = TLSFactory(serverTLS, False, factory, clock=reactor)
     tlsFactory.issuing = issuing  # type: ignore[attr-defined]

@@ -257,6 +257,10 @@ class Gate:
         self.path = path
         self._keys: list[tuple[Any, bytes]] = []
         self.verifier = TokenVerifier(self.keys)
+        #: What browsers' HTTP/3 connections are served, by hash
+        #: (L{tpproxy.transports.webtransport.HashedCertificate}), or
+        #: C{None}: TP's own certificate.
+        self.certificate: Any = None
         #: Tokens minted, and mints refused by reason.
         self.minted = 0
         self.refused: dict[str, int] = {}

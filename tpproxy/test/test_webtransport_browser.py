@@ -74,7 +74,15 @@ class Sink(Protocol):
 
 
 class BrowserTests(TestCase):
+    """
+    TP's own certificate on WebTransport too (C{certificate_hashes =
+    false}), from a private CA that the browser trusts in its NSS database
+    and, for QUIC, for an origin given to C{--origin-to-force-quic-on}.
+    """
+
     timeout = 180
+    #: webtransport.certificate_hashes
+    hashes = False
 
     @defer.inlineCallbacks
     def setUp(self) -> Any:
@@ -85,7 +93,8 @@ class BrowserTests(TestCase):
             {"identities": "alice", "hosts": ["127.0.0.1"], "ports": "*", "transports": ["tcp", "udp"]},
         ]
         config = self.pki.serverConfig(
-            rules, listen=f"tcp:{self.port}:interface=127.0.0.1", quic=[f"127.0.0.1:{self.port}"], webtransport={}
+            rules, listen=f"tcp:{self.port}:interface=127.0.0.1", quic=[f"127.0.0.1:{self.port}"],
+            webtransport={"certificate_hashes": self.hashes},
         )
         # The page comes over TCP from "localhost"; WebTransport goes to
         # 127.0.0.1, the origin QUIC is forced for (which makes Chromium
@@ -118,8 +127,9 @@ class BrowserTests(TestCase):
         self.audits = auditObserver(self)
 
     def page(self, *steps: dict[str, Any]) -> Any:
-        plan = quote(json.dumps({"steps": list(steps), "wt": self.wt}))
-        return openPage(self, f"{self.origin}/tp/wttest.html#{plan}", self.home, (f"127.0.0.1:{self.port}",))
+        plan = quote(json.dumps({"steps": list(steps), "wt": self.wt, "hashes": self.hashes}))
+        forced = () if self.hashes else (f"127.0.0.1:{self.port}",)
+        return openPage(self, f"{self.origin}/tp/wttest.html#{plan}", self.home, forced)
 
     @defer.inlineCallbacks
     def test_echoOneMegabyte(self) -> Any:
@@ -213,3 +223,31 @@ class BrowserTests(TestCase):
         result = yield page.waitFor(lambda r: r.get("do") == "dns")
         self.assertEqual((result.get("id"), result.get("answers"), result.get("address")), (True, 1, "192.0.2.53"), result)
         self.assertEqual(dns.queries, 1)
+
+
+class HashedCertificateTests(TestCase):
+    """
+    The default: browsers' HTTP/3 gets a short-lived certificate of TP's
+    own, whose hash the page receives with its token; no browser flag, and
+    the page and WebTransport on one origin.
+    """
+
+    timeout = 180
+    hashes = True
+    setUp = BrowserTests.setUp
+    page = BrowserTests.page
+
+    @defer.inlineCallbacks
+    def test_echoOverHashedCertificate(self) -> Any:
+        """
+        Chromium accepts TP's WebTransport certificate by the hash the
+        token endpoint gave, and 256 KiB go through and back.
+        """
+        echoPort, echo = listenLocal(self, Echo)
+        page = self.page({"do": "mint"}, {"do": "connect"}, {"do": "echo", "host": "127.0.0.1", "port": echoPort, "size": 256 * 1024, "seed": 5})
+        result = yield page.waitFor(lambda r: r.get("do") == "echo")
+        expected = hashlib.sha256(xorshift(256 * 1024, 5)).hexdigest()
+        self.assertEqual((result.get("sentSha"), result.get("receivedSha")), (expected, expected), page.results)
+        served = self.tp.gate.certificate.current()[0][0]
+        self.assertEqual(served.subject.rfc4514_string(), "CN=TP WebTransport")
+        self.assertLessEqual((served.not_valid_after_utc - served.not_valid_before_utc).days, 14)

@@ -166,6 +166,9 @@ class TPQuicConnection(QuicConnection):
     #: Whether one of those was negotiated: no client certificate was
     #: requested, and the connection's receive budget (MAX_DATA) is fixed.
     tpAnonymous = False
+    #: Gives (chain, key) served to an anonymous (h3) connection instead
+    #: of TP's own, or C{None} (TP's own).
+    tpAnonymousCertificate: Any = None
 
     #: The listener's stateless-reset secret: the server's connection IDs
     #: get tokens derived from it (L{resetToken}) instead of random ones.
@@ -239,6 +242,15 @@ class TPQuicConnection(QuicConnection):
             return
         self.tpAnonymous = alpn_protocol in self.tpAnonymousAlpn
         self.tls._request_client_certificate = not self.tpAnonymous
+        if self.tpAnonymous and self.tpAnonymousCertificate is not None:
+            # WebTransport's own certificate (served by hash,
+            # tpproxy.transports.webtransport.HashedCertificate): sent after
+            # this, and signed with a key of the kind the signature
+            # algorithm was chosen for (the listener checks they match).
+            chain, key = self.tpAnonymousCertificate()
+            self.tls.certificate = chain[0]
+            self.tls.certificate_chain = chain[1:]
+            self.tls.certificate_private_key = key
 
     def _write_connection_limits(self, builder: Any, space: Any) -> None:
         """
@@ -1351,6 +1363,9 @@ class QuicListener(DatagramProtocol):
         conn.tpVerifier = self.verifier
         if self.h3 is not None or self.webtransport is not None:
             conn.tpAnonymousAlpn = frozenset({H3_ALPN})
+        hashed = getattr(self.webtransport, "certificate", None)
+        if hashed is not None and hashed.servable(self.configuration.private_key):
+            conn.tpAnonymousCertificate = hashed.current
         session = ServerSession(self, conn, addr, prefix)
         session.startDeadline(self.handshakeTimeout)
         self.register(session, header.destination_cid)

@@ -46,6 +46,100 @@ _BIDI_SIGNAL = b"\x40\x41"
 NOT_FOUND = H3Response.page("Not found: this is a TP server.\n", "text/plain; charset=utf-8", status=404)
 
 
+class HashedCertificate:
+    """
+    The certificate TP serves to browsers' HTTP/3 connections when pages
+    pass its hash to C{new WebTransport(url, {serverCertificateHashes})}:
+    self-signed, ECDSA P-256, valid L{LIFETIME} (browsers accept at most 14
+    days), made anew L{RENEW} before it ends.  The page learns the hash
+    from the token endpoint, over the TLS connection it verified TP's own
+    certificate on, so trust still rests on TP's certificate; and a
+    browser needs no trust for a private CA on QUIC (which Chromium does
+    not extend from its NSS database to QUIC without a flag: measured).
+
+    @param hosts: gives the names and addresses it is for (TP's own).
+    """
+
+    LIFETIME = 10 * 86400.0
+    RENEW = 3 * 86400.0
+
+    def __init__(self, hosts: Any, clock: Any) -> None:
+        self.hosts = hosts
+        self.clock = clock
+        self._current: tuple[list[Any], Any, float] | None = None
+        self._previous: tuple[list[Any], Any, float] | None = None
+
+    @staticmethod
+    def servable(tpKey: Any) -> bool:
+        """
+        Whether it can stand in for a certificate of C{tpKey}: the TLS
+        signature algorithm is chosen from TP's key before ALPN tells a
+        browser from a TP client, so the kinds must match.
+        """
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        return isinstance(tpKey, ec.EllipticCurvePrivateKey) and isinstance(tpKey.curve, ec.SECP256R1)
+
+    def _make(self, now: float) -> tuple[list[Any], Any, float]:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+
+        from tpproxy.pki import newKey
+
+        key = newKey()
+        names: list[x509.GeneralName] = []
+        for host in sorted(self.hosts()):
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        start = datetime.datetime.fromtimestamp(now - 60, datetime.timezone.utc)
+        subject = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "TP WebTransport")])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(start + datetime.timedelta(seconds=self.LIFETIME))
+        )
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        cert = builder.sign(key, hashes.SHA256())
+        log.info("WebTransport certificate made, valid until {until:%Y-%m-%d %H:%M} UTC (served by hash)", until=cert.not_valid_after_utc)
+        return [cert], key, now - 60 + self.LIFETIME
+
+    def _fresh(self) -> tuple[list[Any], Any, float]:
+        now = self.clock.seconds()
+        if self._current is None or self._current[2] - now < self.RENEW:
+            self._previous = self._current
+            self._current = self._make(now)
+        return self._current
+
+    def current(self) -> tuple[list[Any], Any]:
+        chain, key, _ = self._fresh()
+        return chain, key
+
+    def hashes(self) -> list[str]:
+        """
+        The SHA-256 of the certificate served now (and of the one before,
+        while it is valid: a page may hold it across a renewal), base64.
+        """
+        import base64
+        import hashlib
+
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        self._fresh()
+        now = self.clock.seconds()
+        served = [c for c in (self._current, self._previous) if c is not None and c[2] > now]
+        return [base64.b64encode(hashlib.sha256(c[0][0].public_bytes(Encoding.DER)).digest()).decode() for c in served]
+
+
 def _streamTransport() -> type:
     from tpproxy.transports.quic import QuicStreamTransport
 

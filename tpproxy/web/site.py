@@ -126,6 +126,11 @@ class TokenResource(resource.Resource):
                 "identity": identity.name,
                 "expires": round(self.clock.seconds() + self.gate.lifetime, 3),
                 "url": f"https://{host}{self.gate.path}",
+                # For new WebTransport(url, {serverCertificateHashes}): the
+                # certificate TP serves there (tpproxy.transports.webtransport).
+                "serverCertificateHashes": [
+                    {"algorithm": "sha-256", "value": value} for value in (self.gate.certificate.hashes() if self.gate.certificate else ())
+                ],
             },
         )
 

@@ -1,8 +1,8 @@
 // tp.js: a browser as a TP client, over WebTransport (docs/webtransport.md).
 //
 //   import { mintToken, connect, TPError } from "/tp/tp.js";
-//   const { token, url } = await mintToken();        // POST /tp/token: needs the client certificate (TLS)
-//   const tp = await connect(url, token);             // one WebTransport session, one identity
+//   const minted = await mintToken();                 // POST /tp/token: needs the client certificate (TLS)
+//   const tp = await connect(minted.url, minted);     // one WebTransport session, one identity
 //   const tunnel = await tp.openTCP({ host: "10.0.0.5", port: 22 });
 //   tunnel.readable / tunnel.writable                 // WHATWG streams of Uint8Array
 //   const flow = await tp.openUDP({ host: "10.0.0.53", port: 53 });
@@ -257,10 +257,27 @@ export async function mintToken(endpoint = new URL("token", import.meta.url).hre
   return body;
 }
 
+function bytesOf(value) {
+  if (typeof value !== "string") return value;
+  return Uint8Array.from(atob(value), (c) => c.charCodeAt(0));
+}
+
 // One WebTransport session to TP at `url` (https://HOST:PORT/tp) with
-// `token`.  `options` go to the WebTransport constructor
-// (serverCertificateHashes, ...).
+// `token`: the string, or what mintToken() returned (then the hashes of the
+// certificate TP serves on WebTransport come with it, so the browser needs
+// no trust in TP's CA on QUIC).  `options` go to the WebTransport
+// constructor; serverCertificateHashes values may be base64 strings.
 export async function connect(url, token, options = {}) {
+  options = { ...options };
+  if (token && typeof token === "object") {
+    if (token.serverCertificateHashes && token.serverCertificateHashes.length && !options.serverCertificateHashes) {
+      options.serverCertificateHashes = token.serverCertificateHashes;
+    }
+    token = token.token;
+  }
+  if (options.serverCertificateHashes) {
+    options.serverCertificateHashes = options.serverCertificateHashes.map((h) => ({ algorithm: h.algorithm, value: bytesOf(h.value) }));
+  }
   const target = new URL(url);
   target.searchParams.set("token", token);
   let transport;
