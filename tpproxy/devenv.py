@@ -11,6 +11,7 @@ import datetime
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from twisted.logger import Logger
@@ -93,6 +94,10 @@ identities = ["group:dev"]
 public_ports = "1024-65535"
 names = ["*.localhost"]
 dialers = ["group:dev"]
+
+# Browsers as TP clients (docs/webtransport.md): with client.p12 imported,
+# https://localhost:{port}/tp/ serves tp.js and the SSH demo.
+[webtransport]
 """
 
 CLIENT_TOML = """\
@@ -114,7 +119,26 @@ def issueClient(home: Path, name: str, hours: float = DEV_CLIENT_HOURS, stem: st
     stem = stem or name
     issued = ca.issue(name, client=True, hours=hours)
     issued.write(home / f"{stem}.pem", home / f"{stem}.key")
+    if stem == "client":
+        writeBrowserBundle(home, issued, ca)
     return home / f"{stem}.pem"
+
+
+#: The password of the dev client's PKCS#12 file (browsers refuse to
+#: import one without).
+P12_PASSWORD = "tp"
+
+
+def writeBrowserBundle(home: Path, issued: Any, ca: CertificateAuthority) -> Path:
+    """
+    The dev client certificate and key as C{client.p12}, for a browser's
+    certificate store (docs/webtransport.md).
+    """
+    from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
+
+    data = pkcs12.serialize_key_and_certificates(b"TP dev client", issued.key, issued.cert, [ca.cert], BestAvailableEncryption(P12_PASSWORD.encode()))
+    writePrivate(home / "client.p12", data)
+    return home / "client.p12"
 
 
 def initDev(home: Path, port: int = DEV_PORT) -> Path:
@@ -132,7 +156,7 @@ def initDev(home: Path, port: int = DEV_PORT) -> Path:
     listen = [f'"tcp:{port}:interface=127.0.0.1"']
     if _ipv6LoopbackWorks():
         listen.append(f"'tcp6:{port}:interface=\\:\\:1'")
-    (home / "server.toml").write_text(SERVER_TOML.format(listen=", ".join(listen), identity=DEV_IDENTITY))
+    (home / "server.toml").write_text(SERVER_TOML.format(listen=", ".join(listen), identity=DEV_IDENTITY, port=port))
     (home / "client.toml").write_text(CLIENT_TOML.format(port=port))
     return home
 
@@ -162,3 +186,9 @@ def announce(home: Path) -> None:
         home=str(home),
         client=str(home / "client.toml"),
     )
+    if "[webtransport]" in (home / "server.toml").read_text():
+        log.info(
+            "In a browser: trust {ca} for web sites, import {p12} (password \"{password}\"), then open "
+            "https://localhost:{port}/tp/ssh.html (SSH in the browser; docs/webtransport.md)",
+            ca=str(home / "ca.pem"), p12=str(home / "client.p12"), password=P12_PASSWORD, port=DEV_PORT,
+        )

@@ -461,6 +461,23 @@ def makeMetrics(
         lambda: {(): sum(q.forwarded for q in quicListeners)}, counter=True,
     )
     metrics.gauge("tp_tunnels", "Live tunnels (ClientHello answered or being served), by carrier and operation", ("via", "op"), lambda: _tunnels(tp))
+    gate = getattr(tp, "gate", None)
+    if gate is not None:
+
+        def sessions() -> dict[tuple[str, ...], float]:
+            counts: dict[tuple[str, ...], float] = {}
+            for q in quicListeners:
+                for result, n in q.webtransportSessions.items():
+                    counts[(result,)] = counts.get((result,), 0) + n
+            return counts
+
+        metrics.gauge(
+            "tp_webtransport_sessions", "WebTransport CONNECTs: accepted, or refused by reason (docs/webtransport.md)", ("result",), sessions, counter=True,
+        )
+        metrics.gauge(
+            "tp_webtransport_tokens", "WebTransport tokens: minted, or refused by reason", ("result",),
+            lambda: {("minted",): gate.minted, **{(reason,): n for reason, n in gate.refused.items()}}, counter=True,
+        )
     metrics.gauge(
         "tp_identities_active", "Identities with at least one live tunnel", (), lambda: {(): len(tp.usage.byIdentity)}
     )

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.application.service import IServiceCollection
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
@@ -167,6 +168,16 @@ class DevEnvironmentTests(SynchronousTestCase):
         self.assertTrue(decision.allowed, decision)
         self.assertFalse(config.policy.check("dev", "10.0.0.1", "10.0.0.1", 22, "tcp").allowed)
         self.assertIn('server = "localhost:18999"', (home / "client.toml").read_text())
+        # Browsers (docs/webtransport.md): WebTransport on, and the client
+        # certificate as a PKCS#12 file with the documented password.
+        from cryptography.hazmat.primitives.serialization import pkcs12
+
+        from tpproxy.devenv import P12_PASSWORD
+
+        self.assertIsNotNone(config.webtransport)
+        self.assertEqual(stat.S_IMODE((home / "client.p12").stat().st_mode), 0o600)
+        bundle = pkcs12.load_pkcs12((home / "client.p12").read_bytes(), P12_PASSWORD.encode())
+        self.assertEqual(bundle.cert.certificate.public_bytes(Encoding.PEM), (home / "client.pem").read_bytes())
 
     def test_ensureRenewsExpiringClient(self) -> None:
         """
@@ -183,6 +194,11 @@ class DevEnvironmentTests(SynchronousTestCase):
         ensureDevEnvironment(home)
         self.assertEqual((home / "ca.pem").read_bytes(), ca)
         self.assertNotEqual((home / "client.pem").read_bytes(), before)
+        # The browser's copy is renewed with it.
+        from cryptography.hazmat.primitives.serialization import pkcs12
+
+        bundle = pkcs12.load_pkcs12((home / "client.p12").read_bytes(), b"tp")
+        self.assertEqual(bundle.cert.certificate.public_bytes(Encoding.PEM), (home / "client.pem").read_bytes())
         after = (home / "client.pem").read_bytes()
         ensureDevEnvironment(home)
         self.assertEqual((home / "client.pem").read_bytes(), after)
