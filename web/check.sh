@@ -21,4 +21,10 @@ for f in ssh-demo.js xterm.css THIRD-PARTY-LICENSES.txt; do
     status=1
   fi
 done
+recorded=$(grep -o 'sha256 [0-9a-f]*  ssh-demo.js' README.md | cut -d' ' -f2)
+built=$(sha256sum <"$tmp/out/ssh-demo.js" | cut -d' ' -f1)
+if [ "$recorded" != "$built" ]; then
+  echo "DIFFERENT: web/README.md records sha256 $recorded for ssh-demo.js, the build makes $built" >&2
+  status=1
+fi
 exit $status

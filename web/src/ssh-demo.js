@@ -17,6 +17,7 @@ import {
   SshAlgorithms,
   SshAuthenticationType,
   SshClientSession,
+  SshDisconnectReason,
   SshSessionConfiguration,
 } from "@microsoft/dev-tunnels-ssh";
 import { Terminal } from "@xterm/xterm";
@@ -100,7 +101,9 @@ function sshConfiguration() {
 }
 
 function describe(error) {
-  if (error && typeof error.code === "string") return { code: error.code, message: error.message };
+  // TP.js's TPError keeps TP's own words in .detail (its .message starts
+  // with the code).
+  if (error && typeof error.code === "string") return { code: error.code, message: error.detail || error.message };
   return { code: "error", message: error && error.message ? error.message : String(error) };
 }
 
@@ -158,6 +161,17 @@ export function start(tp, root = document) {
 
   async function run(values) {
     const port = Number(values.port || 22);
+    // The key first: a key that cannot be used needs no tunnel.
+    const credentials = { username: values.user };
+    if (values.key && values.key.trim()) {
+      try {
+        credentials.publicKeys = [await importPrivateKey(values.key, values.passphrase)];
+      } catch (e) {
+        throw new DemoError("bad_key", `The private key could not be read: ${e.message}`);
+      }
+    } else {
+      credentials.password = values.password || "";
+    }
     say("Getting a token from TP...");
     const minted = await tp.mintToken();
     // The URL field, else the one TP sends with the token, else this site's.
@@ -180,30 +194,26 @@ export function start(tp, root = document) {
       }
     });
     ssh.onClosed((e) => {
-      log("closed", { reason: e.reason, message: e.message || "" });
+      // reason 0 (none): closed here, e.g. disposed after an error.
+      log("closed", { reason: e.reason, message: e.reason ? e.message || "" : "" });
       if (active && active.ssh === ssh) {
         say(`SSH session closed${e.message ? ": " + e.message : ""}.`, Boolean(e.error));
       }
     });
     say(`SSH to ${tunnel.address || values.host}...`);
-    await ssh.connect(new TunnelStream(tunnel));
+    try {
+      await ssh.connect(new TunnelStream(tunnel));
+    } catch (e) {
+      const hint = /ed25519/i.test(e.message)
+        ? " (this browser SSH client has no Ed25519: the server needs an ECDSA or RSA host key)"
+        : "";
+      throw new DemoError("ssh_failed", `SSH with ${values.host}:${port} failed: ${e.message}${hint}`);
+    }
     if (!(await ssh.authenticateServer())) {
       throw hostKeyError || new DemoError("hostkey_refused", "The server's host key was refused.");
     }
 
     say(`Authenticating as ${values.user}...`);
-    const credentials = { username: values.user };
-    if (values.key && values.key.trim()) {
-      let keyPair;
-      try {
-        keyPair = await importPrivateKey(values.key, values.passphrase);
-      } catch (e) {
-        throw new DemoError("bad_key", `The private key could not be read: ${e.message}`);
-      }
-      credentials.publicKeys = [keyPair];
-    } else {
-      credentials.password = values.password || "";
-    }
     if (!(await ssh.authenticateClient(credentials))) {
       throw new DemoError("auth_failed", `The server refused the ${credentials.publicKeys ? "key" : "password"} for ${values.user}.`);
     }
@@ -224,7 +234,7 @@ export function start(tp, root = document) {
     });
     channel.onClosed(() => {
       say("The shell ended.");
-      ssh.close(0).catch(() => {});
+      ssh.close(SshDisconnectReason.byApplication, "The shell ended.").catch(() => {});
     });
     if (!(await channel.request(new PtyRequestMessage("xterm-256color", terminal.cols, terminal.rows)))) {
       throw new DemoError("pty_refused", "The server refused a terminal (pty-req).");
