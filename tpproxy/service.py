@@ -461,8 +461,8 @@ def makeMetrics(
         lambda: {(): sum(q.forwarded for q in quicListeners)}, counter=True,
     )
     metrics.gauge("tp_tunnels", "Live tunnels (ClientHello answered or being served), by carrier and operation", ("via", "op"), lambda: _tunnels(tp))
-    gate = getattr(tp, "gate", None)
-    if gate is not None:
+    tokens = getattr(tp, "gate", None)
+    if tokens is not None:
 
         def sessions() -> dict[tuple[str, ...], float]:
             counts: dict[tuple[str, ...], float] = {}
@@ -476,7 +476,7 @@ def makeMetrics(
         )
         metrics.gauge(
             "tp_webtransport_tokens", "WebTransport tokens: minted, or refused by reason", ("result",),
-            lambda: {("minted",): gate.minted, **{(reason,): n for reason, n in gate.refused.items()}}, counter=True,
+            lambda: {("minted",): tokens.minted, **{(reason,): n for reason, n in tokens.refused.items()}}, counter=True,
         )
     metrics.gauge(
         "tp_identities_active", "Identities with at least one live tunnel", (), lambda: {(): len(tp.usage.byIdentity)}
