@@ -102,7 +102,7 @@ class BrowserTests(TestCase):
         # onto HTTP/3, where TP asks for no client certificate).
         self.origin = f"https://localhost:{self.port}"
         self.wt = f"https://127.0.0.1:{self.port}/tp"
-        factory = makeServerFactory(config, reactor)
+        factory = self.factory = makeServerFactory(config, reactor)
         tp = factory.wrappedFactory
         self.tp = tp
         static = Path(self.mktemp())
@@ -209,6 +209,20 @@ class BrowserTests(TestCase):
         )
         tunnels = [e for e in audits(self.audits) if e.get("via") == "webtransport"]
         self.assertEqual([(e["identity"], e["result"]) for e in tunnels], [("alice", "ok")])
+        # What an operator scrapes says the same.
+        from prometheus_client import generate_latest
+
+        from tpproxy.limits import HalfOpenCounter
+        from tpproxy.service import makeMetrics
+
+        text = generate_latest(makeMetrics(reactor, self.factory, HalfOpenCounter(10, 10), [self.quic]).registry).decode()
+        for line in (
+            'tp_webtransport_sessions_total{result="accepted"} 2.0',
+            'tp_webtransport_sessions_total{result="replayed"} 1.0',
+            'tp_webtransport_sessions_total{result="expired"} 1.0',
+            'tp_webtransport_tokens_total{result="minted"} 2.0',
+        ):
+            self.assertIn(line, text)
 
     @defer.inlineCallbacks
     def test_dnsOverUDP(self) -> Any:
