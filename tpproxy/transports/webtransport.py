@@ -389,6 +389,13 @@ class WebTransportResponder(H3Responder):
             except ValueError:
                 pass
 
+    def _refuse(self, streamId: int, code: int) -> None:
+        super()._refuse(streamId, code)
+        session = self.sessions.get(streamId)
+        if session is not None:
+            # Too much on the session's own stream (capsules): it ends.
+            self._endSession(session, f"its CONNECT stream was refused ({code:#x})")
+
     def _endSession(self, session: WebTransportSession, why: str) -> None:
         self.sessions.pop(session.sessionId, None)
         session.end(why)
