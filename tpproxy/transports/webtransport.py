@@ -265,6 +265,8 @@ class WebTransportResponder(H3Responder):
         #: Client bidirectional streams that carry WebTransport (not
         #: requests: no request limits apply; flow control does).
         self.wtStreams: set[int] = set()
+        #: The first byte of streams that may be WebTransport's (L{_sniff}).
+        self._heads: dict[int, bytes] = {}
         self.refusals = 0
 
     def handleEvent(self, event: events.QuicEvent) -> None:
@@ -273,9 +275,8 @@ class WebTransportResponder(H3Responder):
         if isinstance(event, events.StreamDataReceived):
             streamId = event.stream_id
             if streamId not in self.wtStreams:
-                if streamId % 4 == 0 and streamId not in self.received and event.data[:2] == _BIDI_SIGNAL:
-                    self.wtStreams.add(streamId)
-                elif not self._admit(streamId, len(event.data)):
+                self._sniff(streamId, event.data)
+                if streamId not in self.wtStreams and not self._admit(streamId, len(event.data)):
                     return
         elif isinstance(event, events.StreamReset):
             stream = self.server.streams.get(event.stream_id)
@@ -309,6 +310,25 @@ class WebTransportResponder(H3Responder):
                 if session is not None:
                     self._endSession(session, "the browser closed it")
 
+    def _sniff(self, streamId: int, data: bytes) -> None:
+        """
+        Tell a WebTransport stream from a request by its first two bytes
+        (the signal 0x41), which QUIC may deliver in two pieces: a stream
+        whose first byte could start the signal is an HTTP request (and
+        counted as one) until its second byte says otherwise.
+        """
+        if streamId % 4 != 0 or streamId in self.refused:
+            return
+        seen = self.received.get(streamId, 0)
+        if seen >= 2:
+            return
+        head = self._heads.pop(streamId, b"") + data[: 2 - seen]
+        if head == _BIDI_SIGNAL:
+            self.wtStreams.add(streamId)
+            self.received.pop(streamId, None)  # not a request after all
+        elif len(head) < 2 and _BIDI_SIGNAL.startswith(head):
+            self._heads[streamId] = head
+
     # --- sessions -------------------------------------------------------------
 
     def _respond(self, streamId: int, status: int, body: str = "", end: bool = True) -> None:
@@ -333,12 +353,9 @@ class WebTransportResponder(H3Responder):
                 raise TokenError("too_many_sessions", f"at most {MAX_SESSIONS} WebTransport sessions per connection")
             token = parse_qs(target.query).get("token", [None])[0]
             grant = self.gate.redeem(token, origin, self.server.clock.seconds())
-            from tpproxy.verify import leafRefusal
-
-            serverTLS = self.server.listener.factory.serverTLS
-            refused = leafRefusal(serverTLS.checker, grant.certificate) if serverTLS is not None else None
+            refused = self._certificateRefusal(grant)
             if refused is not None:
-                raise TokenError("certificate", f"the token's client certificate is refused now: {refused.reason}")
+                raise TokenError("certificate", f"the token's client certificate is refused now: {refused}")
         except TokenError as e:
             self.refusals += 1
             log.info(
@@ -374,8 +391,41 @@ class WebTransportResponder(H3Responder):
                 # which TP has no use for): reset, unread.
                 self._refuseStream(streamId)
                 return
+            refused = self._certificateRefusal(session.grant)
+            if refused is not None:
+                # A reload denied or revoked the identity since the session
+                # opened (its tunnels were closed then): no new ones.
+                self._refuseStream(streamId)
+                self._endSession(session, f"its certificate is refused now: {refused}")
+                self._respondEnd(event.session_id)
+                return
             stream = session.newStream(streamId)
         stream.received(event.data, event.stream_ended)
+
+    def _certificateRefusal(self, grant: Grant) -> str | None:
+        """
+        Why the certificate of C{grant} is refused now (expired, or denied
+        or revoked by TP's current checks), or C{None}.
+        """
+        from tpproxy.verify import leafRefusal
+
+        cert = grant.certificate
+        if cert.not_valid_after_utc.timestamp() <= self.server.listener.factory.wallClock():
+            return "it expired"
+        serverTLS = self.server.listener.factory.serverTLS
+        refused = leafRefusal(serverTLS.checker, cert) if serverTLS is not None else None
+        return None if refused is None else refused.reason
+
+    def _respondEnd(self, sessionId: int) -> None:
+        """
+        Close a session's CONNECT stream from TP's side (FIN): the browser
+        sees the session end.
+        """
+        try:
+            self.conn.send_stream_data(sessionId, b"", end_stream=True)
+        except (ValueError, AssertionError, RuntimeError):
+            pass
+        self.server.transmitSoon()
 
     def _refuseStream(self, streamId: int) -> None:
         if streamId in self.refused:
