@@ -266,9 +266,18 @@ class Gate:
         self.refused: dict[str, int] = {}
 
     def keys(self) -> list[bytes]:
+        """
+        The current token key, then the previous one (a reload that loads
+        the same key file again changes nothing: keys are compared by
+        value).
+        """
         key = self.privateKey()
         if not self._keys or self._keys[0][0] is not key:
-            self._keys = [(key, tokenKey(key))] + self._keys[:1]
+            derived = tokenKey(key)
+            if self._keys and self._keys[0][1] == derived:
+                self._keys[0] = (key, derived)
+            else:
+                self._keys = [(key, derived)] + self._keys[:1]
         return [k for _, k in self._keys]
 
     def originAllowed(self, origin: str | None) -> bool:

@@ -191,6 +191,34 @@ class StreamTests(QuicTestCase):
         self.assertIn(b"forbidden", result.err)
 
 
+class RevokedConnectionTests(QuicTestCase):
+    @defer.inlineCallbacks
+    def test_deniedSinceHandshake(self) -> Any:
+        """
+        Alice's QUIC connection is open, with one tunnel done, when a
+        reload puts her on the deny list: a new stream on the same
+        connection is not served, and the connection is closed.
+        """
+        from tpproxy.verify import ClientCertChecker
+
+        echoPort, echo = listenLocal(self, Echo)
+        self.startTP()
+        session = connectQuic(reactor, ("127.0.0.1", self.port), self.quicConfig("alice"))
+        self.addCleanup(self.closeSession, session)
+        yield session.ready
+        ready: defer.Deferred[Any] = defer.Deferred()
+        session.openStream(TPClientProtocol(ClientHello.connect("127.0.0.1", echoPort), ready))
+        end = yield ready
+        end.transport.loseConnection()
+        serverTLS = self.tpFactory.wrappedFactory.serverTLS
+        serverTLS.reconfigure(serverTLS.clientCAs, ClientCertChecker(deniedIdentities=frozenset({"alice"})))
+        again: defer.Deferred[Any] = defer.Deferred()
+        session.openStream(TPClientProtocol(ClientHello.connect("127.0.0.1", echoPort), again))
+        yield self.assertFailure(again, Exception)
+        yield session.done.addTimeout(10, reactor)
+        self.assertEqual(echo.accepted, 1)
+
+
 class FallbackTests(QuicTestCase):
     @defer.inlineCallbacks
     def test_noQuicListener(self) -> Any:

@@ -984,12 +984,39 @@ class ServerSession(QuicSession):
             # of a tp/1 connection with a client certificate.
             self.conn.stop_stream(streamId, STREAM_ABORTED)
             return None
+        refused = self.certificateRefusal()
+        if refused is not None:
+            # A reload denied or revoked the identity since the handshake
+            # (its live tunnels were closed then), or the certificate
+            # expired: no new tunnel, and the connection ends.
+            log.info("QUIC connection of {identity} from {peer} closed: {reason}", identity=self.identity, peer=_address(self.peer), reason=refused)
+            self.conn.stop_stream(streamId, STREAM_ABORTED)
+            self.close(CLOSE_REFUSED, refused[:100])
+            return None
         stream = QuicStreamTransport(self, streamId)
         self.streams[streamId] = stream
         protocol = self.listener.factory.buildProtocol(_address(self.peer))
         stream.attach(protocol)
         protocol.handshakeCompleted()
         return stream
+
+    def certificateRefusal(self) -> str | None:
+        """
+        Why this connection's client certificate would be refused now (TP's
+        current deny lists and CRLs, or its expiry), or C{None}: checked
+        for each new stream, since a connection outlives reloads.
+        """
+        from tpproxy.verify import leafRefusal
+
+        cert = self.peerCertificate
+        factory = self.listener.factory
+        if cert is None:
+            return "no client certificate"
+        if getattr(factory.config, "disconnectExpiredCert", True) and cert.not_valid_after_utc.timestamp() <= factory.wallClock():
+            return "the client certificate expired"
+        serverTLS = getattr(factory, "serverTLS", None)
+        refused = leafRefusal(serverTLS.checker, cert) if serverTLS is not None else None
+        return None if refused is None else f"the client certificate is refused now: {refused.reason}"
 
     def connectionIdIssued(self, cid: bytes) -> None:
         self.listener.register(self, cid)

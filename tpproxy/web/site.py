@@ -27,6 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import resource, server, static
 from twisted.web.iweb import IRequest
+from twisted.web.util import Redirect
 
 from tpproxy.pki import identityOf
 from tpproxy.webtoken import Gate, TokenError
@@ -140,10 +141,16 @@ class TokenResource(resource.Resource):
         return _json(request, 405, {"error": "method", "message": "POST for a token"})
 
 
+#: What the static files are served as (module scripts in UTF-8).
+CONTENT_TYPES = {".js": "text/javascript; charset=utf-8", ".mjs": "text/javascript; charset=utf-8", ".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8"}
+
+
 class _Files(static.File):
     """
     The static files, without directory listings.
     """
+
+    contentTypes = {**static.File.contentTypes, **CONTENT_TYPES}
 
     def directoryListing(self) -> resource.Resource:
         return resource.NoResource("Not found")
@@ -163,11 +170,10 @@ class _Root(resource.Resource):
         super().__init__()
         self.putChild(b"token", TokenResource(gate, clock))
         self.files = _Files(staticDir)
-        self.files.contentTypes = {**self.files.contentTypes, ".js": "text/javascript; charset=utf-8", ".mjs": "text/javascript; charset=utf-8"}
 
     def getChild(self, path: bytes, request: IRequest) -> resource.Resource:
         if path == b"":
-            return resource.Redirect(b"ssh.html")
+            return Redirect(b"ssh.html")
         return self.files.getChild(path, request)
 
 
