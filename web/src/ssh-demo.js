@@ -177,7 +177,9 @@ export function start(tp, root = document) {
     // The URL field, else the one TP sends with the token, else this site's.
     const url = values.url || minted.url || `${location.origin}/tp`;
     say(`Connecting to ${url}...`);
-    const tpSession = await tp.connect(url, minted.token);
+    // The whole answer: with it TP.js also passes the hashes of the
+    // certificate TP serves on WebTransport, when TP sends them.
+    const tpSession = await tp.connect(url, minted);
     active = { tpSession, ssh: null };
     say(`Opening a tunnel to ${values.host}:${port}...`);
     const tunnel = await tpSession.openTCP({ host: values.host, port });
