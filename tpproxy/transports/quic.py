@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import hmac
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -1012,7 +1013,9 @@ class ServerSession(QuicSession):
         factory = self.listener.factory
         if cert is None:
             return "no client certificate"
-        if getattr(factory.config, "disconnectExpiredCert", True) and cert.not_valid_after_utc.timestamp() <= factory.wallClock():
+        config = getattr(factory, "config", None)
+        wallClock = getattr(factory, "wallClock", time.time)
+        if getattr(config, "disconnectExpiredCert", True) and cert.not_valid_after_utc.timestamp() <= wallClock():
             return "the client certificate expired"
         serverTLS = getattr(factory, "serverTLS", None)
         refused = leafRefusal(serverTLS.checker, cert) if serverTLS is not None else None
