@@ -39,8 +39,12 @@ from tpproxy.test.h3peers import CHROMIUM_FLAGS, chromiumPath
 from tpproxy.test.support import cleanEnv, requireTool, run
 
 POLICY_DIR = Path("/etc/chromium/policies/managed")
-#: The console lines a test page writes: C{TPTEST <json>}.
-_CONSOLE = re.compile(r'INFO:CONSOLE[^\]]*\] "TPTEST (.*)", source: ')
+def _console(prefix: str) -> re.Pattern[str]:
+    """
+    The console lines a page writes as C{PREFIX <json>} (the test page:
+    C{TPTEST}; the SSH demo: C{TP-DEMO}), as Chromium logs them on stderr.
+    """
+    return re.compile(r'INFO:CONSOLE[^\]]*\] "' + re.escape(prefix) + r' (.*)", source: ')
 #: As L{CHROMIUM_FLAGS}, without C{--dump-dom} (the page runs until the
 #: test has read what it wanted) or the QUIC handshake's verbose log.
 FLAGS = tuple(f for f in CHROMIUM_FLAGS if f not in ("--dump-dom",) and not f.startswith("--vmodule"))
@@ -97,7 +101,8 @@ class Page(protocol.ProcessProtocol):
     console lines it has written, decoded, in order.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "TPTEST") -> None:
+        self.console = _console(prefix)
         self.err = b""
         self.results: list[Any] = []
         self._waiting: list[tuple[Any, defer.Deferred[Any]]] = []
@@ -109,7 +114,7 @@ class Page(protocol.ProcessProtocol):
         self.err += data
         *lines, _ = self.err[start:].split(b"\n")
         for line in lines:
-            found = _CONSOLE.search(line.decode("utf-8", "replace"))
+            found = self.console.search(line.decode("utf-8", "replace"))
             if found is None:
                 continue
             try:
@@ -162,7 +167,7 @@ class Page(protocol.ProcessProtocol):
         return self.ended
 
 
-def openPage(testCase: TestCase, url: str, home: str, quicOrigins: tuple[str, ...] = ()) -> Page:
+def openPage(testCase: TestCase, url: str, home: str, quicOrigins: tuple[str, ...] = (), prefix: str = "TPTEST") -> Page:
     """
     Show C{url} in headless Chromium with C{HOME=home} (L{makeBrowserProfile}),
     QUIC forced (and so trusted with the profile's CA) for C{quicOrigins}
@@ -171,7 +176,7 @@ def openPage(testCase: TestCase, url: str, home: str, quicOrigins: tuple[str, ..
     from twisted.internet import reactor
 
     chromium = requireTool(chromiumPath() or "chromium")
-    page = Page()
+    page = Page(prefix)
     page.dataDir = tempfile.mkdtemp(prefix="chromium-", dir=home)
     argv = [chromium, *FLAGS, f"--user-data-dir={page.dataDir}"]
     argv += [f"--origin-to-force-quic-on={','.join(quicOrigins)}"] if quicOrigins else []

@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
@@ -210,7 +211,17 @@ class Background:
             self.transport.signalProcess("TERM")
         except Exception:
             return None
-        killer = reactor.callLater(10, lambda: self.proto.done.called or self.transport.signalProcess("KILL"))  # type: ignore[attr-defined]
+        def kill() -> None:
+            if self.proto.done.called:
+                return
+            try:
+                self.transport.signalProcess("KILL")
+            except ProcessExitedAlready:
+                # It exited, but a child of its own (an sshd session) holds
+                # its pipes open: stop reading them.
+                self.transport.loseConnection()
+
+        killer = reactor.callLater(10, kill)  # type: ignore[attr-defined]
         d = self.proto.done
         d.addBoth(lambda r: (killer.active() and killer.cancel(), r)[1])
         return d
@@ -340,10 +351,12 @@ class SSHD:
 
     @classmethod
     @defer.inlineCallbacks
-    def start(cls, testCase: TestCase, netns: Any = None, where: str = "") -> Any:
+    def start(cls, testCase: TestCase, netns: Any = None, where: str = "", keyType: str = "ed25519") -> Any:
         """
         Start sshd on 127.0.0.1; with C{netns} (L{tpproxy.test.netns.
-        Namespaces}), inside its namespace C{where}.
+        Namespaces}), inside its namespace C{where}.  Its host key and the
+        user's key are of C{keyType} (C{ssh-keygen -t}: the SSH demo's
+        browser library has no Ed25519, so it needs C{ecdsa}).
         """
         import pwd
 
@@ -356,7 +369,7 @@ class SSHD:
         os.chmod(d, 0o700)
         self.dir = d
         for name in ("host", "user"):
-            r = yield run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)])
+            r = yield run([keygen, "-q", "-t", keyType, "-N", "", "-f", str(d / name)])
             testCase.assertEqual(r.status, 0, r)
         (d / "authorized_keys").write_bytes((d / "user.pub").read_bytes())
         os.chmod(d / "authorized_keys", 0o600)

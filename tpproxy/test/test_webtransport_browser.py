@@ -265,3 +265,61 @@ class HashedCertificateTests(TestCase):
         served = self.tp.gate.certificate.current()[0][0]
         self.assertEqual(served.subject.rfc4514_string(), "CN=TP WebTransport")
         self.assertLessEqual((served.not_valid_after_utc - served.not_valid_before_utc).days, 14)
+
+
+class SSHDemoTests(TestCase):
+    """
+    The SSH demo TP serves (issue 15): SSH in the page, over a TP tunnel
+    through WebTransport, to a real OpenSSH server.
+    """
+
+    timeout = 180
+    hashes = True
+    setUp = BrowserTests.setUp
+
+    def demo(self, sshd: Any, **fields: str) -> Any:
+        from tpproxy.test.browser import openPage
+
+        fragment = "&".join(f"{name}={quote(value, safe='')}" for name, value in {"url": self.wt, "autoconnect": "1", **fields}.items())
+        return openPage(self, f"{self.origin}/tp/ssh.html#{fragment}", self.home, prefix="TP-DEMO")
+
+    @defer.inlineCallbacks
+    def test_sshEchoHello(self) -> Any:
+        """
+        The demo logs in to sshd with the user's ECDSA key, after checking
+        the host key against the fingerprint ssh-keygen gives, runs C{echo
+        hello} in a shell, and C{hello} appears on its own line of the
+        terminal.  TP saw one tunnel, alice's, via webtransport.
+        """
+        from tpproxy.test.support import SSHD, requireTool, run
+
+        sshd = yield SSHD.start(self, keyType="ecdsa")
+        # Before sshd stops: end the tunnel (a killed browser sends no
+        # CONNECTION_CLOSE, and sshd's session would wait for TP's idle timeout).
+        self.addCleanup(lambda: [p.transport.abortConnection() for p in list(self.tp.live)])
+        keygen = requireTool("ssh-keygen")
+        listed = yield run([keygen, "-lf", str(sshd.dir / "host.pub")])
+        fingerprint = listed.out.split()[1].decode()
+        self.assertTrue(fingerprint.startswith("SHA256:"), listed)
+        page = self.demo(
+            sshd, host="127.0.0.1", port=str(sshd.port), user=sshd.user, key=(sshd.dir / "user").read_text(), hostkey=fingerprint, run="echo hello",
+        )
+        screen = yield page.waitFor(lambda r: r.get("event") == "error" or (r.get("event") == "screen" and "hello" in r.get("lines", [])), timeout=90)
+        self.assertEqual(screen.get("event"), "screen", page.results)
+        hostkey = [r for r in page.results if r.get("event") == "hostkey"]
+        self.assertEqual(hostkey[0].get("fingerprint"), fingerprint, hostkey)
+        self.assertTrue(any(r.get("event") == "authenticated" for r in page.results), page.results)
+        tunnels = [e for e in audits(self.audits) if e.get("via") == "webtransport"]
+        self.assertLessEqual(len(tunnels), 1)
+        self.assertEqual([(t.identity.name, t.hello.port) for t in self.tp.live if t.hello is not None], [("alice", sshd.port)])
+
+    @defer.inlineCallbacks
+    def test_forbiddenInTheDemo(self) -> Any:
+        """
+        A destination the policy forbids: the demo shows TP's code and
+        message.
+        """
+        page = self.demo(None, host="127.0.0.2", port="22", user="nobody", password="x")
+        error = yield page.waitFor(lambda r: r.get("event") == "error", timeout=60)
+        self.assertEqual(error.get("code"), "forbidden", error)
+        self.assertIn("127.0.0.2", error.get("message", ""))
