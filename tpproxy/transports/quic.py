@@ -745,13 +745,9 @@ class QuicSession:
         pass
 
     def datagramFrameReceived(self, data: bytes) -> None:
-        from tpproxy.transports.udp import decodeFlowDatagram
+        from tpproxy.transports.udp import deliverFlowDatagram
 
-        decoded = decodeFlowDatagram(data)
-        if decoded is not None:
-            flow = self.flows.get(decoded[0])
-            if flow is not None:
-                flow.fromPeer(decoded[1])
+        deliverFlowDatagram(self.flows, data)
 
     def sendFlowDatagram(self, quarterId: int, payload: bytes) -> None:
         from tpproxy.transports.udp import encodeFlowDatagram

@@ -61,6 +61,18 @@ def decodeFlowDatagram(data: bytes) -> tuple[int, bytes] | None:
     return quarterId, data[buf.tell() :]
 
 
+def deliverFlowDatagram(flows: dict[int, Any], data: bytes) -> None:
+    """
+    Hand a received flow datagram to its flow in C{flows} (by flow id);
+    one for no live flow, or that does not parse, is dropped.
+    """
+    decoded = decodeFlowDatagram(data)
+    if decoded is not None:
+        flow = flows.get(decoded[0])
+        if flow is not None:
+            flow.fromPeer(decoded[1])
+
+
 class StreamFramer:
     """
     Length-prefixed packets on a byte stream (the TLS fallback).

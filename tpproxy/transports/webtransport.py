@@ -209,13 +209,9 @@ class WebTransportSession:
         self.server.streamEnded(stream)
 
     def datagramReceived(self, data: bytes) -> None:
-        from tpproxy.transports.udp import decodeFlowDatagram
+        from tpproxy.transports.udp import deliverFlowDatagram
 
-        decoded = decodeFlowDatagram(data)
-        if decoded is not None:
-            flow = self.flows.get(decoded[0])
-            if flow is not None:
-                flow.fromPeer(decoded[1])
+        deliverFlowDatagram(self.flows, data)
 
     def sendFlowDatagram(self, quarterId: int, payload: bytes) -> None:
         from tpproxy.transports.udp import encodeFlowDatagram
