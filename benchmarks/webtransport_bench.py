@@ -473,7 +473,7 @@ def measureBrowser(procs: Processes, d: Path, pki: Path, port: int, sinkPort: in
                           f"Chromium {one['client_cpu_s_per_gb']})", flush=True)
                     if record["answer"] != f"got {record['bytes']}":
                         problems.append(f"browser run {run}: the sink answered {record['answer']!r}, {record['bytes']} bytes were sent")
-            out["chromium_peak_rss_mb"] = peakRSSMB(proc.pid)
+            out["chromium_browser_process_peak_rss_mb"] = peakRSSMB(proc.pid)
     finally:
         page.stop()
         if "chromium" in procs.procs:
