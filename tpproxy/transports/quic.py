@@ -948,8 +948,10 @@ class ServerSession(QuicSession):
                 if self.listener.webtransport is not None:
                     from tpproxy.transports.webtransport import WebTransportResponder
 
+                    from tpproxy.protocols.relay import describeAddress
+
                     self.responder = WebTransportResponder(
-                        self.conn, self.listener.h3, str(_address(self.peer)), self, self.listener.webtransport
+                        self.conn, self.listener.h3, describeAddress(_address(self.peer)), self, self.listener.webtransport
                     )
                 elif self.listener.h3 is not None:
                     self.responder = H3Responder(self.conn, self.listener.h3, str(_address(self.peer)))
