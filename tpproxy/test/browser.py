@@ -78,6 +78,34 @@ def makeBrowserProfile(home: str | Path, caPEM: bytes, clientCert: Any = None, c
     return str(home)
 
 
+#: One policy file for every test (and process) at once: Chromium does not
+#: merge a policy set in several files of the managed directory (one hides
+#: the others), so tests running in parallel share this file, under a lock.
+POLICY_FILE = POLICY_DIR / "tp-test.json"
+_POLICY_LOCK = POLICY_DIR / ".tp-test.lock"
+
+
+def _editPolicy(add: str | None = None, remove: str | None = None) -> None:
+    import fcntl
+
+    with open(_POLICY_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            rules = json.loads(POLICY_FILE.read_text()).get("AutoSelectCertificateForUrls", [])
+        except (OSError, ValueError):
+            rules = []
+        if add is not None:
+            rules.append(add)
+        if remove is not None and remove in rules:
+            rules.remove(remove)
+        if rules:
+            temporary = POLICY_FILE.with_name(f".{POLICY_FILE.name}.{os.getpid()}")
+            temporary.write_text(json.dumps({"AutoSelectCertificateForUrls": rules}))
+            os.replace(temporary, POLICY_FILE)
+        else:
+            POLICY_FILE.unlink(missing_ok=True)
+
+
 def autoSelectCertificate(testCase: TestCase, origin: str) -> None:
     """
     Make Chromium present the profile's client certificate to C{origin}
@@ -89,10 +117,10 @@ def autoSelectCertificate(testCase: TestCase, origin: str) -> None:
             raise AssertionError(message + "; under CI=true this is an error")
         raise SkipTest(message)
     POLICY_DIR.mkdir(parents=True, exist_ok=True)
-    path = POLICY_DIR / f"tp-test-{os.getpid()}-{secrets.token_hex(4)}.json"
-    rule = json.dumps({"pattern": origin, "filter": {}})
-    path.write_text(json.dumps({"AutoSelectCertificateForUrls": [rule]}))
-    testCase.addCleanup(lambda: path.unlink(missing_ok=True))
+    # The nonce keeps two tests' rules apart even for one origin.
+    rule = json.dumps({"pattern": origin, "filter": {}, "tp-test": secrets.token_hex(4)})
+    _editPolicy(add=rule)
+    testCase.addCleanup(_editPolicy, remove=rule)
 
 
 class Page(protocol.ProcessProtocol):
