@@ -460,6 +460,16 @@ def makeMetrics(
         "tp_quic_forwarded_datagrams", "QUIC packets handed to the worker that owns their connection (docs/workers.md)", (),
         lambda: {(): sum(q.forwarded for q in quicListeners)}, counter=True,
     )
+    def stunRequests() -> dict[tuple[str, ...], float]:
+        counts: dict[tuple[str, ...], float] = {}
+        for q in quicListeners:
+            for result, n in q.stun.items():
+                counts[(result,)] = counts.get((result,), 0) + n
+        return counts
+
+    metrics.gauge(
+        "tp_stun_requests", "STUN binding requests on TP's UDP port: answered, malformed, rate_limited (docs/quic.md)", ("result",), stunRequests, counter=True,
+    )
     metrics.gauge("tp_tunnels", "Live tunnels (ClientHello answered or being served), by carrier and operation", ("via", "op"), lambda: _tunnels(tp))
     tokens = getattr(tp, "gate", None)
     if tokens is not None:

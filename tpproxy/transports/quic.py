@@ -89,6 +89,11 @@ RETRY_RATE = 100
 #: Stateless resets TP sends, a second on average and at once.
 RESET_RATE = 100.0
 RESET_BURST = 200.0
+#: STUN binding responses per second, and in a burst (tpproxy.stun): enough
+#: for many clients' ICE gathering, too few to make TP a useful reflector
+#: (at most 52 bytes each: under 100 KB/s).
+STUN_RATE = 1000.0
+STUN_BURST = 2000.0
 #: The largest stateless reset TP sends (it never answers with more).
 MAX_RESET = 43
 #: The file, in TP's state directory, of the stateless-reset secret.
@@ -1113,6 +1118,9 @@ class QuicListener(DatagramProtocol):
         self.retryTokens = QuicRetryTokenHandler()
         self.resetSecret = resetSecret if resetSecret is not None else os.urandom(32)
         self.resets = TokenBucket(RESET_RATE, RESET_BURST)
+        self.stunBucket = TokenBucket(STUN_RATE, STUN_BURST)
+        #: STUN binding requests: answered, malformed, rate_limited.
+        self.stun: dict[str, int] = {}
         self._refusals = RateLimitedLog()
         #: What the listener turned away, by kind (for logs and benchmarks).
         self.dropped: dict[str, int] = {}
@@ -1258,6 +1266,11 @@ class QuicListener(DatagramProtocol):
             to C{addr} go that way until a packet from C{addr} arrives
             otherwise (L{returnVia}).
         """
+        if data and data[0] < 4:
+            # STUN, not QUIC (RFC 7983): a binding request for the
+            # client's reflexive address (tpproxy.stun).
+            self._stun(data, addr)
+            return
         if via is not None:
             self.returnVia.pop(addr, None)
             self.returnVia[addr] = via
@@ -1316,6 +1329,21 @@ class QuicListener(DatagramProtocol):
             backend.initial(data, addr, header.destination_cid)
             return
         self._admit(header, data, addr)
+
+    def _stun(self, data: bytes, addr: Any) -> None:
+        from tpproxy.stun import NotStun, answer
+
+        try:
+            response = answer(data, addr[0], addr[1])
+        except NotStun as e:
+            self.stun["malformed"] = self.stun.get("malformed", 0) + 1
+            log.debug("STUN from {addr} not answered: {why}", addr=addr, why=e)
+            return
+        if not self.stunBucket.take(self.reactor.seconds()):
+            self.stun["rate_limited"] = self.stun.get("rate_limited", 0) + 1
+            return
+        self.stun["answered"] = self.stun.get("answered", 0) + 1
+        self.sendOut(response, addr)
 
     def _drop(self, kind: str) -> None:
         self.dropped[kind] = self.dropped.get(kind, 0) + 1
