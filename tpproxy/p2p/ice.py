@@ -85,7 +85,10 @@ class DirectRefused(ConnectionError):
 
 
 def _privates() -> tuple[PrivateName, ...]:
+    from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+
     return (
+        PrivateName(AsyncioSelectorReactor, "_asyncioEventloop", None, ("__init__",), "the reactor's event loop, which aioice runs on"),
         PrivateName(Connection, "_nominated", None, ("__init__", "sendto"), "the selected pair: its candidate types and addresses"),
         PrivateName(
             QuicConnection,
