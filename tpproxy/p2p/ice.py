@@ -270,8 +270,13 @@ class IceAgent:
             self.close()
             return Failure(error)
 
+        def timedOut(result: Any, seconds: float) -> Failure:
+            # The asyncio task was cancelled: its CancelledError is not
+            # Twisted's, which addTimeout would turn into a TimeoutError.
+            return Failure(DeferredTimeout(seconds, "ICE"))
+
         d = self._run(run())
-        d.addTimeout(timeout, self.reactor)  # type: ignore[arg-type]
+        d.addTimeout(timeout, self.reactor, onTimeoutCancel=timedOut)  # type: ignore[arg-type]
         return d.addCallbacks(selected, failed)
 
     def send(self, data: bytes) -> None:
