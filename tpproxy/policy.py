@@ -169,6 +169,9 @@ class ExposureRule:
     publicPorts: tuple[tuple[int, int], ...]
     names: tuple[str, ...]
     dialers: tuple[str, ...]
+    #: Whether TP may introduce dialers of these names to their exposer for
+    #: a direct (P2P) path instead of relaying (docs/p2p.md).
+    p2p: bool = False
 
     def describe(self) -> str:
         return f"exposures[{self.index + 1}]"
@@ -359,7 +362,7 @@ def expandIdentities(entries: Iterable[str], groups: dict[str, frozenset[str]], 
 
 
 _RULE_KEYS = {"action", "identities", "hosts", "ports", "transports", "comment"}
-_EXPOSURE_KEYS = {"identities", "public_ports", "names", "dialers", "comment"}
+_EXPOSURE_KEYS = {"identities", "public_ports", "names", "dialers", "p2p", "comment"}
 
 
 def _exposureName(pattern: str, key: str) -> str:
@@ -397,7 +400,12 @@ def parseExposures(value: Any, groups: dict[str, frozenset[str]]) -> tuple[Expos
             raise ConfigError(f"{key}.dialers: missing (who may dial these E2E names?)")
         if not ports and not names:
             raise ConfigError(f"{key}: give public_ports, names, or both")
-        built.append(ExposureRule(i, identities, ports, names, dialers))
+        p2p = raw.get("p2p", False)
+        if not isinstance(p2p, bool):
+            raise ConfigError(f"{key}.p2p: expected true or false")
+        if p2p and not names:
+            raise ConfigError(f"{key}.p2p: only E2E names can be dialed directly (a public port has no dialers to introduce)")
+        built.append(ExposureRule(i, identities, ports, names, dialers, p2p))
     return tuple(built)
 
 

@@ -229,6 +229,10 @@ class ClientHello:
     session: str | None = None
     member: str | None = None
     version: int = VERSION
+    #: P2P (docs/p2p.md): on C{connect}, the dialer's ICE offer; on
+    #: C{accept}, the exposer's ICE answer (L{parseP2POffer}); on C{listen},
+    #: C{True} when the exposer can be introduced to dialers.
+    p2p: Any = None
 
     @classmethod
     def connect(cls, host: str, port: int) -> ClientHello:
@@ -239,6 +243,8 @@ class ClientHello:
 
     def toFrame(self) -> bytes:
         obj: dict[str, Any] = {"v": self.version, "op": self.op}
+        if self.p2p is not None:
+            obj["p2p"] = self.p2p
         if self.op in ("connect", "udp"):
             obj.update(host=self.host, port=self.port, transport=self.transport)
         elif self.op == "listen":
@@ -275,7 +281,7 @@ class ClientHello:
             session = obj.get("session")
             if not isinstance(session, str) or not _SESSION.fullmatch(session):
                 raise _bad("field 'session' must be a session id (16-128 characters of A-Z a-z 0-9 _ -)")
-            return cls(op=op, session=session)
+            return cls(op=op, session=session, p2p=parseP2POffer(obj["p2p"]) if obj.get("p2p") is not None else None)
         host = obj.get("host")
         if not isinstance(host, str) or not isDestinationHost(host):
             raise _bad("field 'host' must be a DNS name or an IP address")
@@ -291,12 +297,16 @@ class ClientHello:
             # One meaning per request: C{connect} is a TCP tunnel, and a UDP
             # flow is the C{udp} operation (its own framing and rules).
             raise _bad("operation 'connect' is TCP only: a UDP flow is operation 'udp'")
-        return cls(op=op, host=host, port=port, transport=transport, version=VERSION)
+        p2p = parseP2POffer(obj["p2p"]) if obj.get("p2p") is not None else None
+        return cls(op=op, host=host, port=port, transport=transport, version=VERSION, p2p=p2p)
 
     @classmethod
     def _listen(cls, obj: dict[str, Any]) -> ClientHello:
         mode = obj.get("mode")
         member = obj.get("member")
+        offers = obj.get("p2p", False)
+        if not isinstance(offers, bool):
+            raise _bad("field 'p2p' of a listen must be true or false")
         if member is not None and (not isinstance(member, str) or not _MEMBER.fullmatch(member)):
             raise _bad("field 'member' must be 1-64 characters of A-Z a-z 0-9 _ -")
         if mode == "public":
@@ -308,8 +318,38 @@ class ClientHello:
             name = obj.get("name")
             if not isinstance(name, str) or not isCertificateName(name):
                 raise _bad("field 'name' must be a DNS name of letters, digits and hyphens (no '_', not an address)")
-            return cls(op="listen", mode=mode, name=normalize(name), member=member)
+            return cls(op="listen", mode=mode, name=normalize(name), member=member, p2p=True if offers else None)
         raise _bad("field 'mode' must be 'public' or 'e2e'")
+
+
+#: ICE credentials (RFC 8445 section 5.3: ice-chars) and bounds.
+_ICE_CHARS = re.compile(r"[A-Za-z0-9+/]+")
+MAX_CANDIDATES = 20
+MAX_CANDIDATE = 256
+
+
+def parseP2POffer(value: Any) -> dict[str, Any]:
+    """
+    An ICE offer or answer (docs/p2p.md): C{{"ufrag", "pwd", "candidates"}},
+    with credentials of ICE characters (ufrag 4-256, pwd 22-256) and at most
+    L{MAX_CANDIDATES} candidate lines of printable ASCII, each at most
+    L{MAX_CANDIDATE} characters.  TP passes candidates on unread.
+
+    @raise WireError: naming what is wrong.
+    """
+    if not isinstance(value, dict):
+        raise _bad("field 'p2p' must be an object with 'ufrag', 'pwd' and 'candidates'")
+    ufrag, pwd, candidates = value.get("ufrag"), value.get("pwd"), value.get("candidates")
+    if not isinstance(ufrag, str) or not 4 <= len(ufrag) <= 256 or not _ICE_CHARS.fullmatch(ufrag):
+        raise _bad("field 'p2p.ufrag' must be 4-256 ICE characters (A-Z a-z 0-9 + /)")
+    if not isinstance(pwd, str) or not 22 <= len(pwd) <= 256 or not _ICE_CHARS.fullmatch(pwd):
+        raise _bad("field 'p2p.pwd' must be 22-256 ICE characters (A-Z a-z 0-9 + /)")
+    if not isinstance(candidates, list) or len(candidates) > MAX_CANDIDATES:
+        raise _bad(f"field 'p2p.candidates' must be a list of at most {MAX_CANDIDATES} candidates")
+    for candidate in candidates:
+        if not isinstance(candidate, str) or not 1 <= len(candidate) <= MAX_CANDIDATE or not candidate.isascii() or not candidate.isprintable():
+            raise _bad(f"each of 'p2p.candidates' must be a candidate line of 1-{MAX_CANDIDATE} printable ASCII characters")
+    return {"ufrag": ufrag, "pwd": pwd, "candidates": list(candidates)}
 
 
 _SESSION = re.compile(r"[A-Za-z0-9_-]{16,128}")

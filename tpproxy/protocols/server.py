@@ -577,6 +577,8 @@ class TPServerFactory(Factory):
         self.renewals = Renewals()
         #: The time certificates are checked against (Unix time).
         self.wallClock: Callable[[], float] = time.time
+        #: P2P introductions (docs/p2p.md): introduced, declined, not_accepted.
+        self.p2p: Counter[str] = Counter()
         #: With C{[webtransport]}: the site (a L{twisted.web.server.Site})
         #: that serves browsers on ALPN C{http/1.1} (L{tpproxy.web.site}).
         self.web: Any = None

@@ -431,11 +431,24 @@ class ListenSession(Session):
         self.conn.detail = reason
         self.conn.transport.abortConnection()  # type: ignore[union-attr]
 
-    def sendIncoming(self, session: str, identity: str | None, peer: str) -> None:
+    @property
+    def offersP2P(self) -> bool:
         """
-        Tell the exposer a dialer waits in C{session}.
+        Whether this exposer may be introduced to dialers (docs/p2p.md): it
+        said so in its C{listen}, over TLS (over QUIC, incoming sessions are
+        streams TP opens, which carry no introduction).
+        """
+        return self.hello.p2p is True and not hasattr(self.conn.transport, "streamId")
+
+    def sendIncoming(self, session: str, identity: str | None, peer: str, p2p: dict[str, Any] | None = None) -> None:
+        """
+        Tell the exposer a dialer waits in C{session} (with C{p2p}: a dialer
+        to introduce, with its ICE offer and certificate).
         """
         transport = self.conn.transport
+        if p2p is not None:
+            transport.write(encodeEvent("incoming", session=session, identity=identity, peer=peer, p2p=p2p))  # type: ignore[union-attr]
+            return
         quic = getattr(transport, "session", None)
         if quic is not None and hasattr(transport, "streamId"):
             # Over QUIC the session is a new stream TP opens on the same
@@ -571,7 +584,7 @@ class AcceptSession(Session):
         conn.detail = f"dialer {pending.dialerIdentity or pending.peer}"
         conn.answer(ServerHello.success())
         pending.dialer.sessionJoined(conn)
-        if rest:
+        if rest and conn.peer is not None:  # a P2P introduction splices nothing
             conn.bytesIn += len(rest)
             conn.peer.transport.write(rest)  # type: ignore[union-attr]
         conn.transport.resumeProducing()  # type: ignore[union-attr]
@@ -616,6 +629,7 @@ class AcceptSession(Session):
 class E2EState(str, enum.Enum):
     NEW = "new"
     CHECKING = "checking"
+    INTRODUCING = "introducing"  # P2P: waiting for the exposer's ICE answer
     TUNNEL = "e2e"
     REFUSED = "refused"
     CLOSED = "closed"
@@ -632,11 +646,19 @@ class E2ESession(Session):
     TRANSITIONS = {
         (S.NEW, "start"): (S.CHECKING, "_check"),
         (S.CHECKING, "opened"): (S.TUNNEL, "_openTunnel"),
+        (S.CHECKING, "introduce"): (S.INTRODUCING, "_introduce"),
         (S.TUNNEL, "data"): (S.TUNNEL, "_toInner"),
         (S.TUNNEL, "eof"): (S.TUNNEL, "_innerEOF"),
-        **_rows((S.CHECKING, S.TUNNEL, S.REFUSED), "refused", S.REFUSED, None),
-        **_rows((S.CHECKING, S.TUNNEL, S.REFUSED), "lost", S.CLOSED, "_lost"),
+        # A dialer sends nothing before its answer: what it sends is dropped.
+        (S.INTRODUCING, "data"): (S.INTRODUCING, None),
+        (S.INTRODUCING, "eof"): (S.INTRODUCING, "_leftIntroduction"),
+        (S.INTRODUCING, "introduced"): (S.INTRODUCING, "_introduced"),
+        **_rows((S.CHECKING, S.INTRODUCING, S.TUNNEL, S.REFUSED), "refused", S.REFUSED, None),
+        **_rows((S.CHECKING, S.INTRODUCING, S.TUNNEL, S.REFUSED, S.CLOSED), "lost", S.CLOSED, "_lost"),
     }
+
+    #: The P2P introduction's session id, while the exposer is asked.
+    sid: str | None = None
 
     inner: Any = None
     #: The spliced inside, once its handshake completed (its bytes are
@@ -658,11 +680,86 @@ class E2ESession(Session):
             self.conn.refuse(ErrorCode.FORBIDDEN, decision.reason)
             return
         exposure = self.factory.registry.nameExposure(name)
+        if self.hello.p2p is not None and self._mayIntroduce(exposure):
+            # A relayed dial meets the exposure's dialers in the inner TLS
+            # handshake; an introduction has none, so they are checked here.
+            allowed = self.factory.registry.mayDial(exposure, identity.name)
+            if not allowed.allowed:
+                self.conn.refuse(ErrorCode.FORBIDDEN, allowed.reason)
+                return
+            self._input("introduce", name, exposure)
+            return
         if name not in self.factory.serverTLS.innerNames:
             # Exposed, but its certificate is still being obtained.
             self.conn.refuse(ErrorCode.NOT_ACCEPTED, f"{name} is not ready yet (TP is getting its certificate); try again shortly")
             return
         self._input("opened", name, exposure, rest)
+
+    # --- P2P (docs/p2p.md) ----------------------------------------------------
+
+    @staticmethod
+    def _mayIntroduce(exposure: Exposure) -> bool:
+        """
+        Whether this dial may go direct: the exposure rule allows it and a
+        member of the exposure offered it (the policy and the exposure's
+        dialers were checked already, as for every dial).
+        """
+        rule = exposure.grantedBy
+        return rule is not None and rule.p2p and any(getattr(m.control, "offersP2P", False) for m in exposure.members)
+
+    def _introduce(self, name: str, exposure: Exposure) -> None:
+        """
+        Tell the exposer a dialer wants a direct path: its ICE offer and its
+        certificate, as TP verified it.  The exposer answers with an
+        C{accept} of the session carrying its own offer (L{introduced}).
+        """
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        conn = self.conn
+        identity = conn.identity
+        assert identity is not None and conn.certificate is not None
+        conn.result = "p2p_not_answered"
+        conn.address = f"P2P {name}"
+        conn.setTimeout(None)  # the registry's accept timeout bounds the wait
+        offer = {**self.hello.p2p, "certificate": conn.certificate.public_bytes(Encoding.PEM).decode("ascii")}
+        self.sid = self.factory.registry.incoming(exposure, _Introducer(self), identity.name, conn.peerAddress, p2p=offer)
+
+    def introduced(self, acceptConn: TPServerProtocol) -> None:
+        """
+        The exposer accepted the session (its C{accept} was answered): pass
+        its answer and certificate to the dialer, and end both connections.
+        """
+        self._input("introduced", acceptConn)
+
+    def _introduced(self, acceptConn: TPServerProtocol) -> None:
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        conn = self.conn
+        answer = acceptConn.hello.p2p if acceptConn.hello is not None else None
+        exposer = acceptConn.identity
+        self.sid = None
+        acceptConn.transport.loseConnection()  # type: ignore[union-attr]
+        if answer is None or exposer is None or acceptConn.certificate is None:
+            acceptConn.detail = f"declined a direct path for {conn.identity.name if conn.identity else '?'}"
+            self.factory.p2p["declined"] += 1
+            conn.refuse(ErrorCode.NOT_ACCEPTED, "the exposer declined a direct path: dial without P2P")
+            return
+        acceptConn.detail = f"P2P introduction of {conn.identity.name if conn.identity else '?'}"
+        self.factory.p2p["introduced"] += 1
+        conn.result = "p2p"
+        conn.detail = f"introduced to {exposer.name}; bytes go direct, TP does not see them"
+        peer = {"identity": exposer.name, "certificate": acceptConn.certificate.public_bytes(Encoding.PEM).decode("ascii")}
+        conn.answer(ServerHello.success(address=conn.address, p2p={"session": acceptConn.hello.session, **peer, **answer}))
+        conn.transport.loseConnection()  # type: ignore[union-attr]
+        conn.linger()
+
+    def _leftIntroduction(self) -> None:
+        self.conn.transport.loseConnection()  # type: ignore[union-attr]
+
+    def introductionFailed(self, code: ErrorCode, message: str) -> None:
+        self.sid = None
+        self.factory.p2p["not_accepted"] += 1
+        self.conn.refuse(code, message)
 
     def _openTunnel(self, name: str, exposure: Exposure, rest: bytes) -> None:
         conn = self.conn
@@ -691,6 +788,9 @@ class E2ESession(Session):
         self.conn.transport.loseConnection()  # type: ignore[union-attr]
 
     def _lost(self, reason: Failure) -> None:
+        if self.sid is not None:
+            self.factory.registry.dialerGone(self.sid)
+            self.sid = None
         if self.inner is not None and not self.innerClosed:
             self.inner.connectionLost(reason)
 
@@ -699,6 +799,22 @@ class E2ESession(Session):
         if end is None:
             return super().counts()
         return end.bytesIn, end.peer.bytesIn if end.peer is not None else 0
+
+
+class _Introducer:
+    """
+    The registry's dialer of a P2P introduction (L{E2ESession._introduce}):
+    the exposer's C{accept} is passed on, never spliced.
+    """
+
+    def __init__(self, session: E2ESession) -> None:
+        self.session = session
+
+    def sessionJoined(self, acceptEnd: Any) -> None:
+        self.session.introduced(acceptEnd)
+
+    def sessionFailed(self, code: ErrorCode, message: str) -> None:
+        self.session.introductionFailed(code, message)
 
 
 class DialerState(str, enum.Enum):

@@ -611,11 +611,13 @@ class Registry:
 
     # --- sessions -------------------------------------------------------------
 
-    def incoming(self, exposure: Exposure, dialer: Dialer, identity: str | None, peer: str) -> str | None:
+    def incoming(self, exposure: Exposure, dialer: Dialer, identity: str | None, peer: str, p2p: dict[str, Any] | None = None) -> str | None:
         """
         A dialer arrived for C{exposure}: make a one-use session id and tell
         the exposer.  With L{MAX_PENDING} dialers already waiting, the
-        dialer is turned away instead (and L{None} returned).
+        dialer is turned away instead (and L{None} returned).  With C{p2p}
+        (a P2P introduction, docs/p2p.md), only a member that offered P2P
+        is told, with C{p2p}.
         """
         if sum(len(m.sessions) for m in exposure.members) >= MAX_PENDING:
             log.warn("Turning away {peer}: {limit} dialers already wait for {exposure}", peer=peer, limit=MAX_PENDING, exposure=exposure.describe())
@@ -625,6 +627,8 @@ class Registry:
         sid = self.tag + secrets.token_urlsafe(24)
         timer = self.reactor.callLater(self.acceptTimeout, self._expire, sid)
         member = exposure.pick(self.reactor.seconds())
+        if p2p is not None and not getattr(member.control, "offersP2P", False):
+            member = next(m for m in exposure.members if getattr(m.control, "offersP2P", False))
         self.sessions[sid] = PendingSession(sid, exposure, dialer, identity, peer, timer, member)
         member.sessions.add(sid)
         audit.info(
@@ -636,7 +640,10 @@ class Registry:
             identity=identity,
             session=shortSession(sid),
         )
-        member.control.sendIncoming(sid, identity, peer)
+        if p2p is not None:
+            member.control.sendIncoming(sid, identity, peer, p2p=p2p)
+        else:
+            member.control.sendIncoming(sid, identity, peer)
         return sid
 
     def madeHere(self, sid: str) -> bool:
