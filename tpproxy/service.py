@@ -460,6 +460,11 @@ def makeMetrics(
         "tp_quic_forwarded_datagrams", "QUIC packets handed to the worker that owns their connection (docs/workers.md)", (),
         lambda: {(): sum(q.forwarded for q in quicListeners)}, counter=True,
     )
+    metrics.gauge(
+        "tp_p2p_introductions", "P2P introductions (docs/p2p.md): introduced, declined by the exposer, not_accepted in time", ("result",),
+        lambda: {(result,): n for result, n in tp.p2p.items()}, counter=True,
+    )
+
     def stunRequests() -> dict[tuple[str, ...], float]:
         counts: dict[tuple[str, ...], float] = {}
         for q in quicListeners:
