@@ -189,6 +189,10 @@ def buildParser() -> argparse.ArgumentParser:
                        description="Connect standard input and output to HOST:PORT through TP. "
                        "Prints one status line on stderr. Use as ssh -o ProxyCommand=\"tp connect %h:%p\".")
     p.add_argument("target", metavar="HOST:PORT")
+    p.add_argument("--p2p", choices=("auto", "only", "off"), default="off",
+                   help="for an E2E name whose exposure allows it: go direct to the exposer (ICE, then QUIC pinned to the "
+                   "certificate TP vouched for; docs/p2p.md). auto: fall back to TP if no direct path within 5 s; "
+                   "only: fail instead; off (default): always through TP")
     _commonOptions(p, suppress=True)
 
     p = sub.add_parser("up", help="forward 127.0.0.1:LOCALPORT to HOST:PORT through TP",
@@ -211,6 +215,9 @@ def buildParser() -> argparse.ArgumentParser:
     mode.add_argument("--e2e", metavar="NAME", help="E2E mode: TP serves the name NAME")
     p.add_argument("--keepalive", metavar="SECONDS", type=_number(float, 0.5, 3600, "a number of seconds"), default=15.0,
                    help="ping TP this often; give up on it after 3 times as long (default 15)")
+    p.add_argument("--p2p", action="store_true",
+                   help="--e2e: offer TP to be introduced to dialers for a direct path, where the exposure rule allows it "
+                   "(docs/p2p.md); dialers TP does not introduce still come through TP")
     p.add_argument("--links", metavar="N", type=_number(int, 1, 16, "a number of links"), default=2,
                    help="keep a signalling connection to up to N of the addresses a server name resolves to (several "
                    "addresses of one family: several TP instances), so the exposure survives losing one; "
@@ -328,16 +335,27 @@ def _rebindOnSignal(reactor: IClientReactor, connector: Any, stderr: Any) -> Non
 
 
 @defer.inlineCallbacks
-def runConnect(reactor: IClientReactor, settings: Settings, host: str, port: int, stderr: Any) -> Any:
+def runConnect(reactor: IClientReactor, settings: Settings, host: str, port: int, stderr: Any, p2p: str = "off") -> Any:
     from tpproxy.connector import Connector
 
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     connector = Connector(reactor, settings)
     transport = yield connector.choose()
-    stderr.write(f"Connecting to {target} via {settings.server} (v{VERSION}, {transport})\n")
-    stderr.flush()
     reactor.addSystemEventTrigger("before", "shutdown", connector.close)
-    tunnel: TPClientProtocol = yield connector.open(ClientHello.connect(host, port))
+    if p2p != "off":
+        from tpproxy.p2p.client import dial
+
+        def say(line: str) -> None:
+            stderr.write(f"tp: {line}\n")
+            stderr.flush()
+
+        tunnel, how = yield dial(reactor, settings, connector, host, port, p2p, say)
+        stderr.write(f"Connected to {target} {'directly' if how == 'p2p' else f'via {settings.server}'} (v{VERSION}, {'p2p' if how == 'p2p' else transport})\n")
+        stderr.flush()
+    else:
+        stderr.write(f"Connecting to {target} via {settings.server} (v{VERSION}, {transport})\n")
+        stderr.flush()
+        tunnel = yield connector.open(ClientHello.connect(host, port))
     _rebindOnSignal(reactor, connector, stderr)
     stdioDone: defer.Deferred[None] = defer.Deferred()
     tunnelDone: defer.Deferred[None] = defer.Deferred()
@@ -840,16 +858,24 @@ def _run(reactor: Any, args: argparse.Namespace, stderr: Any) -> defer.Deferred[
         if args.e2e is not None:
             if not isCertificateName(args.e2e):
                 raise UsageError(f"--e2e: {args.e2e!r} is not a DNS name of letters, digits and hyphens (no '_', not an address)")
-            hello = ClientHello("listen", mode="e2e", name=normalize(args.e2e))
+            hello = ClientHello("listen", mode="e2e", name=normalize(args.e2e), p2p=True if args.p2p else None)
         else:
+            if args.p2p:
+                raise UsageError("--p2p: only an --e2e exposure can be dialed directly")
             hello = ClientHello("listen", mode="public", port=args.public)
         # --server flags, else the config file's server (a list: a link each).
+        if args.p2p:
+            # Introductions come on a TLS signalling connection (over QUIC,
+            # dialers arrive as streams TP opens, which carry none).
+            import dataclasses
+
+            settings = dataclasses.replace(settings, transport="tls")
         texts = _servers(args) or list(readClientConfig(args).servers)
         servers = [ServerAddress(*parseHostPort(text, "--server", defaultPort=443)) for text in texts]
         return runExpose(reactor, settings, local, hello, args.keepalive, stderr, servers=servers or None, links=args.links)
     host, port = parseHostPort(args.target, "HOST:PORT")
     if args.command == "connect":
-        return runConnect(reactor, settings, host, port, stderr)
+        return runConnect(reactor, settings, host, port, stderr, p2p=args.p2p)
     if args.udp:
         return runUpUDP(reactor, settings, host, port, args.localport, args.bind, stderr)
     return runUp(reactor, settings, host, port, args.localport, args.bind, stderr)
@@ -875,6 +901,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             resolveSettings(args).tlsOptions()
     except UsageError as e:
         parser.exit(EXIT_USAGE, f"tp: error: {e}\n")
+    if getattr(args, "p2p", "off") not in ("off", False):
+        # ICE (aioice) is asyncio code: P2P runs on Twisted's asyncio
+        # reactor, installed before anything imports the reactor.
+        from twisted.internet import asyncioreactor
+
+        asyncioreactor.install()
 
     status = {"code": EXIT_OK}
 

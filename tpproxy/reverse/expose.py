@@ -138,7 +138,7 @@ class ControlProtocol(Protocol):
 
     def controlEvent(self, event: str, fields: dict[str, Any]) -> None:
         if event == "incoming":
-            self.exposer.incoming(fields["session"], fields.get("identity"), fields.get("peer") or "?")
+            self.exposer.incoming(fields["session"], fields.get("identity"), fields.get("peer") or "?", p2p=fields.get("p2p"))
         elif event == "goaway":
             self.exposer.goaway(self, str(fields.get("reason") or "no reason given"))
 
@@ -592,6 +592,17 @@ class Exposer(Machine[ExposerState]):
 
     # --- sessions -------------------------------------------------------------
 
+    def _introduced(self, session: str, identity: str | None, offer: dict[str, Any]) -> None:
+        from tpproxy.p2p.client import answerIntroduction
+
+        uplink = self.uplink
+        settings = uplink.settings
+
+        def accept(hello: ClientHello) -> Any:
+            return openTunnel(self.reactor, settings.server, uplink.tlsOptions, hello, settings.connectTimeout)
+
+        answerIntroduction(self.reactor, settings, accept, self.local, session, identity, offer, self.say)
+
     def incomingStream(self) -> IncomingStream:
         return IncomingStream(self)
 
@@ -618,13 +629,17 @@ class Exposer(Machine[ExposerState]):
 
         target.addCallbacks(joined, failed)
 
-    def incoming(self, session: str, identity: str | None, peer: str) -> None:
+    def incoming(self, session: str, identity: str | None, peer: str, p2p: dict[str, Any] | None = None) -> None:
         """
         Over TLS, TP announced an incoming session on the signalling
         connection: claim it on a new connection (with the current
-        certificate) and splice it to the local service.
+        certificate) and splice it to the local service.  With C{p2p}, TP
+        introduces a dialer for a direct path instead (docs/p2p.md).
         """
         who = f"{identity} from {peer}" if identity else peer
+        if p2p is not None and self.hello.p2p:
+            self._introduced(session, identity, p2p)
+            return
         tunnel = self.uplink.accept(session)
         target = connectProtocol(HostnameEndpoint(self.reactor, self.local[0], self.local[1], timeout=10), LocalTarget())
         opened: list[Any] = []
