@@ -461,7 +461,7 @@ def makeMetrics(
         lambda: {(): sum(q.forwarded for q in quicListeners)}, counter=True,
     )
     metrics.gauge(
-        "tp_p2p_introductions", "P2P introductions (docs/p2p.md): introduced, declined by the exposer, not_accepted in time", ("result",),
+        "tp_p2p_introductions", "P2P introductions (docs/p2p.md): introduced, declined by the exposer, not_accepted in time, fell_back (a relayed dial after no direct path)", ("result",),
         lambda: {(result,): n for result, n in tp.p2p.items()}, counter=True,
     )
 

@@ -233,6 +233,9 @@ class ClientHello:
     #: C{accept}, the exposer's ICE answer (L{parseP2POffer}); on C{listen},
     #: C{True} when the exposer can be introduced to dialers.
     p2p: Any = None
+    #: On C{connect}: the P2P session that found no direct path, which
+    #: this relayed dial replaces (for TP's counts).
+    p2pFailed: str | None = None
 
     @classmethod
     def connect(cls, host: str, port: int) -> ClientHello:
@@ -245,6 +248,8 @@ class ClientHello:
         obj: dict[str, Any] = {"v": self.version, "op": self.op}
         if self.p2p is not None:
             obj["p2p"] = self.p2p
+        if self.p2pFailed is not None:
+            obj["p2p_failed"] = self.p2pFailed
         if self.op in ("connect", "udp"):
             obj.update(host=self.host, port=self.port, transport=self.transport)
         elif self.op == "listen":
@@ -298,7 +303,10 @@ class ClientHello:
             # flow is the C{udp} operation (its own framing and rules).
             raise _bad("operation 'connect' is TCP only: a UDP flow is operation 'udp'")
         p2p = parseP2POffer(obj["p2p"]) if obj.get("p2p") is not None else None
-        return cls(op=op, host=host, port=port, transport=transport, version=VERSION, p2p=p2p)
+        failed = obj.get("p2p_failed")
+        if failed is not None and (not isinstance(failed, str) or not _SESSION.fullmatch(failed)):
+            raise _bad("field 'p2p_failed' must be a session id (16-128 characters of A-Z a-z 0-9 _ -)")
+        return cls(op=op, host=host, port=port, transport=transport, version=VERSION, p2p=p2p, p2pFailed=failed)
 
     @classmethod
     def _listen(cls, obj: dict[str, Any]) -> ClientHello:

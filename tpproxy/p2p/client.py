@@ -108,7 +108,7 @@ def dial(reactor: Any, settings: Any, connector: Any, host: str, port: int, mode
         if mode == "only":
             raise TunnelError(f"no direct path to {host}: {e}") from None
         say(f"No direct path ({e}); going through TP")
-        return (yield connector.open(ClientHello.connect(host, port))), "relayed"
+        return (yield connector.open(ClientHello("connect", host=host, port=port, p2pFailed=answer["session"]))), "relayed"
     end = DirectEnd()
     direct.openStream(end)
     end.transport.pauseProducing()

@@ -680,6 +680,12 @@ class E2ESession(Session):
             self.conn.refuse(ErrorCode.FORBIDDEN, decision.reason)
             return
         exposure = self.factory.registry.nameExposure(name)
+        if self.hello.p2pFailed is not None:
+            self.factory.p2p["fell_back"] += 1
+            log.info(
+                "{identity} dials {name} through TP: P2P session {session} found no direct path",
+                identity=identity.name, name=name, session=self.hello.p2pFailed[:12],
+            )
         if self.hello.p2p is not None and self._mayIntroduce(exposure):
             # A relayed dial meets the exposure's dialers in the inner TLS
             # handshake; an introduction has none, so they are checked here.

@@ -137,6 +137,7 @@ class P2PFallbackTests(P2PNetCase):
         audit = self.tpAudit()
         self.assertIn(f"alice {NAME}:22: p2p - introduced to bob", audit)
         self.assertIn(f"alice {NAME}:22: ok - inner identity alice", audit)
+        self.assertIn(f"alice dials {NAME} through TP: P2P session", audit)
         counters = self.net.counters("natA")
         self.assertEqual(counters["toPeer"][1], 0)
         result = yield self.ssh("echo", "hello", p2p="only")
