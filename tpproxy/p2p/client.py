@@ -74,8 +74,11 @@ def dial(reactor: Any, settings: Any, connector: Any, host: str, port: int, mode
     @return: a Deferred firing with C{(end, how)}: the end to splice (its
         C{rest} what came after its answer) and C{"p2p"} or C{"relayed"}.
     """
-    from tpproxy.p2p.ice import DirectDialer, IceAgent
+    from tpproxy.p2p.ice import DirectDialer, DirectRefused, IceAgent, IceError
     from tpproxy.protocols.client import TunnelError
+
+    #: What ends a direct attempt (anything else is a bug, and raised).
+    noDirectPath = (IceError, DirectRefused, defer.TimeoutError, ConnectionError, ValueError, KeyError)
 
     stun = yield stunServer(reactor, settings)
     agent = IceAgent(controlling=True, stunServer=stun, reactor=reactor)
@@ -103,7 +106,7 @@ def dial(reactor: Any, settings: Any, connector: Any, host: str, port: int, mode
         pair = yield agent.connect(answer, timeout=DIRECT_TIMEOUT)
         direct = DirectDialer(agent, introduction, chain, key, base)
         yield direct.connect(timeout=DIRECT_TIMEOUT)
-    except Exception as e:
+    except noDirectPath as e:
         agent.close()
         if mode == "only":
             raise TunnelError(f"no direct path to {host}: {e}") from None
@@ -178,7 +181,7 @@ def answerIntroduction(
         factory = Factory.forProtocol(lambda: _DirectStream(reactor, local, say))
         exposer = DirectExposer(agent, introduction, chain, key, base, factory)
         yield exposer.start(timeout=DIRECT_TIMEOUT)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- any failure ends this introduction only, and is said
         agent.close()
         say(f"Direct connection from {identity} failed: {e}")
         return None
