@@ -55,11 +55,12 @@ from tpproxy.p2p.direct import Introduction, dialerConnection, exposerConnection
 from tpproxy.privates import PrivateAPIError, PrivateName, privateProblems
 from tpproxy.transports.quic import CLOSE_REFUSED, STREAM_ABORTED, QuicSession, QuicStreamTransport, requireQuicPrivates
 from tpproxy.verify import ClientVerifier
+from tpproxy.wire import MAX_CANDIDATES
 
 log = Logger()
 
 #: At most this many candidates are taken from a remote offer.
-MAX_CANDIDATES = 16
+#: The most candidates of an offer is what TP relays (tpproxy.wire.MAX_CANDIDATES).
 #: The longest candidate line taken from a remote offer.
 MAX_CANDIDATE_LENGTH = 256
 
@@ -224,7 +225,10 @@ class IceAgent:
             c = self.connection
             if not c.local_candidates:
                 raise IceError("no local ICE candidate (aioice skips loopback addresses; no other address, and no STUN answer)")
-            return {"ufrag": c.local_username, "pwd": c.local_password, "candidates": [x.to_sdp() for x in c.local_candidates]}
+            # What TP relays is bounded: server-reflexive candidates first
+            # (the ones that cross NATs), then host ones, at most MAX_CANDIDATES.
+            ordered = sorted(c.local_candidates, key=lambda x: x.type != "srflx")[:MAX_CANDIDATES]
+            return {"ufrag": c.local_username, "pwd": c.local_password, "candidates": [x.to_sdp() for x in ordered]}
 
         return self._run(self.connection.gather_candidates()).addCallback(offer)
 
@@ -578,6 +582,14 @@ class DirectExposer(_DirectEnd):
     to a protocol from C{factory}.
     """
 
+    #: QUIC connections that may be the dialer's, at once, before one
+    #: passes the pin: what reaches the exposer's end of the path first (a
+    #: spoofed Initial, another identity's handshake) cannot take the place
+    #: of the vouched dialer, which the deadline alone ends.
+    MAX_HANDSHAKES = 4
+    #: The connection id the accepted connection was made for.
+    original = b""
+
     def __init__(
         self,
         agent: IceAgent,
@@ -591,32 +603,80 @@ class DirectExposer(_DirectEnd):
         super().__init__(agent, introduction, chain, key, base, idleTimeout)
         self.factory = factory
         self.accepted = False
+        #: Connections not (yet) accepted, each with the connection ids
+        #: that route to it.
+        self.candidates: list[tuple[_DirectSession, bytes]] = []
+        #: Why the last candidate was refused (for the deadline's message).
+        self.lastRefusal: str | None = None
 
     def start(self, timeout: float = 5.0) -> Deferred[DirectExposer]:
         """
         Wait for the dialer's QUIC connection: fires with this exposer once
         the dialer's certificate passed the pin, or fails with
-        L{DirectRefused} (another certificate, the introduction already
-        used, or no connection within C{timeout} seconds).
+        L{DirectRefused} when no connection did within C{timeout} seconds
+        (connections with other certificates are refused one by one
+        meanwhile, and do not end the wait).
         """
         return self._start(timeout)
 
+    def _expired(self, timeout: float) -> None:
+        refused = f" (refused: {self.lastRefusal})" if self.lastRefusal else ""
+        self._refuse(f"no direct QUIC connection from {self.introduction.peerIdentity} within {timeout:g} s{refused}")
+
+    def _refuse(self, reason: str, close: bool = True) -> None:
+        for session, _ in self.candidates:
+            session.close(CLOSE_REFUSED, reason[:100])
+            session.abandon()
+        self.candidates = []
+        super()._refuse(reason, close)
+
+    @staticmethod
+    def _routes(session: _DirectSession, original: bytes, cid: bytes) -> bool:
+        # aioquic's _host_cids: checked with TP's other aioquic privates.
+        return cid == original or any(c.cid == cid for c in session.conn._host_cids)
+
     def datagramReceived(self, data: bytes) -> None:
-        if self.session is None:
-            if self.refusal is not None:
+        from aioquic.buffer import Buffer
+        from aioquic.quic.packet import QuicPacketType, pull_quic_header
+
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
+        except (ValueError, BufferReadError):
+            return
+        cid = header.destination_cid
+        if self.session is not None:
+            if self._routes(self.session, self.original, cid):
+                self.session.datagramReceived(data, self.agent.selected.remote)  # type: ignore[union-attr]
+            return
+        for session, original in self.candidates:
+            if self._routes(session, original, cid):
+                session.datagramReceived(data, self.agent.selected.remote)  # type: ignore[union-attr]
                 return
-            try:
-                conn = exposerConnection(self.introduction, data, self.chain, self.key, self.base, self.idleTimeout)
-            except (ValueError, BufferReadError):
-                log.debug("P2P session {session}: not a QUIC Initial, dropped", session=self.introduction.session)
-                return
-            self.session = _DirectSession(conn, self.agent, self.clock, self)
-        super().datagramReceived(data)
+        if self.refusal is not None or header.packet_type != QuicPacketType.INITIAL:
+            return
+        if len(self.candidates) >= self.MAX_HANDSHAKES:
+            log.debug("P2P session {session}: {n} handshakes open, Initial dropped", session=self.introduction.session, n=len(self.candidates))
+            return
+        try:
+            conn = exposerConnection(self.introduction, data, self.chain, self.key, self.base, self.idleTimeout)
+        except (ValueError, BufferReadError):
+            log.debug("P2P session {session}: not a QUIC Initial, dropped", session=self.introduction.session)
+            return
+        session = _DirectSession(conn, self.agent, self.clock, self)
+        self.candidates.append((session, cid))
+        session.datagramReceived(data, self.agent.selected.remote)  # type: ignore[union-attr]
 
     def handshakeCompleted(self, session: _DirectSession) -> None:
-        if not self.introduction.use():
-            self._refuse(f"P2P session {self.introduction.session} has had its direct connection")
+        original = next((o for s, o in self.candidates if s is session), None)
+        if self.session is not None or original is None or not self.introduction.use():
+            session.close(CLOSE_REFUSED, f"P2P session {self.introduction.session} has had its direct connection")
             return
+        self.session, self.original = session, original
+        for other, _ in self.candidates:
+            if other is not session:
+                other.close(CLOSE_REFUSED, "another connection took this P2P session")
+                other.abandon()
+        self.candidates = []
         self.accepted = True
         log.info(
             "P2P session {session}: direct connection from {identity} over {pair}",
@@ -627,9 +687,14 @@ class DirectExposer(_DirectEnd):
         self._ready()
 
     def terminated(self, session: _DirectSession, event: events.ConnectionTerminated) -> None:
-        if session.conn.tpRefusal is not None and self.refusal is None:
-            self.refusal = f"refused the dialer: {session.conn.tpRefusal}"
-            log.info("P2P session {session}: {reason}", session=self.introduction.session, reason=self.refusal)
+        if session is not self.session:
+            # A candidate that did not pass the pin (or gave up): forgotten;
+            # the vouched dialer may still come, until the deadline.
+            self.candidates = [(s, o) for s, o in self.candidates if s is not session]
+            reason = session.conn.tpRefusal or event.reason_phrase or f"error {event.error_code:#x}"
+            self.lastRefusal = reason
+            log.info("P2P session {session}: refused a connection: {reason}", session=self.introduction.session, reason=reason)
+            return
         super().terminated(session, event)
 
     def _refusedBecause(self, session: _DirectSession, reason: str) -> str:

@@ -680,7 +680,9 @@ class E2ESession(Session):
             self.conn.refuse(ErrorCode.FORBIDDEN, decision.reason)
             return
         exposure = self.factory.registry.nameExposure(name)
-        if self.hello.p2pFailed is not None:
+        if self.hello.p2pFailed is not None and self.factory.registry.spent.get(self.hello.p2pFailed) == "used":
+            # Only a session that was introduced counts (an id made up by
+            # the dialer does not).
             self.factory.p2p["fell_back"] += 1
             log.info(
                 "{identity} dials {name} through TP: P2P session {session} found no direct path",
@@ -703,14 +705,18 @@ class E2ESession(Session):
 
     # --- P2P (docs/p2p.md) ----------------------------------------------------
 
-    @staticmethod
-    def _mayIntroduce(exposure: Exposure) -> bool:
+    def _mayIntroduce(self, exposure: Exposure) -> bool:
         """
         Whether this dial may go direct: the exposure rule allows it and a
         member of the exposure offered it (the policy and the exposure's
         dialers were checked already, as for every dial).
         """
         rule = exposure.grantedBy
+        if self.factory.registry.forwardAccept is not None:
+            # In a cluster the exposer's accept may reach another instance,
+            # whose peer link carries no answer: no introductions there yet
+            # (docs/p2p.md); the dial stays a relayed one.
+            return False
         return rule is not None and rule.p2p and any(getattr(m.control, "offersP2P", False) for m in exposure.members)
 
     def _introduce(self, name: str, exposure: Exposure) -> None:
@@ -729,6 +735,9 @@ class E2ESession(Session):
         conn.setTimeout(None)  # the registry's accept timeout bounds the wait
         offer = {**self.hello.p2p, "certificate": conn.certificate.public_bytes(Encoding.PEM).decode("ascii")}
         self.sid = self.factory.registry.incoming(exposure, _Introducer(self), identity.name, conn.peerAddress, p2p=offer)
+        # Read on (what comes is dropped): a dialer that leaves is noticed,
+        # and its session released, at once.
+        conn.transport.resumeProducing()  # type: ignore[union-attr]
 
     def introduced(self, acceptConn: TPServerProtocol) -> None:
         """
@@ -741,11 +750,12 @@ class E2ESession(Session):
         from cryptography.hazmat.primitives.serialization import Encoding
 
         conn = self.conn
-        answer = acceptConn.hello.p2p if acceptConn.hello is not None else None
-        exposer = acceptConn.identity
+        hello = getattr(acceptConn, "hello", None)
+        answer = hello.p2p if hello is not None else None
+        exposer = getattr(acceptConn, "identity", None)
         self.sid = None
         acceptConn.transport.loseConnection()  # type: ignore[union-attr]
-        if answer is None or exposer is None or acceptConn.certificate is None:
+        if answer is None or exposer is None or getattr(acceptConn, "certificate", None) is None:
             acceptConn.detail = f"declined a direct path for {conn.identity.name if conn.identity else '?'}"
             self.factory.p2p["declined"] += 1
             conn.refuse(ErrorCode.NOT_ACCEPTED, "the exposer declined a direct path: dial without P2P")
