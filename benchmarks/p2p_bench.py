@@ -175,40 +175,10 @@ def makeTopology(cleanups: Cleanups) -> Any:
 
 
 def makePKI(d: Path) -> None:
-    from tpproxy.test.p2pnet import TP
-    from tpproxy.testing import TestPKI
+    from tpproxy.test.p2pnet import writeDeployment
 
-    pki = TestPKI.create(d)
-    pki.ca.issue("tp.test", dns=("tp.test",), ips=(TP,), server=True).write(d / "server.pem", d / "server.key")
-    for name in ("alice", "bob"):
-        pki.client(name)
-        (d / f"{name}.toml").write_text(f'server = "{TP}:{PORT}"\ncert = "{d / (name + ".pem")}"\nkey = "{d / (name + ".key")}"\nca = "{d / "ca.pem"}"\n')
-    (d / "tp.toml").write_text(f"""
-[server]
-listen = "tcp:{PORT}:interface={TP}"
-certificate = "server.pem"
-key = "server.key"
-client_ca = "ca.pem"
-state_dir = "state"
+    writeDeployment(d, PORT, NAME)
 
-[[rules]]
-identities = ["alice"]
-hosts = ["{NAME}"]
-ports = "*"
-
-[[exposures]]
-identities = ["bob"]
-names = ["{NAME}"]
-dialers = ["alice"]
-p2p = true
-
-[reverse]
-public_interface = "{TP}"
-
-[e2e]
-ca_certificate = "ca.pem"
-ca_key = "ca.key"
-""")
 
 
 def setDelay(net: Any, ms: int) -> None:

@@ -34,7 +34,6 @@ two agents on one machine meet on its other addresses.
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 

@@ -70,6 +70,48 @@ LAN = {"A": ("10.1.0.1", "10.1.0.2"), "B": ("10.2.0.1", "10.2.0.2")}
 NAMES = {"public": "p", "natA": "na", "natB": "nb", "hostA": "ha", "hostB": "hb"}
 
 
+def writeDeployment(d: Any, port: int, name: str) -> None:
+    """
+    In directory C{d}: a CA, TP's certificate for L{TP}, alice's and bob's
+    client certificates and configs (C{alice.toml}, C{bob.toml}: TP at
+    L{TP}:C{port}), and C{tp.toml}: TP on L{TP}:C{port} (TLS and QUIC), alice
+    may dial the E2E name C{name}, which bob may expose with C{p2p = true}.
+    """
+    from tpproxy.testing import TestPKI
+
+    pki = TestPKI.create(d)
+    pki.ca.issue("tp.test", dns=("tp.test",), ips=(TP,), server=True).write(d / "server.pem", d / "server.key")
+    for who in ("alice", "bob"):
+        pki.client(who)
+        (d / f"{who}.toml").write_text(f'server = "{TP}:{port}"\ncert = "{d / (who + ".pem")}"\nkey = "{d / (who + ".key")}"\nca = "{d / "ca.pem"}"\n')
+    (d / "tp.toml").write_text(f"""
+[server]
+listen = "tcp:{port}:interface={TP}"
+certificate = "server.pem"
+key = "server.key"
+client_ca = "ca.pem"
+state_dir = "state"
+
+[[rules]]
+identities = ["alice"]
+hosts = ["{name}"]
+ports = "*"
+
+[[exposures]]
+identities = ["bob"]
+names = ["{name}"]
+dialers = ["alice"]
+p2p = true
+
+[reverse]
+public_interface = "{TP}"
+
+[e2e]
+ca_certificate = "ca.pem"
+ca_key = "ca.key"
+""")
+
+
 class P2PNet:
     """
     The namespaces of issue 16's topology, made for one test and removed at

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from tpproxy.test.p2pnet import NAMES, TP, P2PNet
-from tpproxy.test.support import SSHD, Background, auditObserver, run, tpCommand, twistCommand
-from tpproxy.testing import TestPKI
+from tpproxy.test.p2pnet import NAMES, P2PNet, writeDeployment
+from tpproxy.test.support import SSHD, Background, run, tpCommand, twistCommand
 
 PORT = 4443
 NAME = "ssh.p2p.test"
@@ -34,38 +34,8 @@ class P2PNetCase(TestCase):
     @defer.inlineCallbacks
     def setUp(self) -> Any:
         self.net = P2PNet(self, blockUdpBetweenPeers=self.blocked)
-        self.pki = pki = TestPKI.create(self.mktemp())
-        d = pki.directory
-        pki.ca.issue("tp.test", dns=("tp.test",), ips=(TP,), server=True).write(d / "server.pem", d / "server.key")
-        for name in ("alice", "bob"):
-            pki.client(name)
-            (d / f"{name}.toml").write_text(f'server = "{TP}:{PORT}"\ncert = "{d / (name + ".pem")}"\nkey = "{d / (name + ".key")}"\nca = "{d / "ca.pem"}"\n')
-        (d / "tp.toml").write_text(f"""
-[server]
-listen = "tcp:{PORT}:interface={TP}"
-certificate = "server.pem"
-key = "server.key"
-client_ca = "ca.pem"
-state_dir = "state"
-
-[[rules]]
-identities = ["alice"]
-hosts = ["{NAME}"]
-ports = "*"
-
-[[exposures]]
-identities = ["bob"]
-names = ["{NAME}"]
-dialers = ["alice"]
-p2p = true
-
-[reverse]
-public_interface = "{TP}"
-
-[e2e]
-ca_certificate = "ca.pem"
-ca_key = "ca.key"
-""")
+        self.directory = d = Path(self.mktemp())
+        writeDeployment(d, PORT, NAME)
         self.tp = Background(self, self.net.exec("public") + twistCommand() + ["--log-format=text", "--log-file=+", "tp", "--config", str(d / "tp.toml")])
         yield self.tp.waitForStderr(b"TP serving", timeout=60)
         self.sshd = yield SSHD.start(self, self.net.net, NAMES["hostB"])
@@ -75,7 +45,7 @@ ca_key = "ca.key"
         yield self.exposer.waitForStderr(b"Exposing", timeout=60)
 
     def ssh(self, *command: str, stdin: bytes = b"", p2p: str = "only") -> Any:
-        proxy = " ".join(tpCommand()) + f" --config {self.pki.directory / 'alice.toml'} connect --p2p {p2p} %h:%p"
+        proxy = " ".join(tpCommand()) + f" --config {self.directory / 'alice.toml'} connect --p2p {p2p} %h:%p"
         return run(self.net.exec("hostA") + self.sshd.args(NAME, 22, *command, proxy=proxy), stdin=stdin, timeout=120)
 
     def tpAudit(self) -> str:

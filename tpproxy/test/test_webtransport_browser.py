@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import quote
 
 from twisted.internet import defer, reactor
-from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.trial.unittest import TestCase
 
 from tpproxy.pki import loadCertificates, loadKey
@@ -119,7 +119,6 @@ class BrowserTests(TestCase):
             return defer.gatherResults([defer.maybeDeferred(tcp.stopListening), defer.maybeDeferred(udp.stopListening)])
 
         self.addCleanup(stop)
-        d = self.pki.directory
         self.home = yield makeBrowserProfile(
             Path(self.mktemp()), self.pki.ca.certPEM, loadCertificates(certPath)[0], loadKey(keyPath), self.pki.ca.cert
         )
