@@ -77,8 +77,11 @@ def writeDeployment(d: Any, port: int, name: str) -> None:
     L{TP}:C{port}), and C{tp.toml}: TP on L{TP}:C{port} (TLS and QUIC), alice
     may dial the E2E name C{name}, which bob may expose with C{p2p = true}.
     """
+    from pathlib import Path
+
     from tpproxy.testing import TestPKI
 
+    d = Path(d).absolute()
     pki = TestPKI.create(d)
     pki.ca.issue("tp.test", dns=("tp.test",), ips=(TP,), server=True).write(d / "server.pem", d / "server.key")
     for who in ("alice", "bob"):
