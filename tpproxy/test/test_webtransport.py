@@ -719,3 +719,35 @@ class RouterAnswerTests(WebTransportTestCase):
         self.assertEqual(client.status(streamId), b"308")
         self.assertEqual(client.headers[streamId].get(b"location"), b"https://example.org/")
         yield self.session(client)
+
+
+class AnonymousStreamFloodTests(WebTransportTestCase):
+    @defer.inlineCallbacks
+    def test_signalledStreamsWithoutSessionAreBounded(self) -> Any:
+        """
+        A peer with no session (no token at all) opens stream after stream
+        that starts with the WebTransport signal: each is refused, the
+        HTTP/3 layer forgets it, and past the bound the connection is
+        closed; the listener holds nothing of it after (found by review:
+        such streams used to escape every count).
+        """
+        from aioquic.buffer import encode_uint_var
+
+        from tpproxy.transports.webtransport import MAX_REFUSED_STREAMS
+
+        client = yield self.client()
+        [server] = {id(s): s for s in self.listener.sessions.values()}.values()
+        responder = server.responder
+        sent = 0
+        while not client.terminated and not responder.closed and sent < 10 * MAX_REFUSED_STREAMS:
+            for _ in range(20):
+                streamId = client.quic.get_next_available_stream_id()
+                client.quic.send_stream_data(streamId, b"\x40\x41" + encode_uint_var(0) + b"x", end_stream=True)
+                sent += 1
+            client.transmit()
+            yield until(lambda: len(responder.refused) >= sent or client.terminated or responder.closed, what="the refusals")
+        yield until(lambda: client.terminated, what="the connection closed")
+        self.assertTrue(responder.closed)
+        self.assertLessEqual(sent, MAX_REFUSED_STREAMS + 40)
+        self.assertLessEqual(len(responder.http._stream), MAX_REFUSED_STREAMS + 8)
+        self.assertEqual(self.built, [])

@@ -38,6 +38,9 @@ log = Logger(namespace="tpproxy.webtransport")
 MAX_SESSIONS = 4
 #: Refused CONNECTs after which the connection is closed.
 MAX_REFUSALS = 8
+#: Streams refused (of no accepted session) after which the connection is
+#: closed: what a peer without a session can make TP refuse, and remember.
+MAX_REFUSED_STREAMS = 64
 #: The start of a WebTransport bidirectional stream: the signal value 0x41
 #: as a two-byte QUIC variable-length integer.
 _BIDI_SIGNAL = b"\x40\x41"
@@ -264,6 +267,7 @@ class WebTransportResponder(H3Responder):
         #: The first byte of streams that may be WebTransport's (L{_sniff}).
         self._heads: dict[int, bytes] = {}
         self.refusals = 0
+        self.refusedStreams = 0
 
     def handleEvent(self, event: events.QuicEvent) -> None:
         if self.closed:
@@ -321,7 +325,13 @@ class WebTransportResponder(H3Responder):
         head = self._heads.pop(streamId, b"") + data[: 2 - seen]
         if head == _BIDI_SIGNAL:
             self.wtStreams.add(streamId)
-            self.received.pop(streamId, None)  # not a request after all
+            if self.sessions:
+                # Not a request after all.  Before any session is accepted
+                # it still counts as one (MAX_REQUESTS): an anonymous peer
+                # gets no more streams by signalling WebTransport.
+                self.received.pop(streamId, None)
+            elif streamId not in self.received:
+                self.received[streamId] = 0
         elif len(head) < 2 and _BIDI_SIGNAL.startswith(head):
             self._heads[streamId] = head
 
@@ -406,7 +416,9 @@ class WebTransportResponder(H3Responder):
         from tpproxy.verify import leafRefusal
 
         cert = grant.certificate
-        if cert.not_valid_after_utc.timestamp() <= self.server.listener.factory.wallClock():
+        factory = self.server.listener.factory
+        expires = getattr(getattr(factory, "config", None), "disconnectExpiredCert", True)
+        if expires and cert.not_valid_after_utc.timestamp() <= factory.wallClock():
             return "it expired"
         serverTLS = self.server.listener.factory.serverTLS
         refused = leafRefusal(serverTLS.checker, cert) if serverTLS is not None else None
@@ -434,6 +446,11 @@ class WebTransportResponder(H3Responder):
                 self.conn.reset_stream(streamId, 0x10C)
             except ValueError:
                 pass
+        # Let the HTTP/3 layer drop what it holds for the stream.
+        self.http.handle_event(events.StreamReset(error_code=0x10C, stream_id=streamId))
+        self.refusedStreams += 1
+        if self.refusedStreams > MAX_REFUSED_STREAMS:
+            self._close(0x107, "too many refused WebTransport streams")  # H3_EXCESSIVE_LOAD
 
     def _refuse(self, streamId: int, code: int) -> None:
         super()._refuse(streamId, code)
