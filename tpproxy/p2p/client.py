@@ -80,9 +80,18 @@ def dial(reactor: Any, settings: Any, connector: Any, host: str, port: int, mode
     #: What ends a direct attempt (anything else is a bug, and raised).
     noDirectPath = (IceError, DirectRefused, defer.TimeoutError, ConnectionError, ValueError, KeyError)
 
-    stun = yield stunServer(reactor, settings)
-    agent = IceAgent(controlling=True, stunServer=stun, reactor=reactor)
-    offer = yield agent.gather()
+    agent = None
+    try:
+        stun = yield stunServer(reactor, settings)
+        agent = IceAgent(controlling=True, stunServer=stun, reactor=reactor)
+        offer = yield agent.gather()
+    except noDirectPath + (OSError,) as e:
+        if agent is not None:
+            agent.close()
+        if mode == "only":
+            raise TunnelError(f"no direct path to {host}: {e}") from None
+        say(f"No direct path ({e}); going through TP")
+        return (yield connector.open(ClientHello.connect(host, port))), "relayed"
     try:
         tunnel = yield connector.open(ClientHello("connect", host=host, port=port, p2p=offer))
     except Exception as e:

@@ -654,8 +654,13 @@ class DirectExposer(_DirectEnd):
         if self.refusal is not None or header.packet_type != QuicPacketType.INITIAL:
             return
         if len(self.candidates) >= self.MAX_HANDSHAKES:
-            log.debug("P2P session {session}: {n} handshakes open, Initial dropped", session=self.introduction.session, n=len(self.candidates))
-            return
+            # The oldest makes room: Initials from anyone on the path must
+            # not hold every place until the deadline while the vouched
+            # dialer retransmits its own.
+            oldest, _ = self.candidates.pop(0)
+            oldest.close(CLOSE_REFUSED, "too many handshakes")
+            oldest.abandon()
+            log.debug("P2P session {session}: {n} handshakes open, the oldest dropped", session=self.introduction.session, n=self.MAX_HANDSHAKES)
         try:
             conn = exposerConnection(self.introduction, data, self.chain, self.key, self.base, self.idleTimeout)
         except (ValueError, BufferReadError):

@@ -592,6 +592,12 @@ class Exposer(Machine[ExposerState]):
 
     # --- sessions -------------------------------------------------------------
 
+    #: Introductions answered at once (each holds an ICE agent: a UDP
+    #: socket per local address); more are declined, and their dialers
+    #: come through TP.
+    MAX_INTRODUCTIONS = 16
+    introducing = 0
+
     def _introduced(self, session: str, identity: str | None, offer: dict[str, Any]) -> None:
         from tpproxy.p2p.client import answerIntroduction
 
@@ -601,7 +607,17 @@ class Exposer(Machine[ExposerState]):
         def accept(hello: ClientHello) -> Any:
             return openTunnel(self.reactor, settings.server, uplink.tlsOptions, hello, settings.connectTimeout)
 
-        answerIntroduction(self.reactor, settings, accept, self.local, session, identity, offer, self.say)
+        if self.introducing >= self.MAX_INTRODUCTIONS:
+            # An accept without an answer declines: the dialer goes through TP.
+            accept(ClientHello("accept", session=session)).addCallbacks(lambda end: end.transport.loseConnection(), lambda f: None)
+            return
+        self.introducing += 1
+
+        def done(result: Any) -> Any:
+            self.introducing -= 1
+            return result
+
+        answerIntroduction(self.reactor, settings, accept, self.local, session, identity, offer, self.say).addBoth(done)
 
     def incomingStream(self) -> IncomingStream:
         return IncomingStream(self)
