@@ -465,29 +465,30 @@ def makeMetrics(
         lambda: {(result,): n for result, n in tp.p2p.items()}, counter=True,
     )
 
-    def stunRequests() -> dict[tuple[str, ...], float]:
-        counts: dict[tuple[str, ...], float] = {}
-        for q in quicListeners:
-            for result, n in q.stun.items():
-                counts[(result,)] = counts.get((result,), 0) + n
-        return counts
+    def byResult(counts: Callable[[QuicListener], dict[str, int]]) -> Callable[[], dict[tuple[str, ...], float]]:
+        """
+        The sum over the QUIC listeners of C{counts(listener)}, by result.
+        """
+
+        def read() -> dict[tuple[str, ...], float]:
+            total: dict[tuple[str, ...], float] = {}
+            for q in quicListeners:
+                for result, n in counts(q).items():
+                    total[(result,)] = total.get((result,), 0) + n
+            return total
+
+        return read
 
     metrics.gauge(
-        "tp_stun_requests", "STUN binding requests on TP's UDP port: answered, malformed, rate_limited (docs/quic.md)", ("result",), stunRequests, counter=True,
+        "tp_stun_requests", "STUN binding requests on TP's UDP port: answered, malformed, rate_limited (docs/quic.md)", ("result",),
+        byResult(lambda q: q.stun), counter=True,
     )
     metrics.gauge("tp_tunnels", "Live tunnels (ClientHello answered or being served), by carrier and operation", ("via", "op"), lambda: _tunnels(tp))
     tokens = getattr(tp, "gate", None)
     if tokens is not None:
-
-        def sessions() -> dict[tuple[str, ...], float]:
-            counts: dict[tuple[str, ...], float] = {}
-            for q in quicListeners:
-                for result, n in q.webtransportSessions.items():
-                    counts[(result,)] = counts.get((result,), 0) + n
-            return counts
-
         metrics.gauge(
-            "tp_webtransport_sessions", "WebTransport CONNECTs: accepted, or refused by reason (docs/webtransport.md)", ("result",), sessions, counter=True,
+            "tp_webtransport_sessions", "WebTransport CONNECTs: accepted, or refused by reason (docs/webtransport.md)", ("result",),
+            byResult(lambda q: q.webtransportSessions), counter=True,
         )
         metrics.gauge(
             "tp_webtransport_tokens", "WebTransport tokens: minted, or refused by reason", ("result",),

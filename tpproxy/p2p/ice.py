@@ -297,8 +297,9 @@ class IceAgent:
         except ConnectionError as e:
             self._sendFailed(Failure(e))
             return
-        # It suspended after all (a later aioice): let asyncio finish it.
-        Deferred.fromFuture(asyncio.ensure_future(_resume(coroutine), loop=self.loop)).addErrback(self._sendFailed)
+        # It suspended after all (a later aioice): not sent, and said.
+        coroutine.close()
+        self._sendFailed(Failure(RuntimeError("aioice's send suspended: the datagram was not sent")))
 
     def _sendFailed(self, reason: Failure) -> None:
         if self._closed is None:
@@ -345,16 +346,6 @@ class IceAgent:
         closed: Deferred[None] = Deferred()
         self._closed.addBoth(lambda result: closed.callback(None) or result)
         return closed
-
-
-async def _resume(coroutine: Any) -> None:
-    """
-    Finish a coroutine that suspended on its first step (its awaitable is
-    lost: aioice's send never suspends, so this only keeps a surprise from
-    being silent).
-    """
-    coroutine.close()
-    raise RuntimeError("aioice's send suspended: the datagram was not sent")
 
 
 def _address(addr: tuple[str, int]) -> IPv4Address | IPv6Address:

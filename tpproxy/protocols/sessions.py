@@ -717,7 +717,7 @@ class E2ESession(Session):
             # whose peer link carries no answer: no introductions there yet
             # (docs/p2p.md); the dial stays a relayed one.
             return False
-        return rule is not None and rule.p2p and any(getattr(m.control, "offersP2P", False) for m in exposure.members)
+        return rule is not None and rule.p2p and bool(exposure.introducers())
 
     def _introduce(self, name: str, exposure: Exposure) -> None:
         """

@@ -187,6 +187,13 @@ class Exposure:
         """
         return set().union(*(m.sessions for m in self.members))
 
+    def introducers(self) -> list[Member]:
+        """
+        The members that offered to be introduced to dialers (P2P,
+        docs/p2p.md).
+        """
+        return [m for m in self.members if getattr(m.control, "offersP2P", False)]
+
     def pick(self, now: float = 0.0) -> Member:
         """
         The member to tell of a new dialer: one at random (the members of
@@ -628,7 +635,7 @@ class Registry:
         timer = self.reactor.callLater(self.acceptTimeout, self._expire, sid)
         member = exposure.pick(self.reactor.seconds())
         if p2p is not None and not getattr(member.control, "offersP2P", False):
-            member = next(m for m in exposure.members if getattr(m.control, "offersP2P", False))
+            member = exposure.introducers()[0]
         self.sessions[sid] = PendingSession(sid, exposure, dialer, identity, peer, timer, member)
         member.sessions.add(sid)
         audit.info(

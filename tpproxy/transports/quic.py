@@ -1006,23 +1006,14 @@ class ServerSession(QuicSession):
 
     def certificateRefusal(self) -> str | None:
         """
-        Why this connection's client certificate would be refused now (TP's
-        current deny lists and CRLs, or its expiry), or C{None}: checked
-        for each new stream, since a connection outlives reloads.
+        Why this connection's client certificate would be refused now, or
+        C{None}: checked for each new stream, since a connection outlives
+        reloads (L{refusedNow}).
         """
-        from tpproxy.verify import leafRefusal
-
-        cert = self.peerCertificate
-        factory = self.listener.factory
-        if cert is None:
+        if self.peerCertificate is None:
             return "no client certificate"
-        config = getattr(factory, "config", None)
-        wallClock = getattr(factory, "wallClock", time.time)
-        if getattr(config, "disconnectExpiredCert", True) and cert.not_valid_after_utc.timestamp() <= wallClock():
-            return "the client certificate expired"
-        serverTLS = getattr(factory, "serverTLS", None)
-        refused = leafRefusal(serverTLS.checker, cert) if serverTLS is not None else None
-        return None if refused is None else f"the client certificate is refused now: {refused.reason}"
+        refused = refusedNow(self.listener.factory, self.peerCertificate)
+        return None if refused is None else f"the client certificate is refused now: {refused}"
 
     def connectionIdIssued(self, cid: bytes) -> None:
         self.listener.register(self, cid)
@@ -1047,6 +1038,24 @@ class ServerSession(QuicSession):
             self._auditFailure(refusal or f"QUIC handshake failed: {event.reason_phrase or event.error_code}")
         self.listener.forget(self)
         self.abandon()
+
+
+def refusedNow(factory: Any, cert: x509.Certificate) -> str | None:
+    """
+    Why C{cert}, accepted earlier (in a handshake, or in a WebTransport
+    token), would be refused now by C{factory}'s TP: expired (with
+    C{server.disconnect_expired_cert}), or denied or revoked by the current
+    deny lists and CRLs; C{None} if it still passes.
+    """
+    from tpproxy.verify import leafRefusal
+
+    config = getattr(factory, "config", None)
+    wallClock = getattr(factory, "wallClock", time.time)
+    if getattr(config, "disconnectExpiredCert", True) and cert.not_valid_after_utc.timestamp() <= wallClock():
+        return "it expired"
+    serverTLS = getattr(factory, "serverTLS", None)
+    refused = leafRefusal(serverTLS.checker, cert) if serverTLS is not None else None
+    return None if refused is None else refused.reason
 
 
 def _bigBuffers(transport: Any) -> None:

@@ -409,20 +409,9 @@ class WebTransportResponder(H3Responder):
         stream.received(event.data, event.stream_ended)
 
     def _certificateRefusal(self, grant: Grant) -> str | None:
-        """
-        Why the certificate of C{grant} is refused now (expired, or denied
-        or revoked by TP's current checks), or C{None}.
-        """
-        from tpproxy.verify import leafRefusal
+        from tpproxy.transports.quic import refusedNow
 
-        cert = grant.certificate
-        factory = self.server.listener.factory
-        expires = getattr(getattr(factory, "config", None), "disconnectExpiredCert", True)
-        if expires and cert.not_valid_after_utc.timestamp() <= factory.wallClock():
-            return "it expired"
-        serverTLS = self.server.listener.factory.serverTLS
-        refused = leafRefusal(serverTLS.checker, cert) if serverTLS is not None else None
-        return None if refused is None else refused.reason
+        return refusedNow(self.server.listener.factory, grant.certificate)
 
     def _respondEnd(self, sessionId: int) -> None:
         """
