@@ -236,6 +236,8 @@ class Child(protocol.ProcessProtocol):
 
     def __init__(self, testCase: TestCase, argv: list[str]) -> None:
         self.lines: defer.DeferredQueue[dict[str, Any]] = defer.DeferredQueue()
+        #: Every line, in order (for failure messages).
+        self.seen: list[dict[str, Any]] = []
         self.buffer = b""
         self.err = b""
         self.done: defer.Deferred[int | None] = defer.Deferred()
@@ -249,7 +251,9 @@ class Child(protocol.ProcessProtocol):
         while b"\n" in self.buffer:
             line, self.buffer = self.buffer.split(b"\n", 1)
             if line.strip():
-                self.lines.put(json.loads(line))
+                message = json.loads(line)
+                self.seen.append(message)
+                self.lines.put(message)
 
     def errReceived(self, data: bytes) -> None:
         self.err += data

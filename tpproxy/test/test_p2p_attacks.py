@@ -18,21 +18,19 @@ taken away.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-from aioice.ice import get_host_addresses
 from cryptography import x509
 from twisted.internet import defer, protocol, reactor
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tpproxy import wire
 from tpproxy.p2p import ice
 from tpproxy.p2p.direct import newSessionId
 from tpproxy.pki import loadCertificates, loadKey
 from tpproxy.service import makeQuicListener
-from tpproxy.test.test_p2p_ice import Agent
+from tpproxy.test.test_p2p_ice import Agent, requireHostAddress
 from tpproxy.test.test_p2p_introduction import ANSWER, NAME, OFFER, P2PTestCase, waitFor
 from tpproxy.test.test_cluster import ThreeInstances
 from tpproxy.test.test_reverse import ControlClient
@@ -552,15 +550,7 @@ class DialerChild(Agent):
     The L{DIALER} child, its JSON lines in a queue like a p2pagent's.
     """
 
-    def __init__(self, testCase: TestCase, argv: list[str]) -> None:
-        self.lines = defer.DeferredQueue()
-        self.buffer = b""
-        self.err = b""
-        self.ended = defer.Deferred()
-        self.seen = []
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.process = reactor.spawnProcess(self, sys.executable, [sys.executable, "-c", DIALER, *argv], env=env)  # type: ignore[attr-defined]
-        testCase.addCleanup(self.stop)
+    command = ("-c", DIALER)
 
 
 def quicInitialLookalike() -> bytes:
@@ -583,8 +573,7 @@ class DirectPathAttackTests(TestCase):
     timeout = 90
 
     def setUp(self) -> None:
-        if not get_host_addresses(use_ipv4=True, use_ipv6=False):
-            raise SkipTest("no IPv4 address but loopback: aioice has no host candidate")
+        requireHostAddress()
         self.pki = TestPKI.create(self.mktemp())
         for name in ("alice", "bob", "carol"):
             self.pki.client(name)

@@ -16,22 +16,12 @@ from twisted.internet import defer, protocol, reactor
 from tpproxy.protocols.client import ServerAddress, TLSClientEndpoint
 from tpproxy.test.support import audits
 from tpproxy.test.test_reverse import ControlClient, ReverseTestCase
+from tpproxy.test.test_workers import waitFor
 from tpproxy.wire import ClientHello
 
 NAME = "bob.localhost"
 OFFER = {"ufrag": "AbCd", "pwd": "0123456789abcdefghijkl", "candidates": ["1 1 UDP 2130706431 10.1.0.2 40000 typ host"]}
 ANSWER = {"ufrag": "WxYz", "pwd": "lkjihgfedcba9876543210", "candidates": ["1 1 UDP 1694498815 198.51.100.2 50000 typ srflx raddr 10.2.0.2 rport 50000"]}
-
-
-@defer.inlineCallbacks
-def waitFor(condition: Any, timeout: float = 10) -> Any:
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not met in time")
-        d: defer.Deferred[None] = defer.Deferred()
-        reactor.callLater(0.02, d.callback, None)
-        yield d
 
 
 class P2PTestCase(ReverseTestCase):
