@@ -141,6 +141,42 @@ class IntroductionTests(P2PTestCase):
         self.assertEqual(hello.code, "bad_request")
         self.assertIn("ufrag", hello.message)
 
+    @defer.inlineCallbacks
+    def test_malformedP2PFields(self) -> Any:
+        """
+        A listen whose p2p is not a boolean, and a connect whose p2p_failed
+        is not a session id, are bad requests.
+        """
+        from tpproxy.wire import encodeFrame
+
+        class RawHello:
+            def __init__(self, obj: dict[str, Any]) -> None:
+                self.obj = obj
+
+            def toFrame(self) -> bytes:
+                return encodeFrame(self.obj)
+
+        for obj, field in (
+            ({"v": 1, "op": "listen", "mode": "e2e", "name": NAME, "p2p": "yes"}, "p2p"),
+            ({"v": 1, "op": "connect", "host": NAME, "port": 22, "p2p_failed": "x"}, "p2p_failed"),
+        ):
+            client = yield self.connect("bob" if obj["op"] == "listen" else "alice", RawHello(obj))  # type: ignore[arg-type]
+            answer = yield client.answer
+            self.assertEqual(answer.code, "bad_request", obj)
+            self.assertIn(field, answer.message)
+
+    @defer.inlineCallbacks
+    def test_madeUpFallbackNotCounted(self) -> Any:
+        """
+        A relayed dial naming a P2P session TP never introduced is served
+        as usual, and not counted as a fallback.
+        """
+        yield self.expose()
+        dialer = yield self.connect("alice", ClientHello("connect", host=NAME, port=22, p2pFailed="A" * 32))
+        hello = yield dialer.answer
+        self.assertTrue(hello.ok, hello)
+        self.assertEqual(self.factory.wrappedFactory.p2p["fell_back"], 0)
+
 
 class NotAllowedTests(P2PTestCase):
     """
