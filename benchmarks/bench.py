@@ -829,42 +829,55 @@ def summarizeStacks(path: Path, top: int = 15) -> dict[str, Any]:
     return {"samples": total, "self_pct": ranked(own), "inclusive_pct": ranked(inclusive, lambda f: bool(plumbing.search(f)))}
 
 
-def profileQuic(setup: Setup, seconds: float, rate: float | None, outdir: Path, problems: list[str]) -> dict[str, Any]:
+#: The processes py-spy samples for each chain it can profile.
+PROFILED = {"tp": ("twist-tp", "tp-up"), "tp_quic": ("twist-tp", "tp-up-quic")}
+
+
+def profileChain(setup: Setup, chain: str, seconds: float, rate: float | None, outdir: Path, problems: list[str]) -> dict[str, Any]:
     """
-    py-spy on `twist tp` and `tp --transport quic up` during one QUIC upload
-    and one download, each sized (from the measured rate) to outlast the
-    sampling; collapsed stacks written to C{outdir}, the top functions
-    returned.
+    py-spy on the two TP processes of C{chain} (L{PROFILED}) during one
+    upload, one download, each sized (from the measured rate) to outlast the
+    sampling, and then short connections one at a time for as long;
+    collapsed stacks written to C{outdir}, the top functions returned.
     """
     pyspy = shutil.which("py-spy") or str(BIN / "py-spy")
     if not Path(pyspy).exists():
         raise BenchError("--profile needs py-spy (pip install py-spy)")
     outdir.mkdir(parents=True, exist_ok=True)
-    port = setup.entry["tp_quic"]
-    pids = {"twist-tp": setup.procs.procs["twist-tp"].pid, "tp-up-quic": setup.procs.procs["tp-up-quic"].pid}
+    port = setup.entry[chain]
+    pids = {name: setup.procs.procs[name].pid for name in PROFILED[chain]}
     n = int(max(20.0, (rate or 10.0) * (seconds + 5)) * MB)
     out: dict[str, Any] = {"seconds": seconds, "bytes": n, "pids": pids}
-    for direction in ("upload", "download"):
+    payload = b"ECHO " + b"x" * 58 + b"\n"
+    for phase in ("upload", "download", "connections"):
         done: dict[str, Any] = {}
+        stop = threading.Event()
 
-        def transfer() -> None:
+        def work() -> None:
             try:
-                if direction == "upload":
+                if phase == "upload":
                     done["seconds"] = bulkUpload(port, n, _patternBlock())
-                else:
+                elif phase == "download":
                     done["seconds"], done["eof"] = bulkDownload(port, n)
+                else:
+                    count, started = 0, time.monotonic()
+                    while not stop.is_set():
+                        shortConnection(port, payload)
+                        count += 1
+                    done["conn_per_s"] = count / (time.monotonic() - started)
             except (BenchError, OSError) as e:
                 done["error"] = str(e)
 
-        thread = threading.Thread(target=transfer)
+        thread = threading.Thread(target=work)
         thread.start()
         time.sleep(1.0)
         before = {name: cpuSeconds(pid) for name, pid in pids.items()}
         started = time.monotonic()
+        files = {name: outdir / f"profile-{chain}-{phase}-{name}.txt" for name in pids}
         spies = {
             name: subprocess.Popen(
                 [pyspy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "100", "--format", "raw",
-                 "--output", str(outdir / f"profile-quic-{direction}-{name}.txt")],
+                 "--output", str(files[name])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             )
             for name, pid in pids.items()
@@ -875,21 +888,24 @@ def profileQuic(setup: Setup, seconds: float, rate: float | None, outdir: Path, 
                 raise BenchError(f"py-spy on {name} failed: {err.decode(errors='replace')[-300:]}")
         elapsed = time.monotonic() - started
         cores = {name: round((cpuSeconds(pid) - before[name]) / elapsed, 2) for name, pid in pids.items()}
+        stop.set()
         thread.join()
         if done.get("error") or done.get("eof"):
-            problems.append(f"tp_quic {direction} while profiled: {done.get('error') or done.get('eof')}")
-        out[direction] = {
-            "mb_per_s": round(n / MB / done["seconds"], 1) if "seconds" in done else None,
+            problems.append(f"{chain} {phase} while profiled: {done.get('error') or done.get('eof')}")
+        if phase == "connections":
+            speed = f"{fmt(done.get('conn_per_s'))} conn/s"
+        else:
+            speed = f"{fmt(round(n / MB / done['seconds'], 1) if 'seconds' in done else None)} MB/s"
+        out[phase] = {
+            "rate": speed,
             "cores_used": cores,
-            "processes": {
-                name: summarizeStacks(outdir / f"profile-quic-{direction}-{name}.txt") for name in pids
-            },
+            "processes": {name: summarizeStacks(files[name]) for name in pids},
         }
-        print(f"  {direction}: {fmt(out[direction]['mb_per_s'])} MB/s while sampled, cores used {cores}", flush=True)
+        print(f"  {chain} {phase}: {speed} while sampled, cores used {cores}", flush=True)
         for name in pids:
-            summary = out[direction]["processes"][name]
-            print(f"    {name} inclusive: " + "; ".join(f"{pct}% {f.split(' (')[0]}" for pct, f in summary["inclusive_pct"][:6]))
-            print(f"    {name} self:      " + "; ".join(f"{pct}% {f.split(' (')[0]}" for pct, f in summary["self_pct"][:6]),
+            summary = out[phase]["processes"][name]
+            print(f"    {name} inclusive: " + "; ".join(f"{pct}% {f.split(' (')[0]}" for pct, f in summary["inclusive_pct"][:8]))
+            print(f"    {name} self:      " + "; ".join(f"{pct}% {f.split(' (')[0]}" for pct, f in summary["self_pct"][:8]),
                   flush=True)
     return out
 
@@ -1160,8 +1176,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="transport from the TP clients to twist tp, for TP versions with --transport (default tls, "
                              "like stunnel)")
     parser.add_argument("--profile", type=float, metavar="SECONDS",
-                        help="after the measurements, sample twist tp and tp --transport quic up with py-spy for SECONDS "
-                             "during a QUIC upload and a download; stacks written next to --json")
+                        help="after the measurements, sample the two TP processes of each --profile-chains chain with "
+                             "py-spy for SECONDS during an upload, a download and sequential short connections; stacks "
+                             "written next to --json")
+    parser.add_argument("--profile-chains", default="tp,tp_quic",
+                        help="chains --profile samples, comma-separated, from: " + ", ".join(PROFILED) + " (default both)")
     parser.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sink:
@@ -1256,10 +1275,16 @@ def run(args: argparse.Namespace, directory: Path) -> int:
             # Which end dropped datagrams (a full receive buffer: the QUIC
             # sender then resends, and halves its congestion window).
             results["quic_socket_drops"] = quicSockets(setup.ports["tp_server"])
-        if args.profile and "tp_quic" in setup.chains:
-            print(f"Profiling the QUIC chain with py-spy, {args.profile:g} s each way ...", flush=True)
-            rate = results["bulk"]["upload"]["tp_quic"]["mb_per_s"]
-            results["profile_quic"] = profileQuic(setup, args.profile, rate, Path(args.json).parent, problems)
+        if args.profile:
+            results["profile"] = {}
+            for chain in args.profile_chains.split(","):
+                if chain not in PROFILED:
+                    raise BenchError(f"--profile-chains: no chain {chain!r} (one of {', '.join(PROFILED)})")
+                if chain not in setup.chains:
+                    continue
+                print(f"Profiling {chain} with py-spy, {args.profile:g} s per phase ...", flush=True)
+                rate = results["bulk"]["upload"][chain]["mb_per_s"]
+                results["profile"][chain] = profileChain(setup, chain, args.profile, rate, Path(args.json).parent, problems)
 
         if "tp_quic" in setup.chains:
             up = results["bulk"]["upload"]["tp_quic"]["mb_per_s"]

@@ -111,6 +111,10 @@ class ServerConfig:
     worker: int | None = None
     #: C{[webtransport]}: browsers as TP clients (docs/webtransport.md).
     webtransport: WebTransportConfig | None = None
+    #: C{server.quic_max_datagram_size}: the largest datagram the path MTU
+    #: search of a tp/1 QUIC connection may reach; 1200 turns it off
+    #: (docs/quic.md).
+    quicMaxDatagramSize: int = 16384
 
 
 @dataclass(frozen=True)
@@ -633,7 +637,7 @@ def parseAcme(acme: Any, base: Path) -> AcmeConfig | None:
 
 _SERVER_KEYS = {
     "listen", "certificate", "key", "client_ca", "crl", "handshake_timeout", "hello_timeout", "connect_timeout", "quic",
-    "state_dir", "disconnect_expired_cert", "drain_timeout", "workers",
+    "state_dir", "disconnect_expired_cert", "drain_timeout", "workers", "quic_max_datagram_size",
 }
 
 _TCP_LISTEN = re.compile(r"tcp6?:(\d+)(?::interface=([^:]*(?:\\:[^:]*)*))?$")
@@ -672,6 +676,16 @@ def _quicAddresses(value: Any, listen: list[str]) -> tuple[tuple[str, int], ...]
             raise ConfigError(f"server.quic: {item!r} is not ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)") from None
         out.append((host, number))
     return tuple(out)
+
+
+def _datagramSize(value: Any) -> int:
+    """
+    C{server.quic_max_datagram_size}: 1200 (no path MTU search) to 65527
+    (the largest UDP payload).
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 1200 <= value <= 65527:
+        raise ConfigError(f"server.quic_max_datagram_size: expected a whole number of bytes from 1200 to 65527, got {value!r}")
+    return value
 
 
 def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") -> ServerConfig:
@@ -781,6 +795,7 @@ def parseServerConfig(data: dict[str, Any], base: Path, path: str = "<config>") 
         stateDir=_resolvePath(base, server.get("state_dir", "state"), "server.state_dir", mustExist=False),
         workers=_workers(server.get("workers", 1)),
         webtransport=parseWebTransport(data.get("webtransport")),
+        quicMaxDatagramSize=_datagramSize(server.get("quic_max_datagram_size", 16384)),
     )
     from tpproxy.workers import checkWorkers
 

@@ -35,7 +35,7 @@ from tpproxy.reactors import IServerReactor
 from tpproxy.reload import Reloader
 from tpproxy.reverse.registry import Registry
 from tpproxy.status import serverStatus
-from tpproxy.transports.quic import ClientVerifier, QuicListener, loadResetSecret, serverConfiguration
+from tpproxy.transports.quic import RECEIVE_SIZE, ClientVerifier, QuicListener, loadResetSecret, serverConfiguration
 from tpproxy.transports.servertls import ServerTLS
 from tpproxy.transports.tls import TLSFactory
 from tpproxy.verify import ClientCertChecker
@@ -205,6 +205,7 @@ def makeQuicListener(config: ServerConfig, reactor: IServerReactor, factory: TPS
         reactor, configuration, verifier, factory, h3=None if backend else h3, limits=config.limits,
         handshakeTimeout=config.handshakeTimeout, resetSecret=resetSecret,
     )
+    listener.maxDatagramSize = config.quicMaxDatagramSize
     if backend is not None:
         listener.useH3Backend((backend.host, backend.port))
     if config.webtransport is not None:
@@ -235,7 +236,7 @@ class UDPListenerService(service.Service):
 
     def _bind(self) -> None:
         if self.port is None:
-            self.port = self.reactor.listenUDP(self.address[1], self.protocol, interface=self.address[0])
+            self.port = self.reactor.listenUDP(self.address[1], self.protocol, interface=self.address[0], maxPacketSize=RECEIVE_SIZE)
 
     def stopService(self) -> Any:
         super().stopService()

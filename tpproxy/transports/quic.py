@@ -13,6 +13,7 @@ write coalescing under TP's control.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import hmac
 import os
@@ -25,11 +26,13 @@ from aioquic.buffer import Buffer, BufferReadError
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import (
+    END_STATES,
     MAX_STREAM_DATA_FRAME_CAPACITY,
     QuicConnection,
     QuicFrameType,
 )
 from aioquic.quic.packet import QuicPacketType, encode_quic_retry, encode_quic_version_negotiation, pull_quic_header
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.retry import TOKEN_LIFETIME, QuicRetryTokenHandler
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -48,6 +51,9 @@ from tpproxy.privates import PrivateAPIError, PrivateName, privateProblems
 from tpproxy.reactors import IUDPReactor
 from tpproxy.transports.cidroute import slotOf
 from tpproxy.transports.h3 import H3_ALPN, H3Responder, H3Response
+from tpproxy.transports.pmtu import BASE as PMTU_BASE
+from tpproxy.transports.pmtu import DEFAULT_MAX as PMTU_DEFAULT_MAX
+from tpproxy.transports.pmtu import PathMTUSearch
 from tpproxy.verify import AlertRefused, ClientVerifier
 from tpproxy.wire import ALPN
 
@@ -144,6 +150,19 @@ def _bareAddress(addr: Any) -> tuple[str, int]:
     tokens encode addresses with L{ipaddress}.
     """
     return addr[0].split("%", 1)[0], int(addr[1])
+
+
+class _ProbeBuilder(QuicPacketBuilder):
+    """
+    Builds a path MTU probe: its packet is not counted in flight, so that
+    neither its bytes nor its loss touch congestion control.
+    """
+
+    def flush(self) -> tuple[list[bytes], list[Any]]:
+        datagrams, packets = super().flush()
+        for packet in packets:
+            packet.in_flight = False
+        return datagrams, packets
 
 
 class TPQuicConnection(QuicConnection):
@@ -293,6 +312,118 @@ class TPQuicConnection(QuicConnection):
             buf.push_uint_var(stream.max_stream_data_local)
             stream.max_stream_data_local_sent = stream.max_stream_data_local
 
+    # Path MTU discovery (tpproxy.transports.pmtu).
+
+    #: The search of a tp/1 connection (L{enablePathMTU}), or L{None}:
+    #: 1200-byte datagrams throughout (h3, WebTransport, P2P).
+    tpPmtu: PathMTUSearch | None = None
+    _tpPmtuPath: Any = None
+
+    def enablePathMTU(self, maximum: int) -> None:
+        """
+        Probe for larger datagrams than 1200 bytes, up to C{maximum}, once
+        the handshake is complete, and watch for a path that stops carrying
+        them.  The peer must read datagrams of that size (TP's sockets read
+        up to 64 KiB).
+        """
+        if maximum <= PMTU_BASE or self.tpPmtu is not None:
+            return
+        search = self.tpPmtu = PathMTUSearch(maximum)
+        cc = self._loss._cc
+        acked, lost = cc.on_packet_acked, cc.on_packets_lost
+
+        def onPacketAcked(*, now: float, packet: Any) -> None:
+            search.packetAcknowledged(packet.sent_bytes)
+            acked(now=now, packet=packet)
+
+        def onPacketsLost(*, now: float, packets: Any) -> None:
+            packets = list(packets)
+            for packet in packets:
+                if search.packetLost(packet.sent_bytes):
+                    log.info("QUIC path to {peer}: {size}-byte datagrams stopped getting through; back to {base}",
+                             peer=self._network_paths[0].addr, size=self._max_datagram_size, base=PMTU_BASE)
+                    self._tpDatagramSize(search.current)
+            lost(now=now, packets=packets)
+
+        cc.on_packet_acked = onPacketAcked
+        cc.on_packets_lost = onPacketsLost
+
+    def _tpDatagramSize(self, size: int) -> None:
+        """
+        Send datagrams of up to C{size} bytes from now on.
+        """
+        self._max_datagram_size = size
+        self._loss._cc._max_datagram_size = size
+        self._loss._pacer._max_datagram_size = size
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+        datagrams = super().datagrams_to_send(now)
+        search = self.tpPmtu
+        if search is None or not self._handshake_confirmed or self._state in END_STATES:
+            return datagrams
+        path = self._network_paths[0]
+        if path is not self._tpPmtuPath:
+            if self._tpPmtuPath is not None:
+                # A new path (the client moved): what held on the old one
+                # says nothing about it (RFC 8899 section 5.2).
+                search.newPath()
+                self._tpDatagramSize(PMTU_BASE)
+            self._tpPmtuPath = path
+        if not path.is_validated:
+            return datagrams
+        size = search.nextProbe(now)
+        if size is not None:
+            datagrams += self._tpProbe(size, path, now)
+        return datagrams
+
+    def _tpProbe(self, size: int, path: Any, now: float) -> list[tuple[bytes, Any]]:
+        """
+        One probe: a PING padded to C{size} bytes, outside congestion
+        control (its loss says nothing about congestion, RFC 9000 section
+        14.4), whose fate goes to the search.
+        """
+        builder = _ProbeBuilder(
+            host_cid=self.host_cid,
+            is_client=self._is_client,
+            max_datagram_size=size,
+            packet_number=self._packet_number,
+            peer_cid=self._peer_cid.cid,
+            peer_token=self._peer_token,
+            quic_logger=self._quic_logger,
+            spin_bit=self._spin_bit,
+            version=self._version,
+        )
+        builder.start_packet(QuicPacketType.ONE_RTT, self._cryptos[tls.Epoch.ONE_RTT])
+        builder.start_frame(QuicFrameType.PING, handler=self._tpProbeDelivered, handler_args=(size,))
+        # Padding to the whole size, inside the packet (it is a 1-RTT one).
+        builder._datagram_needs_padding = True
+        return self._flush_builder(builder=builder, network_path=path, peer_cid=self._peer_cid.cid, now=now)
+
+    def _tpProbeDelivered(self, delivery: QuicDeliveryState, size: int) -> None:
+        search = self.tpPmtu
+        if search is None:
+            return
+        if delivery == QuicDeliveryState.ACKED:
+            search.acknowledged(size)
+            if search.current != self._max_datagram_size:
+                self._tpDatagramSize(search.current)
+                log.debug("QUIC path to {peer} carries {size}-byte datagrams", peer=self._network_paths[0].addr, size=size)
+        else:
+            search.lost(size)
+
+    def datagramTooBig(self, size: int) -> None:
+        """
+        The kernel refused a datagram of C{size} bytes (C{EMSGSIZE}: larger
+        than the MTU it knows for the route; TP's QUIC sockets never
+        fragment).
+        """
+        search = self.tpPmtu
+        if search is None or size <= PMTU_BASE:
+            return
+        search.tooBig(size)
+        if search.current != self._max_datagram_size:
+            self._tpDatagramSize(search.current)
+
     def sendBuffered(self, streamId: int) -> int:
         """
         Bytes written to a stream and not yet acknowledged.
@@ -308,7 +439,12 @@ def _aioquicPrivates() -> tuple[PrivateName, ...]:
     from aioquic.quic.connection import Limit
     from aioquic.quic.stream import QuicStream, QuicStreamSender
 
+    from aioquic.quic.congestion.cubic import CubicCongestionControl
+    from aioquic.quic.congestion.reno import RenoCongestionControl
+    from aioquic.quic.recovery import QuicPacketPacer, QuicPacketRecovery
+
     C, Q = tls.Context, QuicConnection
+    pmtu = "else datagrams stay at 1200 bytes or the probe fails"
     verdict = "the client-certificate verdict (CAs, CRLs, deny list) would not run"
     return (
         PrivateName(C, "_server_handle_certificate", ("input_buf",), ("_handle_reassembled_message",), f"TP wraps it per connection with its verdict; else {verdict}"),
@@ -329,6 +465,20 @@ def _aioquicPrivates() -> tuple[PrivateName, ...]:
         PrivateName(Q, "_local_max_data", None, ("__init__", "_write_connection_limits"), "the connection's receive budget"),
         PrivateName(Q, "_close_event", None, ("__init__", "close"), "the client reads why TP closed (tpproxy.connector.quicRefusal)"),
         PrivateName(QuicStreamSender, "_buffer", None, ("__init__",), "bytes not yet acknowledged, for backpressure"),
+        PrivateName(Q, "datagrams_to_send", ("now",), (), "TP appends its path MTU probe"),
+        PrivateName(Q, "_flush_builder", ("builder", "network_path", "peer_cid", "now"), ("datagrams_to_send",), f"registers a path MTU probe; {pmtu}"),
+        PrivateName(Q, "_max_datagram_size", None, ("__init__", "datagrams_to_send"), f"the size datagrams are built to; {pmtu}"),
+        PrivateName(Q, "_loss", None, ("__init__",), f"the congestion controller and pacer told the size; {pmtu}"),
+        PrivateName(Q, "_network_paths", None, ("__init__", "datagrams_to_send"), f"the path probed, and whether it moved; {pmtu}"),
+        PrivateName(Q, "_cryptos", None, ("__init__",), f"the 1-RTT keys a probe is sealed with; {pmtu}"),
+        PrivateName(Q, "_handshake_confirmed", None, ("__init__",), f"probes wait for it; {pmtu}"),
+        PrivateName(Q, "_packet_number", None, ("__init__", "datagrams_to_send"), f"a probe's packet number; {pmtu}"),
+        PrivateName(QuicPacketRecovery, "_cc", None, ("__init__", "on_ack_received"), f"told the size; watched for a black hole; {pmtu}"),
+        PrivateName(QuicPacketRecovery, "_pacer", None, ("__init__",), f"told the size; {pmtu}"),
+        PrivateName(RenoCongestionControl, "_max_datagram_size", None, ("__init__", "on_packet_acked"), f"the window's quantum; {pmtu}"),
+        PrivateName(CubicCongestionControl, "_max_datagram_size", None, ("__init__", "on_packet_acked"), f"the window's quantum; {pmtu}"),
+        PrivateName(QuicPacketPacer, "_max_datagram_size", None, ("__init__", "update_rate"), f"the pacing quantum; {pmtu}"),
+        PrivateName(QuicPacketBuilder, "_datagram_needs_padding", None, ("__init__", "_end_packet"), f"pads a probe to its size; {pmtu}"),
         PrivateName(QuicStream, "max_stream_data_local", None, ("__init__",), "a stream's receive limit"),
         PrivateName(QuicStream, "max_stream_data_local_sent", None, ("__init__",), "a stream's receive limit"),
         PrivateName(Limit, "used", None, ("__init__",), "the connection's receive budget"),
@@ -800,7 +950,12 @@ class QuicSession:
             return
         now = self.clock.seconds()
         for data, addr in self.conn.datagrams_to_send(now=now):
-            self.send(data, addr)
+            try:
+                self.send(data, addr)
+            except OSError:
+                # EMSGSIZE, the one error a sender passes on: larger than
+                # the route's MTU (a path MTU probe, or a route that shrank).
+                self.conn.datagramTooBig(len(data))
         when = self.conn.get_timer()
         if self._timer is not None and self._timer.active():
             if when is None:
@@ -981,6 +1136,7 @@ class ServerSession(QuicSession):
             return
         self.identity = identityOf(self.peerCertificate).name
         log.info("QUIC connection from {peer} as {identity}", peer=_address(self.peer), identity=self.identity)
+        self.conn.enablePathMTU(self.listener.maxDatagramSize)
 
     def newStream(self, streamId: int) -> QuicStreamTransport | None:
         if self.identity is None or streamId % 4 != 0 or self.conn.tls.alpn_negotiated != TP_ALPN:
@@ -1058,10 +1214,21 @@ def refusedNow(factory: Any, cert: x509.Certificate) -> str | None:
     return None if refused is None else refused.reason
 
 
+#: The largest datagram TP's QUIC sockets read: what a path MTU search
+#: may reach (tpproxy.transports.pmtu), with room to spare.
+RECEIVE_SIZE = 65536
+
+#: Linux's IPV6_MTU_DISCOVER and IPV6_PMTUDISC_DO (not in Python's socket).
+_IPV6_MTU_DISCOVER, _IPV6_PMTUDISC_DO = 23, 2
+
+
 def _bigBuffers(transport: Any) -> None:
     """
     4 MiB UDP socket buffers: drops under load halve the congestion window
-    (measured: ~0.1 % drops on the client with the 208 KiB default).
+    (measured: ~0.1 % drops on the client with the 208 KiB default).  And
+    never fragment: a datagram larger than the route's MTU fails with
+    C{EMSGSIZE} instead of going out in IP fragments, so that a path MTU
+    probe measures the path (RFC 9000 section 14: QUIC sets DF).
     """
     import socket
 
@@ -1069,6 +1236,16 @@ def _bigBuffers(transport: Any) -> None:
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         try:
             sock.setsockopt(socket.SOL_SOCKET, option, 4 * 1024 * 1024)
+        except OSError:
+            pass
+    options = [(socket.IPPROTO_IP, getattr(socket, "IP_MTU_DISCOVER", None), getattr(socket, "IP_PMTUDISC_DO", None))]
+    if getattr(sock, "family", None) == socket.AF_INET6:
+        options.append((socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _IPV6_PMTUDISC_DO))
+    for level, option, value in options:
+        if option is None or value is None:
+            continue
+        try:
+            sock.setsockopt(level, option, value)
         except OSError:
             pass
 
@@ -1085,6 +1262,10 @@ class QuicListener(DatagramProtocol):
         requests with it (L{tpproxy.transports.h3}), without asking for a client
         certificate.  tp/1 connections are as strict as without it.
     """
+
+    #: The largest datagram the path MTU search of a tp/1 connection may
+    #: reach (server.quic_max_datagram_size); 1200 turns the search off.
+    maxDatagramSize = PMTU_DEFAULT_MAX
 
     def __init__(
         self,
@@ -1262,6 +1443,8 @@ class QuicListener(DatagramProtocol):
             port.write(data, addr)
         except (OSError, AttributeError) as e:
             # AttributeError: the port's socket is already gone.
+            if getattr(e, "errno", None) == errno.EMSGSIZE:
+                raise
             log.debug("QUIC send to {addr} failed: {error}", addr=addr, error=e)
 
     def datagramReceived(self, data: bytes, addr: Any, forwarded: bool = False, via: Callable[[bytes, Any], None] | None = None) -> None:
@@ -1538,6 +1721,9 @@ class ClientSession(QuicSession):
     handshake completes; L{openStream} then gives a transport per tunnel.
     """
 
+    #: The largest datagram the path MTU search may reach.
+    maxDatagramSize = PMTU_DEFAULT_MAX
+
     def __init__(self, reactor: IUDPReactor, conn: TPQuicConnection, socket: ClientSocket, server: Any) -> None:
         super().__init__(conn, socket.sendDatagram, reactor, server)
         from twisted.internet import defer
@@ -1577,6 +1763,8 @@ class ClientSession(QuicSession):
         self._closeIfIdle()
 
     def handshakeCompleted(self, event: events.HandshakeCompleted) -> None:
+        if event.alpn_protocol == TP_ALPN:
+            self.conn.enablePathMTU(self.maxDatagramSize)
         if not self.ready.called:
             self.ready.callback(self)
 
@@ -1676,7 +1864,7 @@ class ClientSocket(DatagramProtocol):
         self.family = family
         self.server = server
         interface = "::" if family == "ipv6" else "0.0.0.0"
-        self.port = reactor.listenUDP(0, self, interface=interface)
+        self.port = reactor.listenUDP(0, self, interface=interface, maxPacketSize=65536)
 
     def startProtocol(self) -> None:
         _bigBuffers(self.transport)
@@ -1688,6 +1876,8 @@ class ClientSocket(DatagramProtocol):
         try:
             self.transport.write(data)
         except OSError as e:
+            if e.errno == errno.EMSGSIZE:
+                raise
             log.debug("QUIC send failed: {error}", error=e)
 
     def connectionRefused(self) -> None:
