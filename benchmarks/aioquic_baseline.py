@@ -51,20 +51,20 @@ class Sink(QuicConnectionProtocol):
                 print(f"{self.received} {elapsed}", flush=True)
 
 
-async def server(port: int, cert: str, key: str) -> None:
-    config = QuicConfiguration(is_client=False, alpn_protocols=["bench"])
+async def server(port: int, cert: str, key: str, host: str = "127.0.0.1", datagramSize: int = 1200) -> None:
+    config = QuicConfiguration(is_client=False, alpn_protocols=["bench"], max_datagram_size=datagramSize)
     config.certificate, *config.certificate_chain = loadCertificates(cert)
     config.private_key = loadKey(key)
-    srv = await serve("127.0.0.1", port, configuration=config, create_protocol=Sink)
+    srv = await serve(host, port, configuration=config, create_protocol=Sink)
     # asyncio's UDP transport reads 256 KiB per datagram otherwise.
     srv._transport.max_size = 65536  # type: ignore[attr-defined]
     print("ready", flush=True)
     await asyncio.sleep(3600)
 
 
-async def client(port: int, size: int) -> None:
-    config = QuicConfiguration(is_client=True, alpn_protocols=["bench"], verify_mode=ssl.CERT_NONE)
-    async with connect("127.0.0.1", port, configuration=config) as proto:
+async def client(port: int, size: int, host: str = "127.0.0.1", datagramSize: int = 1200) -> None:
+    config = QuicConfiguration(is_client=True, alpn_protocols=["bench"], verify_mode=ssl.CERT_NONE, max_datagram_size=datagramSize)
+    async with connect(host, port, configuration=config) as proto:
         proto._transport.max_size = 65536  # type: ignore[attr-defined]
         quic = proto._quic
         stream = quic.get_next_available_stream_id()
@@ -86,10 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=100, help="MB per transfer (default 100)")
     parser.add_argument("--repeat", type=int, default=3, help="transfers, median reported (default 3)")
     parser.add_argument("--json", default=str(RESULTS / "aioquic_baseline.json"), help="where to write the results")
+    parser.add_argument("--max-datagram-size", type=int, default=1200,
+                        help="aioquic's max_datagram_size on both ends (default 1200, aioquic's own default)")
     parser.add_argument("--serve", nargs=3, metavar=("PORT", "CERT", "KEY"), help=argparse.SUPPRESS)
+    parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
+    parser.add_argument("--connect", nargs=3, metavar=("HOST", "PORT", "BYTES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        asyncio.run(server(int(args.serve[0]), args.serve[1], args.serve[2]))
+        asyncio.run(server(int(args.serve[0]), args.serve[1], args.serve[2], args.host, args.max_datagram_size))
+        return 0
+    if args.connect:
+        # benchmarks/quic_path_bench.py: one upload from another namespace.
+        asyncio.run(client(int(args.connect[1]), int(args.connect[2]), args.connect[0], args.max_datagram_size))
         return 0
     rates = []
     with workdir("tp-aioquic-baseline-") as directory:
@@ -100,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
                 (port,) = freePorts(1, socket.SOCK_DGRAM)
                 name = f"server-{i + 1}"
                 proc = procs.start(
-                    name, [sys.executable, __file__, "--serve", str(port), cert, key], stdout=subprocess.PIPE, env={"PYTHONPATH": str(REPO)}
+                    name, [sys.executable, __file__, "--serve", str(port), cert, key, "--max-datagram-size", str(args.max_datagram_size)],
+                    stdout=subprocess.PIPE, env={"PYTHONPATH": str(REPO)},
                 )
                 assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready", procs.logTail(name)
-                asyncio.run(client(port, args.size * 1_000_000))
+                asyncio.run(client(port, args.size * 1_000_000, datagramSize=args.max_datagram_size))
                 received, elapsed = proc.stdout.readline().split()
                 rates.append(int(received) / 1e6 / float(elapsed))
                 procs.kill(name)

@@ -10,11 +10,16 @@ that also provides L{IReactorUDP}) gives every C{listenUDP} a
 L{MemoryUDPPort}, and L{MemoryNetwork.run} moves datagrams between the
 ports and advances the clock to the next timer until a condition holds or
 nothing is left to do.  Datagrams arrive in the order sent, at once, unless
-a test's C{filter} drops them.
+a test's C{filter} drops them (a path that loses them silently: a black
+hole) or C{routeMTU} refuses them at the sender (the kernel's C{EMSGSIZE}
+for a datagram larger than the route's MTU, with "don't fragment" set); a
+datagram larger than the receiving port's C{maxPacketSize} arrives cut to
+it, as C{recvfrom} cuts it.
 """
 
 from __future__ import annotations
 
+import errno
 import time
 from typing import Any, Callable
 
@@ -32,6 +37,7 @@ from tpproxy.pki import loadCertificates, loadKey
 from tpproxy.testing import TestPKI
 from tpproxy.transports.h3 import H3Response
 from tpproxy.transports.quic import (
+    RECEIVE_SIZE,
     ClientSession,
     ClientVerifier,
     QuicListener,
@@ -91,6 +97,12 @@ class MemoryUDPPort:
             if self.connectedTo is None:
                 raise ValueError("write() without an address on an unconnected port")
             addr = self.connectedTo
+        mtu = self.network.routeMTU
+        if mtu is not None and len(datagram) > mtu:
+            self.network.refused += 1
+            raise OSError(errno.EMSGSIZE, "Message too long")
+        if self.network.watch is not None:
+            self.network.watch(self.address, (addr[0], int(addr[1])), bytes(datagram))
         self.network.inFlight.append((self.address, (addr[0], int(addr[1])), bytes(datagram)))
 
     def connect(self, host: str, port: int) -> None:
@@ -142,6 +154,11 @@ class MemoryNetwork:
 
     @ivar filter: when set, C{filter(source, destination, datagram)} says
         whether a datagram is delivered (C{False}: lost).
+    @ivar routeMTU: when set, the largest datagram (UDP payload) a port
+        sends: a larger one makes its C{write} raise C{OSError(EMSGSIZE)},
+        counted in C{refused}.
+    @ivar watch: when set, C{watch(source, destination, datagram)} sees
+        every datagram a port sends, as it is sent (before C{filter}).
     """
 
     def __init__(self) -> None:
@@ -151,8 +168,11 @@ class MemoryNetwork:
         self.inFlight: list[tuple[Address, Address, bytes]] = []
         self.nextPort = 50000
         self.filter: Callable[[Address, Address, bytes], bool] | None = None
+        self.routeMTU: int | None = None
+        self.watch: Callable[[Address, Address, bytes], None] | None = None
         self.delivered = 0
         self.lost = 0
+        self.refused = 0
 
     def deliver(self) -> int:
         """
@@ -175,7 +195,7 @@ class MemoryNetwork:
             if port.connectedTo is not None and port.connectedTo != source:
                 continue
             self.delivered += 1
-            port.protocol.datagramReceived(data, source)
+            port.protocol.datagramReceived(data[: port.maxPacketSize], source)
         return len(batch)
 
     def run(self, until: Callable[[], object] | None = None, timeout: float = 30.0, quiet: float = 1.0) -> None:
@@ -275,7 +295,8 @@ class QuicWorld:
             handshakeTimeout=handshakeTimeout,
             resetSecret=resetSecret,
         )
-        self.reactor.listenUDP(address[1], listener, interface=address[0])
+        # The read size of TP's service (tpproxy.service).
+        self.reactor.listenUDP(address[1], listener, interface=address[0], maxPacketSize=RECEIVE_SIZE)
         return listener
 
     def clientConfiguration(self, name: str | None = "alice", pki: TestPKI | None = None) -> Any:

@@ -17,6 +17,7 @@ import errno
 import hashlib
 import hmac
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -1218,8 +1219,9 @@ def refusedNow(factory: Any, cert: x509.Certificate) -> str | None:
 #: may reach (tpproxy.transports.pmtu), with room to spare.
 RECEIVE_SIZE = 65536
 
-#: Linux's IPV6_MTU_DISCOVER and IPV6_PMTUDISC_DO (not in Python's socket).
-_IPV6_MTU_DISCOVER, _IPV6_PMTUDISC_DO = 23, 2
+#: Linux's IP_MTU_DISCOVER, IPV6_MTU_DISCOVER and their PMTUDISC_DO value
+#: ("set DF, never fragment"): not in Python's socket module.
+_IP_MTU_DISCOVER, _IPV6_MTU_DISCOVER, _PMTUDISC_DO = 10, 23, 2
 
 
 def _bigBuffers(transport: Any) -> None:
@@ -1238,14 +1240,15 @@ def _bigBuffers(transport: Any) -> None:
             sock.setsockopt(socket.SOL_SOCKET, option, 4 * 1024 * 1024)
         except OSError:
             pass
-    options = [(socket.IPPROTO_IP, getattr(socket, "IP_MTU_DISCOVER", None), getattr(socket, "IP_PMTUDISC_DO", None))]
+    if not sys.platform.startswith("linux"):
+        return
+    options = [(socket.IPPROTO_IP, _IP_MTU_DISCOVER)]
     if getattr(sock, "family", None) == socket.AF_INET6:
-        options.append((socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _IPV6_PMTUDISC_DO))
-    for level, option, value in options:
-        if option is None or value is None:
-            continue
+        # Both: a dual-stack socket sends IPv4 too.
+        options.append((socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER))
+    for level, option in options:
         try:
-            sock.setsockopt(level, option, value)
+            sock.setsockopt(level, option, _PMTUDISC_DO)
         except OSError:
             pass
 
