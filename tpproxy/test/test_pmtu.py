@@ -1,0 +1,673 @@
+"""
+Path MTU discovery of TP's QUIC connections (L{tpproxy.transports.pmtu},
+L{tpproxy.transports.quic.TPQuicConnection}): the search alone, then real
+TP connections on the memory network (L{tpproxy.test.quicmemory}) whose
+path drops, refuses (C{EMSGSIZE}) or stops carrying large datagrams, then
+one transfer over real sockets on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from twisted.internet import defer, reactor
+from twisted.internet.error import ConnectionDone
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tpproxy.pki import loadCertificates, loadKey
+from tpproxy.test.quicmemory import SERVER, Address, QuicWorld, Recorder, RecordingFactory
+from tpproxy.test.support import sha256
+from tpproxy.test.test_quic import waitUntil
+from tpproxy.test.test_webtransport import WebTransportTestCase, until
+from tpproxy.testing import TestPKI
+from tpproxy.transports import pmtu, quic
+from tpproxy.transports.pmtu import BASE, BLACK_HOLE_LOSSES, LADDER, MAX_PROBES, RAISE_INTERVAL, PathMTUSearch
+from tpproxy.verify import ClientCertChecker
+from tpproxy.wire import ClientHello
+
+
+def climb(search: PathMTUSearch, now: float = 0.0) -> list[int]:
+    """
+    Acknowledge every probe until the search ends; the sizes probed.
+    """
+    probed = []
+    while (size := search.nextProbe(now)) is not None:
+        probed.append(size)
+        search.acknowledged(size)
+    return probed
+
+
+#: pmtu.PathMTUSearch._candidates offers min(maximum, ceiling - 1) as a
+#: rung: after settling below a lost size it probes that size less one,
+#: then less two, ... (22440 lost probes from 8952 down to 1472).
+DESCENT = "PathMTUSearch._candidates probes the failed size - 1, - 2, ... instead of ending the search"
+
+
+def loseAll(search: PathMTUSearch, size: int, now: float = 0.0) -> None:
+    """
+    Lose C{MAX_PROBES} probes of C{size} (the next probes must be of it).
+    """
+    for _ in range(MAX_PROBES):
+        assert search.nextProbe(now) == size, (search.outstanding, size)
+        search.lost(size)
+
+
+class SearchTests(SynchronousTestCase):
+    """
+    L{PathMTUSearch} alone: which size it probes next, and which it uses.
+    """
+
+    def test_climbsOnAcks(self) -> None:
+        """
+        Each acknowledged probe raises the size in use to it; the ladder is
+        climbed in order up to the maximum, then the search ends.
+        """
+        search = PathMTUSearch()
+        self.assertEqual(search.current, BASE)
+        size = search.nextProbe(0)
+        self.assertEqual(size, LADDER[0])
+        # One probe at a time.
+        self.assertIsNone(search.nextProbe(0))
+        search.acknowledged(LADDER[0])
+        self.assertEqual(search.current, LADDER[0])
+        self.assertEqual([LADDER[0]] + climb(search), list(LADDER))
+        self.assertEqual(search.current, pmtu.DEFAULT_MAX)
+        self.assertIsNone(search.nextProbe(1))
+
+    def test_staleAnswersIgnored(self) -> None:
+        """
+        An acknowledgement or loss of a size that is not the outstanding
+        probe changes nothing.
+        """
+        search = PathMTUSearch()
+        search.nextProbe(0)
+        search.acknowledged(8952)
+        search.lost(8952)
+        self.assertEqual((search.current, search.outstanding, search.failures), (BASE, LADDER[0], 0))
+
+    def test_lossesSettleThenRaiseLater(self) -> None:
+        """
+        C{MAX_PROBES} losses of one size settle the search below it: no
+        probe until L{RAISE_INTERVAL} has passed, then the next size up is
+        tried again, up to the configured maximum.
+        """
+        search = PathMTUSearch()
+        for size in (1232, 1452, 1472):
+            self.assertEqual(search.nextProbe(0), size)
+            search.acknowledged(size)
+        # Fewer losses than MAX_PROBES: the same size again.
+        for _ in range(MAX_PROBES - 1):
+            self.assertEqual(search.nextProbe(0), 8952)
+            search.lost(8952)
+        self.assertEqual(search.nextProbe(0), 8952)
+        search.lost(8952)
+        self.assertEqual(search.current, 1472)
+        self.assertIsNone(search.nextProbe(1))
+        self.assertEqual(search.doneAt, 1)
+        self.assertIsNone(search.nextProbe(1 + RAISE_INTERVAL - 0.001))
+        self.assertEqual(search.nextProbe(1 + RAISE_INTERVAL), 8952)
+        search.acknowledged(8952)
+        self.assertEqual(climb(search, 1 + RAISE_INTERVAL), [8972, 16384])
+        self.assertEqual(search.current, 16384)
+
+    def test_lossAtFirstRungStaysAtBase(self) -> None:
+        """
+        A path that carries nothing above 1200 keeps the connection at
+        L{BASE} and ends the search.
+        """
+        search = PathMTUSearch()
+        loseAll(search, LADDER[0])
+        self.assertEqual(search.current, BASE)
+        self.assertIsNone(search.nextProbe(0))
+
+    def test_raiseRestoresLoweredMaximum(self) -> None:
+        """
+        A black hole lowers the maximum; the re-search after
+        L{RAISE_INTERVAL} may reach the configured maximum again.
+        """
+        search = PathMTUSearch()
+        climb(search)
+        for _ in range(BLACK_HOLE_LOSSES):
+            search.packetLost(16384)
+        self.assertEqual(search.maximum, 16383)
+        self.assertEqual(climb(search, 10), [1232, 1452, 1472, 8952, 8972, 16383])
+        self.assertIsNone(search.nextProbe(10))
+        self.assertIsNone(search.nextProbe(10 + RAISE_INTERVAL - 1))
+        self.assertEqual(search.nextProbe(10 + RAISE_INTERVAL), 16384)
+        search.acknowledged(16384)
+        self.assertEqual(search.current, 16384)
+
+    def test_tooBigAboveCurrentSettles(self) -> None:
+        """
+        C{EMSGSIZE} for a probe larger than the size in use settles the
+        search below it at once, without waiting for losses.
+        """
+        search = PathMTUSearch()
+        for size in (1232, 1452, 1472):
+            search.nextProbe(0)
+            search.acknowledged(size)
+        self.assertEqual(search.nextProbe(0), 8952)
+        search.tooBig(8952)
+        self.assertIsNone(search.outstanding)
+        self.assertEqual(search.current, 1472)
+        self.assertIsNone(search.nextProbe(0))
+
+    def test_tooBigAtCurrentRestartsBelow(self) -> None:
+        """
+        C{EMSGSIZE} for the size in use (a route that shrank) starts the
+        search again from L{BASE}, below that size.
+        """
+        search = PathMTUSearch()
+        climb(search)
+        search.tooBig(16384)
+        self.assertEqual((search.current, search.maximum), (BASE, 16383))
+        self.assertEqual(climb(search), [1232, 1452, 1472, 8952, 8972, 16383])
+
+    def test_tooBigBelowCurrentRestartsBelow(self) -> None:
+        """
+        C{EMSGSIZE} for a packet smaller than the size in use: the route
+        carries less than that; the new search stays below it.
+        """
+        search = PathMTUSearch()
+        climb(search)
+        search.tooBig(1500)
+        self.assertEqual((search.current, search.maximum), (BASE, 1499))
+        self.assertEqual(climb(search), [1232, 1452, 1472, 1499])
+
+    def test_blackHole(self) -> None:
+        """
+        L{BLACK_HOLE_LOSSES} packets above L{BASE} lost in a row, with no
+        acknowledgement between them, drop the search to L{BASE} with the
+        maximum below the size that stopped getting through.
+        """
+        search = PathMTUSearch()
+        climb(search)
+        for _ in range(BLACK_HOLE_LOSSES - 1):
+            self.assertFalse(search.packetLost(16384))
+        # Small packets lost say nothing about the size.
+        self.assertFalse(search.packetLost(BASE))
+        self.assertEqual(search.current, 16384)
+        self.assertTrue(search.packetLost(16384))
+        self.assertEqual((search.current, search.maximum, search.blackHoles), (BASE, 16383, 1))
+        self.assertEqual(search.nextProbe(0), 1232)
+
+    def test_noBlackHoleWhenLargeAckBetween(self) -> None:
+        """
+        A large packet acknowledged between the losses means the path
+        carries the size: the count starts again.  A small one does not.
+        """
+        search = PathMTUSearch()
+        climb(search)
+        for _ in range(BLACK_HOLE_LOSSES - 1):
+            self.assertFalse(search.packetLost(16384))
+        search.packetAcknowledged(16384)
+        for _ in range(BLACK_HOLE_LOSSES - 1):
+            self.assertFalse(search.packetLost(16384))
+        search.packetAcknowledged(BASE)
+        self.assertTrue(search.packetLost(16384))
+
+    def test_noBlackHoleAtBase(self) -> None:
+        """
+        Losses of a connection at L{BASE} are never a black hole.
+        """
+        search = PathMTUSearch()
+        for _ in range(BLACK_HOLE_LOSSES * 2):
+            self.assertFalse(search.packetLost(1500))
+        self.assertEqual(search.blackHoles, 0)
+
+    def test_newPath(self) -> None:
+        """
+        A new path starts again from L{BASE}, with the configured maximum
+        and nothing remembered of the old path (its losses, its ceiling).
+        """
+        search = PathMTUSearch()
+        for size in (1232, 1452, 1472):
+            search.nextProbe(0)
+            search.acknowledged(size)
+        loseAll(search, 8952)
+        search.tooBig(1472)
+        self.assertEqual(search.maximum, 1471)
+        search.newPath()
+        self.assertEqual((search.current, search.maximum, search.outstanding, search.doneAt), (BASE, 16384, None, None))
+        self.assertEqual(climb(search), list(LADDER))
+
+    def test_maximumOffLadderIsLastRung(self) -> None:
+        """
+        A maximum between two rungs is probed after the rungs below it.
+        """
+        search = PathMTUSearch(4000)
+        self.assertEqual(climb(search), [1232, 1452, 1472, 4000])
+        self.assertEqual(search.current, 4000)
+        self.assertEqual(climb(PathMTUSearch(1300)), [1232, 1300])
+        self.assertEqual(climb(PathMTUSearch(65527)), list(LADDER) + [65527])
+
+    def test_maximumBaseNeverProbes(self) -> None:
+        """
+        A maximum of L{BASE} (or less) probes nothing.
+        """
+        for maximum in (BASE, 1000):
+            search = PathMTUSearch(maximum)
+            self.assertIsNone(search.nextProbe(0))
+            self.assertIsNone(search.nextProbe(RAISE_INTERVAL * 2))
+            self.assertEqual(search.current, BASE)
+
+
+# --- TP's QUIC connections on the memory network ------------------------------
+
+#: IPv4 on a 1500-byte MTU: the largest UDP payload (less 20 + 8 bytes).
+IPV4_ETHERNET = 1500 - 28
+
+
+class MemoryPathTests(SynchronousTestCase):
+    """
+    A tp/1 connection of TP's real QUIC classes moving data through an
+    echoing stream, on a memory network whose path may lose, refuse or stop
+    carrying large datagrams.
+    """
+
+    def setUp(self) -> None:
+        self.world = QuicWorld(self.mktemp())
+        self.network = self.world.network
+        #: (source, destination, size) of every datagram sent.
+        self.sent: list[tuple[Address, Address, int]] = []
+        self.network.watch = lambda source, destination, data: self.sent.append((source, destination, len(data)))
+
+    def start(self, **listen: Any) -> tuple[quic.ClientSession, quic.ServerSession]:
+        """
+        TP's listener (its streams echo) and a client whose handshake
+        completed: (client, server's session).
+        """
+        self.listener = self.world.listen(factory=RecordingFactory(echo=True), **listen)
+        session = self.world.connected()
+        [server] = set(self.listener.sessions.values())
+        return session, server
+
+    def transfer(self, session: quic.ClientSession, size: int = 1024 * 1024, midway: Callable[[], None] | None = None, timeout: float = 120) -> None:
+        """
+        Send C{size} random bytes through an echoing stream and check, by
+        SHA-256, that they arrive at the server and come back intact; call
+        C{midway} once a third has come back.
+        """
+        payload = os.urandom(size)
+        client = Recorder()
+        stream = session.openStream(client)
+        stream.write(payload)
+        stream.loseWriteConnection()
+        if midway is not None:
+            self.network.run(until=lambda: sum(map(len, client.received)) > size // 3, timeout=timeout)
+            midway()
+        self.network.run(until=lambda: client.lost, timeout=timeout)
+        client.lostReason.trap(ConnectionDone)  # type: ignore[union-attr]
+        [server] = [p for p in self.world.factory.built if p.transport is not None and p.transport.streamId == stream.streamId]  # type: ignore[attr-defined]
+        self.assertEqual(sha256(server.data), sha256(payload))
+        self.assertEqual(sha256(client.data), sha256(payload))
+
+    def sizes(self, source: Address | None = None, destination: Address | None = None) -> list[int]:
+        """
+        The sizes of the datagrams sent from C{source} and/or to
+        C{destination}.
+        """
+        return [n for s, d, n in self.sent if (source is None or s == source) and (destination is None or d == destination)]
+
+    def dropAbove(self, size: int, source: Address | None = None) -> None:
+        """
+        From now on the path silently loses datagrams above C{size} bytes
+        (only those from C{source}, if given).
+        """
+
+        def carries(s: Address, d: Address, data: bytes) -> bool:
+            return len(data) <= size or (source is not None and s != source)
+
+        self.network.filter = carries
+
+    def test_reachesMaximum(self) -> None:
+        """
+        On a path that carries everything, both ends of a tp/1 connection
+        reach 16384-byte datagrams, and send data in them.
+        """
+        session, server = self.start()
+        self.transfer(session)
+        self.assertEqual((session.conn._max_datagram_size, server.conn._max_datagram_size), (16384, 16384))
+        self.assertEqual(self.network.lost, 0)
+        self.assertEqual(max(self.sizes(source=SERVER)), 16384)
+        self.assertEqual(max(self.sizes(destination=SERVER)), 16384)
+        # Data, not just the probes, went out at that size.
+        self.assertGreater(self.sizes(source=SERVER).count(16384), 10)
+        self.assertGreater(self.sizes(destination=SERVER).count(16384), 10)
+
+    def test_blackHoleAbove1472(self) -> None:
+        """
+        A path that silently loses datagrams above 1472 bytes (IPv4 on
+        Ethernet): both ends settle at 1472 and the data arrives intact.
+        """
+        self.dropAbove(IPV4_ETHERNET)
+        session, server = self.start()
+        self.transfer(session)
+        self.assertEqual((session.conn._max_datagram_size, server.conn._max_datagram_size), (1472, 1472))
+        self.assertGreater(self.sizes(source=SERVER).count(1472), 10)
+
+    def test_blackHoleAbove1472SearchEnds(self) -> None:
+        """
+        On that path each end loses L{MAX_PROBES} probes of the first size
+        too large, and then the search is over: no more probes until
+        L{RAISE_INTERVAL}.
+        """
+        self.dropAbove(IPV4_ETHERNET)
+        session, server = self.start()
+        self.transfer(session)
+        for conn in (session.conn, server.conn):
+            search = conn.tpPmtu
+            assert search is not None
+            self.assertIsNone(search.outstanding)
+            self.assertIsNotNone(search.doneAt)
+        self.assertEqual(self.network.lost, 2 * MAX_PROBES)
+
+    def test_emsgsizeAbove1472(self) -> None:
+        """
+        Ports whose route refuses datagrams above 1472 bytes (C{EMSGSIZE},
+        as the kernel does with "don't fragment"): both ends settle at 1472,
+        the data arrives intact, and no probe is lost on the path (the
+        kernel refused them before they left).
+        """
+        self.network.routeMTU = IPV4_ETHERNET
+        session, server = self.start()
+        self.transfer(session)
+        self.assertEqual((session.conn._max_datagram_size, server.conn._max_datagram_size), (1472, 1472))
+        self.assertEqual(self.network.lost, 0)
+        self.assertEqual(max(size for _, _, size in self.sent), 1472)
+        self.assertGreater(self.network.refused, 0)
+
+    def test_emsgsizeSettlesAtOnce(self) -> None:
+        """
+        With C{EMSGSIZE}, one refused probe per end settles the search:
+        two refusals in all, and the searches are over.
+        """
+        self.network.routeMTU = IPV4_ETHERNET
+        session, server = self.start()
+        self.transfer(session)
+        for conn in (session.conn, server.conn):
+            self.assertIsNotNone(conn.tpPmtu.doneAt)  # type: ignore[union-attr]
+        self.assertEqual(self.network.refused, 2)
+
+    def test_pathShrinksMidTransfer(self) -> None:
+        """
+        A path that stops carrying large datagrams in the middle of a
+        transfer (the search had reached 16384): each end detects the black
+        hole, falls back, and the transfer completes intact.
+        """
+        session, server = self.start()
+        self.network.run(until=lambda: session.conn._max_datagram_size == server.conn._max_datagram_size == 16384)
+
+        def shrink() -> None:
+            self.assertEqual((session.conn._max_datagram_size, server.conn._max_datagram_size), (16384, 16384))
+            self.dropAbove(IPV4_ETHERNET)
+
+        self.transfer(session, 2 * 1024 * 1024, midway=shrink)
+        ends = (session.conn, server.conn)
+        self.assertEqual([(conn.tpPmtu.blackHoles, conn._max_datagram_size) for conn in ends], [(1, 1472), (1, 1472)])  # type: ignore[union-attr]
+
+    def test_migrationRestartsSearch(self) -> None:
+        """
+        The client moves to a new port: the server's search starts again at
+        1200 for the new path, sends nothing larger there until the path is
+        validated, then climbs again on it.
+        """
+        session, server = self.start()
+        self.transfer(session)
+        self.assertEqual(server.conn._max_datagram_size, 16384)
+        beforeValidation: list[int] = []
+        watch = self.network.watch
+
+        def watchNewPath(source: Address, destination: Address, data: bytes) -> None:
+            watch(source, destination, data)  # type: ignore[misc]
+            if source == SERVER and destination != oldAddress:
+                [path] = [p for p in server.conn._network_paths if p.addr == destination]
+                if not path.is_validated:
+                    beforeValidation.append(len(data))
+
+        oldAddress = session.socket.transport.getHost()  # type: ignore[union-attr]
+        oldAddress = (oldAddress.host, oldAddress.port)
+        self.network.watch = watchNewPath
+        session.rebind()
+        newAddress = session.socket.transport.getHost()  # type: ignore[union-attr]
+        self.transfer(session)
+        self.assertEqual(server.peer, (newAddress.host, newAddress.port))
+        self.assertTrue(beforeValidation)
+        self.assertLessEqual(max(beforeValidation), BASE, beforeValidation)
+        # The search goes on after the transfer (in memory a whole transfer
+        # fits in the congestion window, sent before the first ACK).
+        self.network.run(until=lambda: server.conn._max_datagram_size == 16384)
+        toNew = self.sizes(source=SERVER, destination=(newAddress.host, newAddress.port))
+        self.assertLessEqual(toNew[0], BASE)
+        self.assertIn(16384, toNew)
+
+    def test_listenerMaximumBase(self) -> None:
+        """
+        A listener whose maximum is 1200 (C{server.quic_max_datagram_size =
+        1200}) never probes nor sends a datagram above 1200; the client's
+        own direction still climbs.
+        """
+        session, server = self.start()
+        self.listener.maxDatagramSize = BASE
+        # A second connection, made after the change.
+        session = self.world.connected()
+        [server] = [s for s in set(self.listener.sessions.values()) if s is not server]
+        self.transfer(session)
+        self.assertIsNone(server.conn.tpPmtu)
+        self.assertLessEqual(max(n for s, d, n in self.sent if s == SERVER and d == server.peer), BASE)
+        self.assertEqual(session.conn._max_datagram_size, 16384)
+
+    def test_probesOutsideCongestionControl(self) -> None:
+        """
+        A lost probe is no congestion event: the congestion window is not
+        reduced.  A lost data packet is one (so the check can fail).
+        """
+        # The client's probes are lost; nothing else is.
+        self.network.filter = lambda s, d, data: len(data) <= BASE or d != SERVER
+        session, server = self.start()
+        search = session.conn.tpPmtu
+        assert search is not None
+        cc = session.conn._loss
+        before = cc.congestion_window
+        client = Recorder()
+        stream = session.openStream(client)
+        # Packets sent after the probe and acknowledged declare it lost
+        # (not a timeout, which is no congestion event either way).
+        for i in range(5):
+            stream.write(b"x")
+            self.network.run(until=lambda: len(client.data) > i)
+        self.network.run(until=lambda: search.failures)
+        self.assertEqual(search.failures, 1)
+        self.assertEqual(search.current, BASE)
+        self.assertIsNone(cc._cc.ssthresh)
+        self.assertGreaterEqual(cc.congestion_window, before)
+        # Now a data packet of the client's is lost.
+        before = cc.congestion_window
+        lostOne: list[int] = []
+
+        def loseOneData(s: Address, d: Address, data: bytes) -> bool:
+            if d == SERVER and len(data) > 1000 and not lostOne and len(data) <= BASE:
+                lostOne.append(len(data))
+                return False
+            return len(data) <= BASE or d != SERVER
+
+        self.network.filter = loseOneData
+        stream.write(os.urandom(20 * 1024))
+        self.network.run(until=lambda: lostOne and cc._cc.ssthresh is not None)
+        self.assertLess(cc.congestion_window, before)
+
+    def test_anonymousH3StaysAtBase(self) -> None:
+        """
+        An anonymous h3 connection (TP's HTTP/3 answer) searches nothing:
+        neither end sends a datagram above 1200.
+        """
+        from tpproxy.test.test_h3 import PAGE, connectH3
+
+        self.listener = self.world.listen(h3=PAGE)
+        config = self.world.clientConfiguration(None)
+        config.alpn_protocols = ["h3"]
+        browser = connectH3(self.world.reactor, SERVER, config)
+        self.network.run(until=lambda: browser.ready.called)
+        responses = [browser.request(b"/") for _ in range(20)]
+        self.network.run(until=lambda: all(d.called for d in responses))
+        self.network.run(timeout=5)
+        [server] = set(self.listener.sessions.values())
+        self.assertEqual(server.conn.tls.alpn_negotiated, "h3")
+        self.assertIsNone(server.conn.tpPmtu)
+        self.assertIsNone(browser.conn.tpPmtu)
+        self.assertGreater(sum(self.sizes(source=SERVER)), 20 * len(PAGE.body))
+        self.assertLessEqual(max(n for _, _, n in self.sent), BASE)
+
+    def test_oneWayBlackHoleDoesNotStall(self) -> None:
+        """
+        A client that drops every datagram above 1200 bytes it receives
+        (acknowledges no large probe) keeps the server at 1200 towards it,
+        without stalling the other direction: the client reaches 16384
+        towards the server, and data goes both ways intact.
+        """
+        self.dropAbove(BASE, source=SERVER)
+        session, server = self.start()
+        self.transfer(session)
+        self.assertEqual(server.conn._max_datagram_size, BASE)
+        self.assertEqual(session.conn._max_datagram_size, 16384)
+        self.assertGreater(self.sizes(destination=SERVER).count(16384), 10)
+        self.assertEqual(server.conn.tpPmtu.blackHoles, 0)  # type: ignore[union-attr]
+
+
+# --- real sockets ---------------------------------------------------------------
+
+
+class LoopbackTests(TestCase):
+    """
+    TP's listener and client on real UDP sockets of 127.0.0.1 (an MTU of
+    65536): the sockets send ("don't fragment") and read datagrams of the
+    size the search reaches.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_transferAtMaximum(self) -> Any:
+        """
+        After a 1 MiB echo, both ends send 16384-byte datagrams, and
+        datagrams larger than Twisted's default read size (8192) really
+        arrived whole, both ways.
+        """
+        pki = TestPKI.create(self.mktemp())
+        pki.client("alice")
+        d = pki.directory
+        factory = RecordingFactory(echo=True)
+        listener = quic.QuicListener(
+            reactor,  # type: ignore[arg-type]
+            quic.serverConfiguration(loadCertificates(str(d / "server.pem")), loadKey(str(d / "server.key"))),
+            quic.ClientVerifier([pki.ca.cert], ClientCertChecker(), reactor),  # type: ignore[arg-type]
+            factory,
+        )
+        received: list[int] = []
+        serve = listener.datagramReceived
+
+        def recording(data: bytes, addr: Any, *a: Any, **kw: Any) -> None:
+            received.append(len(data))
+            serve(data, addr, *a, **kw)
+
+        listener.datagramReceived = recording  # type: ignore[method-assign]
+        # As tpproxy.service listens.
+        port = reactor.listenUDP(0, listener, interface="127.0.0.1", maxPacketSize=quic.RECEIVE_SIZE)  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        configuration = quic.clientConfiguration("localhost", [pki.ca.cert], loadCertificates(str(d / "alice.pem")), loadKey(str(d / "alice.key")))
+        session = quic.connectQuic(reactor, ("127.0.0.1", port.getHost().port), configuration)  # type: ignore[arg-type]
+
+        def close() -> None:
+            if not session.closed:
+                session.close(0, "test done")
+            session.socket.stop()
+            session.abandon()
+
+        self.addCleanup(close)
+        back: list[int] = []
+        toClient = session.datagramReceived
+
+        def clientRecording(data: bytes, addr: Any) -> None:
+            back.append(len(data))
+            toClient(data, addr)
+
+        session.datagramReceived = clientRecording  # type: ignore[method-assign]
+        yield session.ready
+        payload = os.urandom(1024 * 1024)
+        client = Recorder()
+        stream = session.openStream(client)
+        stream.write(payload)
+        stream.loseWriteConnection()
+        [server] = set(listener.sessions.values())
+        yield waitUntil(lambda: client.lost and session.conn._max_datagram_size == server.conn._max_datagram_size == 16384, "the echo, at 16384 both ways")
+        self.assertEqual(sha256(client.data), sha256(payload))
+        self.assertEqual(sha256(factory.built[0].data), sha256(payload))
+        self.assertEqual((max(received), max(back)), (16384, 16384))
+        self.assertGreater(len([n for n in received if n > 8192]), 10)
+        self.assertGreater(len([n for n in back if n > 8192]), 10)
+
+
+class WebTransportTests(WebTransportTestCase):
+    """
+    A browser's WebTransport session (ALPN h3, no client certificate) on
+    real sockets: TP searches nothing on it.
+    """
+
+    @defer.inlineCallbacks
+    def test_staysAtBase(self) -> Any:
+        """
+        256 KiB each way through a WebTransport tunnel: TP sends no
+        datagram above 1200 bytes on that connection.
+        """
+        sizes: list[int] = []
+        sendOut, sendBatch = self.listener.sendOut, self.listener.sendBatch
+
+        def recordOne(data: bytes, addr: Any) -> None:
+            sizes.append(len(data))
+            sendOut(data, addr)
+
+        def recordBatch(datagrams: list[bytes], addr: Any) -> int | None:
+            sizes.extend(map(len, datagrams))
+            return sendBatch(datagrams, addr)
+
+        # What the listener sends, one datagram or a batch at a time (the
+        # sessions made from now on take these).
+        self.listener.sendOut = recordOne  # type: ignore[method-assign]
+        self.listener.sendBatch = recordBatch  # type: ignore[method-assign]
+        client, sessionId = yield self.session()
+        payload = os.urandom(256 * 1024)
+        streamId = client.stream(sessionId, ClientHello.connect("127.0.0.1", self.echoPort).toFrame())
+        hello, _ = yield self.hello(client, streamId)
+        self.assertTrue(hello.ok, hello)
+        client.send(streamId, payload, end=True)
+        yield until(lambda: streamId in client.wtEnded or streamId in client.resets, what="the echo")
+        self.assertEqual(sha256(client.serverHello(streamId)[1]), sha256(payload))
+        [server] = set(self.listener.sessions.values())
+        self.assertIsNone(server.conn.tpPmtu)
+        self.assertGreater(sum(sizes), len(payload))
+        self.assertLessEqual(max(sizes), BASE)
+
+
+# Bugs these tests found (trial's todo: expected to fail until fixed).
+for _test in (
+    SearchTests.test_lossesSettleThenRaiseLater,
+    SearchTests.test_lossAtFirstRungStaysAtBase,
+    SearchTests.test_tooBigAboveCurrentSettles,
+    MemoryPathTests.test_blackHoleAbove1472SearchEnds,
+    MemoryPathTests.test_emsgsizeSettlesAtOnce,
+):
+    _test.todo = DESCENT  # type: ignore[attr-defined]
+MemoryPathTests.test_emsgsizeAbove1472.todo = (  # type: ignore[attr-defined]
+    DESCENT + ": each refused probe leaves a gap in packet numbers, the ACK ranges overflow, and 16 unacknowledged"
+    " 1472-byte packets make a false black hole (1471)"
+)
+MemoryPathTests.test_pathShrinksMidTransfer.todo = (  # type: ignore[attr-defined]
+    "once the whole window is lost, PTOs declare large packets lost without a congestion event"
+    " (cc.on_packets_expired), which TPQuicConnection does not count: no black hole is found and the connection"
+    " dies at the idle timeout"
+)
+MemoryPathTests.test_migrationRestartsSearch.todo = (  # type: ignore[attr-defined]
+    "TPQuicConnection.datagrams_to_send builds with the old size before it notices the new path: the first"
+    " datagram to the unvalidated address is 16384 bytes"
+)
