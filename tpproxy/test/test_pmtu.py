@@ -38,10 +38,6 @@ def climb(search: PathMTUSearch, now: float = 0.0) -> list[int]:
     return probed
 
 
-#: pmtu.PathMTUSearch._candidates offers min(maximum, ceiling - 1) as a
-#: rung: after settling below a lost size it probes that size less one,
-#: then less two, ... (22440 lost probes from 8952 down to 1472).
-DESCENT = "PathMTUSearch._candidates probes the failed size - 1, - 2, ... instead of ending the search"
 
 
 def loseAll(search: PathMTUSearch, size: int, now: float = 0.0) -> None:
@@ -430,8 +426,14 @@ class MemoryPathTests(SynchronousTestCase):
         oldAddress = (oldAddress.host, oldAddress.port)
         self.network.watch = watchNewPath
         session.rebind()
+        # The client's own search starts again on its new socket.
+        self.assertEqual(session.conn._max_datagram_size, BASE)
         newAddress = session.socket.transport.getHost()  # type: ignore[union-attr]
         self.transfer(session)
+        fromNew = self.sizes(source=(newAddress.host, newAddress.port), destination=SERVER)
+        # Nothing at the old path's 16384: data at 1200, and the search's
+        # first probe.
+        self.assertLessEqual(fromNew[0], LADDER[0])
         self.assertEqual(server.peer, (newAddress.host, newAddress.port))
         self.assertTrue(beforeValidation)
         self.assertLessEqual(max(beforeValidation), BASE, beforeValidation)
@@ -647,27 +649,3 @@ class WebTransportTests(WebTransportTestCase):
         self.assertIsNone(server.conn.tpPmtu)
         self.assertGreater(sum(sizes), len(payload))
         self.assertLessEqual(max(sizes), BASE)
-
-
-# Bugs these tests found (trial's todo: expected to fail until fixed).
-for _test in (
-    SearchTests.test_lossesSettleThenRaiseLater,
-    SearchTests.test_lossAtFirstRungStaysAtBase,
-    SearchTests.test_tooBigAboveCurrentSettles,
-    MemoryPathTests.test_blackHoleAbove1472SearchEnds,
-    MemoryPathTests.test_emsgsizeSettlesAtOnce,
-):
-    _test.todo = DESCENT  # type: ignore[attr-defined]
-MemoryPathTests.test_emsgsizeAbove1472.todo = (  # type: ignore[attr-defined]
-    DESCENT + ": each refused probe leaves a gap in packet numbers, the ACK ranges overflow, and 16 unacknowledged"
-    " 1472-byte packets make a false black hole (1471)"
-)
-MemoryPathTests.test_pathShrinksMidTransfer.todo = (  # type: ignore[attr-defined]
-    "once the whole window is lost, PTOs declare large packets lost without a congestion event"
-    " (cc.on_packets_expired), which TPQuicConnection does not count: no black hole is found and the connection"
-    " dies at the idle timeout"
-)
-MemoryPathTests.test_migrationRestartsSearch.todo = (  # type: ignore[attr-defined]
-    "TPQuicConnection.datagrams_to_send builds with the old size before it notices the new path: the first"
-    " datagram to the unvalidated address is 16384 bytes"
-)

@@ -17,9 +17,10 @@ control) and reports what became of them:
     fragment"), ends the search at the last size that got through;
   - a new path (a client that moved) starts again from L{BASE};
   - a black hole (L{BLACK_HOLE_LOSSES} packets above L{BASE} lost in a
-    row, none acknowledged between them: a path that stopped carrying the
-    size found, say, behind a new tunnel) drops back to L{BASE} and
-    searches again below the size that stopped working;
+    row, none acknowledged between them, or L{BLACK_HOLE_TIMEOUTS} probe
+    timeouts in a row: a path that stopped carrying the size found, say,
+    behind a new tunnel) drops back to L{BASE} and searches again below
+    the size that stopped working;
   - a finished search tries the next size up again after
     L{RAISE_INTERVAL}, as a path may have grown.
 
@@ -45,6 +46,8 @@ MAX_PROBES = 3
 #: Packets above BASE lost in a row, none acknowledged between them, that
 #: mean the path no longer carries the size in use.
 BLACK_HOLE_LOSSES = 16
+#: Probe timeouts in a row (nothing acknowledged) that mean the same.
+BLACK_HOLE_TIMEOUTS = 3
 #: Seconds after a finished search before the next size up is tried again.
 RAISE_INTERVAL = 600.0
 
@@ -71,8 +74,10 @@ class PathMTUSearch:
     def _candidates(self) -> list[int]:
         top = self.maximum if self._ceiling is None else min(self.maximum, self._ceiling - 1)
         rungs = [size for size in LADDER if self.current < size <= top]
-        if top > self.current and top not in rungs:
-            rungs.append(top)
+        if self.current < self.maximum <= top and self.maximum not in rungs:
+            # A maximum off the ladder is its last rung (never a size just
+            # below one that failed: that would creep down byte by byte).
+            rungs.append(self.maximum)
         return sorted(rungs)
 
     def nextProbe(self, now: float) -> int | None:
@@ -169,12 +174,32 @@ class PathMTUSearch:
         that makes a black hole: the search has then dropped back to
         L{BASE}, below the size that stopped working.
         """
-        if size <= BASE or self.current <= BASE:
+        if not BASE < size <= self.current:
+            # Small, or sent at a larger size before a fall-back.
             return False
         self._largeLost += 1
         if self._largeLost < BLACK_HOLE_LOSSES:
             return False
+        self.blackHole()
+        return True
+
+    def timeouts(self, count: int) -> bool:
+        """
+        The connection's probe timeout fired C{count} times in a row (no
+        acknowledgement at all).  True if that makes a black hole: a path
+        that stopped carrying the size in use loses every full packet, so
+        losses may never be declared one by one before the idle timeout.
+        """
+        if count < BLACK_HOLE_TIMEOUTS or self.current <= BASE:
+            return False
+        self.blackHole()
+        return True
+
+    def blackHole(self) -> None:
+        """
+        Back to L{BASE}, and search again below the size that stopped
+        getting through.
+        """
         self.blackHoles += 1
         self.maximum = max(BASE, self.current - 1)
         self.restart()
-        return True

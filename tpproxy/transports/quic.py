@@ -38,7 +38,7 @@ from aioquic.quic.retry import TOKEN_LIFETIME, QuicRetryTokenHandler
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.error import ConnectionDone, ConnectionLost, MessageLengthError
 from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime, ITransport
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
@@ -357,19 +357,36 @@ class TPQuicConnection(QuicConnection):
         self._loss._cc._max_datagram_size = size
         self._loss._pacer._max_datagram_size = size
 
+    def pathChanged(self) -> None:
+        """
+        This end moved to a new path (the client's new socket): what held
+        on the old one says nothing about it (RFC 8899 section 5.2).
+        """
+        search = self.tpPmtu
+        if search is not None:
+            search.newPath()
+            self._tpDatagramSize(PMTU_BASE)
+
+    def handle_timer(self, now: float) -> None:
+        super().handle_timer(now)
+        search = self.tpPmtu
+        if search is not None and search.timeouts(self._loss._pto_count):
+            log.info("QUIC path to {peer}: nothing acknowledged for {count} probe timeouts at {size}-byte datagrams; back to {base}",
+                     peer=self._network_paths[0].addr, count=self._loss._pto_count, size=self._max_datagram_size, base=PMTU_BASE)
+            self._tpDatagramSize(search.current)
+
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
-        datagrams = super().datagrams_to_send(now)
         search = self.tpPmtu
         if search is None or not self._handshake_confirmed or self._state in END_STATES:
-            return datagrams
+            return super().datagrams_to_send(now)
         path = self._network_paths[0]
         if path is not self._tpPmtuPath:
             if self._tpPmtuPath is not None:
-                # A new path (the client moved): what held on the old one
-                # says nothing about it (RFC 8899 section 5.2).
-                search.newPath()
-                self._tpDatagramSize(PMTU_BASE)
+                # The peer moved to a new path: not one datagram above the
+                # base size goes to it before a probe shows it carries more.
+                self.pathChanged()
             self._tpPmtuPath = path
+        datagrams = super().datagrams_to_send(now)
         if not path.is_validated:
             return datagrams
         size = search.nextProbe(now)
@@ -470,6 +487,8 @@ def _aioquicPrivates() -> tuple[PrivateName, ...]:
         PrivateName(Q, "_flush_builder", ("builder", "network_path", "peer_cid", "now"), ("datagrams_to_send",), f"registers a path MTU probe; {pmtu}"),
         PrivateName(Q, "_max_datagram_size", None, ("__init__", "datagrams_to_send"), f"the size datagrams are built to; {pmtu}"),
         PrivateName(Q, "_loss", None, ("__init__",), f"the congestion controller and pacer told the size; {pmtu}"),
+        PrivateName(Q, "handle_timer", ("now",), (), "TP checks for a path MTU black hole after it"),
+        PrivateName(QuicPacketRecovery, "_pto_count", None, ("__init__", "on_loss_detection_timeout"), f"probe timeouts in a row, for a black hole; {pmtu}"),
         PrivateName(Q, "_network_paths", None, ("__init__", "datagrams_to_send"), f"the path probed, and whether it moved; {pmtu}"),
         PrivateName(Q, "_cryptos", None, ("__init__",), f"the 1-RTT keys a probe is sealed with; {pmtu}"),
         PrivateName(Q, "_handshake_confirmed", None, ("__init__",), f"probes wait for it; {pmtu}"),
@@ -817,6 +836,10 @@ class QuicSession:
 
     peerCertificate: x509.Certificate | None = None
     abandoned = False
+    #: C{sendBatch(datagrams, addr)} puts a run of datagrams on the wire and
+    #: says which size the kernel refused as too big (L{DatagramSender}),
+    #: where the session's socket has one; else each goes to C{send}.
+    sendBatch: Callable[[list[bytes], Any], int | None] | None = None
 
     def __init__(self, conn: TPQuicConnection, send: Callable[[bytes, Any], None], clock: IReactorTime, peer: Any) -> None:
         self.conn = conn
@@ -950,13 +973,22 @@ class QuicSession:
         if self.abandoned:
             return
         now = self.clock.seconds()
-        for data, addr in self.conn.datagrams_to_send(now=now):
-            try:
+        datagrams = self.conn.datagrams_to_send(now=now)
+        if self.sendBatch is None:
+            for data, addr in datagrams:
                 self.send(data, addr)
-            except OSError:
-                # EMSGSIZE, the one error a sender passes on: larger than
-                # the route's MTU (a path MTU probe, or a route that shrank).
-                self.conn.datagramTooBig(len(data))
+        elif datagrams:
+            # Runs of datagrams to one address (a path MTU probe, or a
+            # client's new path, may go elsewhere) in one call each.
+            start = 0
+            for end in range(1, len(datagrams) + 1):
+                if end == len(datagrams) or datagrams[end][1] != datagrams[start][1]:
+                    tooBig = self.sendBatch([d for d, _ in datagrams[start:end]], datagrams[start][1])
+                    if tooBig is not None:
+                        # Larger than the route's MTU: a path MTU probe, or
+                        # a route that shrank.
+                        self.conn.datagramTooBig(tooBig)
+                    start = end
         when = self.conn.get_timer()
         if self._timer is not None and self._timer.active():
             if when is None:
@@ -1032,6 +1064,7 @@ class ServerSession(QuicSession):
 
     def __init__(self, listener: QuicListener, conn: TPQuicConnection, peer: Any, prefix: str = "") -> None:
         super().__init__(conn, listener.sendDatagram, listener.reactor, peer)
+        self.sendBatch = listener.sendBatch
         self.listener = listener
         self.localAddress = listener.transport.getHost() if listener.transport else None
         self.identity: str | None = None
@@ -1253,6 +1286,66 @@ def _bigBuffers(transport: Any) -> None:
             pass
 
 
+#: Send errors that drop the datagram, as Twisted's UDP port does: QUIC
+#: resends what is lost.
+_DROPPED = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EINTR})
+
+
+class DatagramSender:
+    """
+    Puts the datagrams of one C{datagrams_to_send()} on a UDP port,
+    straight on its socket (on a port with no real socket, the tests'
+    memory ports, through its C{write}).
+
+    A datagram the kernel refuses as larger than the route's MTU
+    (C{EMSGSIZE}: TP's QUIC sockets never fragment) is reported to the
+    caller, for the path MTU search; other errors drop the datagram.  (UDP
+    GSO, one C{sendmsg} for a run of equal-size datagrams, was measured
+    here and dropped: no gain, the time goes to aioquic's Python per
+    packet, not to system calls; benchmarks/README.md.)
+    """
+
+    def __init__(self, port: Any, connected: bool = False, refused: Callable[[], None] | None = None) -> None:
+        import socket
+
+        self.port = port
+        getHandle = getattr(port, "getHandle", None)
+        handle = getHandle() if getHandle is not None else None
+        self.socket = handle if isinstance(handle, socket.socket) else None
+        self.connected = connected
+        self.refused = refused
+
+    def send(self, datagrams: list[bytes], addr: Any) -> int | None:
+        """
+        Send C{datagrams}, in order, to C{addr} (ignored on a connected
+        port).
+
+        @return: the size of a datagram refused as too big, if any (the
+            others are sent all the same), else L{None}.
+        """
+        tooBig = None
+        sock = self.socket
+        for data in datagrams:
+            try:
+                if sock is None:
+                    self.port.write(data, None if self.connected else addr)
+                elif self.connected:
+                    sock.send(data)
+                else:
+                    sock.sendto(data, addr)
+            except MessageLengthError:
+                tooBig = len(data)
+            except OSError as e:
+                if e.errno == errno.EMSGSIZE:
+                    tooBig = len(data)
+                elif e.errno == errno.ECONNREFUSED and self.refused is not None:
+                    self.refused()
+                    return tooBig
+                elif e.errno not in _DROPPED:
+                    log.debug("QUIC send to {addr} failed: {error}", addr=addr, error=e)
+        return tooBig
+
+
 class QuicListener(DatagramProtocol):
     """
     TP's QUIC listener: demultiplexes datagrams to connections by
@@ -1423,6 +1516,25 @@ class QuicListener(DatagramProtocol):
         self._port = self.transport
         _bigBuffers(self.transport)
 
+    _sender: DatagramSender | None = None
+
+    def sendBatch(self, datagrams: list[bytes], addr: Any) -> int | None:
+        """
+        Send a connection's datagrams to C{addr} (L{DatagramSender.send}),
+        or back through the instance they came through (L{returnVia}).
+        """
+        via = self.returnVia.get(addr) if self.returnVia else None
+        if via is not None:
+            for data in datagrams:
+                via(data, addr)
+            return None
+        port = self.transport if self.transport is not None else self._port
+        if port is None:
+            return None
+        if self._sender is None or self._sender.port is not port:
+            self._sender = DatagramSender(port)
+        return self._sender.send(datagrams, addr)
+
     def sendDatagram(self, data: bytes, addr: Any) -> None:
         """
         Send C{data} to C{addr}: from this socket, or, for a client whose
@@ -1444,10 +1556,8 @@ class QuicListener(DatagramProtocol):
             return
         try:
             port.write(data, addr)
-        except (OSError, AttributeError) as e:
+        except (OSError, AttributeError, MessageLengthError) as e:
             # AttributeError: the port's socket is already gone.
-            if getattr(e, "errno", None) == errno.EMSGSIZE:
-                raise
             log.debug("QUIC send to {addr} failed: {error}", addr=addr, error=e)
 
     def datagramReceived(self, data: bytes, addr: Any, forwarded: bool = False, via: Callable[[bytes, Any], None] | None = None) -> None:
@@ -1729,6 +1839,7 @@ class ClientSession(QuicSession):
 
     def __init__(self, reactor: IUDPReactor, conn: TPQuicConnection, socket: ClientSocket, server: Any) -> None:
         super().__init__(conn, socket.sendDatagram, reactor, server)
+        self.sendBatch = getattr(socket, "sendBatch", None)
         from twisted.internet import defer
 
         self.reactor = reactor
@@ -1850,6 +1961,8 @@ class ClientSession(QuicSession):
         old = self.socket
         self.socket = ClientSocket(self.reactor, self, old.family, old.server)
         self.send = self.socket.sendDatagram
+        self.sendBatch = self.socket.sendBatch
+        self.conn.pathChanged()
         self.localAddress = self.socket.transport.getHost()
         old.stop()
         self.conn.change_connection_id()
@@ -1869,19 +1982,28 @@ class ClientSocket(DatagramProtocol):
         interface = "::" if family == "ipv6" else "0.0.0.0"
         self.port = reactor.listenUDP(0, self, interface=interface, maxPacketSize=65536)
 
+    _sender: DatagramSender | None = None
+
     def startProtocol(self) -> None:
         _bigBuffers(self.transport)
         self.transport.connect(self.server[0], self.server[1])  # type: ignore[union-attr]
+        self._sender = DatagramSender(self.transport, connected=True, refused=self.connectionRefused)
 
     def sendDatagram(self, data: bytes, addr: Any) -> None:
         if self.transport is None or self.port is None:
             return
         try:
             self.transport.write(data)
-        except OSError as e:
-            if e.errno == errno.EMSGSIZE:
-                raise
+        except (OSError, MessageLengthError) as e:
             log.debug("QUIC send failed: {error}", error=e)
+
+    def sendBatch(self, datagrams: list[bytes], addr: Any) -> int | None:
+        """
+        Send a connection's datagrams (L{DatagramSender.send}).
+        """
+        if self.transport is None or self.port is None or self._sender is None:
+            return None
+        return self._sender.send(datagrams, addr)
 
     def connectionRefused(self) -> None:
         if self.session is not None:
