@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionDone
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from tpproxy.pki import loadCertificates, loadKey
 from tpproxy.test.quicmemory import SERVER, Address, QuicWorld, Recorder, RecordingFactory
@@ -211,6 +211,33 @@ class SearchTests(SynchronousTestCase):
         for _ in range(BLACK_HOLE_LOSSES * 2):
             self.assertFalse(search.packetLost(1500))
         self.assertEqual(search.blackHoles, 0)
+
+    def test_timeoutsBlackHole(self) -> None:
+        """
+        L{pmtu.BLACK_HOLE_TIMEOUTS} probe timeouts in a row above L{BASE}
+        are a black hole (a path that lost whole windows may never declare
+        losses one by one); fewer, or any number at L{BASE}, are not.
+        """
+        search = PathMTUSearch()
+        self.assertFalse(search.timeouts(pmtu.BLACK_HOLE_TIMEOUTS * 2))
+        climb(search)
+        self.assertFalse(search.timeouts(pmtu.BLACK_HOLE_TIMEOUTS - 1))
+        self.assertEqual(search.current, 16384)
+        self.assertTrue(search.timeouts(pmtu.BLACK_HOLE_TIMEOUTS))
+        self.assertEqual((search.current, search.maximum, search.blackHoles), (BASE, 16383, 1))
+
+    def test_lossesAboveCurrentIgnored(self) -> None:
+        """
+        Packets larger than the size in use (sent before a fall-back) do
+        not count towards a black hole at the new size.
+        """
+        search = PathMTUSearch()
+        for size in (1232, 1452):
+            search.nextProbe(0)
+            search.acknowledged(size)
+        for _ in range(BLACK_HOLE_LOSSES * 2):
+            self.assertFalse(search.packetLost(16384))
+        self.assertEqual(search.current, 1452)
 
     def test_newPath(self) -> None:
         """
@@ -649,3 +676,79 @@ class WebTransportTests(WebTransportTestCase):
         self.assertIsNone(server.conn.tpPmtu)
         self.assertGreater(sum(sizes), len(payload))
         self.assertLessEqual(max(sizes), BASE)
+
+
+class SocketTests(TestCase):
+    """
+    TP's QUIC sockets, real ones: "don't fragment", and a datagram the
+    kernel refuses as too big is reported, not raised.
+    """
+
+    timeout = 30
+
+    def port(self, protocol: Any, interface: str = "127.0.0.1") -> Any:
+        port = reactor.listenUDP(0, protocol, interface=interface, maxPacketSize=quic.RECEIVE_SIZE)  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        return port
+
+    def test_dontFragment(self) -> None:
+        """
+        The listener's and the client's sockets (IPv4 and IPv6) set DF: a
+        datagram larger than the route's MTU fails instead of going out in
+        IP fragments (Linux's IP_MTU_DISCOVER = IP_PMTUDISC_DO).
+        """
+        import socket
+
+        pki = TestPKI.create(self.mktemp())
+        d = pki.directory
+        listener = quic.QuicListener(
+            reactor,  # type: ignore[arg-type]
+            quic.serverConfiguration(loadCertificates(str(d / "server.pem")), loadKey(str(d / "server.key"))),
+            quic.ClientVerifier([pki.ca.cert], ClientCertChecker(), reactor),  # type: ignore[arg-type]
+            RecordingFactory(),
+        )
+        port = self.port(listener)
+        self.assertEqual(port.getHandle().getsockopt(socket.IPPROTO_IP, 10), 2)
+        client = quic.ClientSocket(reactor, None, "ipv4", ("127.0.0.1", port.getHost().port))  # type: ignore[arg-type]
+        self.addCleanup(client.stop)
+        self.assertEqual(client.transport.getHandle().getsockopt(socket.IPPROTO_IP, 10), 2)  # type: ignore[union-attr]
+        try:
+            six = quic.ClientSocket(reactor, None, "ipv6", ("::1", port.getHost().port))  # type: ignore[arg-type]
+        except Exception as e:  # no IPv6 on this machine
+            if os.environ.get("CI") == "true":
+                raise
+            raise SkipTest(f"no IPv6: {e}")
+        self.addCleanup(six.stop)
+        self.assertEqual(six.transport.getHandle().getsockopt(socket.IPPROTO_IPV6, 23), 2)  # type: ignore[union-attr]
+
+    def test_tooBigReported(self) -> None:
+        """
+        L{quic.DatagramSender} sends the datagrams it can and reports the
+        size of one the kernel refuses (C{EMSGSIZE}, here: larger than
+        any UDP datagram), on a connected and an unconnected socket.
+        """
+        from twisted.internet.protocol import DatagramProtocol
+
+        got: list[bytes] = []
+        done: defer.Deferred[None] = defer.Deferred()
+
+        class Receiver(DatagramProtocol):
+            def datagramReceived(self, data: bytes, addr: Any) -> None:
+                got.append(data)
+                if len(got) == 4:
+                    done.callback(None)
+
+        target = self.port(Receiver()).getHost()
+        sender = self.port(DatagramProtocol())
+        unconnected = quic.DatagramSender(sender)
+        self.assertEqual(unconnected.send([b"a" * 100, b"b" * 70000, b"c" * 9000], ("127.0.0.1", target.port)), 70000)
+        other = self.port(DatagramProtocol())
+        other.connect("127.0.0.1", target.port)
+        connected = quic.DatagramSender(other, connected=True)
+        self.assertEqual(connected.send([b"d" * 70000, b"e" * 16384], None), 70000)
+        self.assertIsNone(connected.send([b"f"], None))
+
+        def check(_: None) -> None:
+            self.assertEqual(sorted(len(d) for d in got), [1, 100, 9000, 16384])
+
+        return done.addCallback(check)
