@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from tpproxy import __version__
 from tpproxy.config import ClientConfig, ConfigError, defaultClientConfigPath, loadClientConfig
+from tpproxy.heap import freezeStartup
 from tpproxy.names import isCertificateName, isDestinationHost, normalize
 from tpproxy.protocols.client import Refused, ServerAddress, TPClientProtocol, TunnelError
 from tpproxy.protocols.relay import RelayEnd, noDelay, splice
@@ -911,6 +912,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     status = {"code": EXIT_OK}
 
     def start(reactor: Any) -> defer.Deferred[None]:
+        # Long-running commands (up, expose, connect) keep what start-up
+        # made for good: out of the collector's way (tpproxy.heap), once
+        # this turn has set the command up.
+        reactor.callLater(0, freezeStartup)
         if args.command == "status":
             assert request is not None
             d = defer.maybeDeferred(runStatus, reactor, request, sys.stdout, stderr)

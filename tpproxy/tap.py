@@ -21,6 +21,7 @@ from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from tpproxy.config import ConfigError, ServerConfig, loadServerConfig
+from tpproxy.heap import freezeStartup
 from tpproxy.reactors import IServerReactor
 
 
@@ -149,6 +150,8 @@ class ServerService(service.MultiService):
             super().startService()
         except CannotListenError as e:
             raise SystemExit(cannotListen(e, self.config)) from None
+        # Start-up is over: what exists now lives as long as the process.
+        freezeStartup()
 
 
 def makeService(options: Options, reactor: IServerReactor | None = None) -> ServerService:
