@@ -26,11 +26,12 @@ from typing import Any, Callable
 
 from cryptography import x509
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from tpproxy.p2p.direct import Introduction
+from tpproxy.protocols.client import tcpEndpoint
 from tpproxy.protocols.relay import RelayEnd, splice
 from tpproxy.verify import ClientCertChecker, ClientVerifier
 from tpproxy.wire import ClientHello
@@ -145,7 +146,7 @@ class _DirectStream(RelayEnd):
         from tpproxy.reverse.expose import LocalTarget
 
         self.transport.pauseProducing()  # type: ignore[union-attr]
-        target = connectProtocol(HostnameEndpoint(self.reactor, self.local[0], self.local[1], timeout=10), LocalTarget())
+        target = connectProtocol(tcpEndpoint(self.reactor, self.local[0], self.local[1], 10), LocalTarget())
         target.addCallbacks(self._joined, self._failed)
 
     def preSpliceData(self, data: bytes) -> None:

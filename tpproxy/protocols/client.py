@@ -7,11 +7,12 @@ splice.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -246,10 +247,26 @@ class InnerClient(RelayEnd):
         super().connectionLost(reason)
 
 
+def tcpEndpoint(reactor: IDialReactor, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+    """
+    A TCP client endpoint to C{host}: a L{HostnameEndpoint} for a name, a
+    plain TCP endpoint for an IP address (a HostnameEndpoint would
+    "resolve" it too, by C{getaddrinfo} in a thread, for every tunnel).
+    """
+    seconds = max(1, int(timeout))
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=seconds)
+    if address.version == 6:
+        return TCP6ClientEndpoint(reactor, str(address), port, timeout=seconds)
+    return TCP4ClientEndpoint(reactor, str(address), port, timeout=seconds)
+
+
 @implementer(IStreamClientEndpoint)
 class TLSClientEndpoint:
     """
-    TLS (with L{HalfCloseTLSProtocol}) over a L{HostnameEndpoint}; fires
+    TLS (with L{HalfCloseTLSProtocol}) over TCP (L{tcpEndpoint}); fires
     with the application protocol.
     """
 
@@ -261,7 +278,7 @@ class TLSClientEndpoint:
 
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         tlsFactory = TLSFactory(self.tlsOptions, True, factory, clock=self.reactor)
-        endpoint = HostnameEndpoint(self.reactor, self.server.connectHost, self.server.port, timeout=max(1, int(self.timeout)))
+        endpoint = tcpEndpoint(self.reactor, self.server.connectHost, self.server.port, self.timeout)
         return endpoint.connect(tlsFactory).addCallback(lambda tlsProtocol: tlsProtocol.wrappedProtocol)
 
 
@@ -285,7 +302,7 @@ def openTunnel(
     """
     ready: defer.Deferred[TPClientProtocol] = defer.Deferred()
     factory = TLSFactory(tlsOptions, True, Factory.forProtocol(lambda: TPClientProtocol(hello, ready, innerTLS)), clock=reactor)
-    endpoint = HostnameEndpoint(reactor, server.connectHost, server.port, timeout=max(1, int(timeout)))
+    endpoint = tcpEndpoint(reactor, server.connectHost, server.port, timeout)
     connecting = endpoint.connect(factory)
     connected: list[Any] = []
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -32,7 +32,7 @@ from tpproxy.connector import quicRefusal
 from tpproxy.control import ControlLoop, IControlEnd
 from tpproxy.firstframe import FirstFrameReader, Frame, Malformed, Raw
 from tpproxy.machine import Machine
-from tpproxy.protocols.client import Refused, TLSClientEndpoint, TunnelError, certificateRefusal, openTunnel
+from tpproxy.protocols.client import Refused, TLSClientEndpoint, TunnelError, certificateRefusal, openTunnel, tcpEndpoint
 from tpproxy.protocols.relay import RelayEnd, noDelay, splice
 from tpproxy.reactors import IDialReactor
 from tpproxy.transports.tls import describeTLSFailure, receivedAlert
@@ -628,7 +628,7 @@ class Exposer(Machine[ExposerState]):
         local service and splice.
         """
         who = f"{fields.get('identity')} from {fields.get('peer')}" if fields.get("identity") else str(fields.get("peer"))
-        target = connectProtocol(HostnameEndpoint(self.reactor, self.local[0], self.local[1], timeout=10), LocalTarget())
+        target = connectProtocol(tcpEndpoint(self.reactor, self.local[0], self.local[1], 10), LocalTarget())
 
         def joined(local: LocalTarget) -> None:
             if end.closed:
@@ -657,7 +657,7 @@ class Exposer(Machine[ExposerState]):
             self._introduced(session, identity, p2p)
             return
         tunnel = self.uplink.accept(session)
-        target = connectProtocol(HostnameEndpoint(self.reactor, self.local[0], self.local[1], timeout=10), LocalTarget())
+        target = connectProtocol(tcpEndpoint(self.reactor, self.local[0], self.local[1], 10), LocalTarget())
         opened: list[Any] = []
         failedAlready: list[bool] = []
 

@@ -57,3 +57,39 @@ class ClientProtocolTests(SynchronousTestCase):
         self.assertIn("evil.localhost", str(self.failureResultOf(ready, TunnelError).value))
         self.assertIsNone(proto.inner)
         self.assertTrue(transport.disconnecting)
+
+
+class EndpointTests(SynchronousTestCase):
+    """
+    L{tcpEndpoint}: an IP address is connected to at once, a name is
+    resolved.
+    """
+
+    def test_addressConnectsAtOnce(self) -> None:
+        """
+        A tunnel to TP at an IP address starts its TCP connection in the
+        same call: no name resolution (a thread per tunnel).
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        from tpproxy.protocols.client import ServerAddress, openTunnel
+
+        from twisted.internet.ssl import optionsForClientTLS
+
+        for host, family in (("127.0.0.1", "127.0.0.1"), ("::1", "::1")):
+            reactor = MemoryReactorClock()
+            ready = openTunnel(reactor, ServerAddress(host, 8443), optionsForClientTLS("tp.example"), ClientHello("connect", "example", 22))  # type: ignore[arg-type]
+            ready.addErrback(lambda f: None)
+            [(connected, port, _, _, _)] = reactor.tcpClients
+            self.assertEqual((connected, port), (family, 8443))
+
+    def test_kinds(self) -> None:
+        from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+        from twisted.internet.testing import MemoryReactorClock
+
+        from tpproxy.protocols.client import tcpEndpoint
+
+        reactor = MemoryReactorClock()
+        self.assertIsInstance(tcpEndpoint(reactor, "10.0.0.1", 1, 5), TCP4ClientEndpoint)  # type: ignore[arg-type]
+        self.assertIsInstance(tcpEndpoint(reactor, "2001:db8::1", 1, 5), TCP6ClientEndpoint)  # type: ignore[arg-type]
+        self.assertIsInstance(tcpEndpoint(reactor, "tp.example.com", 1, 5), HostnameEndpoint)  # type: ignore[arg-type]
