@@ -10,16 +10,19 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aioquic import tls
 from twisted.internet import defer
 
-from tpproxy.dial import resolveHost
 from tpproxy.protocols.client import TPClientProtocol, TunnelError, certificateRefusal, openTunnel
 from tpproxy.reactors import IClientReactor
-from tpproxy.transports.quic import ClientSession, clientConfiguration, connectQuic
 from tpproxy.wire import ClientHello
+
+if TYPE_CHECKING:
+    from tpproxy.transports.quic import ClientSession
+
+# QUIC (aioquic, TP's QUIC transport) is imported when a connector first
+# tries it: a client on TLS alone does without ~5 MB of it (issue 17).
 
 #: How long C{auto} waits for a QUIC handshake before it takes TLS.
 QUIC_PROBE_TIMEOUT = 1.5
@@ -54,6 +57,8 @@ def quicRefusal(session: ClientSession) -> TunnelError | None:
     certificate (or TP's on the handshake parameters), and is not about the
     client certificate.
     """
+    from aioquic import tls
+
     if session.conn.tls.state is not tls.State.CLIENT_POST_HANDSHAKE:
         return None
     # aioquic's private _close_event: checked before QUIC is used
@@ -162,6 +167,9 @@ class Connector:
 
     @defer.inlineCallbacks
     def _connectQuic(self, timeout: float) -> Any:
+        from tpproxy.dial import resolveHost
+        from tpproxy.transports.quic import clientConfiguration, connectQuic
+
         server = self.settings.server
         try:
             addresses = yield resolveHost(self.reactor, server.connectHost, server.port).addTimeout(timeout, self.reactor)
