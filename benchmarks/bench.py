@@ -829,6 +829,8 @@ def summarizeStacks(path: Path, top: int = 15) -> dict[str, Any]:
     return {"samples": total, "self_pct": ranked(own), "inclusive_pct": ranked(inclusive, lambda f: bool(plumbing.search(f)))}
 
 
+#: py-spy samples per second.
+PROFILE_RATE = 250
 #: The processes py-spy samples for each chain it can profile.
 PROFILED = {"tp": ("twist-tp", "tp-up"), "tp_quic": ("twist-tp", "tp-up-quic")}
 
@@ -876,7 +878,7 @@ def profileChain(setup: Setup, chain: str, seconds: float, rate: float | None, o
         files = {name: outdir / f"profile-{chain}-{phase}-{name}.txt" for name in pids}
         spies = {
             name: subprocess.Popen(
-                [pyspy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "100", "--format", "raw",
+                [pyspy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", str(PROFILE_RATE), "--format", "raw",
                  "--output", str(files[name])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             )

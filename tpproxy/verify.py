@@ -32,7 +32,7 @@ from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from tpproxy.pki import identityOf, normalizeSerial, serialHex
+from tpproxy.pki import certificateOf, identityOf, normalizeSerial, serialHex
 
 log = Logger(namespace="tpproxy.verify")
 
@@ -332,7 +332,7 @@ class ClientVerifier:
         except crypto.X509StoreContextError as e:
             code = e.errors[0] if e.errors and isinstance(e.errors[0], int) else X509_V_ERR_UNSPECIFIED
             return chainRefusal(code)
-        weak = securityRefusal([c.to_cryptography() for c in verified])
+        weak = securityRefusal([certificateOf(c) for c in verified])
         if weak is not None:
             return weak
         return leafRefusal(self.checker, leaf)
@@ -394,7 +394,7 @@ def verifyCallback(decide: Decide) -> Any:
                 return 1
             raw = _lib.X509_STORE_CTX_get_current_cert(storeContext)
             _lib.X509_up_ref(raw)
-            leaf = crypto.X509._from_raw_x509_ptr(raw).to_cryptography()
+            leaf = certificateOf(crypto.X509._from_raw_x509_ptr(raw))
             refused = decide(conn, leaf)
             if refused is None:
                 return 1

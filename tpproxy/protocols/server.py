@@ -27,7 +27,7 @@ from tpproxy.dial import Dialer
 from tpproxy.firstframe import FirstFrameReader, Frame, Malformed
 from tpproxy.limits import TokenBucket
 from tpproxy.machine import Machine
-from tpproxy.pki import PeerIdentity, identityOf
+from tpproxy.pki import PeerIdentity, certificateOf, identityOf
 from tpproxy.protocols.relay import RelayEnd
 from tpproxy.protocols.relay import describeAddress as _addr
 from tpproxy.protocols.relay import noDelay
@@ -199,7 +199,7 @@ class TPServerProtocol(RelayEnd, TimeoutMixin, Machine[ConnState]):
             return
         cert = self.transport.getPeerCertificate()  # type: ignore[union-attr]
         try:
-            self.certificate = cert.to_cryptography()
+            self.certificate = certificateOf(cert)
             self.identity = identityOf(self.certificate)
         except (ValueError, AttributeError) as e:
             self.refuse(ErrorCode.FORBIDDEN, f"no usable identity in the client certificate: {e}")

@@ -43,7 +43,7 @@ from tpproxy.control import ControlLoop, IControlEnd
 from tpproxy.dial import DialError
 from tpproxy.machine import Machine
 from tpproxy.names import normalize
-from tpproxy.pki import identityOf
+from tpproxy.pki import certificateOf, identityOf
 from tpproxy.protocols.relay import RelayEnd, noDelay, splice
 from tpproxy.reverse.registry import Exposure, PendingSession, ReverseError
 from tpproxy.transports.servertls import NameTLS
@@ -881,7 +881,7 @@ class E2EDialer(MachineEnd):
             # check of its own all the same, since an identity is needed.
             self.sessionFailed(ErrorCode.FORBIDDEN, "a client certificate is required")
             return
-        identity = identityOf(cert.to_cryptography()).name
+        identity = identityOf(certificateOf(cert)).name
         outer.detail = f"inner identity {identity}"
         outer.result = "aborted"
         self.transport.pauseProducing()  # type: ignore[union-attr]
