@@ -589,21 +589,13 @@ def adminTLS(host: str, cas: list[Any], chain: list[Any], key: Any) -> Any:
     Client TLS options for TP's admin listener at C{host}: its certificate
     checked against C{cas} and C{host}, ours presented, ALPN C{http/1.1}.
     """
-    from cryptography.hazmat.primitives import serialization
-    from OpenSSL import crypto
-    from twisted.internet import ssl
+    from tpproxy.transports.tls import clientTLS
 
     try:
-        trust = ssl.trustRootFromCertificates([ssl.Certificate(crypto.X509.from_cryptography(c)) for c in cas])
-        keyPEM = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        client = ssl.PrivateCertificate.loadPEM(chain[0].public_bytes(serialization.Encoding.PEM) + keyPEM)
-        return ssl.optionsForClientTLS(
-            host,
-            trustRoot=trust,
-            clientCertificate=client,
-            acceptableProtocols=[b"http/1.1"],
-            extraCertificateOptions={"extraCertChain": [crypto.X509.from_cryptography(c) for c in chain[1:]]},
-        )
+        # TP's client creator, not Twisted's optionsForClientTLS: Twisted
+        # 26.10 accepts a certificate whose DNS name is an IP address for
+        # any host (service_identity's CertificateError is caught there).
+        return clientTLS(host, cas, chain, key, alpn=b"http/1.1", tls13=False)
     except Exception as e:
         raise UsageError(f"--cert/--key: cannot use this certificate and key ({e})") from None
 

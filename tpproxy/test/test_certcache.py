@@ -117,7 +117,7 @@ class ServerNameTests(SynchronousTestCase):
         issued = self.pki.ca.issue("elsewhere", dns=("elsewhere.example",), server=True)
         self.other = ([issued.cert], issued.key)
 
-    def handshake(self, chain: Any, key: Any) -> tuple[bool, FakeTLSProtocol]:
+    def handshake(self, chain: Any, key: Any, client: Any = None) -> tuple[bool, FakeTLSProtocol]:
         """
         A TLS 1.3 handshake in memory between the client and a server
         presenting C{chain}; whether the client accepted it.
@@ -129,7 +129,8 @@ class ServerNameTests(SynchronousTestCase):
         server = SSL.Connection(context, None)
         server.set_accept_state()
         protocol = FakeTLSProtocol()
-        client = self.client.clientConnectionForTLS(protocol)
+        self.server = server
+        client = (client or self.client).clientConnectionForTLS(protocol)
         client.set_connect_state()
         for _ in range(20):
             for a, b in ((client, server), (server, client)):
@@ -181,3 +182,33 @@ class ServerNameTests(SynchronousTestCase):
                 self.assertEqual(len(protocol.failed), 1)
                 self.assertIn("DNSMismatch", str(protocol.failed[0].value))
         self.assertEqual(len(self.client.checked), 1)
+
+    def test_ipAddressAsDNSNameRefused(self) -> None:
+        """
+        A certificate whose DNS name is an IP address (service_identity
+        raises CertificateError on it) is refused for any server name;
+        Twisted 26.10's own options accept it for every host.
+        """
+        issued = self.pki.ca.issue("odd", dns=("127.0.0.1",), server=True)
+        for name in ("localhost", "127.0.0.1"):
+            d = self.pki.directory
+            client = clientTLS(name, [self.pki.ca.cert], loadCertificates(str(d / "server.pem")), loadKey(str(d / "server.key")))
+            ok, protocol = self.handshake([issued.cert], issued.key, client)
+            self.assertFalse(ok, name)
+            self.assertEqual(len(client.checked), 0)
+
+    def test_addressesAndSNI(self) -> None:
+        """
+        A server named by IP address is checked against the certificate's
+        IP addresses and is sent no SNI; one named by DNS name gets it.
+        """
+        d = self.pki.directory
+        for name, sni in (("127.0.0.1", None), ("::1", None), ("localhost", b"localhost")):
+            client = clientTLS(name, [self.pki.ca.cert], loadCertificates(str(d / "server.pem")), loadKey(str(d / "server.key")))
+            ok, protocol = self.handshake(*self.good, client=client)
+            self.assertTrue(ok, name)
+            self.assertEqual(self.server.get_servername(), sni)
+        client = clientTLS("10.1.2.3", [self.pki.ca.cert], loadCertificates(str(d / "server.pem")), loadKey(str(d / "server.key")))
+        ok, protocol = self.handshake(*self.good, client=client)
+        self.assertFalse(ok)
+        self.assertIn("IPAddressMismatch", str(protocol.failed[0].value))

@@ -126,8 +126,8 @@ class SearchTests(SynchronousTestCase):
         climb(search)
         for _ in range(BLACK_HOLE_LOSSES):
             search.packetLost(16384)
-        self.assertEqual(search.maximum, 16383)
-        self.assertEqual(climb(search, 10), [1232, 1452, 1472, 8952, 8972, 16383])
+        self.assertEqual(search.maximum, 8972)
+        self.assertEqual(climb(search, 10), [1232, 1452, 1472, 8952, 8972])
         self.assertIsNone(search.nextProbe(10))
         self.assertIsNone(search.nextProbe(10 + RAISE_INTERVAL - 1))
         self.assertEqual(search.nextProbe(10 + RAISE_INTERVAL), 16384)
@@ -157,8 +157,8 @@ class SearchTests(SynchronousTestCase):
         search = PathMTUSearch()
         climb(search)
         search.tooBig(16384)
-        self.assertEqual((search.current, search.maximum), (BASE, 16383))
-        self.assertEqual(climb(search), [1232, 1452, 1472, 8952, 8972, 16383])
+        self.assertEqual((search.current, search.maximum), (BASE, 8972))
+        self.assertEqual(climb(search), [1232, 1452, 1472, 8952, 8972])
 
     def test_tooBigBelowCurrentRestartsBelow(self) -> None:
         """
@@ -168,8 +168,8 @@ class SearchTests(SynchronousTestCase):
         search = PathMTUSearch()
         climb(search)
         search.tooBig(1500)
-        self.assertEqual((search.current, search.maximum), (BASE, 1499))
-        self.assertEqual(climb(search), [1232, 1452, 1472, 1499])
+        self.assertEqual((search.current, search.maximum), (BASE, 1472))
+        self.assertEqual(climb(search), [1232, 1452, 1472])
 
     def test_blackHole(self) -> None:
         """
@@ -185,7 +185,7 @@ class SearchTests(SynchronousTestCase):
         self.assertFalse(search.packetLost(BASE))
         self.assertEqual(search.current, 16384)
         self.assertTrue(search.packetLost(16384))
-        self.assertEqual((search.current, search.maximum, search.blackHoles), (BASE, 16383, 1))
+        self.assertEqual((search.current, search.maximum, search.blackHoles), (BASE, 8972, 1))
         self.assertEqual(search.nextProbe(0), 1232)
 
     def test_noBlackHoleWhenLargeAckBetween(self) -> None:
@@ -224,7 +224,7 @@ class SearchTests(SynchronousTestCase):
         self.assertFalse(search.timeouts(pmtu.BLACK_HOLE_TIMEOUTS - 1))
         self.assertEqual(search.current, 16384)
         self.assertTrue(search.timeouts(pmtu.BLACK_HOLE_TIMEOUTS))
-        self.assertEqual((search.current, search.maximum, search.blackHoles), (BASE, 16383, 1))
+        self.assertEqual((search.current, search.maximum, search.blackHoles), (BASE, 8972, 1))
 
     def test_lossesAboveCurrentIgnored(self) -> None:
         """
@@ -250,7 +250,7 @@ class SearchTests(SynchronousTestCase):
             search.acknowledged(size)
         loseAll(search, 8952)
         search.tooBig(1472)
-        self.assertEqual(search.maximum, 1471)
+        self.assertEqual(search.maximum, 1452)
         search.newPath()
         self.assertEqual((search.current, search.maximum, search.outstanding, search.doneAt), (BASE, 16384, None, None))
         self.assertEqual(climb(search), list(LADDER))
@@ -471,6 +471,54 @@ class MemoryPathTests(SynchronousTestCase):
         self.assertLessEqual(toNew[0], BASE)
         self.assertIn(16384, toNew)
 
+    def test_noProbeAfterClose(self) -> None:
+        """
+        A connection that closes while its search could probe sends its
+        CONNECTION_CLOSE and no probe after it, and its closing period stays
+        three probe timeouts (a probe used to re-arm it to the idle timeout).
+        """
+        self.network.filter = lambda source, destination, data: len(data) <= IPV4_ETHERNET
+        session, server = self.start()
+        conn = server.conn
+        self.network.run(until=lambda: conn._max_datagram_size == IPV4_ETHERNET and conn.tpPmtu.doneAt is not None)
+        # Ten minutes on: the search may try again at the next send.
+        conn.tpPmtu.doneAt -= RAISE_INTERVAL
+        conn._ack_eliciting_sent_since_receipt = False
+        now = self.world.reactor.seconds()
+        before = len(self.sent)
+        server.close(0, "policy reload")
+        fromServer = [n for s, d, n in self.sent[before:] if s == SERVER]
+        self.assertEqual(len(fromServer), 1, fromServer)
+        self.assertLess(fromServer[0], BASE)
+        self.assertLessEqual(conn._close_at - now, 3 * conn._loss.get_probe_timeout() + 0.001)
+
+    def test_idleProbeNoTimeout(self) -> None:
+        """
+        A probe on an idle connection (the re-search ten minutes on) arms
+        no probe timeout: it is acknowledged and raises the size at its
+        first try (it used to be declared lost at once, the timeout timed
+        from an older packet).
+        """
+        self.network.filter = lambda source, destination, data: len(data) <= IPV4_ETHERNET
+        session, server = self.start()
+        conn = server.conn
+        self.network.run(until=lambda: conn.tpPmtu.doneAt is not None and session.conn.tpPmtu.doneAt is not None)
+        self.network.run(timeout=20)  # quiet for a while
+        conn.tpPmtu.doneAt -= RAISE_INTERVAL
+        self.network.filter = None  # the path grew
+        timeouts: list[float] = []
+        fired = conn._loss.on_loss_detection_timeout
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            timeouts.append(self.world.reactor.seconds())
+            return fired(*args, **kwargs)
+
+        conn._loss.on_loss_detection_timeout = counting  # type: ignore[method-assign]
+        server.transmit()
+        self.network.run(until=lambda: conn.tpPmtu.outstanding is None, timeout=30)
+        self.assertGreaterEqual(conn._max_datagram_size, 8952)
+        self.assertEqual((timeouts, conn.tpPmtu.failures), ([], 0))
+
     def test_listenerMaximumBase(self) -> None:
         """
         A listener whose maximum is 1200 (C{server.quic_max_datagram_size =
@@ -678,6 +726,10 @@ class WebTransportTests(WebTransportTestCase):
         self.assertLessEqual(max(sizes), BASE)
 
 
+#: Linux's IP_PMTUDISC_PROBE (and IPV6_PMTUDISC_PROBE).
+PROBE = 3
+
+
 class SocketTests(TestCase):
     """
     TP's QUIC sockets, real ones: "don't fragment", and a datagram the
@@ -694,8 +746,9 @@ class SocketTests(TestCase):
     def test_dontFragment(self) -> None:
         """
         The listener's and the client's sockets (IPv4 and IPv6) set DF: a
-        datagram larger than the route's MTU fails instead of going out in
-        IP fragments (Linux's IP_MTU_DISCOVER = IP_PMTUDISC_DO).
+        datagram larger than the interface's MTU fails instead of going out
+        in IP fragments, and a path MTU learnt from ICMP is ignored (Linux's
+        IP_MTU_DISCOVER = IP_PMTUDISC_PROBE; L{SpoofedICMPTests}).
         """
         import socket
 
@@ -708,10 +761,10 @@ class SocketTests(TestCase):
             RecordingFactory(),
         )
         port = self.port(listener)
-        self.assertEqual(port.getHandle().getsockopt(socket.IPPROTO_IP, 10), 2)
+        self.assertEqual(port.getHandle().getsockopt(socket.IPPROTO_IP, 10), PROBE)
         client = quic.ClientSocket(reactor, None, "ipv4", ("127.0.0.1", port.getHost().port))  # type: ignore[arg-type]
         self.addCleanup(client.stop)
-        self.assertEqual(client.transport.getHandle().getsockopt(socket.IPPROTO_IP, 10), 2)  # type: ignore[union-attr]
+        self.assertEqual(client.transport.getHandle().getsockopt(socket.IPPROTO_IP, 10), PROBE)  # type: ignore[union-attr]
         try:
             six = quic.ClientSocket(reactor, None, "ipv6", ("::1", port.getHost().port))  # type: ignore[arg-type]
         except Exception as e:  # no IPv6 on this machine
@@ -719,7 +772,7 @@ class SocketTests(TestCase):
                 raise
             raise SkipTest(f"no IPv6: {e}")
         self.addCleanup(six.stop)
-        self.assertEqual(six.transport.getHandle().getsockopt(socket.IPPROTO_IPV6, 23), 2)  # type: ignore[union-attr]
+        self.assertEqual(six.transport.getHandle().getsockopt(socket.IPPROTO_IPV6, 23), PROBE)  # type: ignore[union-attr]
 
     def test_tooBigReported(self) -> None:
         """
@@ -752,3 +805,101 @@ class SocketTests(TestCase):
             self.assertEqual(sorted(len(d) for d in got), [1, 100, 9000, 16384])
 
         return done.addCallback(check)
+
+
+#: Run in a network namespace (SpoofedICMPTests): a UDP socket set up as
+#: TP's QUIC sockets are, or with IP_PMTUDISC_DO (the control), sends 1200
+#: and 1472 bytes to the peer before and after a line on stdin (the test
+#: sends a forged ICMP meanwhile); prints what each send gave.
+ICMP_CHILD = """
+import errno, socket, sys
+sys.path.insert(0, sys.argv[3])
+from tpproxy.transports.quic import _bigBuffers
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 4433))
+if sys.argv[2] == "tp":
+    class Port:
+        def getHandle(self):
+            return s
+    _bigBuffers(Port())
+else:
+    s.setsockopt(socket.IPPROTO_IP, 10, 2)
+def send(n):
+    try:
+        s.sendto(b"x" * n, (sys.argv[4], 5000))
+        return "sent"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+print("before", send(1200), send(1472), flush=True)
+sys.stdin.readline()
+print("after", send(1200), send(1472), flush=True)
+"""
+
+
+def forgedFragmentationNeeded(source: str, destination: str, mtu: int) -> bytes:
+    """
+    An ICMP "fragmentation needed" (type 3, code 4) with a next-hop MTU
+    of C{mtu}, quoting a UDP datagram from C{source}:4433 to
+    C{destination}: what an attacker anywhere can send to C{source}.
+    """
+    import socket
+    import struct
+
+    def checksum(data: bytes) -> int:
+        total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+        total = (total >> 16) + (total & 0xFFFF)
+        total += total >> 16
+        return ~total & 0xFFFF
+
+    inner = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 1228, 0, 0x4000, 64, 17, 0, socket.inet_aton(source), socket.inet_aton(destination))
+    inner += struct.pack("!HHHH", 4433, 31337, 1208, 0)
+    icmp = struct.pack("!BBHHH", 3, 4, 0, 0, mtu) + inner
+    return icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
+
+
+class SpoofedICMPTests(TestCase):
+    """
+    An attacker who knows a client's address forges an ICMP "fragmentation
+    needed" with a tiny MTU to TP.  With Linux's IP_PMTUDISC_DO the kernel
+    would believe it for 10 minutes and refuse every datagram to that
+    address, 1200 bytes included (the control shows it); TP's sockets
+    ignore it (root: two network namespaces).
+    """
+
+    timeout = 60
+
+    def test_forgedICMPIgnored(self) -> Any:
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        from tpproxy.test.netns import Namespaces
+
+        net = Namespaces(self)
+        net.add("tp")
+        net.add("evil")
+        net.link("tp", ["10.98.0.1/24"], "evil", ["10.98.0.2/24"])
+        script = Path(self.mktemp())
+        script.write_text(ICMP_CHILD)
+        repo = str(Path(__file__).resolve().parents[2])
+        results = {}
+        for mode in ("do", "tp"):
+            net.sh(net.ip, "-n", net.ns("tp"), "route", "flush", "cache")
+            child = subprocess.Popen(
+                net.exec("tp") + [sys.executable, str(script), "10.98.0.1", mode, repo, "10.98.0.2"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )
+            before = child.stdout.readline().split()  # type: ignore[union-attr]
+            forged = forgedFragmentationNeeded("10.98.0.1", "10.98.0.2", 552)
+            sender = (
+                "import socket, sys; r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); "
+                f"r.sendto(bytes.fromhex('{forged.hex()}'), ('10.98.0.1', 0))"
+            )
+            net.sh(*net.exec("evil"), sys.executable, "-c", sender)
+            out, _ = child.communicate("go\n", timeout=30)
+            results[mode] = (before, out.split())
+        # The control: the forged ICMP works against IP_PMTUDISC_DO.
+        self.assertEqual(results["do"][0], ["before", "sent", "sent"])
+        self.assertEqual(results["do"][1], ["after", "EMSGSIZE", "EMSGSIZE"])
+        # TP's sockets go on sending.
+        self.assertEqual(results["tp"], (["before", "sent", "sent"], ["after", "sent", "sent"]))

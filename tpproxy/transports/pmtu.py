@@ -52,6 +52,15 @@ BLACK_HOLE_TIMEOUTS = 3
 RAISE_INTERVAL = 600.0
 
 
+def _rungBelow(size: int) -> int:
+    """
+    The largest size of the ladder (or L{BASE}) below C{size}: where a
+    search goes on after C{size} stopped getting through (never C{size - 1}:
+    a search would then creep down byte by byte).
+    """
+    return max([BASE] + [rung for rung in LADDER if rung < size])
+
+
 class PathMTUSearch:
     """
     The search for one connection's path.
@@ -70,6 +79,9 @@ class PathMTUSearch:
         self._ceiling: int | None = None
         self._largeLost = 0
         self.blackHoles = 0
+        #: Which search a probe belongs to: a new path starts another, and
+        #: the fate of the old path's probes says nothing about it.
+        self.generation = 0
 
     def _candidates(self) -> list[int]:
         top = self.maximum if self._ceiling is None else min(self.maximum, self._ceiling - 1)
@@ -133,7 +145,7 @@ class PathMTUSearch:
             self._settle(size)
         else:
             # The size in use no longer fits the route: start again below it.
-            self.maximum = max(BASE, size - 1)
+            self.maximum = _rungBelow(size)
             self.restart()
 
     def _settle(self, failedSize: int) -> None:
@@ -152,6 +164,7 @@ class PathMTUSearch:
         self.doneAt = None
         self._ceiling = None
         self._largeLost = 0
+        self.generation += 1
 
     def newPath(self) -> None:
         """
@@ -201,5 +214,5 @@ class PathMTUSearch:
         getting through.
         """
         self.blackHoles += 1
-        self.maximum = max(BASE, self.current - 1)
+        self.maximum = _rungBelow(self.current)
         self.restart()

@@ -155,14 +155,21 @@ def _bareAddress(addr: Any) -> tuple[str, int]:
 
 class _ProbeBuilder(QuicPacketBuilder):
     """
-    Builds a path MTU probe: its packet is not counted in flight, so that
-    neither its bytes nor its loss touch congestion control.
+    Builds a path MTU probe.  Its packet is not counted in flight, so that
+    neither its bytes nor its loss touch congestion control, and not as
+    ack-eliciting on this side: it arms no probe timeout (on an idle
+    connection the timeout, timed from the last packet counted, was already
+    past and declared the probe lost before its ACK could come) and does
+    not extend the idle or closing timers.  The peer acknowledges it all
+    the same (it carries a PING); a probe that is not acknowledged is
+    declared lost when a later packet is.
     """
 
     def flush(self) -> tuple[list[bytes], list[Any]]:
         datagrams, packets = super().flush()
         for packet in packets:
             packet.in_flight = False
+            packet.is_ack_eliciting = False
         return datagrams, packets
 
 
@@ -367,9 +374,25 @@ class TPQuicConnection(QuicConnection):
             search.newPath()
             self._tpDatagramSize(PMTU_BASE)
 
+    #: When the outstanding path MTU probe counts as lost, if nothing
+    #: acknowledged it (TP's own timer: a probe arms none of aioquic's).
+    _tpProbeDeadline: float | None = None
+
+    def get_timer(self) -> float | None:
+        timer = super().get_timer()
+        deadline = self._tpProbeDeadline
+        if deadline is not None and self._state not in END_STATES and (timer is None or deadline < timer):
+            return deadline
+        return timer
+
     def handle_timer(self, now: float) -> None:
         super().handle_timer(now)
         search = self.tpPmtu
+        deadline = self._tpProbeDeadline
+        if search is not None and deadline is not None and now >= deadline:
+            self._tpProbeDeadline = None
+            if search.outstanding is not None:
+                search.lost(search.outstanding)
         if search is not None and search.timeouts(self._loss._pto_count):
             log.info("QUIC path to {peer}: nothing acknowledged for {count} probe timeouts at {size}-byte datagrams; back to {base}",
                      peer=self._network_paths[0].addr, count=self._loss._pto_count, size=self._max_datagram_size, base=PMTU_BASE)
@@ -387,11 +410,15 @@ class TPQuicConnection(QuicConnection):
                 self.pathChanged()
             self._tpPmtuPath = path
         datagrams = super().datagrams_to_send(now)
-        if not path.is_validated:
+        if not path.is_validated or self._state in END_STATES:
+            # Not to a path not yet validated, nor after CONNECTION_CLOSE
+            # (which the call above may just have sent).
             return datagrams
         size = search.nextProbe(now)
         if size is not None:
             datagrams += self._tpProbe(size, path, now)
+            # Three probe timeouts: ample for an ACK, delayed or not.
+            self._tpProbeDeadline = now + 3 * self._loss.get_probe_timeout()
         return datagrams
 
     def _tpProbe(self, size: int, path: Any, now: float) -> list[tuple[bytes, Any]]:
@@ -412,15 +439,18 @@ class TPQuicConnection(QuicConnection):
             version=self._version,
         )
         builder.start_packet(QuicPacketType.ONE_RTT, self._cryptos[tls.Epoch.ONE_RTT])
-        builder.start_frame(QuicFrameType.PING, handler=self._tpProbeDelivered, handler_args=(size,))
+        builder.start_frame(QuicFrameType.PING, handler=self._tpProbeDelivered, handler_args=(size, self.tpPmtu.generation if self.tpPmtu else 0))
         # Padding to the whole size, inside the packet (it is a 1-RTT one).
         builder._datagram_needs_padding = True
         return self._flush_builder(builder=builder, network_path=path, peer_cid=self._peer_cid.cid, now=now)
 
-    def _tpProbeDelivered(self, delivery: QuicDeliveryState, size: int) -> None:
+    def _tpProbeDelivered(self, delivery: QuicDeliveryState, size: int, generation: int) -> None:
         search = self.tpPmtu
-        if search is None:
+        if search is None or generation != search.generation:
+            # A probe of an earlier search (another path): says nothing.
             return
+        if size == search.outstanding:
+            self._tpProbeDeadline = None
         if delivery == QuicDeliveryState.ACKED:
             search.acknowledged(size)
             if search.current != self._max_datagram_size:
@@ -487,12 +517,26 @@ def _aioquicPrivates() -> tuple[PrivateName, ...]:
         PrivateName(Q, "_flush_builder", ("builder", "network_path", "peer_cid", "now"), ("datagrams_to_send",), f"registers a path MTU probe; {pmtu}"),
         PrivateName(Q, "_max_datagram_size", None, ("__init__", "datagrams_to_send"), f"the size datagrams are built to; {pmtu}"),
         PrivateName(Q, "_loss", None, ("__init__",), f"the congestion controller and pacer told the size; {pmtu}"),
-        PrivateName(Q, "handle_timer", ("now",), (), "TP checks for a path MTU black hole after it"),
+        PrivateName(Q, "handle_timer", ("now",), (), "TP times out a path MTU probe and checks for a black hole after it"),
+        PrivateName(Q, "get_timer", (), (), "TP adds a path MTU probe's deadline"),
         PrivateName(QuicPacketRecovery, "_pto_count", None, ("__init__", "on_loss_detection_timeout"), f"probe timeouts in a row, for a black hole; {pmtu}"),
         PrivateName(Q, "_network_paths", None, ("__init__", "datagrams_to_send"), f"the path probed, and whether it moved; {pmtu}"),
         PrivateName(Q, "_cryptos", None, ("__init__",), f"the 1-RTT keys a probe is sealed with; {pmtu}"),
         PrivateName(Q, "_handshake_confirmed", None, ("__init__",), f"probes wait for it; {pmtu}"),
         PrivateName(Q, "_packet_number", None, ("__init__", "datagrams_to_send"), f"a probe's packet number; {pmtu}"),
+        PrivateName(Q, "_state", None, ("__init__", "datagrams_to_send"), f"no probe once the connection closes; {pmtu}"),
+        PrivateName(Q, "_peer_token", None, ("__init__", "datagrams_to_send"), f"a probe's packet builder; {pmtu}"),
+        PrivateName(Q, "_quic_logger", None, ("__init__", "datagrams_to_send"), f"a probe's packet builder; {pmtu}"),
+        PrivateName(Q, "_spin_bit", None, ("__init__", "datagrams_to_send"), f"a probe's packet builder; {pmtu}"),
+        PrivateName(Q, "_version", None, ("__init__", "datagrams_to_send"), f"a probe's packet builder; {pmtu}"),
+        PrivateName(QuicPacketBuilder, "__init__", ("host_cid", "peer_cid", "version", "is_client", "max_datagram_size", "packet_number", "peer_token", "quic_logger", "spin_bit"), (), f"builds a probe; {pmtu}"),
+        PrivateName(QuicPacketBuilder, "start_frame", ("frame_type", "capacity", "handler", "handler_args"), (), f"a probe's PING and its delivery handler; {pmtu}"),
+        PrivateName(QuicPacketBuilder, "flush", (), (), f"a probe's packets, marked out of flight; {pmtu}"),
+        PrivateName(QuicPacketRecovery, "on_packet_sent", ("packet", "space"), (), f"counts in flight and ack-eliciting from the packet's flags; {pmtu}"),
+        PrivateName(RenoCongestionControl, "on_packet_acked", ("now", "packet"), (), f"wrapped to watch for a black hole; {pmtu}"),
+        PrivateName(RenoCongestionControl, "on_packets_lost", ("now", "packets"), (), f"wrapped to watch for a black hole; {pmtu}"),
+        PrivateName(CubicCongestionControl, "on_packet_acked", ("now", "packet"), (), f"wrapped to watch for a black hole; {pmtu}"),
+        PrivateName(CubicCongestionControl, "on_packets_lost", ("now", "packets"), (), f"wrapped to watch for a black hole; {pmtu}"),
         PrivateName(QuicPacketRecovery, "_cc", None, ("__init__", "on_ack_received"), f"told the size; watched for a black hole; {pmtu}"),
         PrivateName(QuicPacketRecovery, "_pacer", None, ("__init__",), f"told the size; {pmtu}"),
         PrivateName(RenoCongestionControl, "_max_datagram_size", None, ("__init__", "on_packet_acked"), f"the window's quantum; {pmtu}"),
@@ -1252,18 +1296,23 @@ def refusedNow(factory: Any, cert: x509.Certificate) -> str | None:
 #: may reach (tpproxy.transports.pmtu), with room to spare.
 RECEIVE_SIZE = 65536
 
-#: Linux's IP_MTU_DISCOVER, IPV6_MTU_DISCOVER and their PMTUDISC_DO value
-#: ("set DF, never fragment"): not in Python's socket module.
-_IP_MTU_DISCOVER, _IPV6_MTU_DISCOVER, _PMTUDISC_DO = 10, 23, 2
+#: Linux's IP_MTU_DISCOVER, IPV6_MTU_DISCOVER and their PMTUDISC_PROBE
+#: value: not in Python's socket module.  PROBE sets DF and never
+#: fragments, like DO, but ignores the path MTU learnt from ICMP "packet
+#: too big": anyone can forge one (the review showed one spoofed ICMP
+#: making every send to a client's address, 1200 bytes included, fail with
+#: EMSGSIZE for 10 minutes under DO).  TP's probes find the path MTU.
+_IP_MTU_DISCOVER, _IPV6_MTU_DISCOVER, _PMTUDISC_PROBE = 10, 23, 3
 
 
 def _bigBuffers(transport: Any) -> None:
     """
     4 MiB UDP socket buffers: drops under load halve the congestion window
     (measured: ~0.1 % drops on the client with the 208 KiB default).  And
-    never fragment: a datagram larger than the route's MTU fails with
+    never fragment: a datagram larger than the interface's MTU fails with
     C{EMSGSIZE} instead of going out in IP fragments, so that a path MTU
-    probe measures the path (RFC 9000 section 14: QUIC sets DF).
+    probe measures the path (RFC 9000 section 14: QUIC sets DF), and no
+    forged ICMP lowers what TP may send (L{_PMTUDISC_PROBE}).
     """
     import socket
 
@@ -1281,7 +1330,7 @@ def _bigBuffers(transport: Any) -> None:
         options.append((socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER))
     for level, option in options:
         try:
-            sock.setsockopt(level, option, _PMTUDISC_DO)
+            sock.setsockopt(level, option, _PMTUDISC_PROBE)
         except OSError:
             pass
 

@@ -212,12 +212,13 @@ class ClientTLSCreator:
     server" is remembered.
     """
 
-    def __init__(self, options: ssl.CertificateOptions, hostname: str) -> None:
+    def __init__(self, options: ssl.CertificateOptions, hostname: str, alpn: bytes = ALPN) -> None:
         from service_identity.hazmat import DNS_ID, IPAddress_ID
         from twisted.internet.abstract import isIPAddress, isIPv6Address
 
         self.options = options
         self.hostname = hostname
+        self.alpn = alpn
         literal = isIPAddress(hostname) or isIPv6Address(hostname)
         self.serverName = None if literal else hostname.encode("idna")
         self.serviceID = IPAddress_ID(hostname) if literal else DNS_ID(hostname)
@@ -225,7 +226,7 @@ class ClientTLSCreator:
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         connection = SSL.Connection(self.options.getContext())
-        connection.set_alpn_protos([ALPN])
+        connection.set_alpn_protos([self.alpn])
         if self.serverName is not None:
             connection.set_tlsext_host_name(self.serverName)
         connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verifier(tlsProtocol))
@@ -242,11 +243,13 @@ class ClientTLSCreator:
             try:
                 if self.namesServer(cert):
                     return True
-                from service_identity import VerificationError
+                from service_identity import CertificateError, VerificationError
 
                 try:
                     self._check(cert)
-                except VerificationError:
+                except (VerificationError, CertificateError):
+                    # CertificateError: a name service_identity cannot
+                    # read (an IP address as a DNS name): refused too.
                     tls.failVerification(Failure())
                     return False
                 return True
@@ -280,11 +283,13 @@ class ClientTLSCreator:
             self.checked.popitem(last=False)
 
 
-def clientTLS(serverName: str, caCerts: list[x509.Certificate], chain: list[x509.Certificate], key: object) -> ClientTLSCreator:
+def clientTLS(
+    serverName: str, caCerts: list[x509.Certificate], chain: list[x509.Certificate], key: object, alpn: bytes = ALPN, tls13: bool = True
+) -> ClientTLSCreator:
     """
-    Client options: TLS 1.3, ALPN C{tp/1}, the server certificate checked
-    against C{caCerts} and C{serverName} (service_identity), and our client
-    certificate.
+    Client options: TLS 1.3 (unless C{tls13} is false), ALPN C{alpn}
+    (C{tp/1}), the server certificate checked against C{caCerts} and
+    C{serverName} (service_identity), and our client certificate.
     """
     trust = ssl.trustRootFromCertificates([ssl.Certificate(crypto.X509.from_cryptography(c)) for c in caCerts])
     keyPEM = key.private_bytes(  # type: ignore[attr-defined]
@@ -297,11 +302,11 @@ def clientTLS(serverName: str, caCerts: list[x509.Certificate], chain: list[x509
         privateKey=client.privateKey.original,
         certificate=client.original,
         trustRoot=trust,
-        acceptableProtocols=[ALPN],
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_3,
+        acceptableProtocols=[alpn],
         extraCertChain=extra,
+        **({"raiseMinimumTo": ssl.TLSVersion.TLSv1_3} if tls13 else {}),
     )
-    return ClientTLSCreator(options, serverName)
+    return ClientTLSCreator(options, serverName, alpn)
 
 
 def receivedAlert(reason: object) -> int | None:
