@@ -42,6 +42,12 @@ class FreezeTests(SynchronousTestCase):
         self.assertGreater(gc.get_freeze_count(), len(kept))
         self.assertGreaterEqual(sum(collected), 2)  # the Cycle and its dict
         self.assertFalse(any(o is kept for o in gc.get_objects()))
+        # Once per process: a second call freezes nothing more.
+        frozen = gc.get_freeze_count()
+        later = [object() for _ in range(10)]
+        heap.freezeStartup()
+        self.assertEqual(gc.get_freeze_count(), frozen)
+        self.assertTrue(any(o is later for o in gc.get_objects()))
 
     def test_serverServiceFreezes(self) -> None:
         """
