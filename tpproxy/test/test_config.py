@@ -249,6 +249,26 @@ class ServerConfigErrorTests(ServerConfigMixin, SynchronousTestCase):
         self.assertConfigError("server.key: file ", self.parse, key="sub")
         self.assertConfigError("server.client_ca: file ", self.parse, client_ca=["ca.pem", "nope.pem"])
 
+    def test_quicMaxDatagramSize(self) -> None:
+        """
+        C{server.quic_max_datagram_size}: 16384 by default, a whole number
+        of bytes from 1200 (no path MTU search) to 65527; it reaches the
+        QUIC listener.
+        """
+        self.assertEqual(self.parse().quicMaxDatagramSize, 16384)
+        for value in (1200, 1472, 65527):
+            self.assertEqual(self.parse(quic_max_datagram_size=value).quicMaxDatagramSize, value)
+        for value in (1199, 65528, 0, -1, 1500.0, "1500", True):
+            self.assertConfigError("server.quic_max_datagram_size: expected a whole number of bytes from 1200 to 65527", self.parse, quic_max_datagram_size=value)
+        from twisted.internet.testing import MemoryReactorClock
+
+        from tpproxy.service import makeQuicListener, makeServerFactory
+
+        config = self.parse(quic_max_datagram_size=1472, state_dir=str(self.directory / "state"))
+        reactor = MemoryReactorClock()
+        factory = makeServerFactory(config, reactor)  # type: ignore[arg-type]
+        self.assertEqual(makeQuicListener(config, reactor, factory.wrappedFactory).maxDatagramSize, 1472)  # type: ignore[arg-type]
+
     def test_badPathValues(self) -> None:
         """
         A path must be a non-empty string.
