@@ -24,6 +24,21 @@ from zope.interface import implementer
 from tpproxy.service import makeServerFactory
 
 
+def closeAtEnd(case: Any, session: Any) -> None:
+    """
+    At the end of test C{case}, close a client QUIC C{session} (if it is
+    still open), stop its socket and its timers.
+    """
+
+    def close() -> None:
+        if not session.closed:
+            session.close(0, "test done")
+        session.socket.stop()
+        session.abandon()
+
+    case.addCleanup(close)
+
+
 def requireTool(*candidates: str) -> str:
     """
     Find an external program.  Missing, it skips the test, except under

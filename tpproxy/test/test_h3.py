@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tpproxy.reactors import IUDPReactor
 from tpproxy.test.quicmemory import SERVER, QuicWorld, Recorder
-from tpproxy.test.support import auditObserver, audits
+from tpproxy.test.support import auditObserver, audits, closeAtEnd
 from tpproxy.testing import TestPKI
 from tpproxy.transports import h3
 from tpproxy.transports.h3 import H3Response
@@ -496,13 +496,7 @@ class LoopbackTests(TestCase):
         config.cadata = pki.ca.certPEM
         session = connectH3(reactor, ("127.0.0.1", udp.getHost().port), config)
 
-        def close() -> None:
-            if not session.closed:
-                session.close(0, "test done")
-            session.socket.stop()
-            session.abandon()
-
-        self.addCleanup(close)
+        closeAtEnd(self, session)
         yield session.ready.addTimeout(5, reactor)
         response = yield session.request(b"/").addTimeout(5, reactor)
         self.assertEqual(response["headers"][b":status"], b"308")

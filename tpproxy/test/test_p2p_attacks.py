@@ -30,6 +30,7 @@ from tpproxy.p2p import ice
 from tpproxy.p2p.direct import newSessionId
 from tpproxy.pki import loadCertificates, loadKey
 from tpproxy.service import makeQuicListener
+from tpproxy.test.support import closeAtEnd
 from tpproxy.test.test_p2p_ice import Agent, requireHostAddress
 from tpproxy.test.test_p2p_introduction import ANSWER, NAME, OFFER, P2PTestCase, waitFor
 from tpproxy.test.test_cluster import ThreeInstances
@@ -368,13 +369,7 @@ class QuicAttackTests(AttackTestCase):
         config = clientConfiguration("localhost", loadCertificates(str(d / "ca.pem")), loadCertificates(str(d / f"{who}.pem")), loadKey(str(d / f"{who}.key")))
         session = connectQuic(reactor, ("127.0.0.1", self.port), config)
 
-        def close() -> None:
-            if not session.closed:
-                session.close(0, "test done")
-            session.socket.stop()
-            session.abandon()
-
-        self.addCleanup(close)
+        closeAtEnd(self, session)
         yield session.ready
         client = ControlClient(hello)
         session.openStream(client)

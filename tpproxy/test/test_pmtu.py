@@ -17,7 +17,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from tpproxy.pki import loadCertificates, loadKey
 from tpproxy.test.quicmemory import SERVER, Address, QuicWorld, Recorder, RecordingFactory
-from tpproxy.test.support import sha256
+from tpproxy.test.support import closeAtEnd, sha256
 from tpproxy.test.test_quic import waitUntil
 from tpproxy.test.test_webtransport import WebTransportTestCase, until
 from tpproxy.testing import TestPKI
@@ -655,13 +655,7 @@ class LoopbackTests(TestCase):
         configuration = quic.clientConfiguration("localhost", [pki.ca.cert], loadCertificates(str(d / "alice.pem")), loadKey(str(d / "alice.key")))
         session = quic.connectQuic(reactor, ("127.0.0.1", port.getHost().port), configuration)  # type: ignore[arg-type]
 
-        def close() -> None:
-            if not session.closed:
-                session.close(0, "test done")
-            session.socket.stop()
-            session.abandon()
-
-        self.addCleanup(close)
+        closeAtEnd(self, session)
         back: list[int] = []
         toClient = session.datagramReceived
 

@@ -27,7 +27,7 @@ from zope.interface import implementer
 from tpproxy.pki import certPEM, loadCertificates, serialHex
 from tpproxy.protocols.client import ServerAddress, TLSClientEndpoint, TunnelError, openTunnel
 from tpproxy.service import makeQuicListener, makeServerFactory
-from tpproxy.test.support import HashSink, auditObserver, deferLater, listenLocal
+from tpproxy.test.support import HashSink, auditObserver, closeAtEnd, deferLater, listenLocal
 from tpproxy.test.test_reverse import ControlClient, ReverseTestCase
 from tpproxy.testing import TestPKI
 from tpproxy.transports.quic import clientConfiguration, connectQuic
@@ -241,13 +241,7 @@ class VerdictTests(CorpusTestCase):
 
         session = connectQuic(reactor, ("127.0.0.1", self.port), clientConfiguration("localhost", self.serverCAs, chain, key))
 
-        def close() -> None:
-            if not session.closed:
-                session.close(0, "test done")
-            session.socket.stop()
-            session.abandon()
-
-        self.addCleanup(close)
+        closeAtEnd(self, session)
         try:
             yield session.ready.addTimeout(10, reactor)
             ready: defer.Deferred[Any] = defer.Deferred()
