@@ -75,23 +75,16 @@ SRV, CLI = "10.99.0.1", "10.99.0.2"
 CHUNK = 65536
 
 
-class Cleanups:
+def countToEOF(sock: socket.socket) -> int:
     """
-    What L{tpproxy.test.netns.Namespaces} needs of a test case.
+    Read C{sock} to EOF; the bytes read.
     """
-
-    def __init__(self) -> None:
-        self.calls: list[Any] = []
-
-    def addCleanup(self, f: Any, *args: Any) -> None:
-        self.calls.append(lambda: f(*args))
-
-    def run(self) -> None:
-        while self.calls:
-            try:
-                self.calls.pop()()
-            except Exception as e:
-                print(f"clean-up: {e}", file=sys.stderr)
+    total = 0
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            return total
+        total += len(data)
 
 
 # --- the sink and the client (run in the namespaces) ------------------------------
@@ -108,13 +101,7 @@ def runSink(host: str) -> None:
         with conn:
             head = conn.recv(1)
             if head == b"U":
-                total = 0
-                while True:
-                    data = conn.recv(1 << 20)
-                    if not data:
-                        break
-                    total += len(data)
-                conn.sendall(f"got {total}\n".encode())
+                conn.sendall(f"got {countToEOF(conn)}\n".encode())
             elif head == b"D":
                 line = b""
                 while not line.endswith(b"\n"):
@@ -157,12 +144,7 @@ def runClient(port: int, mode: str, n: int) -> None:
             raise SystemExit(f"the sink answered {answer!r} for {n} bytes")
     else:
         sock.sendall(b"D%d\n" % n)
-        got = 0
-        while True:
-            data = sock.recv(1 << 20)
-            if not data:
-                break
-            got += len(data)
+        got = countToEOF(sock)
         if got != n:
             raise SystemExit(f"got {got} of {n} bytes")
     print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
@@ -276,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     exitOnSignals()
     sys.path.insert(0, str(REPO))
+    from p2p_bench import Cleanups
+
     from tpproxy.test.netns import Namespaces
 
     cleanups = Cleanups()
