@@ -366,7 +366,9 @@ def runConnect(reactor: IClientReactor, settings: Settings, host: str, port: int
     splice(tunnel, local, fromA=tunnel.rest)
     tunnel.transport.resumeProducing()  # type: ignore[union-attr]
     yield defer.DeferredList([stdioDone, tunnelDone])
-    connector.close()
+    # Over QUIC, the last bytes sent may not be acknowledged yet: close
+    # once they are (bounded), not at once.
+    yield connector.finish()
     return EXIT_OK
 
 

@@ -213,6 +213,9 @@ class Connector:
         host = session.localAddress
         return f"QUIC connection moved to local UDP port {host.port}"
 
+    #: How long L{finish} waits for TP to acknowledge what was written.
+    FINISH_GRACE = 2.0
+
     def close(self) -> None:
         """
         Close the QUIC connection, if any, now (CONNECTION_CLOSE goes out
@@ -223,6 +226,19 @@ class Connector:
             session.close(0, "client done")
             session.abandon()
             session.socket.stop()
+
+    @defer.inlineCallbacks
+    def finish(self) -> Any:
+        """
+        Close the QUIC connection, if any, once TP has acknowledged what
+        was written on it (or after L{FINISH_GRACE} seconds): what C{tp
+        connect} does when its tunnel has ended both ways, so that the last
+        bytes it sent survive a lost packet.
+        """
+        session = self.session
+        if session is not None and not session.closed:
+            yield session.closeWhenDelivered("client done", self.FINISH_GRACE)
+        self.close()
 
     @defer.inlineCallbacks
     def open(self, hello: ClientHello) -> Any:

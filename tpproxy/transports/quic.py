@@ -37,6 +37,7 @@ from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.retry import TOKEN_LIFETIME, QuicRetryTokenHandler
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone, ConnectionLost, MessageLengthError
 from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime, ITransport
@@ -513,6 +514,7 @@ def _aioquicPrivates() -> tuple[PrivateName, ...]:
         PrivateName(Q, "_local_max_data", None, ("__init__", "_write_connection_limits"), "the connection's receive budget"),
         PrivateName(Q, "_close_event", None, ("__init__", "close"), "the client reads why TP closed (tpproxy.connector.quicRefusal)"),
         PrivateName(QuicStreamSender, "_buffer", None, ("__init__",), "bytes not yet acknowledged, for backpressure"),
+        PrivateName(QuicStreamSender, "_buffer_fin", None, ("__init__", "write"), "whether a FIN was written, for a close that waits for delivery"),
         PrivateName(Q, "datagrams_to_send", ("now",), (), "TP appends its path MTU probe"),
         PrivateName(Q, "_flush_builder", ("builder", "network_path", "peer_cid", "now"), ("datagrams_to_send",), f"registers a path MTU probe; {pmtu}"),
         PrivateName(Q, "_max_datagram_size", None, ("__init__", "datagrams_to_send"), f"the size datagrams are built to; {pmtu}"),
@@ -1877,6 +1879,15 @@ def clientConfiguration(
     return config
 
 
+def _chained(d: defer.Deferred[None]) -> defer.Deferred[None]:
+    """
+    A new Deferred that fires when C{d} does (each caller gets its own).
+    """
+    mine: defer.Deferred[None] = defer.Deferred()
+    d.addBoth(lambda result: (mine.callback(None), result)[1])
+    return mine
+
+
 class ClientSession(QuicSession):
     """
     TP's client end of a QUIC connection.  C{ready} fires when the
@@ -1904,6 +1915,57 @@ class ClientSession(QuicSession):
         #: Set by L{closeWhenIdle}: the reason to close with once the last
         #: stream has ended.
         self.closingWhenIdle: str | None = None
+
+    #: Set by L{closeWhenDelivered}: (reason, grace timer, Deferred).
+    _delivering: tuple[str, Any, defer.Deferred[None]] | None = None
+
+    def delivered(self) -> bool:
+        """
+        Whether the peer has acknowledged everything written on this
+        connection's streams: their data, and the FIN where one was written.
+        """
+        # aioquic's _streams and its senders' _buffer/_buffer_fin (checked
+        # with TP's other aioquic privates).
+        for stream in self.conn._streams.values():
+            sender = stream.sender
+            if len(sender._buffer) or (sender._buffer_fin is not None and not sender.is_finished):
+                return False
+        return True
+
+    def closeWhenDelivered(self, reason: str, grace: float = 2.0) -> defer.Deferred[None]:
+        """
+        Close the connection once L{delivered}, or after C{grace} seconds,
+        whichever comes first; fires once CONNECTION_CLOSE went out.
+        Closing at once would drop the tail of what the peer has not
+        acknowledged yet: a packet lost just before the close is never
+        sent again (the P2P direct path does the same,
+        L{tpproxy.p2p.ice._DirectEnd.close}).
+        """
+        if self._delivering is not None:
+            return _chained(self._delivering[2])
+        done: defer.Deferred[None] = defer.Deferred()
+        if self.closed or self.conn._state in END_STATES:
+            done.callback(None)
+            return done
+        timer = self.clock.callLater(grace, self._closeDelivering)
+        self._delivering = (reason, timer, done)
+        self._checkDelivered()
+        return _chained(done)
+
+    def _checkDelivered(self) -> None:
+        if self._delivering is not None and (self.closed or self.delivered()):
+            self._closeDelivering()
+
+    def _closeDelivering(self) -> None:
+        delivering, self._delivering = self._delivering, None
+        if delivering is None:
+            return
+        reason, timer, done = delivering
+        if timer.active():
+            timer.cancel()
+        if not self.closed:
+            self.close(0, reason)
+        done.callback(None)
 
     def closeWhenIdle(self, reason: str) -> None:
         """
@@ -1942,9 +2004,12 @@ class ClientSession(QuicSession):
             )
             return
         super().datagramReceived(data, addr)
+        # An ACK may complete what a closeWhenDelivered waits for.
+        self._checkDelivered()
 
     def terminated(self, event: events.ConnectionTerminated) -> None:
         super().terminated(event)
+        self._checkDelivered()
         pinger = getattr(self, "_pinger", None)
         if pinger is not None and pinger.active():
             pinger.cancel()
