@@ -10,17 +10,17 @@ namespaces).
 
 Set-up, all started by this script and removed at the end:
 
-  - two network namespaces, C{srv} and C{cli}, joined by a veth pair with
-    MTU C{--mtu} on both ends (10.99.0.1 in srv, 10.99.0.2 in cli);
+  - two network namespaces, C{s} (TP's side) and C{c} (the client's), joined by a veth pair with
+    MTU C{--mtu} on both ends (10.99.0.1 in s, 10.99.0.2 in c);
     loopback is not on the path, so a datagram larger than the MTU is
     refused by the kernel (TP sets DF) and TP's path MTU search
     (tpproxy.transports.pmtu) has to find the size;
-  - in srv: a sink (this script with C{--sink}: C{U} reads to EOF and
+  - in s: a sink (this script with C{--sink}: C{U} reads to EOF and
     answers C{got N}; C{D N} sends N bytes), C{twist tp} on 10.99.0.1
     (the dev CA of C{tp init-dev}, a server certificate for 10.99.0.1);
-  - in cli: C{tp --transport quic up} and C{tp --transport tls up} to that
+  - in c: C{tp --transport quic up} and C{tp --transport tls up} to that
     TP, forwarding to the sink; the transfers are made by this script with
-    C{--client} in cli;
+    C{--client} in c;
   - plain aioquic (benchmarks/aioquic_baseline.py's server and client,
     one stream, its asyncio layer) between the same two addresses, at its
     default 1200-byte datagrams and at the largest the MTU carries (an
@@ -167,10 +167,10 @@ def vethCounters(net: Any, ns: str) -> dict[str, int]:
 
 
 def setUp(net: Any, procs: Processes, d: Path, mtu: int) -> dict[str, int]:
-    net.add("srv")
-    net.add("cli")
-    net.link("srv", [f"{SRV}/24"], "cli", [f"{CLI}/24"])
-    for a, b in (("srv", "cli"), ("cli", "srv")):
+    net.add("s")
+    net.add("c")
+    net.link("s", [f"{SRV}/24"], "c", [f"{CLI}/24"])
+    for a, b in (("s", "c"), ("c", "s")):
         net.sh(net.ip, "-n", net.ns(a), "link", "set", "dev", f"{net.prefix}{a}{b}", "mtu", str(mtu))
     port = 4433
     rule = f'\n[[rules]]\ncomment = "the sink, across the veth"\nidentities = ["group:dev"]\nhosts = ["{SRV}/32"]\nports = "*"\n'
@@ -179,17 +179,17 @@ def setUp(net: Any, procs: Processes, d: Path, mtu: int) -> dict[str, int]:
 
     ca = CertificateAuthority.load(d / "ca.pem", d / "ca.key")
     ca.issue(SRV, ips=(SRV,), server=True, hours=24).write(d / "server.pem", d / "server.key")
-    sink = procs.start("sink", net.exec("srv") + [sys.executable, __file__, "--sink", SRV], stdout=subprocess.PIPE)
+    sink = procs.start("sink", net.exec("s") + [sys.executable, __file__, "--sink", SRV], stdout=subprocess.PIPE)
     assert sink.stdout is not None
     line = sink.stdout.readline().decode()
     if not line.startswith("PORT "):
         raise BenchError(f"the sink did not start: {line!r}")
     sinkPort = int(line.split()[1])
-    procs.start("twist-tp", net.exec("srv") + [str(BIN / "twist"), "tp", "--config", str(d / "server.toml")])
+    procs.start("twist-tp", net.exec("s") + [str(BIN / "twist"), "tp", "--config", str(d / "server.toml")])
     waitForLog(procs, "twist-tp", re.compile(r"QUIC"), "start QUIC")
     ports = {"sink": sinkPort, "tp_quic": 20001, "tp_tls": 20002}
     for chain, transport in (("tp_quic", "quic"), ("tp_tls", "tls")):
-        procs.start(chain, net.exec("cli") + [
+        procs.start(chain, net.exec("c") + [
             str(BIN / "tp"), "--config", str(d / "client.toml"), "--server", f"{SRV}:{port}", "--transport", transport,
             "up", f"{SRV}:{sinkPort}", str(ports[chain]),
         ])
@@ -199,7 +199,7 @@ def setUp(net: Any, procs: Processes, d: Path, mtu: int) -> dict[str, int]:
 
 def transfer(net: Any, port: int, mode: str, n: int) -> float:
     out = subprocess.run(
-        net.exec("cli") + [sys.executable, __file__, "--client", str(port), mode, str(n)], capture_output=True, timeout=600, text=True
+        net.exec("c") + [sys.executable, __file__, "--client", str(port), mode, str(n)], capture_output=True, timeout=600, text=True
     )
     if out.returncode:
         raise BenchError(f"transfer {mode} through port {port} failed: {out.stderr.strip() or out.stdout.strip()}")
@@ -219,7 +219,7 @@ def aioquic(net: Any, procs: Processes, d: Path, n: int, size: int, i: int) -> f
     script = str(Path(__file__).with_name("aioquic_baseline.py"))
     name = f"aioquic-{i}"
     proc = procs.start(
-        name, net.exec("srv") + [sys.executable, script, "--serve", str(port), str(d / "aioquic.pem"), str(d / "aioquic.key"),
+        name, net.exec("s") + [sys.executable, script, "--serve", str(port), str(d / "aioquic.pem"), str(d / "aioquic.key"),
                                  "--host", SRV, "--max-datagram-size", str(size)],
         stdout=subprocess.PIPE, env={"PYTHONPATH": str(REPO)},
     )
@@ -227,7 +227,7 @@ def aioquic(net: Any, procs: Processes, d: Path, n: int, size: int, i: int) -> f
     if proc.stdout.readline().strip() != b"ready":
         raise BenchError(f"aioquic server did not start: {procs.logTail(name)}")
     out = subprocess.run(
-        net.exec("cli") + [sys.executable, script, "--connect", SRV, str(port), str(n), "--max-datagram-size", str(size)],
+        net.exec("c") + [sys.executable, script, "--connect", SRV, str(port), str(n), "--max-datagram-size", str(size)],
         capture_output=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO)),
     )
     if out.returncode:
@@ -297,10 +297,10 @@ def run(args: argparse.Namespace, net: Any, procs: Processes, d: Path, load: Oth
         for chain in ("tp_quic", "tp_tls"):
             for mode in ("up", "down"):
                 key = f"{chain}_{mode}"
-                before = vethCounters(net, "cli")
+                before = vethCounters(net, "c")
                 cpuBefore = sum(cpuSeconds(p) for p in pids + [procs.pid(chain)])
                 seconds = transfer(net, ports[chain], mode, n)
-                after = vethCounters(net, "cli")
+                after = vethCounters(net, "c")
                 spent = sum(cpuSeconds(p) for p in pids + [procs.pid(chain)]) - cpuBefore
                 rates.setdefault(key, []).append(n / MB / seconds)
                 cpu.setdefault(key, []).append(spent / (n / 1e9))

@@ -870,17 +870,18 @@ class SpoofedICMPTests(TestCase):
         from tpproxy.test.netns import Namespaces
 
         net = Namespaces(self)
-        net.add("tp")
-        net.add("evil")
-        net.link("tp", ["10.98.0.1/24"], "evil", ["10.98.0.2/24"])
+        net.add("t")
+        net.add("e")
+        # Short names: veth names (prefix + both names) must fit in 15 bytes.
+        net.link("t", ["10.98.0.1/24"], "e", ["10.98.0.2/24"])
         script = Path(self.mktemp())
         script.write_text(ICMP_CHILD)
         repo = str(Path(__file__).resolve().parents[2])
         results = {}
         for mode in ("do", "tp"):
-            net.sh(net.ip, "-n", net.ns("tp"), "route", "flush", "cache")
+            net.sh(net.ip, "-n", net.ns("t"), "route", "flush", "cache")
             child = subprocess.Popen(
-                net.exec("tp") + [sys.executable, str(script), "10.98.0.1", mode, repo, "10.98.0.2"],
+                net.exec("t") + [sys.executable, str(script), "10.98.0.1", mode, repo, "10.98.0.2"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             )
             before = child.stdout.readline().split()  # type: ignore[union-attr]
@@ -889,7 +890,7 @@ class SpoofedICMPTests(TestCase):
                 "import socket, sys; r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); "
                 f"r.sendto(bytes.fromhex('{forged.hex()}'), ('10.98.0.1', 0))"
             )
-            net.sh(*net.exec("evil"), sys.executable, "-c", sender)
+            net.sh(*net.exec("e"), sys.executable, "-c", sender)
             out, _ = child.communicate("go\n", timeout=30)
             results[mode] = (before, out.split())
         # The control: the forged ICMP works against IP_PMTUDISC_DO.
