@@ -212,6 +212,24 @@ class SearchTests(SynchronousTestCase):
             self.assertFalse(search.packetLost(1500))
         self.assertEqual(search.blackHoles, 0)
 
+    def test_probeDeadline(self) -> None:
+        """
+        A probe nobody acknowledges is lost at its deadline (a probe arms
+        none of aioquic's timers); an acknowledged one clears it.
+        """
+        search = PathMTUSearch()
+        self.assertEqual(search.nextProbe(10.0, 0.5), 1232)
+        self.assertEqual(search.deadline, 10.5)
+        search.expire(10.4)
+        self.assertEqual((search.outstanding, search.failures), (1232, 0))
+        search.expire(10.5)
+        self.assertEqual((search.outstanding, search.deadline, search.failures), (None, None, 1))
+        self.assertEqual(search.nextProbe(11.0, 0.5), 1232)
+        search.acknowledged(1232)
+        self.assertIsNone(search.deadline)
+        search.expire(100.0)
+        self.assertEqual((search.current, search.failures), (1232, 0))
+
     def test_timeoutsBlackHole(self) -> None:
         """
         L{pmtu.BLACK_HOLE_TIMEOUTS} probe timeouts in a row above L{BASE}
@@ -698,9 +716,9 @@ class WebTransportTests(WebTransportTestCase):
             sizes.append(len(data))
             sendOut(data, addr)
 
-        def recordBatch(datagrams: list[bytes], addr: Any) -> int | None:
-            sizes.extend(map(len, datagrams))
-            return sendBatch(datagrams, addr)
+        def recordBatch(datagrams: list[tuple[bytes, Any]]) -> int | None:
+            sizes.extend(len(data) for data, _ in datagrams)
+            return sendBatch(datagrams)
 
         # What the listener sends, one datagram or a batch at a time (the
         # sessions made from now on take these).
@@ -788,12 +806,13 @@ class SocketTests(TestCase):
         target = self.port(Receiver()).getHost()
         sender = self.port(DatagramProtocol())
         unconnected = quic.DatagramSender(sender)
-        self.assertEqual(unconnected.send([b"a" * 100, b"b" * 70000, b"c" * 9000], ("127.0.0.1", target.port)), 70000)
+        to = ("127.0.0.1", target.port)
+        self.assertEqual(unconnected.send([(b"a" * 100, to), (b"b" * 70000, to), (b"c" * 9000, to)]), 70000)
         other = self.port(DatagramProtocol())
         other.connect("127.0.0.1", target.port)
         connected = quic.DatagramSender(other, connected=True)
-        self.assertEqual(connected.send([b"d" * 70000, b"e" * 16384], None), 70000)
-        self.assertIsNone(connected.send([b"f"], None))
+        self.assertEqual(connected.send([(b"d" * 70000, None), (b"e" * 16384, None)]), 70000)
+        self.assertIsNone(connected.send([(b"f", None)]))
 
         def check(_: None) -> None:
             self.assertEqual(sorted(len(d) for d in got), [1, 100, 9000, 16384])

@@ -74,6 +74,8 @@ class PathMTUSearch:
         self.maximum = self.configured
         self.current = BASE
         self.outstanding: int | None = None
+        #: When the outstanding probe counts as lost if nothing acknowledged it.
+        self.deadline: float | None = None
         self.failures = 0
         self.doneAt: float | None = None
         self._ceiling: int | None = None
@@ -92,10 +94,11 @@ class PathMTUSearch:
             rungs.append(self.maximum)
         return sorted(rungs)
 
-    def nextProbe(self, now: float) -> int | None:
+    def nextProbe(self, now: float, timeout: float = 1.0) -> int | None:
         """
         The size to probe now, or L{None} (a probe is outstanding, or the
-        search is over until L{RAISE_INTERVAL} has passed).
+        search is over until L{RAISE_INTERVAL} has passed).  A probe not
+        acknowledged within C{timeout} seconds is lost (L{expire}).
         """
         if self.outstanding is not None:
             return None
@@ -111,7 +114,15 @@ class PathMTUSearch:
             self.doneAt = now
             return None
         self.outstanding = candidates[0]
+        self.deadline = now + timeout
         return self.outstanding
+
+    def expire(self, now: float) -> None:
+        """
+        The outstanding probe is lost if its deadline has passed.
+        """
+        if self.outstanding is not None and self.deadline is not None and now >= self.deadline:
+            self.lost(self.outstanding)
 
     def acknowledged(self, size: int) -> None:
         """
@@ -119,7 +130,7 @@ class PathMTUSearch:
         """
         if size != self.outstanding:
             return
-        self.outstanding = None
+        self.outstanding = self.deadline = None
         self.failures = 0
         self.current = max(self.current, size)
         self._largeLost = 0
@@ -130,7 +141,7 @@ class PathMTUSearch:
         """
         if size != self.outstanding:
             return
-        self.outstanding = None
+        self.outstanding = self.deadline = None
         self.failures += 1
         if self.failures >= MAX_PROBES:
             self._settle(size)
@@ -140,7 +151,7 @@ class PathMTUSearch:
         The kernel refused to send a datagram of C{size} (C{EMSGSIZE}).
         """
         if self.outstanding is not None and size >= self.outstanding:
-            self.outstanding = None
+            self.outstanding = self.deadline = None
         if size > self.current:
             self._settle(size)
         else:
@@ -159,7 +170,7 @@ class PathMTUSearch:
         Start again from L{BASE} (a new path).
         """
         self.current = BASE
-        self.outstanding = None
+        self.outstanding = self.deadline = None
         self.failures = 0
         self.doneAt = None
         self._ceiling = None

@@ -351,37 +351,37 @@ class TPQuicConnection(QuicConnection):
                 if search.packetLost(packet.sent_bytes):
                     log.info("QUIC path to {peer}: {size}-byte datagrams stopped getting through; back to {base}",
                              peer=self._network_paths[0].addr, size=self._max_datagram_size, base=PMTU_BASE)
-                    self._tpDatagramSize(search.current)
+                    self._tpFollowSearch()
             lost(now=now, packets=packets)
 
         cc.on_packet_acked = onPacketAcked
         cc.on_packets_lost = onPacketsLost
 
-    def _tpDatagramSize(self, size: int) -> None:
+    def _tpFollowSearch(self) -> None:
         """
-        Send datagrams of up to C{size} bytes from now on.
+        Send datagrams of up to the search's current size from now on.
         """
-        self._max_datagram_size = size
-        self._loss._cc._max_datagram_size = size
-        self._loss._pacer._max_datagram_size = size
+        assert self.tpPmtu is not None
+        size = self.tpPmtu.current
+        if size != self._max_datagram_size:
+            self._max_datagram_size = size
+            self._loss._cc._max_datagram_size = size
+            self._loss._pacer._max_datagram_size = size
 
     def pathChanged(self) -> None:
         """
         This end moved to a new path (the client's new socket): what held
         on the old one says nothing about it (RFC 8899 section 5.2).
         """
-        search = self.tpPmtu
-        if search is not None:
-            search.newPath()
-            self._tpDatagramSize(PMTU_BASE)
-
-    #: When the outstanding path MTU probe counts as lost, if nothing
-    #: acknowledged it (TP's own timer: a probe arms none of aioquic's).
-    _tpProbeDeadline: float | None = None
+        if self.tpPmtu is not None:
+            self.tpPmtu.newPath()
+            self._tpFollowSearch()
 
     def get_timer(self) -> float | None:
+        # An outstanding probe's deadline (a probe arms none of aioquic's
+        # timers).
         timer = super().get_timer()
-        deadline = self._tpProbeDeadline
+        deadline = self.tpPmtu.deadline if self.tpPmtu is not None else None
         if deadline is not None and self._state not in END_STATES and (timer is None or deadline < timer):
             return deadline
         return timer
@@ -389,15 +389,13 @@ class TPQuicConnection(QuicConnection):
     def handle_timer(self, now: float) -> None:
         super().handle_timer(now)
         search = self.tpPmtu
-        deadline = self._tpProbeDeadline
-        if search is not None and deadline is not None and now >= deadline:
-            self._tpProbeDeadline = None
-            if search.outstanding is not None:
-                search.lost(search.outstanding)
-        if search is not None and search.timeouts(self._loss._pto_count):
+        if search is None:
+            return
+        search.expire(now)
+        if search.timeouts(self._loss._pto_count):
             log.info("QUIC path to {peer}: nothing acknowledged for {count} probe timeouts at {size}-byte datagrams; back to {base}",
                      peer=self._network_paths[0].addr, count=self._loss._pto_count, size=self._max_datagram_size, base=PMTU_BASE)
-            self._tpDatagramSize(search.current)
+            self._tpFollowSearch()
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
         search = self.tpPmtu
@@ -415,14 +413,13 @@ class TPQuicConnection(QuicConnection):
             # Not to a path not yet validated, nor after CONNECTION_CLOSE
             # (which the call above may just have sent).
             return datagrams
-        size = search.nextProbe(now)
+        # Three probe timeouts: ample for an ACK, delayed or not.
+        size = search.nextProbe(now, 3 * self._loss.get_probe_timeout())
         if size is not None:
-            datagrams += self._tpProbe(size, path, now)
-            # Three probe timeouts: ample for an ACK, delayed or not.
-            self._tpProbeDeadline = now + 3 * self._loss.get_probe_timeout()
+            datagrams += self._tpProbe(size, search.generation, path, now)
         return datagrams
 
-    def _tpProbe(self, size: int, path: Any, now: float) -> list[tuple[bytes, Any]]:
+    def _tpProbe(self, size: int, generation: int, path: Any, now: float) -> list[tuple[bytes, Any]]:
         """
         One probe: a PING padded to C{size} bytes, outside congestion
         control (its loss says nothing about congestion, RFC 9000 section
@@ -440,7 +437,7 @@ class TPQuicConnection(QuicConnection):
             version=self._version,
         )
         builder.start_packet(QuicPacketType.ONE_RTT, self._cryptos[tls.Epoch.ONE_RTT])
-        builder.start_frame(QuicFrameType.PING, handler=self._tpProbeDelivered, handler_args=(size, self.tpPmtu.generation if self.tpPmtu else 0))
+        builder.start_frame(QuicFrameType.PING, handler=self._tpProbeDelivered, handler_args=(size, generation))
         # Padding to the whole size, inside the packet (it is a 1-RTT one).
         builder._datagram_needs_padding = True
         return self._flush_builder(builder=builder, network_path=path, peer_cid=self._peer_cid.cid, now=now)
@@ -450,13 +447,11 @@ class TPQuicConnection(QuicConnection):
         if search is None or generation != search.generation:
             # A probe of an earlier search (another path): says nothing.
             return
-        if size == search.outstanding:
-            self._tpProbeDeadline = None
         if delivery == QuicDeliveryState.ACKED:
             search.acknowledged(size)
             if search.current != self._max_datagram_size:
-                self._tpDatagramSize(search.current)
                 log.debug("QUIC path to {peer} carries {size}-byte datagrams", peer=self._network_paths[0].addr, size=size)
+                self._tpFollowSearch()
         else:
             search.lost(size)
 
@@ -470,8 +465,7 @@ class TPQuicConnection(QuicConnection):
         if search is None or size <= PMTU_BASE:
             return
         search.tooBig(size)
-        if search.current != self._max_datagram_size:
-            self._tpDatagramSize(search.current)
+        self._tpFollowSearch()
 
     def sendBuffered(self, streamId: int) -> int:
         """
@@ -882,10 +876,11 @@ class QuicSession:
 
     peerCertificate: x509.Certificate | None = None
     abandoned = False
-    #: C{sendBatch(datagrams, addr)} puts a run of datagrams on the wire and
-    #: says which size the kernel refused as too big (L{DatagramSender}),
-    #: where the session's socket has one; else each goes to C{send}.
-    sendBatch: Callable[[list[bytes], Any], int | None] | None = None
+    #: C{sendBatch([(data, addr), ...])} puts what aioquic wants sent on
+    #: the wire and says which size the kernel refused as too big
+    #: (L{DatagramSender}), where the session's socket has one; else each
+    #: datagram goes to C{send}.
+    sendBatch: Callable[[list[tuple[bytes, Any]]], int | None] | None = None
 
     def __init__(self, conn: TPQuicConnection, send: Callable[[bytes, Any], None], clock: IReactorTime, peer: Any) -> None:
         self.conn = conn
@@ -1024,17 +1019,11 @@ class QuicSession:
             for data, addr in datagrams:
                 self.send(data, addr)
         elif datagrams:
-            # Runs of datagrams to one address (a path MTU probe, or a
-            # client's new path, may go elsewhere) in one call each.
-            start = 0
-            for end in range(1, len(datagrams) + 1):
-                if end == len(datagrams) or datagrams[end][1] != datagrams[start][1]:
-                    tooBig = self.sendBatch([d for d, _ in datagrams[start:end]], datagrams[start][1])
-                    if tooBig is not None:
-                        # Larger than the route's MTU: a path MTU probe, or
-                        # a route that shrank.
-                        self.conn.datagramTooBig(tooBig)
-                    start = end
+            tooBig = self.sendBatch(datagrams)
+            if tooBig is not None:
+                # Larger than the route's MTU: a path MTU probe, or a route
+                # that shrank.
+                self.conn.datagramTooBig(tooBig)
         when = self.conn.get_timer()
         if self._timer is not None and self._timer.active():
             if when is None:
@@ -1366,17 +1355,17 @@ class DatagramSender:
         self.connected = connected
         self.refused = refused
 
-    def send(self, datagrams: list[bytes], addr: Any) -> int | None:
+    def send(self, datagrams: list[tuple[bytes, Any]]) -> int | None:
         """
-        Send C{datagrams}, in order, to C{addr} (ignored on a connected
-        port).
+        Send C{datagrams} (data and address; the address is ignored on a
+        connected port), in order.
 
         @return: the size of a datagram refused as too big, if any (the
             others are sent all the same), else L{None}.
         """
         tooBig = None
         sock = self.socket
-        for data in datagrams:
+        for data, addr in datagrams:
             try:
                 if sock is None:
                     self.port.write(data, None if self.connected else addr)
@@ -1569,22 +1558,27 @@ class QuicListener(DatagramProtocol):
 
     _sender: DatagramSender | None = None
 
-    def sendBatch(self, datagrams: list[bytes], addr: Any) -> int | None:
+    def sendBatch(self, datagrams: list[tuple[bytes, Any]]) -> int | None:
         """
-        Send a connection's datagrams to C{addr} (L{DatagramSender.send}),
-        or back through the instance they came through (L{returnVia}).
+        Send a connection's datagrams (L{DatagramSender.send}), those to a
+        client whose packets came through another instance back through it
+        (L{returnVia}).
         """
-        via = self.returnVia.get(addr) if self.returnVia else None
-        if via is not None:
-            for data in datagrams:
-                via(data, addr)
-            return None
+        if self.returnVia:
+            direct = []
+            for data, addr in datagrams:
+                via = self.returnVia.get(addr)
+                if via is None:
+                    direct.append((data, addr))
+                else:
+                    via(data, addr)
+            datagrams = direct
         port = self.transport if self.transport is not None else self._port
         if port is None:
             return None
         if self._sender is None or self._sender.port is not port:
             self._sender = DatagramSender(port)
-        return self._sender.send(datagrams, addr)
+        return self._sender.send(datagrams)
 
     def sendDatagram(self, data: bytes, addr: Any) -> None:
         """
@@ -2111,13 +2105,13 @@ class ClientSocket(DatagramProtocol):
         except (OSError, MessageLengthError) as e:
             log.debug("QUIC send failed: {error}", error=e)
 
-    def sendBatch(self, datagrams: list[bytes], addr: Any) -> int | None:
+    def sendBatch(self, datagrams: list[tuple[bytes, Any]]) -> int | None:
         """
         Send a connection's datagrams (L{DatagramSender.send}).
         """
         if self.transport is None or self.port is None or self._sender is None:
             return None
-        return self._sender.send(datagrams, addr)
+        return self._sender.send(datagrams)
 
     def connectionRefused(self) -> None:
         if self.session is not None:
