@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import crypto
 
 
 @dataclass(frozen=True)
@@ -56,16 +57,29 @@ def normalizeSerial(text: str) -> str:
     return serialHex(int(digits, 16))
 
 
-class _Recent(OrderedDict):  # type: ignore[type-arg]
+class Recent(OrderedDict):  # type: ignore[type-arg]
     """
-    A small least-recently-used map.
+    A small least-recently-used map: at most C{size} entries.
     """
 
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = size
 
+    def recall(self, key: Any) -> Any:
+        """
+        The value for C{key} (now the most recently used), or L{None}.
+        """
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
     def remember(self, key: Any, value: Any) -> Any:
+        """
+        Keep C{value} for C{key}, forgetting the least recently used entry
+        beyond C{size}; C{value}.
+        """
         self[key] = value
         if len(self) > self.size:
             self.popitem(last=False)
@@ -77,8 +91,8 @@ class _Recent(OrderedDict):  # type: ignore[type-arg]
 #: taking its identity through cryptography's objects again each time was
 #: about a tenth of C{twist tp}'s CPU per connection (issue 17, measured).
 PARSED_CERTIFICATES = 512
-_parsed = _Recent(PARSED_CERTIFICATES)
-_identities = _Recent(PARSED_CERTIFICATES)
+_parsed = Recent(PARSED_CERTIFICATES)
+_identities = Recent(PARSED_CERTIFICATES)
 
 
 def certificateFromDER(der: bytes) -> x509.Certificate:
@@ -87,10 +101,9 @@ def certificateFromDER(der: bytes) -> x509.Certificate:
     (immutable) object for every connection that presents it, so that what
     cryptography parses lazily (extensions, names) is parsed once too.
     """
-    cert = _parsed.get(der)
+    cert = _parsed.recall(der)
     if cert is None:
-        return _parsed.remember(der, x509.load_der_x509_certificate(der))  # type: ignore[no-any-return]
-    _parsed.move_to_end(der)
+        cert = _parsed.remember(der, x509.load_der_x509_certificate(der))
     return cert  # type: ignore[no-any-return]
 
 
@@ -100,8 +113,6 @@ def certificateOf(peer: Any) -> x509.Certificate:
     callback and a TLS connection give); any other peer certificate (a
     QUIC stream's) by its C{to_cryptography()}.
     """
-    from OpenSSL import crypto
-
     if isinstance(peer, crypto.X509):
         return certificateFromDER(crypto.dump_certificate(crypto.FILETYPE_ASN1, peer))
     return peer.to_cryptography()  # type: ignore[no-any-return]
@@ -114,14 +125,12 @@ def identityOf(cert: x509.Certificate) -> PeerIdentity:
 
     @raise ValueError: if the certificate carries no name to take.
     """
-    known = _identities.get(cert)
+    known = _identities.recall(cert)
     if known is None:
         try:
             known = _identities.remember(cert, _identityOf(cert))
         except ValueError as e:
             known = _identities.remember(cert, e)
-    else:
-        _identities.move_to_end(cert)
     if isinstance(known, ValueError):
         raise ValueError(*known.args)
     return known  # type: ignore[no-any-return]

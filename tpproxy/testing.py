@@ -129,3 +129,28 @@ identities = "*"
 hosts = [{patterns}]
 ports = "*"
 {extra}"""
+
+
+def handshakeInMemory(server: Any, client: Any, rounds: int = 20) -> list[Exception]:
+    """
+    Run a TLS handshake between two pyOpenSSL connections on memory BIOs
+    (C{server} in accept state, C{client} in connect state), moving their
+    bytes back and forth; the TLS errors either side raised.
+    """
+    from OpenSSL import SSL
+
+    errors: list[Exception] = []
+    for _ in range(rounds):
+        for a, b in ((client, server), (server, client)):
+            try:
+                a.do_handshake()
+            except SSL.WantReadError:
+                pass
+            except SSL.Error as e:
+                errors.append(e)
+            try:
+                b.bio_write(a.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+    return errors
+

@@ -60,6 +60,7 @@ from tpproxy.acme.client import (
 )
 from tpproxy.config import DNS_NAME
 from tpproxy.pki import CertificateAuthority
+from tpproxy.testing import handshakeInMemory
 from tpproxy.transports.servertls import ACME_TLS_ALPN
 
 DNS01 = "dns-01"
@@ -146,21 +147,6 @@ class ChallengeFailed(Exception):
         self.code = code
 
 
-def _handshake(server: SSL.Connection, client: SSL.Connection) -> None:
-    for _ in range(20):
-        for a, b in ((client, server), (server, client)):
-            try:
-                a.do_handshake()
-            except SSL.WantReadError:
-                pass
-            except SSL.Error:
-                pass
-            try:
-                b.bio_write(a.bio_read(65536))
-            except SSL.WantReadError:
-                pass
-
-
 class _Connection:
     """
     The protocol a TLS connection creator is given (it may mark it).
@@ -224,7 +210,7 @@ class ChallengeTargets:
         client = SSL.Connection(context, None)
         client.set_tlsext_host_name(name.encode("ascii"))
         client.set_connect_state()
-        _handshake(server, client)
+        handshakeInMemory(server, client)
         if client.get_alpn_proto_negotiated() != ACME_TLS_ALPN:
             raise ChallengeFailed("tls", f"tls-alpn-01 for {name}: acme-tls/1 was not negotiated")
         peer = client.get_peer_certificate()

@@ -48,7 +48,7 @@ from tpproxy.service import makeService
 from tpproxy.test.pebble import Pebble
 from tpproxy.test.support import Echo, freePort, listenLocal
 from tpproxy.test.test_reverse import ControlClient
-from tpproxy.testing import LOOPBACK_RULES, TestPKI
+from tpproxy.testing import LOOPBACK_RULES, TestPKI, handshakeInMemory
 from tpproxy.transports.servertls import ACME_TLS_ALPN, ServerTLS
 from tpproxy.transports.tls import clientTLS
 from tpproxy.verify import ClientCertChecker
@@ -161,26 +161,6 @@ class HTTP01ResponderTests(SynchronousTestCase):
         self.assertEqual(self.render(responder, b"/.well-known/acme-challenge/tok")[0], 404)
 
 
-def handshake(server: SSL.Connection, client: SSL.Connection) -> list[Exception]:
-    """
-    Run a handshake in memory; return the TLS errors either side raised.
-    """
-    errors: list[Exception] = []
-    for _ in range(20):
-        for a, b in ((client, server), (server, client)):
-            try:
-                a.do_handshake()
-            except SSL.WantReadError:
-                pass
-            except SSL.Error as e:
-                errors.append(e)
-            try:
-                b.bio_write(a.bio_read(65536))
-            except SSL.WantReadError:
-                pass
-    return errors
-
-
 class TLSALPNListenerTests(SynchronousTestCase):
     """
     tls-alpn-01 on TP's own TLS listener, in memory.
@@ -201,7 +181,7 @@ class TLSALPNListenerTests(SynchronousTestCase):
         client = SSL.Connection(ctx, None)
         client.set_tlsext_host_name(sni)
         client.set_connect_state()
-        return handshake(server, client), client, app
+        return handshakeInMemory(server, client), client, app
 
     def test_respondersProvideInterface(self) -> None:
         """

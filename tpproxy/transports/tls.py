@@ -23,7 +23,6 @@ certificate check) is L{tpproxy.transports.servertls}.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 from aioquic.tls import AlertDescription
@@ -36,6 +35,7 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tpproxy.pki import Recent
 from tpproxy.privates import PrivateAPIError, PrivateName, privateProblems
 from tpproxy.wire import ALPN
 
@@ -222,7 +222,8 @@ class ClientTLSCreator:
         literal = isIPAddress(hostname) or isIPv6Address(hostname)
         self.serverName = None if literal else hostname.encode("idna")
         self.serviceID = IPAddress_ID(hostname) if literal else DNS_ID(hostname)
-        self.checked: OrderedDict[bytes, None] = OrderedDict()
+        #: DER of the server certificates checked lately against the name.
+        self.checked = Recent(CHECKED_NAMES)
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         connection = SSL.Connection(self.options.getContext())
@@ -241,7 +242,8 @@ class ClientTLSCreator:
             # The leaf, last: no reference to the protocol is kept after.
             tls = protocol.pop()
             try:
-                if self.namesServer(cert):
+                der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+                if self.checked.recall(der):
                     return True
                 from service_identity import CertificateError, VerificationError
 
@@ -252,6 +254,7 @@ class ClientTLSCreator:
                     # read (an IP address as a DNS name): refused too.
                     tls.failVerification(Failure())
                     return False
+                self.checked.remember(der, True)
                 return True
             except BaseException:
                 # Never raise out of an OpenSSL callback (the error would
@@ -263,24 +266,14 @@ class ClientTLSCreator:
 
         return verify
 
-    def namesServer(self, cert: crypto.X509) -> bool:
-        """
-        Whether C{cert} was checked against the server name lately.
-        """
-        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
-        if der in self.checked:
-            self.checked.move_to_end(der)
-            return True
-        return False
-
     def _check(self, cert: crypto.X509) -> None:
+        """
+        service_identity's check of C{cert} against the server's name.
+        """
         from service_identity.hazmat import verify_service_identity
         from service_identity.pyopenssl import extract_patterns
 
         verify_service_identity(extract_patterns(cert), [self.serviceID], [])
-        self.checked[crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)] = None
-        if len(self.checked) > CHECKED_NAMES:
-            self.checked.popitem(last=False)
 
 
 def clientTLS(
