@@ -96,24 +96,12 @@ from harness import (
     workdir,
 )
 
-CHROMIUM = "/usr/lib/chromium/chromium"
-POLICY_DIR = Path("/etc/chromium/policies/managed")
-#: As tpproxy/test/browser.py runs Chromium: headless, no sandbox (root),
-#: nothing in the background, the console on stderr.
-CHROMIUM_FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--no-proxy-server",
-    "--disable-dev-shm-usage",
-    "--no-first-run",
-    "--no-default-browser-check",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-extensions",
-    "--enable-logging=stderr",
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
-)
+from tpproxy.test import browser  # noqa: E402 (after harness puts the tree first)
+from tpproxy.test.h3peers import chromiumPath  # noqa: E402
+
+#: Beyond the flags Chromium runs with in the tests
+#: (L{tpproxy.test.browser.FLAGS}): keep it off DNS.
+HOST_RULES = "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1"
 CHAINS = ("browser", "tp_quic", "tp_tls")
 LABELS = {"browser": "browser", "tp_quic": "tp-quic", "tp_tls": "tp-tls"}
 
@@ -367,20 +355,16 @@ class CertificatePolicy:
 
     def __init__(self, origin: str) -> None:
         if os.geteuid() != 0:
-            raise BenchError(f"Chromium reads its certificate policy only from {POLICY_DIR}, which needs root")
+            raise BenchError(f"Chromium reads its certificate policy only from {browser.POLICY_DIR}, which needs root")
         self.rule = json.dumps({"pattern": origin, "filter": {}, "tp-bench": secrets.token_hex(4)})
 
     def __enter__(self) -> CertificatePolicy:
-        from tpproxy.test.browser import _editPolicy
-
-        POLICY_DIR.mkdir(parents=True, exist_ok=True)
-        _editPolicy(add=self.rule)
+        browser.POLICY_DIR.mkdir(parents=True, exist_ok=True)
+        browser._editPolicy(add=self.rule)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        from tpproxy.test.browser import _editPolicy
-
-        _editPolicy(remove=self.rule)
+        browser._editPolicy(remove=self.rule)
 
 
 # --- the measurements ------------------------------------------------------------------
@@ -392,7 +376,7 @@ def measureBrowser(procs: Processes, d: Path, pki: Path, port: int, sinkPort: in
     """
     from tpproxy.web.site import STATIC
 
-    chromium = CHROMIUM if os.access(CHROMIUM, os.X_OK) else requireTool("chromium")
+    chromium = chromiumPath() or requireTool("chromium")
     home = d / "browser"
     browserProfile(home, pki)
     page = PageServer(pki / "page.pem", pki / "page.key", (Path(STATIC) / "tp.js").read_bytes(), procs.pid("twist"))
@@ -403,7 +387,7 @@ def measureBrowser(procs: Processes, d: Path, pki: Path, port: int, sinkPort: in
         policy = CertificatePolicy(f"https://127.0.0.1:{port}")
         with policy:
             proc = procs.start(
-                "chromium", [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={home / 'data'}", url],
+                "chromium", [chromium, *browser.FLAGS, HOST_RULES, f"--user-data-dir={home / 'data'}", url],
                 env={"HOME": str(home), "LANG": "C.UTF-8"},
             )
             page.chromiumPid = proc.pid
