@@ -84,6 +84,19 @@ class AttackTestCase(P2PTestCase):
     is another identity of the same CA (an exposer elsewhere).
     """
 
+    @defer.inlineCallbacks
+    def assertOrdinaryE2E(self, dialer: Any, control: Any) -> Any:
+        """
+        C{dialer}'s P2P dial got an ordinary E2E answer, exactly
+        C{{"e2e": NAME}}; the exposer on C{control} was asked nothing, and
+        TP made no session and counted no introduction.
+        """
+        hello = yield dialer.answer
+        self.assertEqual((hello.ok, hello.info), (True, {"e2e": NAME}))
+        self.assertEqual(len(control.incoming.pending), 0)
+        self.assertEqual(self.tp.registry.sessions, {})
+        self.assertEqual(sum(self.tp.p2p.values()), 0)
+
     @property
     def tp(self) -> Any:
         return self.factory.wrappedFactory
@@ -340,11 +353,7 @@ class RuleForbidsAttackTests(AttackTestCase):
         """
         control = yield self.expose()
         dialer = yield self.connect("alice", ClientHello("connect", host=NAME, port=22, p2p=OFFER))
-        hello = yield dialer.answer
-        self.assertEqual((hello.ok, hello.info), (True, {"e2e": NAME}))
-        self.assertEqual(len(control.incoming.pending), 0)
-        self.assertEqual(self.tp.registry.sessions, {})
-        self.assertEqual(sum(self.tp.p2p.values()), 0)
+        yield self.assertOrdinaryE2E(dialer, control)
 
 
 class QuicAttackTests(AttackTestCase):
@@ -406,11 +415,7 @@ class QuicAttackTests(AttackTestCase):
         control = yield self.quicStream("bob", ClientHello("listen", mode="e2e", name=NAME, p2p=True))
         self.assertTrue((yield control.answer).ok)
         dialer = yield self.connect("alice", ClientHello("connect", host=NAME, port=22, p2p=OFFER))
-        hello = yield dialer.answer
-        self.assertEqual((hello.ok, hello.info), (True, {"e2e": NAME}))
-        self.assertEqual(len(control.incoming.pending), 0)
-        self.assertEqual(self.tp.registry.sessions, {})
-        self.assertEqual(sum(self.tp.p2p.values()), 0)
+        yield self.assertOrdinaryE2E(dialer, control)
 
     @defer.inlineCallbacks
     def test_introductionGoesToTheTLSMember(self) -> Any:
