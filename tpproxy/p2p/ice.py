@@ -399,14 +399,11 @@ class _DirectEnd:
     session: _DirectSession | None = None
     refusal: str | None = None
     _deadline: Any = None
-    _grace: Any = None
-    #: The reason given to L{close}, while it waits for acknowledgements.
-    _closing: str | None = None
 
     def __init__(self, agent: IceAgent, introduction: Introduction, chain: list[x509.Certificate], key: Any, base: ClientVerifier, idleTimeout: float) -> None:
         if agent.selected is None:
             raise IceError("the ICE agent is not connected")
-        # The pin is a hook on aioquic's handshake, and close() reads its
+        # The pin is a hook on aioquic's handshake, and close() waits on its
         # streams: TP's checks of aioquic's private names run first.
         requireQuicPrivates()
         self.agent = agent
@@ -449,9 +446,8 @@ class _DirectEnd:
             self._refuse("the ICE path closed")
 
     def _end(self, reason: str) -> None:
-        for call in (self._deadline, self._grace):
-            if call is not None and call.active():
-                call.cancel()
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
         if not self.done.called:
             self.done.callback(reason)
         self.agent.close()
@@ -463,7 +459,9 @@ class _DirectEnd:
         self.session.datagramReceived(data, self.agent.selected.remote)  # type: ignore[union-attr]
 
     def processed(self, session: _DirectSession) -> None:
-        self._closeIfDelivered(session)
+        """
+        The session has handled its events.
+        """
 
     def handshakeCompleted(self, session: _DirectSession) -> None:
         pass
@@ -484,29 +482,15 @@ class _DirectEnd:
         """
         Close the direct connection, and then the ICE agent, once what was
         written on its streams is acknowledged (data and FIN, or reset),
-        or after C{grace} seconds: closing at once would drop the tail of
-        what the peer has not acknowledged yet.
+        or after C{grace} seconds (L{QuicSession.closeWhenDelivered}):
+        closing at once would drop the tail of what the peer has not
+        acknowledged yet.
         """
         session = self.session
         if session is None:
             self._refuse(reason or "closed")
-        elif not session.closed and self._closing is None:
-            self._closing = reason
-            self._grace = self.clock.callLater(grace, self._closeNow)
-            self._closeIfDelivered(session)
-
-    def _closeIfDelivered(self, session: _DirectSession) -> None:
-        # aioquic's _streams (checked with TP's other aioquic privates,
-        # requireQuicPrivates): a stream leaves it once both its sides end.
-        if self._closing is not None and all(s.sender.is_finished for s in session.conn._streams.values()):
-            self._closeNow()
-
-    def _closeNow(self) -> None:
-        if self._grace is not None and self._grace.active():
-            self._grace.cancel()
-        self._grace = None
-        if self.session is not None and not self.session.closed:
-            self.session.close(0, self._closing or "")
+        elif not session.closed:
+            session.closeWhenDelivered(reason, grace)
 
 
 class DirectDialer(_DirectEnd):

@@ -482,9 +482,8 @@ class Attempt(DirectDialer):
         return self.ready
 
     def _end(self, reason):
-        for call in (self._deadline, self._grace):
-            if call is not None and call.active():
-                call.cancel()
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
         if not self.done.called:
             self.done.callback(reason)
 

@@ -908,6 +908,8 @@ class QuicSession:
         # (Twisted reads a batch per readiness event): ACKs and data for a
         # batch go out together instead of after every datagram.
         self.process(transmit=False)
+        # An ACK may complete what a closeWhenDelivered waits for.
+        self._checkDelivered()
         self.transmitSoon()
 
     def process(self, transmit: bool = True) -> None:
@@ -985,6 +987,7 @@ class QuicSession:
 
     def terminated(self, event: events.ConnectionTerminated) -> None:
         self.closed = True
+        self._checkDelivered()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         reason = Failure(ConnectionLost(f"QUIC connection closed: {event.reason_phrase or event.error_code}"))
@@ -995,6 +998,57 @@ class QuicSession:
         self.streams.pop(stream.streamId, None)
         self.blocked.discard(stream)
         self.conn.tpConsumed.pop(stream.streamId, None)
+
+    #: Set by L{closeWhenDelivered}: (reason, grace timer, Deferred).
+    _delivering: tuple[str, Any, defer.Deferred[None]] | None = None
+
+    def delivered(self) -> bool:
+        """
+        Whether the peer has acknowledged everything written on this
+        connection's streams: their data, and the FIN where one was written.
+        """
+        # aioquic's _streams and its senders' _buffer/_buffer_fin (checked
+        # with TP's other aioquic privates).
+        for stream in self.conn._streams.values():
+            sender = stream.sender
+            if len(sender._buffer) or (sender._buffer_fin is not None and not sender.is_finished):
+                return False
+        return True
+
+    def closeWhenDelivered(self, reason: str, grace: float = 2.0) -> defer.Deferred[None]:
+        """
+        Close the connection once L{delivered}, or after C{grace} seconds,
+        whichever comes first; fires once CONNECTION_CLOSE went out.
+        Closing at once would drop the tail of what the peer has not
+        acknowledged yet: a packet lost just before the close is never
+        sent again (C{tp connect}'s end, L{tpproxy.connector.Connector.finish},
+        and the P2P direct path's, L{tpproxy.p2p.ice._DirectEnd.close}).
+        """
+        if self._delivering is not None:
+            return _chained(self._delivering[2])
+        done: defer.Deferred[None] = defer.Deferred()
+        if self.closed or self.conn._state in END_STATES:
+            done.callback(None)
+            return done
+        timer = self.clock.callLater(grace, self._closeDelivering)
+        self._delivering = (reason, timer, done)
+        self._checkDelivered()
+        return _chained(done)
+
+    def _checkDelivered(self) -> None:
+        if self._delivering is not None and (self.closed or self.delivered()):
+            self._closeDelivering()
+
+    def _closeDelivering(self) -> None:
+        delivering, self._delivering = self._delivering, None
+        if delivering is None:
+            return
+        reason, timer, done = delivering
+        if timer.active():
+            timer.cancel()
+        if not self.closed:
+            self.close(0, reason)
+        done.callback(None)
 
     # Sending.
 
@@ -1910,57 +1964,6 @@ class ClientSession(QuicSession):
         #: stream has ended.
         self.closingWhenIdle: str | None = None
 
-    #: Set by L{closeWhenDelivered}: (reason, grace timer, Deferred).
-    _delivering: tuple[str, Any, defer.Deferred[None]] | None = None
-
-    def delivered(self) -> bool:
-        """
-        Whether the peer has acknowledged everything written on this
-        connection's streams: their data, and the FIN where one was written.
-        """
-        # aioquic's _streams and its senders' _buffer/_buffer_fin (checked
-        # with TP's other aioquic privates).
-        for stream in self.conn._streams.values():
-            sender = stream.sender
-            if len(sender._buffer) or (sender._buffer_fin is not None and not sender.is_finished):
-                return False
-        return True
-
-    def closeWhenDelivered(self, reason: str, grace: float = 2.0) -> defer.Deferred[None]:
-        """
-        Close the connection once L{delivered}, or after C{grace} seconds,
-        whichever comes first; fires once CONNECTION_CLOSE went out.
-        Closing at once would drop the tail of what the peer has not
-        acknowledged yet: a packet lost just before the close is never
-        sent again (the P2P direct path does the same,
-        L{tpproxy.p2p.ice._DirectEnd.close}).
-        """
-        if self._delivering is not None:
-            return _chained(self._delivering[2])
-        done: defer.Deferred[None] = defer.Deferred()
-        if self.closed or self.conn._state in END_STATES:
-            done.callback(None)
-            return done
-        timer = self.clock.callLater(grace, self._closeDelivering)
-        self._delivering = (reason, timer, done)
-        self._checkDelivered()
-        return _chained(done)
-
-    def _checkDelivered(self) -> None:
-        if self._delivering is not None and (self.closed or self.delivered()):
-            self._closeDelivering()
-
-    def _closeDelivering(self) -> None:
-        delivering, self._delivering = self._delivering, None
-        if delivering is None:
-            return
-        reason, timer, done = delivering
-        if timer.active():
-            timer.cancel()
-        if not self.closed:
-            self.close(0, reason)
-        done.callback(None)
-
     def closeWhenIdle(self, reason: str) -> None:
         """
         Open no more streams here and close the connection once the last
@@ -1998,12 +2001,9 @@ class ClientSession(QuicSession):
             )
             return
         super().datagramReceived(data, addr)
-        # An ACK may complete what a closeWhenDelivered waits for.
-        self._checkDelivered()
 
     def terminated(self, event: events.ConnectionTerminated) -> None:
         super().terminated(event)
-        self._checkDelivered()
         pinger = getattr(self, "_pinger", None)
         if pinger is not None and pinger.active():
             pinger.cancel()
